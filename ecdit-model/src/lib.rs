@@ -1,0 +1,19 @@
+//! # ecdit-model
+//!
+//! The EC-DiT model built on the ecdit engine's components, plus the `ecdit`
+//! command-line program.
+#![warn(missing_docs)]
+
+pub mod config;
+
+use ecdit_engine::{Registry, Result};
+
+/// A registry holding every shipped component (CPU backend, routers, experts,
+/// schedulers).
+pub fn registry() -> Result<Registry> {
+    let mut registry = Registry::new();
+    ecdit_backend_cpu::register(&mut registry)?;
+    ecdit_routers::register(&mut registry)?;
+    ecdit_schedulers::register(&mut registry)?;
+    Ok(registry)
+}

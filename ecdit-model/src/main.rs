@@ -1,0 +1,5 @@
+fn main() -> anyhow::Result<()> {
+    let registry = ecdit_model::registry()?;
+    println!("{} components", registry.list().len());
+    Ok(())
+}
