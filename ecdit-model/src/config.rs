@@ -106,6 +106,10 @@ pub struct ModelConfig {
     pub moe: Option<MoeConfig>,
     /// Scheduler spec.
     pub scheduler: Value,
+    /// Shape of the built-in text encoder (text conditioning only); absent =
+    /// the defaults of [`crate::text::TextEncoderConfig`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<crate::text::TextEncoderConfig>,
 }
 
 fn default_mlp_ratio() -> f32 {
@@ -132,5 +136,139 @@ impl ModelConfig {
     /// Channels per attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads.max(1)
+    }
+}
+
+impl ModelConfig {
+    /// Rejects configs no model can be built from, naming the field and value:
+    /// heads that do not divide the width, kv heads that do not divide the
+    /// heads, a patch that does not divide the input, zero experts, a width the
+    /// 2-D sin-cos position table cannot split, and other zero sizes.
+    pub fn validate(&self) -> ecdit_engine::Result<()> {
+        use ecdit_engine::EngineError;
+        let bad = |field: &str, value: &dyn std::fmt::Display, reason: String| {
+            Err(EngineError::param(format!("model config '{}'", self.name), field, value, reason))
+        };
+        for (field, value) in [
+            ("input_size", self.input_size),
+            ("patch_size", self.patch_size),
+            ("in_channels", self.in_channels),
+            ("hidden", self.hidden),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+        ] {
+            if value == 0 {
+                return bad(field, &value, "must be at least 1".into());
+            }
+        }
+        if self.input_size % self.patch_size != 0 {
+            return bad(
+                "patch_size",
+                &self.patch_size,
+                format!("does not divide input_size {}", self.input_size),
+            );
+        }
+        if self.hidden % self.heads != 0 {
+            return bad("heads", &self.heads, format!("does not divide hidden {}", self.hidden));
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad("kv_heads", &self.kv_heads, format!("does not divide heads {}", self.heads));
+        }
+        if self.hidden % 4 != 0 {
+            return bad(
+                "hidden",
+                &self.hidden,
+                "the 2-D sin-cos position table needs a multiple of 4".into(),
+            );
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
+            return bad("mlp_ratio", &self.mlp_ratio, "must give a hidden width of at least 1".into());
+        }
+        match &self.conditioning {
+            Conditioning::Class { num_classes, dropout } => {
+                if *num_classes == 0 {
+                    return bad("conditioning.num_classes", num_classes, "must be at least 1".into());
+                }
+                if !(0.0..1.0).contains(dropout) {
+                    return bad("conditioning.dropout", dropout, "must be in [0, 1)".into());
+                }
+            }
+            Conditioning::Text {
+                text_dim,
+                max_tokens,
+                dropout,
+                ..
+            } => {
+                if *text_dim == 0 {
+                    return bad("conditioning.text_dim", text_dim, "must be at least 1".into());
+                }
+                if *max_tokens == 0 {
+                    return bad("conditioning.max_tokens", max_tokens, "must be at least 1".into());
+                }
+                if !(0.0..1.0).contains(dropout) {
+                    return bad("conditioning.dropout", dropout, "must be in [0, 1)".into());
+                }
+            }
+        }
+        if let Some(moe) = &self.moe {
+            if moe.experts == 0 {
+                return bad("moe.experts", &moe.experts, "a MoE layer needs at least 1 expert".into());
+            }
+            if moe.every == 0 {
+                return bad("moe.every", &moe.every, "must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// Reads upstream DiT's config JSON (`input_size`, `patch_size`,
+    /// `in_channels`, `hidden_size`, `depth`, `num_heads`, `mlp_ratio`,
+    /// `class_dropout_prob`, `num_classes`, `learn_sigma`, optional `name`),
+    /// as stored in the metadata of converted checkpoints. Scheduler: DDPM.
+    pub fn from_upstream_dit(json: &Value) -> ecdit_engine::Result<Self> {
+        use ecdit_engine::EngineError;
+        let field = |key: &str| {
+            json.get(key)
+                .ok_or_else(|| EngineError::param("upstream DiT config", key, "<missing>", "required"))
+        };
+        let int = |key: &str| -> ecdit_engine::Result<usize> {
+            let v = field(key)?;
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| EngineError::param("upstream DiT config", key, v, "expected a non-negative integer"))
+        };
+        let float = |key: &str| -> ecdit_engine::Result<f32> {
+            let v = field(key)?;
+            v.as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| EngineError::param("upstream DiT config", key, v, "expected a number"))
+        };
+        let learn_sigma = match field("learn_sigma")? {
+            Value::Bool(b) => *b,
+            v => return Err(EngineError::param("upstream DiT config", "learn_sigma", v, "expected a boolean")),
+        };
+        let heads = int("num_heads")?;
+        // Built through serde so fields added later with defaults stay defaulted.
+        let ours = serde_json::json!({
+            "name": json.get("name").and_then(Value::as_str).unwrap_or("DiT"),
+            "input_size": int("input_size")?,
+            "patch_size": int("patch_size")?,
+            "in_channels": int("in_channels")?,
+            "learn_sigma": learn_sigma,
+            "hidden": int("hidden_size")?,
+            "depth": int("depth")?,
+            "heads": heads,
+            "kv_heads": heads,
+            "mlp_ratio": float("mlp_ratio")?,
+            "conditioning": {"class": {"num_classes": int("num_classes")?, "dropout": float("class_dropout_prob")?}},
+            "scheduler": {"kind": "ddpm"},
+        });
+        let config: ModelConfig = serde_json::from_value(ours)
+            .map_err(|e| EngineError::Other(format!("upstream DiT config: {e}")))?;
+        config.validate()?;
+        Ok(config)
     }
 }

@@ -4,7 +4,13 @@
 //! command-line program.
 #![warn(missing_docs)]
 
+pub mod bench_moe;
 pub mod config;
+pub mod config_files;
+pub mod model;
+pub mod weights;
+pub mod info;
+pub mod text;
 
 use ecdit_engine::{Registry, Result};
 

@@ -8,7 +8,7 @@ use crate::expert::Expert;
 use crate::router::Router;
 use crate::scheduler::Scheduler;
 use crate::spec::{check_params, split_spec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,7 +40,7 @@ impl fmt::Display for Family {
 }
 
 /// The type of a declared parameter.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParamType {
     /// Any JSON number.
@@ -61,18 +61,30 @@ pub enum ParamType {
     Json,
 }
 
-/// One declared parameter of a component.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One declared parameter of a component (also the plugin ABI's `params_json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ParamInfo {
     /// Name in the spec.
     pub name: String,
     /// Accepted type.
     #[serde(rename = "type")]
     pub ty: ParamType,
-    /// Default; `None` means required.
+    /// Default; `None` means required. In JSON an absent `default` means
+    /// required and `"default": null` a null default.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_value"
+    )]
     pub default: Option<Value>,
     /// One line of help.
+    #[serde(default)]
     pub help: String,
+}
+
+/// A present JSON field, even `null`, is `Some` (an absent one is `None` via `default`).
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 impl ParamInfo {
@@ -139,6 +151,10 @@ impl<T> Catalog<T> {
         self.check_free(&info)?;
         self.entries.insert(info.kind.clone(), Entry { info, factory });
         Ok(())
+    }
+
+    fn with_factories(&self) -> Vec<(ComponentInfo, Factory<T>)> {
+        self.entries.values().map(|e| (e.info.clone(), e.factory.clone())).collect()
     }
 
     fn build(&self, spec: &Value) -> Result<T> {
@@ -237,6 +253,23 @@ impl Registry {
     /// Builds a scheduler from a spec.
     pub fn scheduler(&self, spec: &Value) -> Result<Box<dyn Scheduler>> {
         self.schedulers.build(spec)
+    }
+
+    /// Routers with their factories, for the plugin exporter.
+    pub(crate) fn router_factories(&self) -> Vec<(ComponentInfo, Factory<Box<dyn Router>>)> {
+        self.routers.with_factories()
+    }
+    /// Schedulers with their factories, for the plugin exporter.
+    pub(crate) fn scheduler_factories(&self) -> Vec<(ComponentInfo, Factory<Box<dyn Scheduler>>)> {
+        self.schedulers.with_factories()
+    }
+    /// Backends with their factories, for the plugin exporter.
+    pub(crate) fn backend_factories(&self) -> Vec<(ComponentInfo, Factory<Box<dyn Backend>>)> {
+        self.backends.with_factories()
+    }
+    /// Kinds of the registered experts (not exported across the plugin ABI v1).
+    pub(crate) fn expert_kinds(&self) -> Vec<String> {
+        self.experts.entries.keys().cloned().collect()
     }
 
     /// Everything registered, by family then kind.

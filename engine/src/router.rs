@@ -174,6 +174,9 @@ pub struct Routing {
     pub aux_loss: Option<f32>,
     /// The statistics of EC-DIT.md section 2.
     pub stats: RoutingStats,
+    /// Tokens per routing group this call used (0 for an empty batch); backward
+    /// needs it for per-group terms such as the token-choice balance loss.
+    pub group_size: usize,
 }
 
 /// A routing strategy: scores in, expert-major dispatch out.

@@ -1,12 +1,58 @@
 //! # ecdit-backend-cpu
 //!
-//! The CPU backend: ndarray plus a real GEMM, both cores.
+//! The CPU backend: every op of [`ecdit_engine::Backend`] in f32 on the CPU,
+//! with the matrix products on the `gemm` crate (runtime SIMD dispatch,
+//! AVX-512 where the CPU has it) and row-wise ops split over a rayon pool the
+//! backend owns. One file per op family under `ops/`.
+//!
+//! ## Design
+//! - One level of parallelism: [`CpuBackend`] owns a pool of `threads` threads
+//!   and runs each op inside it; the GEMM and the row-wise ops both use that
+//!   pool, and nothing nests a second pool.
+//! - Determinism: for a given thread count results are the same bits run to
+//!   run; row-wise ops, reductions and scatter-add give the same bits for any
+//!   thread count (tests check this, and check it for the GEMM too).
+//! - Attention is built from strided GEMMs per (sample, head) that read the
+//!   interleaved `[B, T, H, Dh]` layout in place, plus a masked row softmax.
+//! - [`bench`] times the GEMM on the DiT-S/2 shapes for `ecdit bench gemm`.
 #![warn(missing_docs)]
 
-use ecdit_engine::{Registry, Result};
+pub mod backend;
+pub mod bench;
+mod ops;
 
-/// Registers this crate's components into `registry`.
+pub use backend::CpuBackend;
+
+use ecdit_engine::registry::{ComponentInfo, Factory, Family, ParamInfo, ParamType};
+use ecdit_engine::{spec, Backend, Registry, Result};
+use serde_json::json;
+use std::sync::Arc;
+
+/// The kind name of this backend in specs (`{"kind": "cpu", "threads": 2}`).
+pub const KIND: &str = "cpu";
+
+/// What the registry lists for the CPU backend. Its one parameter, `threads`,
+/// is the size of the backend's thread pool; 0 (the default) means all cores.
+pub fn component_info() -> ComponentInfo {
+    ComponentInfo {
+        family: Family::Backend,
+        kind: KIND.into(),
+        description: "f32 on the CPU: gemm crate (AVX2/AVX-512) plus rayon over rows, one thread pool".into(),
+        params: vec![ParamInfo::new(
+            "threads",
+            ParamType::Int,
+            Some(json!(0)),
+            "threads of the backend's pool; 0 = all cores",
+        )],
+        origin: "builtin".into(),
+    }
+}
+
+/// Registers this crate's components (the `cpu` backend) into `registry`.
 pub fn register(registry: &mut Registry) -> Result<()> {
-    let _ = registry;
-    Ok(())
+    let factory: Factory<Box<dyn Backend>> = Arc::new(|params| {
+        let threads: usize = spec::get("backend 'cpu'", params, "threads")?;
+        Ok(Box::new(CpuBackend::new(threads)?) as Box<dyn Backend>)
+    });
+    registry.register_backend(component_info(), factory)
 }

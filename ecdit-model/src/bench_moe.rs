@@ -1,0 +1,215 @@
+//! `ecdit bench moe`: one MoE layer's forward beside a dense FFN of the same
+//! FLOPs, per router.
+//!
+//! The default setting is DiT-S/2 at batch 8: d = 384, 256 tokens per image,
+//! E = 8 GELU experts of width 4d, each router tuned to two experts per token
+//! on average (expert choice f_c = 2, token choice k = 2, expert race k = 2).
+//! The dense FFN of equal FLOPs is a GELU MLP of width 2 x 4d run by the same
+//! expert code on all tokens at once (no router, gather or scatter), so the
+//! ratio is the whole price of routing. The `dense` router is timed as the
+//! MoE layer with one expert of width 2 x 4d, i.e. the dense FFN through the
+//! MoE plumbing.
+//!
+//! Each router's runs are interleaved with dense runs (MoE, dense, MoE, ...)
+//! after warm-up, so drift in machine load hits both; medians are reported.
+
+use ecdit_engine::{Backend, ExpertCache, MoeCache, MoeLayer, Registry, Result, RouteShape};
+use ecdit_routers::experts::GeluMlp;
+use ecdit_engine::Expert;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::time::Instant;
+
+/// The layer and batch a MoE benchmark runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeBenchConfig {
+    /// Model width d.
+    pub d: usize,
+    /// Tokens per image.
+    pub tokens_per_sample: usize,
+    /// Images in the batch.
+    pub samples: usize,
+    /// Experts per MoE layer (the `dense` router always uses 1).
+    pub experts: usize,
+    /// Hidden width of one expert as a multiple of d.
+    pub mlp_ratio: f64,
+    /// Experts per token on average: the dense FFN is `active_experts` times
+    /// wider than one expert, and the `dense` router's single expert too.
+    pub active_experts: f64,
+    /// Untimed runs of each side before timing.
+    pub warmup: usize,
+}
+
+impl Default for MoeBenchConfig {
+    /// DiT-S/2 at batch 8 with 8 experts, two active per token.
+    fn default() -> Self {
+        Self {
+            d: 384,
+            tokens_per_sample: 256,
+            samples: 8,
+            experts: 8,
+            mlp_ratio: 4.0,
+            active_experts: 2.0,
+            warmup: 2,
+        }
+    }
+}
+
+/// One router's timing.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MoeBenchRecord {
+    /// Router kind.
+    pub router: String,
+    /// The router's full spec.
+    pub spec: Value,
+    /// Median milliseconds of one MoE layer forward (router, gather, experts, combine).
+    pub ms: f64,
+    /// Median milliseconds of the dense FFN of equal FLOPs, timed interleaved.
+    pub dense_ms: f64,
+    /// `ms / dense_ms`.
+    pub ratio: f64,
+    /// Expert rows processed per token on average (2.0 for the defaults).
+    pub slots_per_token: f64,
+    /// Tokens in the batch.
+    pub tokens: usize,
+    /// Backend threads.
+    pub threads: usize,
+}
+
+/// The routers `ecdit bench moe` times by default.
+pub fn default_routers() -> Vec<Value> {
+    vec![
+        json!({"kind": "expert-choice", "capacity_factor": 2.0, "groups": "per_sample"}),
+        json!({"kind": "token-choice", "k": 2, "groups": "per_sample"}),
+        json!({"kind": "expert-race", "k": 2.0, "groups": "per_sample"}),
+        json!({"kind": "dense"}),
+    ]
+}
+
+/// Times each router with [`MoeBenchConfig::default`], `reps` timed runs each.
+pub fn bench_moe(
+    registry: &Registry,
+    backend: &dyn Backend,
+    routers: &[Value],
+    reps: usize,
+) -> Result<Vec<MoeBenchRecord>> {
+    bench_moe_with(registry, backend, routers, reps, &MoeBenchConfig::default())
+}
+
+/// Times each router on the layer `cfg` describes, `reps` timed runs (at least 1).
+pub fn bench_moe_with(
+    registry: &Registry,
+    backend: &dyn Backend,
+    routers: &[Value],
+    reps: usize,
+    cfg: &MoeBenchConfig,
+) -> Result<Vec<MoeBenchRecord>> {
+    let d = cfg.d;
+    let tokens = cfg.samples * cfg.tokens_per_sample;
+    let mut rng = StdRng::seed_from_u64(0x0ec0_d17);
+    // x: [T, d], as the layer norm hands it over.
+    let x: Vec<f32> = (0..tokens * d).map(|_| rng.gen_range(-1.7f32..1.7)).collect();
+
+    // The dense FFN of equal FLOPs: one GELU MLP active_experts times wider.
+    let dense_ratio = cfg.mlp_ratio * cfg.active_experts;
+    let dense = GeluMlp::new(dense_ratio)?;
+    let dense_params: Vec<Vec<f32>> = dense
+        .param_shapes(d, 1)
+        .iter()
+        .map(|p| {
+            let n: usize = p.shape.iter().product();
+            let a = if p.shape.len() == 3 { (6.0 / (p.shape[1] + p.shape[2]) as f32).sqrt() } else { 0.0 };
+            (0..n).map(|_| if a > 0.0 { rng.gen_range(-a..a) } else { 0.0 }).collect()
+        })
+        .collect();
+    let dense_slices: Vec<&[f32]> = dense_params.iter().map(|p| p.as_slice()).collect();
+    let dense_offsets = [0, tokens];
+    let mut dense_out = vec![0.0f32; tokens * d];
+    let mut dense_cache = ExpertCache::default();
+    let mut run_dense = || dense.forward(backend, &mut dense_out, &mut dense_cache, &x, &dense_slices, &dense_offsets, d);
+
+    let mut records = Vec::with_capacity(routers.len());
+    for spec in routers {
+        let router = registry.router(spec)?;
+        let kind = router.kind().to_string();
+        let (experts, ratio) = if kind == "dense" { (1, dense_ratio) } else { (cfg.experts, cfg.mlp_ratio) };
+        let expert = registry.expert(&json!({"kind": GeluMlp::KIND, "mlp_ratio": ratio}))?;
+        let layer = MoeLayer::new_random(router, expert, d, experts, &mut rng)?;
+        let shape = RouteShape {
+            samples: cfg.samples,
+            tokens_per_sample: cfg.tokens_per_sample,
+            experts,
+        };
+        let mut out = vec![0.0f32; tokens * d];
+        let mut cache = MoeCache::default();
+
+        for _ in 0..cfg.warmup {
+            layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+            run_dense()?;
+        }
+        let mut moe_times = Vec::with_capacity(reps.max(1));
+        let mut dense_times = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            let start = Instant::now();
+            layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+            moe_times.push(start.elapsed().as_secs_f64());
+            let start = Instant::now();
+            run_dense()?;
+            dense_times.push(start.elapsed().as_secs_f64());
+        }
+        let (ms, dense_ms) = (median(&mut moe_times) * 1e3, median(&mut dense_times) * 1e3);
+        records.push(MoeBenchRecord {
+            router: kind,
+            spec: layer.router.spec(),
+            ms,
+            dense_ms,
+            ratio: ms / dense_ms,
+            slots_per_token: cache.routing.dispatch.slots() as f64 / tokens.max(1) as f64,
+            tokens,
+            threads: backend.threads(),
+        });
+    }
+    Ok(records)
+}
+
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_record_per_router_with_equal_work() {
+        let registry = crate::registry().expect("registry");
+        let backend = ecdit_backend_cpu::CpuBackend::new(1).expect("backend");
+        let cfg = MoeBenchConfig {
+            d: 16,
+            tokens_per_sample: 16,
+            samples: 2,
+            experts: 4,
+            mlp_ratio: 2.0,
+            active_experts: 2.0,
+            warmup: 1,
+        };
+        let recs = bench_moe_with(&registry, &backend, &default_routers(), 3, &cfg).expect("bench");
+        let kinds: Vec<&str> = recs.iter().map(|r| r.router.as_str()).collect();
+        assert_eq!(kinds, ["expert-choice", "token-choice", "expert-race", "dense"]);
+        for r in &recs {
+            assert!(r.ms > 0.0 && r.dense_ms > 0.0 && (r.ratio - r.ms / r.dense_ms).abs() < 1e-12);
+            assert_eq!(r.tokens, 32);
+        }
+        // Every router does the dense FFN's work: two expert rows per token on
+        // average, one row of a double-width expert for `dense`.
+        assert_eq!(recs[0].slots_per_token, 2.0);
+        assert_eq!(recs[1].slots_per_token, 2.0);
+        assert_eq!(recs[2].slots_per_token, 2.0);
+        assert_eq!(recs[3].slots_per_token, 1.0);
+        let err = bench_moe_with(&registry, &backend, &[json!({"kind": "nope"})], 1, &cfg).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}

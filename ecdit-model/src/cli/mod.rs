@@ -1,0 +1,57 @@
+//! Command-line parsing and dispatch for `ecdit`.
+
+mod components;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use ecdit_engine::Registry;
+use std::path::PathBuf;
+
+/// ecdit: a Mixture-of-Experts diffusion transformer engine with expert-choice routing.
+#[derive(Parser, Debug)]
+#[command(name = "ecdit", version, about)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Load a plugin library (repeatable). ECDIT_PLUGIN_PATH names directories scanned too.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub plugin: Vec<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List every registered component with its parameters and defaults.
+    Components(components::ComponentsArgs),
+}
+
+/// Sets up tracing to stderr.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// The shipped registry plus every plugin asked for.
+pub fn registry(plugins: &[PathBuf]) -> Result<Registry> {
+    let registry = ecdit_model::registry()?;
+    if !plugins.is_empty() {
+        anyhow::bail!("plugin loading is not built yet");
+    }
+    Ok(registry)
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Components(args) => components::run(&cli.plugin, args),
+    }
+}

@@ -1,0 +1,67 @@
+//! `Linear` in the PyTorch layout: `out = inp @ weight^T + bias`.
+
+use super::param::{Init, Param, Params};
+use ecdit_engine::{Backend, GemmDims, Result};
+
+/// A linear layer with bias.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear {
+    /// `<prefix>.weight`: [out_dim, in_dim] (stored shape may split `in_dim`,
+    /// as the patch embedding's conv weight [d, C, p, p]).
+    pub weight: Param,
+    /// `<prefix>.bias`: [out_dim].
+    pub bias: Param,
+    /// Input features.
+    pub in_dim: usize,
+    /// Output features.
+    pub out_dim: usize,
+}
+
+impl Linear {
+    /// A layer named `prefix` with weight shape `[out_dim, in_dim]`, bias zero.
+    pub fn new(prefix: &str, out_dim: usize, in_dim: usize, init: Init) -> Self {
+        Self::with_weight_shape(prefix, &[out_dim, in_dim], out_dim, in_dim, init)
+    }
+
+    /// Xavier-uniform weight, zero bias (DiT's default for `nn.Linear`).
+    pub fn xavier(prefix: &str, out_dim: usize, in_dim: usize) -> Self {
+        Self::new(
+            prefix,
+            out_dim,
+            in_dim,
+            Init::XavierUniform {
+                fan_in: in_dim,
+                fan_out: out_dim,
+            },
+        )
+    }
+
+    /// A layer whose stored weight shape is `weight_shape` (product `out * in`).
+    pub fn with_weight_shape(prefix: &str, weight_shape: &[usize], out_dim: usize, in_dim: usize, init: Init) -> Self {
+        debug_assert_eq!(weight_shape.iter().product::<usize>(), out_dim * in_dim);
+        Self {
+            weight: Param::new(format!("{prefix}.weight"), weight_shape, init),
+            bias: Param::new(format!("{prefix}.bias"), &[out_dim], Init::Zeros),
+            in_dim,
+            out_dim,
+        }
+    }
+
+    /// out: [rows, out_dim]; inp: [rows, in_dim].
+    pub fn forward(&self, backend: &dyn Backend, out: &mut [f32], inp: &[f32], rows: usize) -> Result<()> {
+        let dims = GemmDims::nt(rows, self.out_dim, self.in_dim);
+        backend.gemm(out, inp, &self.weight.data, dims, 1.0, 0.0)?;
+        backend.add_bias(out, &self.bias.data, rows, self.out_dim)
+    }
+}
+
+impl Params for Linear {
+    fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
+        out.push(&self.weight);
+        out.push(&self.bias);
+    }
+    fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+        out.push(&mut self.weight);
+        out.push(&mut self.bias);
+    }
+}

@@ -1,0 +1,152 @@
+//! Text conditioning: the encoded prompt the model reads, the caption
+//! projection its cross-attention keys come from (PixArt's `y_embedder`), and
+//! the optional pooled-text term of the adaLN conditioning vector.
+
+use super::buffer::resize;
+use super::linear::Linear;
+use super::param::{Init, Param, Params};
+use ecdit_engine::error::check_len;
+use ecdit_engine::{Backend, EngineError, Result, Unary};
+
+/// A borrowed batch of encoded prompts (the fields of `text::TextBatch`).
+#[derive(Clone, Copy, Debug)]
+pub struct TextInput<'a> {
+    /// [B, L, dim] token embeddings.
+    pub tokens: &'a [f32],
+    /// [B, L], 1 = real token, 0 = padding.
+    pub mask: &'a [u8],
+    /// [B, dim] pooled embedding.
+    pub pooled: &'a [f32],
+    /// Prompts B.
+    pub batch: usize,
+    /// Tokens per prompt L.
+    pub len: usize,
+    /// Channels per token.
+    pub dim: usize,
+}
+
+impl<'a> TextInput<'a> {
+    /// Checks buffer lengths against `batch`, `len`, `dim` and the model's text width.
+    pub fn check(&self, text_dim: usize) -> Result<()> {
+        if self.dim != text_dim {
+            return Err(EngineError::shape("text conditioning (dim)", text_dim, self.dim));
+        }
+        check_len("text conditioning", "tokens [B, L, dim]", self.tokens.len(), self.batch * self.len * self.dim)?;
+        check_len("text conditioning", "mask [B, L]", self.mask.len(), self.batch * self.len)?;
+        check_len("text conditioning", "pooled [B, dim]", self.pooled.len(), self.batch * self.dim)
+    }
+
+    /// Samples `start..start + n` of the batch.
+    pub fn slice(&self, start: usize, n: usize) -> TextInput<'a> {
+        let (l, c) = (self.len, self.dim);
+        TextInput {
+            tokens: &self.tokens[start * l * c..(start + n) * l * c],
+            mask: &self.mask[start * l..(start + n) * l],
+            pooled: &self.pooled[start * c..(start + n) * c],
+            batch: n,
+            len: l,
+            dim: c,
+        }
+    }
+}
+
+/// `y_embedder.y_proj.{fc1,fc2}`: text tokens `[B, L, text_dim] -> [B, L, d]`
+/// through `Linear -> GELU(tanh) -> Linear` (PixArt's caption embedder).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptionEmbedder {
+    /// `y_embedder.y_proj.fc1`: [d, text_dim].
+    pub fc1: Linear,
+    /// `y_embedder.y_proj.fc2`: [d, d].
+    pub fc2: Linear,
+}
+
+/// What the caption embedder computes, kept for backward.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CaptionActs {
+    /// [B, L, d] before GELU.
+    pub hidden: Vec<f32>,
+    /// [B, L, d] after GELU.
+    pub hidden_act: Vec<f32>,
+    /// [B, L, d] the projected text tokens (cross-attention keys and values read them).
+    pub out: Vec<f32>,
+}
+
+impl CaptionEmbedder {
+    /// Xavier weights, zero biases.
+    pub fn new(d: usize, text_dim: usize) -> Self {
+        Self {
+            fc1: Linear::xavier("y_embedder.y_proj.fc1", d, text_dim),
+            fc2: Linear::xavier("y_embedder.y_proj.fc2", d, d),
+        }
+    }
+
+    /// acts: filled; tokens: [rows, text_dim].
+    pub fn forward(&self, backend: &dyn Backend, acts: &mut CaptionActs, tokens: &[f32], rows: usize) -> Result<()> {
+        let d = self.fc2.out_dim;
+        resize(&mut acts.hidden, rows * d);
+        resize(&mut acts.hidden_act, rows * d);
+        resize(&mut acts.out, rows * d);
+        self.fc1.forward(backend, &mut acts.hidden, tokens, rows)?;
+        backend.unary(Unary::GeluTanh, &mut acts.hidden_act, &acts.hidden)?;
+        self.fc2.forward(backend, &mut acts.out, &acts.hidden_act, rows)
+    }
+}
+
+/// `pooled_embedder.mlp.{0,2}`: pooled text `[B, text_dim] -> [B, d]` through
+/// `Linear -> SiLU -> Linear` (shaped like the timestep embedder), added to `c`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PooledEmbedder {
+    /// `pooled_embedder.mlp.0`: [d, text_dim].
+    pub fc1: Linear,
+    /// `pooled_embedder.mlp.2`: [d, d].
+    pub fc2: Linear,
+}
+
+/// What the pooled embedder computes, kept for backward.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PooledActs {
+    /// [B, d] before SiLU.
+    pub hidden: Vec<f32>,
+    /// [B, d] after SiLU.
+    pub hidden_act: Vec<f32>,
+    /// [B, d] the embedding.
+    pub emb: Vec<f32>,
+}
+
+impl PooledEmbedder {
+    /// Weights `N(0, 0.02^2)` as the timestep MLP, zero biases.
+    pub fn new(d: usize, text_dim: usize) -> Self {
+        Self {
+            fc1: Linear::new("pooled_embedder.mlp.0", d, text_dim, Init::Normal(0.02)),
+            fc2: Linear::new("pooled_embedder.mlp.2", d, d, Init::Normal(0.02)),
+        }
+    }
+
+    /// acts: filled; pooled: [B, text_dim].
+    pub fn forward(&self, backend: &dyn Backend, acts: &mut PooledActs, pooled: &[f32], batch: usize) -> Result<()> {
+        let d = self.fc2.out_dim;
+        resize(&mut acts.hidden, batch * d);
+        resize(&mut acts.hidden_act, batch * d);
+        resize(&mut acts.emb, batch * d);
+        self.fc1.forward(backend, &mut acts.hidden, pooled, batch)?;
+        backend.unary(Unary::Silu, &mut acts.hidden_act, &acts.hidden)?;
+        self.fc2.forward(backend, &mut acts.emb, &acts.hidden_act, batch)
+    }
+}
+
+macro_rules! two_linear_params {
+    ($t:ty) => {
+        impl Params for $t {
+            fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
+                self.fc1.collect(out);
+                self.fc2.collect(out);
+            }
+            fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+                self.fc1.collect_mut(out);
+                self.fc2.collect_mut(out);
+            }
+        }
+    };
+}
+two_linear_params!(CaptionEmbedder);
+two_linear_params!(PooledEmbedder);

@@ -1,0 +1,166 @@
+//! Golden conformance against upstream DiT (tests/data/dit_tiny.safetensors,
+//! computed by facebookresearch/DiT; see tests/data/README.md), in the style of
+//! llm.c's test_gpt2.c: load the reference inputs, run, and check every output
+//! and intermediate by name with one `check_tensor` helper.
+
+use ecdit_backend_cpu::CpuBackend;
+use ecdit_model::config::ModelConfig;
+use ecdit_model::model::{config_from_metadata, CfgChannels, CfgOptions, Condition, Model, ModelActs};
+use ecdit_model::weights::Weights;
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn repo_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
+}
+
+/// Checks `got` against `want` elementwise within `1e-4 + 1e-4 * |want|`;
+/// prints the max abs difference and the first mismatches. Returns pass.
+fn check_tensor(name: &str, got: &[f32], want: &[f32]) -> bool {
+    if got.len() != want.len() {
+        println!("{name}: length {} vs expected {}  FAIL", got.len(), want.len());
+        return false;
+    }
+    let mut max_diff = 0.0f32;
+    let mut bad = Vec::new();
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        let diff = (a - b).abs();
+        max_diff = max_diff.max(diff);
+        if !(diff <= 1e-4 + 1e-4 * b.abs()) {
+            bad.push((i, a, b));
+        }
+    }
+    let ok = bad.is_empty();
+    println!("{name:<28} max |diff| {max_diff:.3e}  {}", if ok { "ok" } else { "FAIL" });
+    for (i, a, b) in bad.iter().take(5) {
+        println!("    [{i}] got {a} expected {b}");
+    }
+    if bad.len() > 5 {
+        println!("    ... {} mismatches in all", bad.len());
+    }
+    ok
+}
+
+struct Golden {
+    weights: Weights,
+    model: Model,
+}
+
+fn load() -> Golden {
+    let weights = Weights::open(data("dit_tiny.safetensors")).expect("open golden file");
+    let text = std::fs::read_to_string(repo_file("configs/dit/dit-tiny-2.json")).expect("read config");
+    let config: ModelConfig = serde_json::from_str(&text).expect("parse configs/dit/dit-tiny-2.json");
+    // The file's own (upstream) config describes the same model.
+    let upstream = config_from_metadata(&weights).expect("config in metadata");
+    assert_eq!(upstream, config, "configs/dit/dit-tiny-2.json disagrees with the golden file's metadata");
+    let registry = ecdit_model::registry().expect("registry");
+    let backend = Arc::new(CpuBackend::new(2).expect("cpu backend"));
+    let model = Model::from_weights(config, &registry, backend, &weights, &["golden."]).expect("load weights");
+    Golden { weights, model }
+}
+
+impl Golden {
+    fn f32(&self, name: &str) -> Vec<f32> {
+        let shape = self.weights.shape(name).unwrap_or_else(|| panic!("{name} missing"));
+        self.weights.get(name, &shape).expect(name)
+    }
+
+    /// Class ids stored as I64.
+    fn labels(&self, name: &str) -> Vec<u32> {
+        let bytes = std::fs::read(self.weights.path()).expect("read");
+        let st = SafeTensors::deserialize(&bytes).expect("parse");
+        let view = st.tensor(name).expect(name);
+        assert_eq!(view.dtype(), Dtype::I64);
+        view.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect()
+    }
+}
+
+#[test]
+fn forward_and_intermediates_match_upstream_dit() {
+    let g = load();
+    let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
+    let mut acts = ModelActs::default();
+    let out = g.model.forward_acts(&mut acts, &x, &t, Condition::Class(&y)).expect("forward");
+    let checks = [
+        ("t_freq", &acts.t.freq),
+        ("t_emb", &acts.t.emb),
+        ("y_emb", &acts.y_emb),
+        ("c", &acts.c),
+        ("patch_embed", &acts.blocks[0].inp),
+        ("block0.adaLN", &acts.blocks[0].modulation),
+        ("block0.attn_in", &acts.blocks[0].attn_in),
+        ("block0.attn_out", &acts.blocks[0].attn.out),
+        ("block0.out", &acts.blocks[1].inp),
+        ("block1.out", &acts.x),
+        ("final_linear_out", &acts.final_layer.out),
+    ];
+    let mut ok = true;
+    for (name, got) in checks {
+        ok &= check_tensor(name, got, &g.f32(&format!("golden.dbg.{name}")));
+    }
+    ok &= check_tensor("out", &out.out, &g.f32("golden.out"));
+    // The f64 reference agrees with ours about as well as with upstream's f32.
+    ok &= check_tensor("out vs out_f64", &out.out, &g.f32("golden.out_f64"));
+    assert!(out.routing.is_empty(), "a dense model reports no routing");
+    assert!(ok, "golden mismatches (see the table above)");
+
+    // The inference forward (one reused block buffer) gives the same bits.
+    let lean = g.model.forward(&x, &t, Condition::Class(&y)).expect("forward");
+    assert_eq!(lean.out, out.out);
+}
+
+#[test]
+fn guidance_matches_upstream_forward_with_cfg() {
+    let g = load();
+    let (x, t, y) = (g.f32("golden.cfg_x"), g.f32("golden.cfg_t"), g.labels("golden.cfg_y"));
+    assert_eq!(y[1], 10, "cfg_y[1] is the null class");
+    let scale = g.f32("golden.cfg_scale")[0];
+    let upstream = CfgOptions {
+        scale,
+        channels: CfgChannels::UpstreamFirstThree,
+        share_routing_group: false,
+    };
+    let got = g.model.forward_with_cfg(&x, &t, Condition::Class(&y), upstream).expect("cfg");
+    let mut ok = check_tensor("cfg_out", &got.out, &g.f32("golden.cfg_out"));
+    let all = CfgOptions {
+        channels: CfgChannels::All,
+        ..upstream
+    };
+    let got_all = g.model.forward_with_cfg(&x, &t, Condition::Class(&y), all).expect("cfg");
+    ok &= check_tensor("cfg_out_all", &got_all.out, &g.f32("golden.cfg_out_all"));
+    assert!(ok, "guidance mismatches (see the table above)");
+    // The two forms differ exactly on channel 3.
+    assert_ne!(got.out, got_all.out);
+}
+
+#[test]
+fn save_and_reload_round_trips_the_golden_model() {
+    let g = load();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dit_tiny_resaved.safetensors");
+    g.model.save(&path).expect("save");
+    let registry = ecdit_model::registry().expect("registry");
+    let backend = Arc::new(CpuBackend::new(2).expect("cpu backend"));
+    let reloaded = Model::load(&path, &registry, backend).expect("reload");
+    assert_eq!(reloaded.config(), g.model.config());
+    let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
+    let a = g.model.forward(&x, &t, Condition::Class(&y)).expect("forward");
+    let b = reloaded.forward(&x, &t, Condition::Class(&y)).expect("forward");
+    assert_eq!(a.out, b.out, "a reloaded model computes the same bits");
+    // Every stored name is an upstream name the golden file also holds.
+    let names: Vec<String> = g.model.param_shapes().into_iter().map(|(n, _)| n).collect();
+    let mut upstream: Vec<String> = g.weights.names().into_iter().filter(|n| !n.starts_with("golden.")).collect();
+    let mut ours = names.clone();
+    ours.sort();
+    upstream.sort();
+    assert_eq!(ours, upstream);
+}

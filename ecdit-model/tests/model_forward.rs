@@ -1,0 +1,222 @@
+//! Forward of a tiny text-conditioned EC-DiT (MoE every other block,
+//! expert-choice routing, grouped-query attention).
+
+use ecdit_backend_cpu::CpuBackend;
+use ecdit_model::config::ModelConfig;
+use ecdit_model::model::{unpatchify, CfgChannels, CfgOptions, Condition, FinalActs, Model, ModelActs, TextInput};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::sync::Arc;
+
+const TEXT_DIM: usize = 8;
+const TEXT_LEN: usize = 5;
+
+fn ec_config(groups: serde_json::Value) -> ModelConfig {
+    serde_json::from_value(json!({
+        "name": "ec-tiny", "input_size": 8, "patch_size": 2, "in_channels": 4, "learn_sigma": false,
+        "hidden": 32, "depth": 4, "heads": 4, "kv_heads": 2, "mlp_ratio": 4.0,
+        "conditioning": {"text": {"text_dim": TEXT_DIM, "max_tokens": TEXT_LEN, "dropout": 0.1, "pooled": true}},
+        "moe": {
+            "experts": 4, "every": 2, "first": 1,
+            "router": {"kind": "expert-choice", "capacity_factor": 2.0, "groups": groups},
+            "expert": {"kind": "gelu-mlp", "mlp_ratio": 2.0}
+        },
+        "scheduler": {"kind": "rectified-flow"}
+    }))
+    .expect("EC config")
+}
+
+fn build(config: ModelConfig) -> Model {
+    let registry = ecdit_model::registry().expect("registry");
+    let backend = Arc::new(CpuBackend::new(1).expect("cpu backend"));
+    Model::new(config, &registry, backend, 11).expect("model")
+}
+
+/// Overwrites every dense parameter with small random values, so zero-initialised
+/// adaLN, cross-attention output and final layer all take part.
+fn randomise(model: &mut Model, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for p in model.params_mut() {
+        p.data.iter_mut().for_each(|v| *v = rng.gen_range(-0.2..0.2));
+    }
+}
+
+struct Batch {
+    x: Vec<f32>,
+    t: Vec<f32>,
+    tokens: Vec<f32>,
+    mask: Vec<u8>,
+    pooled: Vec<f32>,
+    n: usize,
+}
+
+impl Batch {
+    fn new(n: usize, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut mask = vec![1u8; n * TEXT_LEN];
+        for b in 0..n {
+            // Prompt b has TEXT_LEN - b % 3 real tokens.
+            for l in TEXT_LEN - b % 3..TEXT_LEN {
+                mask[b * TEXT_LEN + l] = 0;
+            }
+        }
+        Self {
+            x: (0..n * 4 * 64).map(|_| rng.gen_range(-1.0..1.0)).collect(),
+            t: (0..n).map(|_| rng.gen_range(0.0..1.0)).collect(),
+            tokens: (0..n * TEXT_LEN * TEXT_DIM).map(|_| rng.gen_range(-1.0..1.0)).collect(),
+            mask,
+            pooled: (0..n * TEXT_DIM).map(|_| rng.gen_range(-1.0..1.0)).collect(),
+            n,
+        }
+    }
+
+    fn text(&self) -> TextInput<'_> {
+        TextInput {
+            tokens: &self.tokens,
+            mask: &self.mask,
+            pooled: &self.pooled,
+            batch: self.n,
+            len: TEXT_LEN,
+            dim: TEXT_DIM,
+        }
+    }
+
+    /// Sample i alone.
+    fn sample(&self, i: usize) -> Batch {
+        let per = 4 * 64;
+        Batch {
+            x: self.x[i * per..(i + 1) * per].to_vec(),
+            t: vec![self.t[i]],
+            tokens: self.tokens[i * TEXT_LEN * TEXT_DIM..(i + 1) * TEXT_LEN * TEXT_DIM].to_vec(),
+            mask: self.mask[i * TEXT_LEN..(i + 1) * TEXT_LEN].to_vec(),
+            pooled: self.pooled[i * TEXT_DIM..(i + 1) * TEXT_DIM].to_vec(),
+            n: 1,
+        }
+    }
+}
+
+#[test]
+fn ec_forward_is_finite_shaped_and_reports_every_moe_layer() {
+    let mut model = build(ec_config(json!("per_sample")));
+    randomise(&mut model, 1);
+    let batch = Batch::new(3, 2);
+    let out = model.forward(&batch.x, &batch.t, Condition::Text(batch.text())).expect("forward");
+    assert_eq!(out.out.len(), 3 * 4 * 8 * 8);
+    assert!(out.out.iter().all(|v| v.is_finite()));
+    assert!(out.out.iter().any(|v| v.abs() > 1e-3), "a randomised model outputs something");
+    let blocks: Vec<usize> = out.routing.iter().map(|(i, _)| *i).collect();
+    assert_eq!(blocks, vec![1, 3]);
+    for (i, stats) in &out.routing {
+        // 3 samples x 16 tokens, 4 experts, C = round(2 * 16 / 4) = 8 per sample.
+        assert_eq!(stats.tokens_per_expert, vec![24; 4], "block {i}");
+        assert_eq!(stats.experts_per_token_hist.iter().sum::<u64>(), 48);
+        assert!((stats.mean_experts_per_token - 2.0).abs() < 1e-6);
+    }
+    // Parameter listing: MoE blocks hold routers and experts, dense ones an MLP.
+    let names: Vec<String> = model.param_shapes().into_iter().map(|(n, _)| n).collect();
+    for want in ["blocks.1.moe.router.weight", "blocks.3.moe.experts.fc1.weight", "blocks.0.mlp.fc1.weight"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n == "blocks.1.mlp.fc1.weight"));
+    assert!(names.iter().any(|n| n == "blocks.0.attn.kv.weight"), "GQA uses q/kv projections");
+}
+
+#[test]
+fn per_sample_routing_makes_each_sample_independent_of_its_batch() {
+    let mut model = build(ec_config(json!("per_sample")));
+    randomise(&mut model, 3);
+    let batch = Batch::new(2, 4);
+    let both = model.forward(&batch.x, &batch.t, Condition::Text(batch.text())).expect("forward");
+    let per = 4 * 64;
+    for i in 0..2 {
+        let one = batch.sample(i);
+        let alone = model.forward(&one.x, &one.t, Condition::Text(one.text())).expect("forward");
+        assert_eq!(&both.out[i * per..(i + 1) * per], &alone.out[..], "sample {i} differs when batched");
+    }
+}
+
+#[test]
+fn zero_adaln_blocks_are_the_identity() {
+    // Fresh init: every block's adaLN (so every gate) and cross-attention proj is zero.
+    let mut model = build(ec_config(json!("per_sample")));
+    // Give the final layer weights so the output is not trivially zero.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for p in model.params_mut() {
+        if p.name.starts_with("final_layer.") {
+            p.data.iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5));
+        }
+    }
+    let batch = Batch::new(2, 5);
+    let mut acts = ModelActs::default();
+    let out = model.forward_acts(&mut acts, &batch.x, &batch.t, Condition::Text(batch.text())).expect("forward");
+    // The residual stream leaves the blocks exactly as it entered them.
+    assert_eq!(acts.x, acts.blocks[0].inp);
+    assert_eq!(out.routing.len(), 2, "MoE layers still route");
+    // And the output is the final layer applied to the embedded input.
+    let mut fin = FinalActs::default();
+    model
+        .final_layer
+        .forward(model.backend(), &mut fin, &acts.blocks[0].inp, &acts.silu_c, 2, 16)
+        .expect("final layer");
+    let mut want = vec![0.0; out.out.len()];
+    unpatchify(&mut want, &fin.out, 2, 4, 8, 2);
+    assert_eq!(out.out, want);
+    assert!(want.iter().any(|v| v.abs() > 1e-3));
+}
+
+#[test]
+fn guidance_keeps_cond_and_uncond_in_separate_routing_groups() {
+    let mut model = build(ec_config(json!("batch")));
+    randomise(&mut model, 6);
+    // Sample 0 conditional, sample 1 its unconditional pass (same image).
+    let mut batch = Batch::new(2, 7);
+    let per = 4 * 64;
+    let first: Vec<f32> = batch.x[..per].to_vec();
+    batch.x[per..].copy_from_slice(&first);
+    let opts = CfgOptions {
+        scale: 3.0,
+        channels: CfgChannels::All,
+        share_routing_group: false,
+    };
+    let guided = model.forward_with_cfg(&batch.x, &batch.t, Condition::Text(batch.text()), opts).expect("cfg");
+    let cond = batch.sample(0);
+    let uncond = batch.sample(1);
+    let c = model.forward(&cond.x, &cond.t, Condition::Text(cond.text())).expect("cond").out;
+    let u = model.forward(&uncond.x, &uncond.t, Condition::Text(uncond.text())).expect("uncond").out;
+    let want: Vec<f32> = u.iter().zip(&c).map(|(u, c)| u + 3.0 * (c - u)).collect();
+    assert_eq!(&guided.out[..per], &want[..]);
+    assert_eq!(&guided.out[per..], &want[..]);
+    assert_eq!(guided.routing.len(), 4, "two routing calls per MoE layer");
+    // Sharing the group changes the routing, hence the result.
+    let shared = model
+        .forward_with_cfg(&batch.x, &batch.t, Condition::Text(batch.text()), CfgOptions {
+            share_routing_group: true,
+            ..opts
+        })
+        .expect("cfg shared");
+    assert_eq!(shared.routing.len(), 2);
+    assert_ne!(shared.out, guided.out);
+}
+
+#[test]
+fn same_seed_same_model_and_save_load_round_trip() {
+    let a = build(ec_config(json!("per_sample")));
+    let b = build(ec_config(json!("per_sample")));
+    let pa: Vec<_> = a.param_shapes();
+    assert_eq!(pa, b.param_shapes());
+    for (x, y) in a.params().iter().zip(b.params()) {
+        assert_eq!(x.data, y.data, "{}", x.name);
+    }
+    let mut model = a;
+    randomise(&mut model, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ec.safetensors");
+    model.save(&path).unwrap();
+    let registry = ecdit_model::registry().unwrap();
+    let back = Model::load(&path, &registry, Arc::new(CpuBackend::new(1).unwrap())).unwrap();
+    let batch = Batch::new(2, 10);
+    let o1 = model.forward(&batch.x, &batch.t, Condition::Text(batch.text())).unwrap();
+    let o2 = back.forward(&batch.x, &batch.t, Condition::Text(batch.text())).unwrap();
+    assert_eq!(o1.out, o2.out, "router transpose and expert tensors survive save/load");
+    assert_eq!(model.num_params(), back.num_params());
+}

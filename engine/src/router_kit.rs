@@ -1,0 +1,283 @@
+//! The router contract as a reusable property-test suite, for shipped and
+//! third-party routers alike (burn-style exported conformance tests).
+//!
+//! On random shapes and scores, every router must:
+//! - return a structurally valid dispatch ([`Dispatch::validate`]: indices in
+//!   range, no token twice under one expert, gates finite and in [0, 1]) of the
+//!   asked shape, with finite probabilities in [0, 1] and a finite aux loss;
+//! - report the statistics [`RoutingStats::compute`] gives for that dispatch;
+//! - respect its expert capacity per routing group, when it declares one;
+//! - be deterministic: the same scores give the same bits, across instances;
+//! - have a backward that matches central finite differences of
+//!   `L = sum_s w_s gate_s + a * aux` wherever the discrete selection does not change.
+//!
+//! Use [`check_router_contract`] from a test, or stamp a test out with
+//! [`router_conformance!`](crate::router_conformance).
+
+use crate::router::{expert_capacity, RouteShape, Router, Routing};
+use crate::routing_stats::RoutingStats;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+#[doc(hidden)]
+pub use serde_json;
+
+/// What to check and how hard.
+#[derive(Clone, Debug)]
+pub struct ContractConfig {
+    /// Random cases; `None` uses proptest's default (honours `PROPTEST_CASES`).
+    pub cases: Option<u32>,
+    /// The router's capacity factor, when it caps tokens per expert per group
+    /// at `expert_capacity(f, group_size, E)` (expert choice).
+    pub capacity_factor: Option<f64>,
+    /// Largest sample count drawn.
+    pub max_samples: usize,
+    /// Largest tokens-per-sample drawn.
+    pub max_tokens_per_sample: usize,
+    /// Largest expert count drawn.
+    pub max_experts: usize,
+    /// Score coordinates checked by finite differences per case (0 = skip).
+    pub fd_coords: usize,
+}
+
+impl Default for ContractConfig {
+    fn default() -> Self {
+        Self {
+            cases: None,
+            capacity_factor: None,
+            max_samples: 3,
+            max_tokens_per_sample: 12,
+            max_experts: 6,
+            fd_coords: 8,
+        }
+    }
+}
+
+impl ContractConfig {
+    /// The default limits with a capacity check for factor `f`.
+    pub fn with_capacity(f: f64) -> Self {
+        Self {
+            capacity_factor: Some(f),
+            ..Self::default()
+        }
+    }
+}
+
+/// Runs the contract on routers made by `make`; the error describes the first
+/// violation and the (shrunk) case that shows it.
+pub fn check_router_contract(make: impl Fn() -> Box<dyn Router>, config: &ContractConfig) -> Result<(), String> {
+    let mut proptest_config = Config {
+        failure_persistence: None,
+        ..Config::default()
+    };
+    if let Some(cases) = config.cases {
+        proptest_config.cases = cases;
+    }
+    let mut runner = TestRunner::new(proptest_config);
+    let router = make();
+    let strategy = (1..=config.max_samples, 1..=config.max_tokens_per_sample, 1..=config.max_experts)
+        .prop_flat_map(|(samples, tps, experts)| {
+            let n = samples * tps * experts;
+            (
+                Just(RouteShape {
+                    samples,
+                    tokens_per_sample: tps,
+                    experts,
+                }),
+                proptest::collection::vec(-3.0f32..3.0, n),
+                proptest::collection::vec(-1.0f32..1.0, samples * tps * experts),
+                -1.0f32..1.0,
+                any::<u64>(),
+            )
+        });
+    runner
+        .run(&strategy, |(shape, scores, weights, aux_weight, pick)| {
+            check_case(&*router, &make, config, shape, &scores, &weights, aux_weight, pick)
+        })
+        .map_err(|e| format!("router '{}' breaks the router contract: {e}", router.kind()))
+}
+
+fn fail(msg: String) -> TestCaseError {
+    TestCaseError::fail(msg)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_case(
+    router: &dyn Router,
+    make: &dyn Fn() -> Box<dyn Router>,
+    config: &ContractConfig,
+    shape: RouteShape,
+    scores: &[f32],
+    weights: &[f32],
+    aux_weight: f32,
+    pick: u64,
+) -> Result<(), TestCaseError> {
+    let routing = match router.route(scores, shape) {
+        Ok(r) => r,
+        // A shape the router's groups cannot split is a clean refusal.
+        Err(crate::EngineError::BadParam { .. }) => return Ok(()),
+        Err(e) => return Err(fail(format!("route failed on {shape:?}: {e}"))),
+    };
+    check_structure(&routing, shape, config)?;
+
+    // Determinism, within one instance and across instances.
+    let again = router.route(scores, shape).map_err(|e| fail(e.to_string()))?;
+    let fresh = make().route(scores, shape).map_err(|e| fail(e.to_string()))?;
+    for (other, what) in [(&again, "a second call"), (&fresh, "a fresh instance")] {
+        if !same_bits(&routing, other) {
+            return Err(fail(format!("{what} routed the same scores differently")));
+        }
+    }
+
+    if config.fd_coords > 0 {
+        check_backward(router, shape, scores, &routing, weights, aux_weight, pick, config.fd_coords)?;
+    }
+    Ok(())
+}
+
+fn check_structure(routing: &Routing, shape: RouteShape, config: &ContractConfig) -> Result<(), TestCaseError> {
+    let d = &routing.dispatch;
+    if d.experts != shape.experts || d.tokens_total != shape.tokens() {
+        return Err(fail(format!(
+            "dispatch is {} experts x {} tokens for shape {shape:?}",
+            d.experts, d.tokens_total
+        )));
+    }
+    d.validate("contract").map_err(|e| fail(e.to_string()))?;
+    if routing.probs.len() != shape.tokens() * shape.experts {
+        return Err(fail(format!(
+            "{} probabilities for {} x {}",
+            routing.probs.len(),
+            shape.tokens(),
+            shape.experts
+        )));
+    }
+    if let Some(i) = routing.probs.iter().position(|p| !p.is_finite() || !(0.0..=1.0).contains(p)) {
+        return Err(fail(format!("probability {i} is {}", routing.probs[i])));
+    }
+    if let Some(a) = routing.aux_loss.filter(|a| !a.is_finite()) {
+        return Err(fail(format!("aux loss is {a}")));
+    }
+    if routing.stats != RoutingStats::compute(d, &routing.probs) {
+        return Err(fail("reported statistics differ from RoutingStats::compute".into()));
+    }
+    if let Some(f) = config.capacity_factor {
+        let g = routing.group_size;
+        if g == 0 || shape.tokens() % g != 0 {
+            return Err(fail(format!("group size {g} does not divide {} tokens", shape.tokens())));
+        }
+        let cap = expert_capacity(f, g, shape.experts);
+        for e in 0..d.experts {
+            let (toks, _) = d.expert(e);
+            let mut per_group = vec![0usize; shape.tokens() / g];
+            for &t in toks {
+                per_group[t as usize / g] += 1;
+            }
+            if let Some((grp, n)) = per_group.iter().enumerate().find(|(_, &n)| n > cap) {
+                return Err(fail(format!(
+                    "expert {e} took {n} tokens of group {grp}, capacity {cap}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn same_bits(a: &Routing, b: &Routing) -> bool {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    a.dispatch.offsets == b.dispatch.offsets
+        && a.dispatch.tokens == b.dispatch.tokens
+        && bits(&a.dispatch.gates) == bits(&b.dispatch.gates)
+        && bits(&a.probs) == bits(&b.probs)
+        && a.aux_loss.map(f32::to_bits) == b.aux_loss.map(f32::to_bits)
+}
+
+/// `L = sum_s w_s gate_s + a * aux`, in f64.
+fn loss(r: &Routing, weights: &[f32], aux_weight: f32) -> f64 {
+    let gates: f64 = r
+        .dispatch
+        .gates
+        .iter()
+        .zip(weights)
+        .map(|(&g, &w)| g as f64 * w as f64)
+        .sum();
+    gates + aux_weight as f64 * r.aux_loss.unwrap_or(0.0) as f64
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_backward(
+    router: &dyn Router,
+    shape: RouteShape,
+    scores: &[f32],
+    routing: &Routing,
+    weights: &[f32],
+    aux_weight: f32,
+    pick: u64,
+    coords: usize,
+) -> Result<(), TestCaseError> {
+    let grad_gates = &weights[..routing.dispatch.slots().min(weights.len())];
+    if grad_gates.len() != routing.dispatch.slots() {
+        return Ok(()); // more slots than weights drawn (only with tiny shapes); nothing to check
+    }
+    let mut grad = vec![f32::NAN; scores.len()];
+    router
+        .backward(routing, scores, grad_gates, aux_weight, &mut grad)
+        .map_err(|e| fail(format!("backward failed: {e}")))?;
+    if let Some(i) = grad.iter().position(|g| !g.is_finite()) {
+        return Err(fail(format!("score gradient {i} is {}", grad[i])));
+    }
+    let h = 1e-2f32;
+    let mut state = pick | 1;
+    for _ in 0..coords.min(scores.len()) {
+        // xorshift: which coordinates to probe, reproducible from the case.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let i = (state % scores.len() as u64) as usize;
+        let mut plus = scores.to_vec();
+        plus[i] += h;
+        let mut minus = scores.to_vec();
+        minus[i] -= h;
+        let rp = router.route(&plus, shape).map_err(|e| fail(e.to_string()))?;
+        let rm = router.route(&minus, shape).map_err(|e| fail(e.to_string()))?;
+        let same_selection = |r: &Routing| {
+            r.dispatch.offsets == routing.dispatch.offsets && r.dispatch.tokens == routing.dispatch.tokens
+        };
+        if !same_selection(&rp) || !same_selection(&rm) {
+            continue; // the discrete choice moved; not differentiable here
+        }
+        let fd = (loss(&rp, grad_gates, aux_weight) - loss(&rm, grad_gates, aux_weight)) / (2.0 * h as f64);
+        let an = grad[i] as f64;
+        if (fd - an).abs() > 2e-3 + 2e-2 * fd.abs().max(an.abs()) {
+            return Err(fail(format!(
+                "d loss / d score[{i}]: backward gives {an}, finite differences {fd} (shape {shape:?})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Stamps out a `#[test]` running [`check_router_contract`] on a router built
+/// from a JSON spec by a registry expression.
+///
+/// ```ignore
+/// ecdit_engine::router_conformance!(expert_choice_contract, registry(), {"kind": "expert-choice"},
+///     ecdit_engine::router_kit::ContractConfig::with_capacity(2.0));
+/// ```
+#[macro_export]
+macro_rules! router_conformance {
+    ($name:ident, $registry:expr, $spec:tt) => {
+        $crate::router_conformance!($name, $registry, $spec, $crate::router_kit::ContractConfig::default());
+    };
+    ($name:ident, $registry:expr, $spec:tt, $config:expr) => {
+        #[test]
+        fn $name() {
+            let registry = $registry;
+            let spec = $crate::router_kit::serde_json::json!($spec);
+            let make = || registry.router(&spec).unwrap_or_else(|e| panic!("cannot build {spec}: {e}"));
+            if let Err(e) = $crate::router_kit::check_router_contract(make, &$config) {
+                panic!("{e}");
+            }
+        }
+    };
+}

@@ -1,0 +1,53 @@
+//! Helpers shared by the plugin tests: compiling C plugins with the system compiler.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The engine crate root.
+pub fn engine_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A scratch directory under the target dir, shared by one test binary.
+pub fn scratch() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-tests");
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Compiles C sources with `cc -shared -fPIC` into `lib<name>.so` in the
+/// scratch dir (written under a temporary name, then renamed, so a library
+/// another process has mapped is never rewritten in place).
+pub fn compile_c_plugin(sources: &[&Path], flags: &[&str], name: &str) -> PathBuf {
+    let out = scratch().join(format!("lib{name}.{}", std::env::consts::DLL_EXTENSION));
+    let tmp = scratch().join(format!("lib{name}.{}.tmp", std::process::id()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O1", "-Wall"])
+        .arg("-I")
+        .arg(engine_dir().join("include"))
+        .args(flags)
+        .args(sources)
+        .arg("-o")
+        .arg(&tmp)
+        .arg("-lm")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}` (set CC): {e}"));
+    assert!(status.success(), "{cc} failed on {sources:?} {flags:?}");
+    std::fs::rename(&tmp, &out).expect("rename compiled plugin");
+    out
+}
+
+/// The C example router, compiled.
+pub fn c_hash_router() -> PathBuf {
+    let src = engine_dir().join("../examples/c-router/c_hash_router.c");
+    compile_c_plugin(&[&src], &[], "c_hash_router")
+}
+
+/// The misbehaving C fixture with one `-D` flag (or none).
+pub fn bad_plugin(flag: &str, name: &str) -> PathBuf {
+    let src = engine_dir().join("tests/fixtures/bad_plugin.c");
+    let flags: Vec<&str> = if flag.is_empty() { vec![] } else { vec![flag] };
+    compile_c_plugin(&[&src], &flags, name)
+}

@@ -1,0 +1,196 @@
+//! Grouped-query scaled dot-product attention, forward and backward, built
+//! from strided GEMMs per (sample, head) plus a row softmax.
+//!
+//! Queries are `[B, Tq, H, Dh]` and keys/values `[B, Tk, Hkv, Dh]` with heads
+//! interleaved inside a token, so one head of one sample is a strided
+//! `[T, Dh]` matrix (row stride `H * Dh`) that the GEMM reads in place, with
+//! no transposing copies. Query head `h` reads kv head `h / (H / Hkv)`.
+
+use super::gemm::{gemm_shared, gemm_strided, parallelism, SharedMut, Strided};
+use super::numel;
+use super::softmax::softmax_row_masked;
+use ecdit_engine::error::{check_len, EngineError, Result};
+use ecdit_engine::AttnDims;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Checked buffer lengths of one attention call.
+struct Lens {
+    q: usize,
+    kv: usize,
+    probs: usize,
+    mask: usize,
+}
+
+fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
+    if d.kv_heads == 0 && d.heads > 0 || d.kv_heads > 0 && d.heads % d.kv_heads != 0 {
+        return Err(EngineError::shape(
+            op,
+            format!("kv_heads dividing heads = {}", d.heads),
+            format!("kv_heads = {}", d.kv_heads),
+        ));
+    }
+    Ok(Lens {
+        q: numel(op, &[d.batch, d.q_len, d.heads, d.head_dim])?,
+        kv: numel(op, &[d.batch, d.kv_len, d.kv_heads, d.head_dim])?,
+        probs: numel(op, &[d.batch, d.heads, d.q_len, d.kv_len])?,
+        mask: numel(op, &[d.batch, d.kv_len])?,
+    })
+}
+
+/// The `[Tq, Dh]` view of query head `h` of sample `b` (also out, dout, dq).
+fn q_view(d: &AttnDims, b: usize, h: usize) -> Strided {
+    Strided {
+        offset: (b * d.q_len * d.heads + h) * d.head_dim,
+        rows: d.q_len,
+        cols: d.head_dim,
+        rs: d.heads * d.head_dim,
+        cs: 1,
+    }
+}
+
+/// The `[Tk, Dh]` view of kv head `hk` of sample `b` (also v, dk, dv).
+fn kv_view(d: &AttnDims, b: usize, hk: usize) -> Strided {
+    Strided {
+        offset: (b * d.kv_len * d.kv_heads + hk) * d.head_dim,
+        rows: d.kv_len,
+        cols: d.head_dim,
+        rs: d.kv_heads * d.head_dim,
+        cs: 1,
+    }
+}
+
+/// Softmax scale `1 / sqrt(Dh)`.
+fn scale(d: &AttnDims) -> f32 {
+    1.0 / (d.head_dim.max(1) as f32).sqrt()
+}
+
+/// Runs `task(i, par)` for `i in 0..n`: side by side with one-thread GEMMs
+/// when there are enough tasks to fill the pool, else one after another with
+/// GEMMs on all threads.
+fn for_each_task(n: usize, threads: usize, task: impl Fn(usize, Parallelism) -> Result<()> + Sync) -> Result<()> {
+    if threads > 1 && n >= threads {
+        (0..n).into_par_iter().try_for_each(|i| task(i, Parallelism::None))
+    } else {
+        (0..n).try_for_each(|i| task(i, parallelism(threads)))
+    }
+}
+
+/// `out = softmax(q k^T / sqrt(Dh) + mask) v` per (sample, head).
+/// out: [B, Tq, H, Dh]; probs: [B, H, Tq, Tk]; q: [B, Tq, H, Dh];
+/// k, v: [B, Tk, Hkv, Dh]; key_mask: [B, Tk], nonzero = attend.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: Option<&[u8]>,
+    d: AttnDims,
+    threads: usize,
+) -> Result<()> {
+    let op = "attention";
+    let n = lens(op, &d)?;
+    check_len(op, "out", out.len(), n.q)?;
+    check_len(op, "probs", probs.len(), n.probs)?;
+    check_len(op, "q", q.len(), n.q)?;
+    check_len(op, "k", k.len(), n.kv)?;
+    check_len(op, "v", v.len(), n.kv)?;
+    if let Some(mask) = key_mask {
+        check_len(op, "key_mask", mask.len(), n.mask)?;
+    }
+    if n.probs == 0 {
+        // No queries or no keys: nothing to attend to.
+        out.fill(0.0);
+        return Ok(());
+    }
+    let (tq, tk, group) = (d.q_len, d.kv_len, d.heads / d.kv_heads);
+    let att = Strided::row_major(0, tq, tk);
+    let out_shared = SharedMut::new(out);
+    let probs_shared = SharedMut::new(probs);
+    for_each_task(d.batch * d.heads, threads, |bh, par| {
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        let (qv, kv) = (q_view(&d, b, h), kv_view(&d, b, h / group));
+        // SAFETY: task `bh` alone touches probs block `bh` and the out columns
+        // of head `h` in sample `b`; the buffers outlive the loop.
+        let p = unsafe { probs_shared.block(bh * tq * tk, tq * tk)? };
+        // S = scale * Q K^T: [Tq, Tk]
+        gemm_strided(op, p, att, q, qv, k, kv.t(), scale(&d), 0.0, par)?;
+        let mask = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
+        for row in p.chunks_exact_mut(tk) {
+            softmax_row_masked(row, |j| mask.map_or(true, |m| m[j] != 0));
+        }
+        // out = P V: [Tq, Dh]
+        unsafe { gemm_shared(op, out_shared, qv, p, att, v, kv, 1.0, 0.0, par) }
+    })
+}
+
+/// Backward of [`attention`]; overwrites dq, dk, dv.
+/// dq, dout, q: [B, Tq, H, Dh]; dk, dv, k, v: [B, Tk, Hkv, Dh]; probs: [B, H, Tq, Tk].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    probs: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+    threads: usize,
+) -> Result<()> {
+    let op = "attention_backward";
+    let n = lens(op, &d)?;
+    check_len(op, "dq", dq.len(), n.q)?;
+    check_len(op, "dk", dk.len(), n.kv)?;
+    check_len(op, "dv", dv.len(), n.kv)?;
+    check_len(op, "dout", dout.len(), n.q)?;
+    check_len(op, "probs", probs.len(), n.probs)?;
+    check_len(op, "q", q.len(), n.q)?;
+    check_len(op, "k", k.len(), n.kv)?;
+    check_len(op, "v", v.len(), n.kv)?;
+    if n.probs == 0 {
+        dq.fill(0.0);
+        dk.fill(0.0);
+        dv.fill(0.0);
+        return Ok(());
+    }
+    let (tq, tk, group) = (d.q_len, d.kv_len, d.heads / d.kv_heads);
+    let att = Strided::row_major(0, tq, tk);
+    let (dq_s, dk_s, dv_s) = (SharedMut::new(dq), SharedMut::new(dk), SharedMut::new(dv));
+    // One task per (sample, kv head): it owns dk and dv of that kv head and
+    // sums its query heads into them in a fixed order.
+    for_each_task(d.batch * d.kv_heads, threads, |bhk, par| {
+        let (b, hk) = (bhk / d.kv_heads, bhk % d.kv_heads);
+        let kv = kv_view(&d, b, hk);
+        let mut ds = vec![0.0f32; tq * tk];
+        for g in 0..group {
+            let h = hk * group + g;
+            let qv = q_view(&d, b, h);
+            let p = &probs[(b * d.heads + h) * tq * tk..][..tq * tk];
+            let acc = if g == 0 { 0.0 } else { 1.0 };
+            // SAFETY: task `bhk` alone touches dk/dv of kv head `hk` and dq of
+            // its query heads in sample `b`; the buffers outlive the loop.
+            unsafe {
+                // out = P V  =>  dV (+)= P^T dout: [Tk, Dh]
+                gemm_shared(op, dv_s, kv, p, att.t(), dout, qv, 1.0, acc, par)?;
+            }
+            // dP = dout V^T: [Tq, Tk]
+            gemm_strided(op, &mut ds, att, dout, qv, v, kv.t(), 1.0, 0.0, par)?;
+            // P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)), in place.
+            for (ds, p) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
+                let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
+                ds.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot));
+            }
+            unsafe {
+                // S = scale Q K^T  =>  dQ = scale dS K: [Tq, Dh]
+                gemm_shared(op, dq_s, qv, &ds, att, k, kv, scale(&d), 0.0, par)?;
+                // ... and dK (+)= scale dS^T Q: [Tk, Dh]
+                gemm_shared(op, dk_s, kv, &ds, att.t(), q, qv, scale(&d), acc, par)?;
+            }
+        }
+        Ok(())
+    })
+}

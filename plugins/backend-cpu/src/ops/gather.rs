@@ -1,0 +1,100 @@
+//! Row gather and its adjoint, the scatter-add (also the MoE combine).
+
+use super::{numel, rows_per_task};
+use ecdit_engine::error::{check_len, EngineError, Result};
+use rayon::prelude::*;
+
+/// Rows of `[?, cols]` in a buffer of `len`, or an error when `len` is not a
+/// whole number of rows.
+fn rows_of(op: &str, what: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 {
+        return Ok(0);
+    }
+    if len % cols != 0 {
+        return Err(EngineError::shape(
+            format!("{op} ({what})"),
+            format!("a multiple of cols = {cols} elements"),
+            format!("{len} elements"),
+        ));
+    }
+    Ok(len / cols)
+}
+
+/// Errors on the first index that is not a row of a `rows`-row buffer.
+fn check_indices(op: &str, idx: &[u32], rows: usize) -> Result<()> {
+    match idx.iter().position(|&i| i as usize >= rows) {
+        None => Ok(()),
+        Some(p) => Err(EngineError::shape(
+            format!("{op} (idx[{p}])"),
+            format!("a row index below {rows}"),
+            idx[p],
+        )),
+    }
+}
+
+/// `out[i, :] = inp[idx[i], :]`.
+/// out: [idx.len(), cols]; inp: [rows, cols].
+pub fn gather_rows(out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Result<()> {
+    let op = "gather_rows";
+    check_len(op, "out", out.len(), numel(op, &[idx.len(), cols])?)?;
+    let rows = rows_of(op, "inp", inp.len(), cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    check_indices(op, idx, rows)?;
+    let task_rows = rows_per_task(idx.len(), cols);
+    out.par_chunks_mut(task_rows * cols)
+        .zip(idx.par_chunks(task_rows))
+        .for_each(|(out, idx)| {
+            for (o, &i) in out.chunks_exact_mut(cols).zip(idx) {
+                let i = i as usize;
+                o.copy_from_slice(&inp[i * cols..(i + 1) * cols]);
+            }
+        });
+    Ok(())
+}
+
+/// `out[idx[i], :] += scale[i] * inp[i, :]`, the adjoint of [`gather_rows`].
+/// out: [rows, cols]; inp: [idx.len(), cols]; scale: [idx.len()].
+///
+/// Deterministic: the sources of each destination row are added in increasing
+/// `i`, exactly as the sequential loop would, for any thread count.
+pub fn scatter_add_rows(out: &mut [f32], inp: &[f32], idx: &[u32], scale: Option<&[f32]>, cols: usize) -> Result<()> {
+    let op = "scatter_add_rows";
+    check_len(op, "inp", inp.len(), numel(op, &[idx.len(), cols])?)?;
+    if let Some(s) = scale {
+        check_len(op, "scale", s.len(), idx.len())?;
+    }
+    let rows = rows_of(op, "out", out.len(), cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    check_indices(op, idx, rows)?;
+    // Counting sort of sources by destination, stable so each row keeps `i` order.
+    let mut start = vec![0usize; rows + 1];
+    for &r in idx {
+        start[r as usize + 1] += 1;
+    }
+    for r in 0..rows {
+        start[r + 1] += start[r];
+    }
+    let mut fill = start.clone();
+    let mut sources = vec![0usize; idx.len()];
+    for (i, &r) in idx.iter().enumerate() {
+        sources[fill[r as usize]] = i;
+        fill[r as usize] += 1;
+    }
+    let task_rows = rows_per_task(rows, cols);
+    out.par_chunks_mut(task_rows * cols).enumerate().for_each(|(t, out)| {
+        for (j, o) in out.chunks_exact_mut(cols).enumerate() {
+            let r = t * task_rows + j;
+            for &i in &sources[start[r]..start[r + 1]] {
+                let s = scale.map_or(1.0, |s| s[i]);
+                o.iter_mut()
+                    .zip(&inp[i * cols..(i + 1) * cols])
+                    .for_each(|(o, x)| *o += s * x);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! Row softmax and its backward.
+
+use super::{numel, rows_per_task};
+use ecdit_engine::error::{check_len, Result};
+use rayon::prelude::*;
+
+/// Softmax of one row in place, over the entries where `keep` is true (the
+/// rest get probability 0). A row with nothing kept becomes all zeros.
+pub(crate) fn softmax_row_masked(row: &mut [f32], keep: impl Fn(usize) -> bool) {
+    let max = row
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| keep(j))
+        .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0.0f32;
+    for (j, x) in row.iter_mut().enumerate() {
+        *x = if keep(j) { (*x - max).exp() } else { 0.0 };
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Backward of one softmax row: `dinp = out * (dout - sum(dout * out))`.
+pub(crate) fn softmax_row_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) {
+    let dot: f32 = dout.iter().zip(out).map(|(d, o)| d * o).sum();
+    for ((di, d), o) in dinp.iter_mut().zip(dout).zip(out) {
+        *di = o * (d - dot);
+    }
+}
+
+/// Row softmax (max-subtracted).
+/// out, inp: [rows, cols].
+pub fn softmax_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let len = numel("softmax_rows", &[rows, cols])?;
+    check_len("softmax_rows", "out", out.len(), len)?;
+    check_len("softmax_rows", "inp", inp.len(), len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let chunk = rows_per_task(rows, cols) * cols;
+    out.par_chunks_mut(chunk).zip(inp.par_chunks(chunk)).for_each(|(o, i)| {
+        o.copy_from_slice(i);
+        o.chunks_exact_mut(cols).for_each(|row| softmax_row_masked(row, |_| true));
+    });
+    Ok(())
+}
+
+/// Backward of [`softmax_rows`] given its output.
+/// dinp, dout, out: [rows, cols].
+pub fn softmax_rows_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let op = "softmax_rows_backward";
+    let len = numel(op, &[rows, cols])?;
+    check_len(op, "dinp", dinp.len(), len)?;
+    check_len(op, "dout", dout.len(), len)?;
+    check_len(op, "out", out.len(), len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let chunk = rows_per_task(rows, cols) * cols;
+    dinp.par_chunks_mut(chunk)
+        .zip(dout.par_chunks(chunk))
+        .zip(out.par_chunks(chunk))
+        .for_each(|((di, d), o)| {
+            for ((di, d), o) in di.chunks_exact_mut(cols).zip(d.chunks_exact(cols)).zip(o.chunks_exact(cols)) {
+                softmax_row_backward(di, d, o);
+            }
+        });
+    Ok(())
+}

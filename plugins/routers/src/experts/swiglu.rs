@@ -1,0 +1,224 @@
+//! `swiglu`: DiT-MoE's expert, `w2(silu(w1 x) * w3 x)` without biases, for
+//! all E experts of a layer at once.
+
+use super::{check_dispatch, check_ratio, hidden_width, reuse};
+use ecdit_engine::error::check_len;
+use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
+use serde_json::json;
+
+/// DiT-MoE's `MoeMLP`: `w2(silu(w1 x) * w3 x)`, no biases.
+///
+/// Hidden width `h = floor(mlp_ratio * d)` with `mlp_ratio` 4 by default, as
+/// DiT-MoE's `SparseMoeBlock` (`intermediate_size = mlp_ratio * embed_dim`;
+/// no LLaMA-style 2/3 shrink, so a SwiGLU expert has 1.5x the parameters and
+/// FLOPs of a GELU MLP of the same ratio).
+///
+/// Parameters, stacked over the E experts, PyTorch `Linear` layout:
+/// - `w1` (DiT-MoE `gate_proj`): [E, h, d]
+/// - `w3` (`up_proj`): [E, h, d]
+/// - `w2` (`down_proj`): [E, d, h]
+///
+/// Cache (per dispatched row, each [N, h]): `buffers[0]` = w1 x,
+/// `buffers[1]` = w3 x, `buffers[2]` = silu(w1 x), `buffers[3]` = the product.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwiGlu {
+    mlp_ratio: f64,
+}
+
+impl SwiGlu {
+    /// Registry kind.
+    pub const KIND: &'static str = "swiglu";
+
+    /// An expert with hidden width `floor(mlp_ratio * d)`; errors unless
+    /// `mlp_ratio` is finite and positive.
+    pub fn new(mlp_ratio: f64) -> Result<Self> {
+        check_ratio(Self::KIND, mlp_ratio)?;
+        Ok(Self { mlp_ratio })
+    }
+
+    fn shapes(d: usize, h: usize, experts: usize) -> Vec<Vec<usize>> {
+        vec![vec![experts, h, d], vec![experts, h, d], vec![experts, d, h]]
+    }
+}
+
+impl Expert for SwiGlu {
+    fn kind(&self) -> &str {
+        Self::KIND
+    }
+
+    fn spec(&self) -> serde_json::Value {
+        json!({"kind": Self::KIND, "mlp_ratio": self.mlp_ratio})
+    }
+
+    fn hidden(&self, d: usize) -> usize {
+        hidden_width(self.mlp_ratio, d)
+    }
+
+    fn param_shapes(&self, d: usize, experts: usize) -> Vec<ParamShape> {
+        ["w1", "w3", "w2"]
+            .iter()
+            .zip(Self::shapes(d, self.hidden(d), experts))
+            .map(|(name, shape)| ParamShape {
+                name: name.to_string(),
+                shape,
+            })
+            .collect()
+    }
+
+    fn flops_per_token(&self, d: usize) -> f64 {
+        // Three matmuls of d x h.
+        6.0 * d as f64 * self.hidden(d) as f64
+    }
+
+    // out: [N, d]; cache: a, b, s, g [N, h]; x: [N, d]; params: w1, w3, w2
+    fn forward(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        cache: &mut ExpertCache,
+        x: &[f32],
+        params: &[&[f32]],
+        offsets: &[usize],
+        d: usize,
+    ) -> Result<()> {
+        const OP: &str = "swiglu forward";
+        let h = self.hidden(d);
+        let experts = offsets.len().saturating_sub(1);
+        let (experts, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
+        check_len(OP, "out", out.len(), n * d)?;
+        let &[w1, w3, w2] = params else {
+            unreachable!("check_dispatch checked the parameter count")
+        };
+        cache.buffers.resize_with(4, Vec::new);
+        let [a, b, s, g] = cache.buffers.as_mut_slice() else {
+            unreachable!("resized to 4 just above")
+        };
+        let (a, b, s, g) = (reuse(a, n * h), reuse(b, n * h), reuse(s, n * h), reuse(g, n * h));
+
+        // a = x @ w1[e]^T, b = x @ w3[e]^T
+        for e in 0..experts {
+            let (r0, r1) = (offsets[e], offsets[e + 1]);
+            let m = r1 - r0;
+            if m == 0 {
+                continue;
+            }
+            let x_e = &x[r0 * d..r1 * d];
+            let w = e * h * d..(e + 1) * h * d;
+            backend.gemm(&mut a[r0 * h..r1 * h], x_e, &w1[w.clone()], GemmDims::nt(m, h, d), 1.0, 0.0)?;
+            backend.gemm(&mut b[r0 * h..r1 * h], x_e, &w3[w], GemmDims::nt(m, h, d), 1.0, 0.0)?;
+        }
+        // s = silu(a); g = s * b
+        backend.unary(Unary::Silu, s, a)?;
+        for ((g, &s), &b) in g.iter_mut().zip(s.iter()).zip(b.iter()) {
+            *g = s * b;
+        }
+        // out = g @ w2[e]^T
+        for e in 0..experts {
+            let (r0, r1) = (offsets[e], offsets[e + 1]);
+            let m = r1 - r0;
+            if m == 0 {
+                continue;
+            }
+            backend.gemm(
+                &mut out[r0 * d..r1 * d],
+                &g[r0 * h..r1 * h],
+                &w2[e * d * h..(e + 1) * d * h],
+                GemmDims::nt(m, d, h),
+                1.0,
+                0.0,
+            )?;
+        }
+        Ok(())
+    }
+
+    // dx: [N, d]; dparams: += like params; dout: [N, d]; cache: a, b, s, g [N, h]; x: [N, d]
+    fn backward(
+        &self,
+        backend: &dyn Backend,
+        dx: &mut [f32],
+        dparams: &mut [&mut [f32]],
+        dout: &[f32],
+        cache: &ExpertCache,
+        x: &[f32],
+        params: &[&[f32]],
+        offsets: &[usize],
+        d: usize,
+    ) -> Result<()> {
+        const OP: &str = "swiglu backward";
+        let h = self.hidden(d);
+        let experts = offsets.len().saturating_sub(1);
+        let shapes = Self::shapes(d, h, experts);
+        let (experts, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
+        check_len(OP, "dx", dx.len(), n * d)?;
+        check_len(OP, "dout", dout.len(), n * d)?;
+        let [a, b, s, g] = cache.buffers.as_slice() else {
+            return Err(EngineError::shape(
+                format!("{OP} (cache)"),
+                "4 buffers from forward",
+                format!("{} buffers", cache.buffers.len()),
+            ));
+        };
+        for (name, buf) in [("w1 x", a), ("w3 x", b), ("silu", s), ("product", g)] {
+            check_len(OP, &format!("cache {name}"), buf.len(), n * h)?;
+        }
+        let &[w1, w3, w2] = params else {
+            unreachable!("check_dispatch checked the parameter count")
+        };
+        let [dw1, dw3, dw2] = dparams else {
+            return Err(EngineError::shape(
+                format!("{OP} (dparams)"),
+                "3 tensors",
+                format!("{} tensors", dparams.len()),
+            ));
+        };
+        for (i, (grad, shape)) in [&**dw1, &**dw3, &**dw2].iter().zip(&shapes).enumerate() {
+            check_len(OP, &format!("dparams[{i}] {shape:?}"), grad.len(), shape.iter().product())?;
+        }
+
+        // Backward of `out = g @ w2^T`.
+        let mut dg = vec![0.0f32; n * h];
+        for e in 0..experts {
+            let (r0, r1) = (offsets[e], offsets[e + 1]);
+            let m = r1 - r0;
+            if m == 0 {
+                continue;
+            }
+            let dout_e = &dout[r0 * d..r1 * d];
+            let w = e * d * h..(e + 1) * d * h;
+            // dg = dout @ w2   ([m, d] @ [d, h])
+            backend.gemm(&mut dg[r0 * h..r1 * h], dout_e, &w2[w.clone()], GemmDims::nn(m, h, d), 1.0, 0.0)?;
+            // dw2 += dout^T @ g   ([d, m] @ [m, h])
+            backend.gemm(&mut dw2[w], dout_e, &g[r0 * h..r1 * h], GemmDims::tn(d, h, m), 1.0, 1.0)?;
+        }
+        // Backward of `g = s * b`: ds = dg * b, db = dg * s.
+        let mut ds = vec![0.0f32; n * h];
+        let mut db = vec![0.0f32; n * h];
+        for i in 0..n * h {
+            ds[i] = dg[i] * b[i];
+            db[i] = dg[i] * s[i];
+        }
+        // Backward of `s = silu(a)`; dg is free, reuse it as da.
+        let da = &mut dg;
+        backend.unary_backward(Unary::Silu, da, &ds, a)?;
+        drop(ds);
+        // Backward of `a = x @ w1^T` and `b = x @ w3^T`.
+        for e in 0..experts {
+            let (r0, r1) = (offsets[e], offsets[e + 1]);
+            let m = r1 - r0;
+            if m == 0 {
+                continue;
+            }
+            let x_e = &x[r0 * d..r1 * d];
+            let (da_e, db_e) = (&da[r0 * h..r1 * h], &db[r0 * h..r1 * h]);
+            let w = e * h * d..(e + 1) * h * d;
+            // dw1 += da^T @ x, dw3 += db^T @ x   ([h, m] @ [m, d])
+            backend.gemm(&mut dw1[w.clone()], da_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
+            backend.gemm(&mut dw3[w.clone()], db_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
+            // dx = da @ w1 + db @ w3   ([m, h] @ [h, d])
+            let dx_e = &mut dx[r0 * d..r1 * d];
+            backend.gemm(dx_e, da_e, &w1[w.clone()], GemmDims::nn(m, d, h), 1.0, 0.0)?;
+            backend.gemm(dx_e, db_e, &w3[w], GemmDims::nn(m, d, h), 1.0, 1.0)?;
+        }
+        Ok(())
+    }
+}
