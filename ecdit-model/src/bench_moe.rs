@@ -13,9 +13,9 @@
 //! Each router's runs are interleaved with dense runs (MoE, dense, MoE, ...)
 //! after warm-up, so drift in machine load hits both; medians are reported.
 
+use ecdit_engine::Expert;
 use ecdit_engine::{Backend, ExpertCache, MoeCache, MoeLayer, Registry, Result, RouteShape};
 use ecdit_routers::experts::GeluMlp;
-use ecdit_engine::Expert;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -108,7 +108,7 @@ pub fn bench_moe_with(
 ) -> Result<Vec<MoeBenchRecord>> {
     let d = cfg.d;
     let tokens = cfg.samples * cfg.tokens_per_sample;
-    let mut rng = StdRng::seed_from_u64(0x0ec0_d17);
+    let mut rng = StdRng::seed_from_u64(0x0ec0_0d17);
     // x: [T, d], as the layer norm hands it over.
     let x: Vec<f32> = (0..tokens * d).map(|_| rng.gen_range(-1.7f32..1.7)).collect();
 
@@ -120,21 +120,41 @@ pub fn bench_moe_with(
         .iter()
         .map(|p| {
             let n: usize = p.shape.iter().product();
-            let a = if p.shape.len() == 3 { (6.0 / (p.shape[1] + p.shape[2]) as f32).sqrt() } else { 0.0 };
-            (0..n).map(|_| if a > 0.0 { rng.gen_range(-a..a) } else { 0.0 }).collect()
+            let a = if p.shape.len() == 3 {
+                (6.0 / (p.shape[1] + p.shape[2]) as f32).sqrt()
+            } else {
+                0.0
+            };
+            (0..n)
+                .map(|_| if a > 0.0 { rng.gen_range(-a..a) } else { 0.0 })
+                .collect()
         })
         .collect();
     let dense_slices: Vec<&[f32]> = dense_params.iter().map(|p| p.as_slice()).collect();
     let dense_offsets = [0, tokens];
     let mut dense_out = vec![0.0f32; tokens * d];
     let mut dense_cache = ExpertCache::default();
-    let mut run_dense = || dense.forward(backend, &mut dense_out, &mut dense_cache, &x, &dense_slices, &dense_offsets, d);
+    let mut run_dense = || {
+        dense.forward(
+            backend,
+            &mut dense_out,
+            &mut dense_cache,
+            &x,
+            &dense_slices,
+            &dense_offsets,
+            d,
+        )
+    };
 
     let mut records = Vec::with_capacity(routers.len());
     for spec in routers {
         let router = registry.router(spec)?;
         let kind = router.kind().to_string();
-        let (experts, ratio) = if kind == "dense" { (1, dense_ratio) } else { (cfg.experts, cfg.mlp_ratio) };
+        let (experts, ratio) = if kind == "dense" {
+            (1, dense_ratio)
+        } else {
+            (cfg.experts, cfg.mlp_ratio)
+        };
         let expert = registry.expert(&json!({"kind": GeluMlp::KIND, "mlp_ratio": ratio}))?;
         let layer = MoeLayer::new_random(router, expert, d, experts, &mut rng)?;
         let shape = RouteShape {

@@ -69,7 +69,7 @@ fn default_first() -> usize {
 impl MoeConfig {
     /// Whether block `i` holds a MoE layer.
     pub fn is_moe_block(&self, i: usize) -> bool {
-        i >= self.first && (i - self.first) % self.every.max(1) == 0
+        i >= self.first && (i - self.first).is_multiple_of(self.every.max(1))
     }
 }
 
@@ -147,7 +147,12 @@ impl ModelConfig {
     pub fn validate(&self) -> ecdit_engine::Result<()> {
         use ecdit_engine::EngineError;
         let bad = |field: &str, value: &dyn std::fmt::Display, reason: String| {
-            Err(EngineError::param(format!("model config '{}'", self.name), field, value, reason))
+            Err(EngineError::param(
+                format!("model config '{}'", self.name),
+                field,
+                value,
+                reason,
+            ))
         };
         for (field, value) in [
             ("input_size", self.input_size),
@@ -162,20 +167,24 @@ impl ModelConfig {
                 return bad(field, &value, "must be at least 1".into());
             }
         }
-        if self.input_size % self.patch_size != 0 {
+        if !self.input_size.is_multiple_of(self.patch_size) {
             return bad(
                 "patch_size",
                 &self.patch_size,
                 format!("does not divide input_size {}", self.input_size),
             );
         }
-        if self.hidden % self.heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) {
             return bad("heads", &self.heads, format!("does not divide hidden {}", self.hidden));
         }
-        if self.heads % self.kv_heads != 0 {
-            return bad("kv_heads", &self.kv_heads, format!("does not divide heads {}", self.heads));
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(
+                "kv_heads",
+                &self.kv_heads,
+                format!("does not divide heads {}", self.heads),
+            );
         }
-        if self.hidden % 4 != 0 {
+        if !self.hidden.is_multiple_of(4) {
             return bad(
                 "hidden",
                 &self.hidden,
@@ -183,7 +192,11 @@ impl ModelConfig {
             );
         }
         if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
-            return bad("mlp_ratio", &self.mlp_ratio, "must give a hidden width of at least 1".into());
+            return bad(
+                "mlp_ratio",
+                &self.mlp_ratio,
+                "must give a hidden width of at least 1".into(),
+            );
         }
         match &self.conditioning {
             Conditioning::Class { num_classes, dropout } => {
@@ -213,7 +226,11 @@ impl ModelConfig {
         }
         if let Some(moe) = &self.moe {
             if moe.experts == 0 {
-                return bad("moe.experts", &moe.experts, "a MoE layer needs at least 1 expert".into());
+                return bad(
+                    "moe.experts",
+                    &moe.experts,
+                    "a MoE layer needs at least 1 expert".into(),
+                );
             }
             if moe.every == 0 {
                 return bad("moe.every", &moe.every, "must be at least 1".into());
@@ -248,7 +265,14 @@ impl ModelConfig {
         };
         let learn_sigma = match field("learn_sigma")? {
             Value::Bool(b) => *b,
-            v => return Err(EngineError::param("upstream DiT config", "learn_sigma", v, "expected a boolean")),
+            v => {
+                return Err(EngineError::param(
+                    "upstream DiT config",
+                    "learn_sigma",
+                    v,
+                    "expected a boolean",
+                ))
+            }
         };
         let heads = int("num_heads")?;
         // Built through serde so fields added later with defaults stay defaulted.
@@ -266,8 +290,8 @@ impl ModelConfig {
             "conditioning": {"class": {"num_classes": int("num_classes")?, "dropout": float("class_dropout_prob")?}},
             "scheduler": {"kind": "ddpm"},
         });
-        let config: ModelConfig = serde_json::from_value(ours)
-            .map_err(|e| EngineError::Other(format!("upstream DiT config: {e}")))?;
+        let config: ModelConfig =
+            serde_json::from_value(ours).map_err(|e| EngineError::Other(format!("upstream DiT config: {e}")))?;
         config.validate()?;
         Ok(config)
     }

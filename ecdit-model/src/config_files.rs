@@ -43,8 +43,8 @@ pub enum ConfigError {
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What `ModelConfig::validate` found.
-        source: EngineError,
+        /// What `ModelConfig::validate` found (boxed: keeps the error small).
+        source: Box<EngineError>,
     },
     /// No config of that name in any config directory.
     #[error("no config named '{name}' (searched {searched}){hint}")]
@@ -119,7 +119,7 @@ pub fn load_config(path: &Path) -> Result<ModelConfig, ConfigError> {
     })?;
     cfg.validate().map_err(|source| ConfigError::Invalid {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(cfg)
 }
@@ -155,7 +155,11 @@ pub fn resolve_config_in(name_or_path: &str, dirs: &[PathBuf]) -> Result<(PathBu
             many => {
                 return Err(ConfigError::Ambiguous {
                     name: name_or_path.to_string(),
-                    paths: many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                    paths: many
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })
             }
         }
@@ -165,7 +169,10 @@ pub fn resolve_config_in(name_or_path: &str, dirs: &[PathBuf]) -> Result<(PathBu
         searched: if dirs.is_empty() {
             "no config directory exists".into()
         } else {
-            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         },
         hint: close_names(name_or_path, &known),
     })

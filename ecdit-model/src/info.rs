@@ -84,7 +84,12 @@ pub fn param_shapes_with(registry: &Registry, cfg: &ModelConfig) -> Result<Vec<(
         linear(&mut push, &format!("{b}.attn.proj"), d, d);
         if matches!(cfg.conditioning, Conditioning::Text { .. }) {
             linear(&mut push, &format!("{b}.cross_attn.q_linear"), d, d);
-            linear(&mut push, &format!("{b}.cross_attn.kv_linear"), 2 * cfg.kv_heads * head_dim, d);
+            linear(
+                &mut push,
+                &format!("{b}.cross_attn.kv_linear"),
+                2 * cfg.kv_heads * head_dim,
+                d,
+            );
             linear(&mut push, &format!("{b}.cross_attn.proj"), d, d);
         }
         match &experts {
@@ -134,32 +139,31 @@ pub fn activation(registry: &Registry, cfg: &ModelConfig, moe: &MoeConfig) -> Re
     let kind = router.kind().to_string();
     let t = cfg.tokens();
     let num = |field: &str| -> Result<f64> {
-        spec.get(field).and_then(Value::as_f64).ok_or_else(|| {
-            EngineError::param(format!("router '{kind}'"), field, spec.to_string(), "expected a number")
-        })
+        spec.get(field)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| EngineError::param(format!("router '{kind}'"), field, spec.to_string(), "expected a number"))
     };
-    let (a, rows, capacity) = match kind.as_str() {
-        "expert-choice" => {
-            let f_c = num("capacity_factor")?;
-            // Per-sample group of the image's T tokens; other groupings give the same mean.
-            let c = expert_capacity(f_c, t, moe.experts);
-            (f_c, (c * moe.experts) as f64, Some(c))
-        }
-        // Without a capacity limit every token takes k experts (an upper bound with one).
-        "token-choice" | "expert-race" => {
-            let k = num("k")?;
-            (k, k * t as f64, None)
-        }
-        "dense" => (1.0, t as f64, None),
-        other => {
-            return Err(EngineError::param(
+    let (a, rows, capacity) =
+        match kind.as_str() {
+            "expert-choice" => {
+                let f_c = num("capacity_factor")?;
+                // Per-sample group of the image's T tokens; other groupings give the same mean.
+                let c = expert_capacity(f_c, t, moe.experts);
+                (f_c, (c * moe.experts) as f64, Some(c))
+            }
+            // Without a capacity limit every token takes k experts (an upper bound with one).
+            "token-choice" | "expert-race" => {
+                let k = num("k")?;
+                (k, k * t as f64, None)
+            }
+            "dense" => (1.0, t as f64, None),
+            other => return Err(EngineError::param(
                 "ecdit info",
                 "moe.router.kind",
                 other,
                 "cannot tell how many experts a token uses (known: expert-choice, token-choice, expert-race, dense)",
-            ))
-        }
-    };
+            )),
+        };
     Ok(Activation {
         router: kind,
         experts_per_token: a,
@@ -308,7 +312,12 @@ pub struct ActivationMemory {
 
 /// Activation estimate at batch `batch` (f32 buffers; see the fields).
 pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<ActivationMemory> {
-    let (t, d, h, heads) = (cfg.tokens() as u64, cfg.hidden as u64, cfg.mlp_hidden() as u64, cfg.heads as u64);
+    let (t, d, h, heads) = (
+        cfg.tokens() as u64,
+        cfg.hidden as u64,
+        cfg.mlp_hidden() as u64,
+        cfg.heads as u64,
+    );
     let kv_dim = (cfg.kv_heads * cfg.head_dim()) as u64;
     let l = match cfg.conditioning {
         Conditioning::Text { max_tokens, .. } => max_tokens as u64,
@@ -323,7 +332,11 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
     // Self-attention: norm, q, k, v, probs, output.
     let attn = t * d + t * (d + 2 * kv_dim) + heads * t * t + t * d;
     // Cross-attention: q, k, v over the caption, probs, output.
-    let cross = if l > 0 { t * d + 2 * l * kv_dim + heads * t * l + t * d } else { 0 };
+    let cross = if l > 0 {
+        t * d + 2 * l * kv_dim + heads * t * l + t * d
+    } else {
+        0
+    };
     let dense_ffn = t * d + 2 * t * h + t * d;
     let mut inference = persistent + attn.max(cross).max(dense_ffn);
     let mut training = 0u64;
@@ -482,7 +495,10 @@ pub fn report(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<In
         }
     }
     let dense_cfg = dense_equivalent(cfg);
-    let dense: u64 = param_shapes_with(registry, &dense_cfg)?.iter().map(|(_, s)| numel(s)).sum();
+    let dense: u64 = param_shapes_with(registry, &dense_cfg)?
+        .iter()
+        .map(|(_, s)| numel(s))
+        .sum();
     let (activation, activated, moe_layers, experts) = match &cfg.moe {
         Some(moe) => {
             let act = activation(registry, cfg, moe)?;
@@ -500,7 +516,12 @@ pub fn report(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<In
         } => {
             let te: TextEncoderConfig = cfg.text_encoder.clone().unwrap_or_default();
             let vocab = te.load_vocab().map_err(EngineError::from)?.len();
-            Some(text::param_shapes(&te, vocab, *text_dim, *max_tokens).iter().map(|(_, s)| numel(s)).sum())
+            Some(
+                text::param_shapes(&te, vocab, *text_dim, *max_tokens)
+                    .iter()
+                    .map(|(_, s)| numel(s))
+                    .sum(),
+            )
         }
         Conditioning::Class { .. } => None,
     };
@@ -570,7 +591,11 @@ impl fmt::Display for InfoReport {
         row(f, "dense equivalent", count(self.dense_params))?;
         if self.moe_layers > 0 {
             row(f, "total - dense", format!("{:>10}", human(self.moe_delta as f64)))?;
-            row(f, "activated - dense", format!("{:>10}", human(self.activated_delta as f64)))?;
+            row(
+                f,
+                "activated - dense",
+                format!("{:>10}", human(self.activated_delta as f64)),
+            )?;
             row(f, "  of which expert biases", count(self.expert_bias_params))?;
         }
         let b = &self.breakdown;
@@ -593,7 +618,11 @@ impl fmt::Display for InfoReport {
         }
         if let Some(a) = &self.activation {
             writeln!(f, "routing")?;
-            row(f, "MoE layers x experts", format!("{} x {}", self.moe_layers, self.experts))?;
+            row(
+                f,
+                "MoE layers x experts",
+                format!("{} x {}", self.moe_layers, self.experts),
+            )?;
             row(f, "router", a.router.clone())?;
             row(f, "experts per token (mean)", format!("{}", a.experts_per_token))?;
             if let Some(c) = a.capacity {
@@ -622,13 +651,25 @@ impl fmt::Display for InfoReport {
         row(f, "weights f32", bytes(self.weight_bytes_f32))?;
         row(f, "weights bf16", bytes(self.weight_bytes_bf16))?;
         let am = &self.activation_memory;
-        row(f, &format!("activations inference B={}", am.batch), bytes(am.inference_bytes))?;
-        row(f, &format!("activations training B={}", am.batch), bytes(am.training_bytes))?;
+        row(
+            f,
+            &format!("activations inference B={}", am.batch),
+            bytes(am.inference_bytes),
+        )?;
+        row(
+            f,
+            &format!("activations training B={}", am.batch),
+            bytes(am.training_bytes),
+        )?;
         if let Some(p) = &self.paper {
             writeln!(f, "paper (EC-DiT Table 1, {} family)", p.family)?;
             row(f, "dense (paper)", human(p.dense_params))?;
             if let Some(t) = p.total_params {
-                row(f, "total (paper)", format!("{}   ours {}", human(t), human(self.total_params as f64)))?;
+                row(
+                    f,
+                    "total (paper)",
+                    format!("{}   ours {}", human(t), human(self.total_params as f64)),
+                )?;
             }
             if let Some(a) = p.activated_params {
                 row(

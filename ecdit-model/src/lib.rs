@@ -7,10 +7,10 @@
 pub mod bench_moe;
 pub mod config;
 pub mod config_files;
-pub mod model;
-pub mod weights;
 pub mod info;
+pub mod model;
 pub mod text;
+pub mod weights;
 
 use ecdit_engine::{Registry, Result};
 

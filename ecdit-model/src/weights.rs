@@ -102,9 +102,9 @@ fn format_hint(e: &SafeTensorError) -> &'static str {
         SafeTensorError::MetadataIncompleteBuffer => {
             "the tensor data does not fill the file exactly: truncated, or a header that lies about sizes"
         }
-        SafeTensorError::TensorInvalidInfo | SafeTensorError::InvalidOffset(_) | SafeTensorError::ValidationOverflow => {
-            "a tensor's offsets disagree with its shape and dtype"
-        }
+        SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::InvalidOffset(_)
+        | SafeTensorError::ValidationOverflow => "a tensor's offsets disagree with its shape and dtype",
         SafeTensorError::InvalidHeader
         | SafeTensorError::InvalidHeaderStart
         | SafeTensorError::InvalidHeaderDeserialization
@@ -124,7 +124,9 @@ pub struct Weights {
 
 impl fmt::Debug for Weights {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Weights").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Weights")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -329,7 +331,10 @@ pub fn save_safetensors(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;

@@ -32,12 +32,16 @@ fn check_tensor(name: &str, got: &[f32], want: &[f32]) -> bool {
     for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
         let diff = (a - b).abs();
         max_diff = max_diff.max(diff);
-        if !(diff <= 1e-4 + 1e-4 * b.abs()) {
+        // NaN fails too.
+        if diff.is_nan() || diff > 1e-4 + 1e-4 * b.abs() {
             bad.push((i, a, b));
         }
     }
     let ok = bad.is_empty();
-    println!("{name:<28} max |diff| {max_diff:.3e}  {}", if ok { "ok" } else { "FAIL" });
+    println!(
+        "{name:<28} max |diff| {max_diff:.3e}  {}",
+        if ok { "ok" } else { "FAIL" }
+    );
     for (i, a, b) in bad.iter().take(5) {
         println!("    [{i}] got {a} expected {b}");
     }
@@ -58,7 +62,10 @@ fn load() -> Golden {
     let config: ModelConfig = serde_json::from_str(&text).expect("parse configs/dit/dit-tiny-2.json");
     // The file's own (upstream) config describes the same model.
     let upstream = config_from_metadata(&weights).expect("config in metadata");
-    assert_eq!(upstream, config, "configs/dit/dit-tiny-2.json disagrees with the golden file's metadata");
+    assert_eq!(
+        upstream, config,
+        "configs/dit/dit-tiny-2.json disagrees with the golden file's metadata"
+    );
     let registry = ecdit_model::registry().expect("registry");
     let backend = Arc::new(CpuBackend::new(2).expect("cpu backend"));
     let model = Model::from_weights(config, &registry, backend, &weights, &["golden."]).expect("load weights");
@@ -89,13 +96,16 @@ fn forward_and_intermediates_match_upstream_dit() {
     let g = load();
     let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
     let mut acts = ModelActs::default();
-    let out = g.model.forward_acts(&mut acts, &x, &t, Condition::Class(&y)).expect("forward");
+    let out = g
+        .model
+        .forward_acts(&mut acts, &x, &t, Condition::Class(&y))
+        .expect("forward");
     let checks = [
         ("t_freq", &acts.t.freq),
         ("t_emb", &acts.t.emb),
         ("y_emb", &acts.y_emb),
         ("c", &acts.c),
-        ("patch_embed", &acts.blocks[0].inp),
+        ("patch_embed", &acts.patch_embed),
         ("block0.adaLN", &acts.blocks[0].modulation),
         ("block0.attn_in", &acts.blocks[0].attn_in),
         ("block0.attn_out", &acts.blocks[0].attn.out),
@@ -129,13 +139,19 @@ fn guidance_matches_upstream_forward_with_cfg() {
         channels: CfgChannels::UpstreamFirstThree,
         share_routing_group: false,
     };
-    let got = g.model.forward_with_cfg(&x, &t, Condition::Class(&y), upstream).expect("cfg");
+    let got = g
+        .model
+        .forward_with_cfg(&x, &t, Condition::Class(&y), upstream)
+        .expect("cfg");
     let mut ok = check_tensor("cfg_out", &got.out, &g.f32("golden.cfg_out"));
     let all = CfgOptions {
         channels: CfgChannels::All,
         ..upstream
     };
-    let got_all = g.model.forward_with_cfg(&x, &t, Condition::Class(&y), all).expect("cfg");
+    let got_all = g
+        .model
+        .forward_with_cfg(&x, &t, Condition::Class(&y), all)
+        .expect("cfg");
     ok &= check_tensor("cfg_out_all", &got_all.out, &g.f32("golden.cfg_out_all"));
     assert!(ok, "guidance mismatches (see the table above)");
     // The two forms differ exactly on channel 3.
@@ -158,7 +174,12 @@ fn save_and_reload_round_trips_the_golden_model() {
     assert_eq!(a.out, b.out, "a reloaded model computes the same bits");
     // Every stored name is an upstream name the golden file also holds.
     let names: Vec<String> = g.model.param_shapes().into_iter().map(|(n, _)| n).collect();
-    let mut upstream: Vec<String> = g.weights.names().into_iter().filter(|n| !n.starts_with("golden.")).collect();
+    let mut upstream: Vec<String> = g
+        .weights
+        .names()
+        .into_iter()
+        .filter(|n| !n.starts_with("golden."))
+        .collect();
     let mut ours = names.clone();
     ours.sort();
     upstream.sort();

@@ -8,7 +8,9 @@ use serde_json::json;
 use std::path::PathBuf;
 
 fn paper(name: &str) -> ModelConfig {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/paper").join(format!("{name}.json"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../configs/paper")
+        .join(format!("{name}.json"));
     load_config(&path).unwrap()
 }
 
@@ -44,7 +46,11 @@ fn moe_deltas_match_table_1() {
         assert_eq!(r.expert_bias_params, n_moe * e * 5 * d, "{name}");
         // Weights only, the paper's figure to 2 decimals.
         assert_eq!(billions((r.moe_delta as u64 - extra_bias) as f64), want, "{name}");
-        assert_eq!(billions(r.paper.as_ref().unwrap().moe_delta_formula.unwrap()), want, "{name}");
+        assert_eq!(
+            billions(r.paper.as_ref().unwrap().moe_delta_formula.unwrap()),
+            want,
+            "{name}"
+        );
     }
 }
 
@@ -160,14 +166,26 @@ fn dense_configs_have_no_moe_and_paper_dense_figure() {
 fn report_serializes_counts_and_prints_a_table() {
     let r = info(&paper("ec-dit-xl-32e"));
     let v = serde_json::to_value(&r).unwrap();
-    for field in ["total_params", "activated_params", "dense_params", "flops_per_image", "weight_bytes_bf16"] {
+    for field in [
+        "total_params",
+        "activated_params",
+        "dense_params",
+        "flops_per_image",
+        "weight_bytes_bf16",
+    ] {
         assert!(v[field].is_number(), "missing {field}: {v}");
     }
     assert_eq!(v["total_params"].as_u64(), Some(r.total_params));
     assert_eq!(r.weight_bytes_f32, 4 * r.total_params);
     assert!(r.activation_memory.training_bytes > r.activation_memory.inference_bytes);
     let text = r.to_string();
-    for needle in ["ec-dit-xl-32e", "activated per token", "total (paper)", "6.08B", "weights bf16"] {
+    for needle in [
+        "ec-dit-xl-32e",
+        "activated per token",
+        "total (paper)",
+        "6.08B",
+        "weights bf16",
+    ] {
         assert!(text.contains(needle), "table lacks '{needle}':\n{text}");
     }
 }
@@ -180,4 +198,25 @@ fn activation_memory_scales_with_batch() {
     let b = report(&registry, &cfg, 8).unwrap().activation_memory;
     assert_eq!(b.inference_bytes, 8 * a.inference_bytes);
     assert_eq!(b.training_bytes, 8 * a.training_bytes);
+}
+
+#[test]
+fn info_param_list_agrees_with_the_built_model() {
+    use ecdit_backend_cpu::CpuBackend;
+    use ecdit_model::model::Model;
+    use std::sync::Arc;
+    let registry = ecdit_model::registry().unwrap();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    for file in ["tiny-ec.json", "small/tc-s-8e.json"] {
+        let cfg = load_config(&dir.join(file)).unwrap();
+        let backend = Arc::new(CpuBackend::new(1).unwrap());
+        let model = Model::new(cfg.clone(), &registry, backend, 0).unwrap();
+        let mut ours = param_shapes(&cfg).unwrap();
+        let mut built = model.param_shapes();
+        ours.sort();
+        built.sort();
+        assert_eq!(ours, built, "{file}");
+        let r = info(&cfg);
+        assert_eq!(r.trainable_params, model.num_params() as u64, "{file}");
+    }
 }

@@ -102,7 +102,10 @@ fn missing_tensor_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = edited(dir.path(), |e| e.retain(|(n, ..)| n != "blocks.1.attn.proj.weight"));
     let (err, text) = err_text(load(&path));
-    assert!(matches!(err, ModelError::Weights(WeightsError::Missing { .. })), "{text}");
+    assert!(
+        matches!(err, ModelError::Weights(WeightsError::Missing { .. })),
+        "{text}"
+    );
     assert!(text.contains("'blocks.1.attn.proj.weight' is missing"), "{text}");
     assert!(text.contains("[16, 16]"), "{text}");
     assert!(text.contains("edited.safetensors"), "{text}");
@@ -116,13 +119,25 @@ fn extra_tensors_are_listed_unless_allowed() {
         e.push(("ema.scale".into(), Dtype::F32, vec![1], vec![0; 4]));
     });
     let (err, text) = err_text(load(&path));
-    assert!(matches!(err, ModelError::Weights(WeightsError::Unused { .. })), "{text}");
+    assert!(
+        matches!(err, ModelError::Weights(WeightsError::Unused { .. })),
+        "{text}"
+    );
     assert!(text.contains("2 tensor(s) not used"), "{text}");
-    assert!(text.contains("blocks.0.attn.extra.weight") && text.contains("ema.scale"), "{text}");
+    assert!(
+        text.contains("blocks.0.attn.extra.weight") && text.contains("ema.scale"),
+        "{text}"
+    );
     // Allowed by prefix: both gone.
     let weights = Weights::open(&path).unwrap();
     let registry = ecdit_model::registry().unwrap();
-    let r = Model::from_weights(tiny_config(), &registry, backend(), &weights, &["blocks.0.attn.extra", "ema."]);
+    let r = Model::from_weights(
+        tiny_config(),
+        &registry,
+        backend(),
+        &weights,
+        &["blocks.0.attn.extra", "ema."],
+    );
     assert!(r.is_ok(), "{:?}", r.err());
 }
 
@@ -138,7 +153,10 @@ fn misshapen_tensor_names_expected_and_found() {
     });
     let (err, text) = err_text(load(&path));
     assert!(matches!(err, ModelError::Weights(WeightsError::Shape { .. })), "{text}");
-    assert!(text.contains("'blocks.0.mlp.fc1.weight' has shape [16, 64], expected [64, 16]"), "{text}");
+    assert!(
+        text.contains("'blocks.0.mlp.fc1.weight' has shape [16, 64], expected [64, 16]"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -154,7 +172,10 @@ fn wrong_dtype_says_only_f32() {
     });
     let (err, text) = err_text(load(&path));
     assert!(matches!(err, ModelError::Weights(WeightsError::Dtype { .. })), "{text}");
-    assert!(text.contains("'final_layer.linear.bias' has dtype F16; only F32 is accepted"), "{text}");
+    assert!(
+        text.contains("'final_layer.linear.bias' has dtype F16; only F32 is accepted"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -166,7 +187,10 @@ fn truncated_file_is_refused_with_its_path() {
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
     let (err, text) = err_text(load(&cut));
-    assert!(matches!(err, ModelError::Weights(WeightsError::Format { .. })), "{text}");
+    assert!(
+        matches!(err, ModelError::Weights(WeightsError::Format { .. })),
+        "{text}"
+    );
     assert!(text.contains("cut.safetensors") && text.contains("truncated"), "{text}");
     // Cut inside the header too.
     std::fs::write(&cut, &bytes[..20]).unwrap();
@@ -183,7 +207,11 @@ fn header_lying_about_sizes_is_refused() {
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
     // Claim the patch embedding bias is [17] (68 bytes) while its offsets hold 64.
-    let lying = header.replacen("\"x_embedder.proj.bias\":{\"dtype\":\"F32\",\"shape\":[16]", "\"x_embedder.proj.bias\":{\"dtype\":\"F32\",\"shape\":[17]", 1);
+    let lying = header.replacen(
+        "\"x_embedder.proj.bias\":{\"dtype\":\"F32\",\"shape\":[16]",
+        "\"x_embedder.proj.bias\":{\"dtype\":\"F32\",\"shape\":[17]",
+        1,
+    );
     assert_ne!(lying, header, "test setup: header layout changed");
     let mut out = (lying.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(lying.as_bytes());
@@ -191,8 +219,14 @@ fn header_lying_about_sizes_is_refused() {
     let liar = dir.path().join("liar.safetensors");
     std::fs::write(&liar, out).unwrap();
     let (err, text) = err_text(load(&liar));
-    assert!(matches!(err, ModelError::Weights(WeightsError::Format { .. })), "{text}");
-    assert!(text.contains("liar.safetensors") && text.contains("offsets disagree"), "{text}");
+    assert!(
+        matches!(err, ModelError::Weights(WeightsError::Format { .. })),
+        "{text}"
+    );
+    assert!(
+        text.contains("liar.safetensors") && text.contains("offsets disagree"),
+        "{text}"
+    );
 }
 
 /// A tracing writer that keeps everything written.
@@ -226,10 +260,17 @@ fn nan_weight_loads_with_a_warning_naming_it() {
         .with_ansi(false)
         .finish();
     let model = tracing::subscriber::with_default(subscriber, || load(&path)).expect("NaN weights still load");
-    let qkv = model.params().into_iter().find(|p| p.name == "blocks.1.attn.qkv.weight").unwrap();
+    let qkv = model
+        .params()
+        .into_iter()
+        .find(|p| p.name == "blocks.1.attn.qkv.weight")
+        .unwrap();
     assert!(qkv.data[1].is_nan());
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(log.contains("WARN") && log.contains("blocks.1.attn.qkv.weight"), "{log}");
+    assert!(
+        log.contains("WARN") && log.contains("blocks.1.attn.qkv.weight"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -237,19 +278,28 @@ fn configs_that_cannot_build_a_model_are_refused() {
     let mut c = tiny_config();
     c.heads = 3;
     let text = c.validate().unwrap_err().to_string();
-    assert!(text.contains("'heads' = 3") && text.contains("does not divide hidden 16"), "{text}");
+    assert!(
+        text.contains("'heads' = 3") && text.contains("does not divide hidden 16"),
+        "{text}"
+    );
     assert!(build(c).is_err());
 
     let mut c = tiny_config();
     c.kv_heads = 3;
     c.heads = 4;
     let text = c.validate().unwrap_err().to_string();
-    assert!(text.contains("'kv_heads' = 3") && text.contains("does not divide heads 4"), "{text}");
+    assert!(
+        text.contains("'kv_heads' = 3") && text.contains("does not divide heads 4"),
+        "{text}"
+    );
 
     let mut c = tiny_config();
     c.patch_size = 3;
     let text = c.validate().unwrap_err().to_string();
-    assert!(text.contains("'patch_size' = 3") && text.contains("input_size 8"), "{text}");
+    assert!(
+        text.contains("'patch_size' = 3") && text.contains("input_size 8"),
+        "{text}"
+    );
 
     let mut c = tiny_config();
     c.moe = Some(
@@ -259,7 +309,10 @@ fn configs_that_cannot_build_a_model_are_refused() {
         .expect("moe config"),
     );
     let text = c.validate().unwrap_err().to_string();
-    assert!(text.contains("'moe.experts' = 0") && text.contains("at least 1 expert"), "{text}");
+    assert!(
+        text.contains("'moe.experts' = 0") && text.contains("at least 1 expert"),
+        "{text}"
+    );
     let text = match build(c) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("zero experts built a model"),
@@ -271,10 +324,19 @@ fn configs_that_cannot_build_a_model_are_refused() {
 fn bad_forward_inputs_are_errors() {
     let model = build(tiny_config()).unwrap();
     let x = vec![0.0; 2 * 4 * 8 * 8];
-    let err = model.forward(&x[..100], &[1.0, 2.0], Condition::Class(&[0, 1])).unwrap_err().to_string();
+    let err = model
+        .forward(&x[..100], &[1.0, 2.0], Condition::Class(&[0, 1]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("x [B, C, H, W]"), "{err}");
-    let err = model.forward(&x, &[1.0, 2.0], Condition::Class(&[0, 6])).unwrap_err().to_string();
+    let err = model
+        .forward(&x, &[1.0, 2.0], Condition::Class(&[0, 6]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("class label 6 at batch index 1"), "{err}");
-    let err = model.forward(&x, &[1.0, f32::NAN], Condition::Class(&[0, 1])).unwrap_err().to_string();
+    let err = model
+        .forward(&x, &[1.0, f32::NAN], Condition::Class(&[0, 1]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("timesteps"), "{err}");
 }

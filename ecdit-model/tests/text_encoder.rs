@@ -19,11 +19,15 @@ fn encoder(dim: usize, max_tokens: usize, seed: u64) -> TransformerTextEncoder {
 fn output_shapes_mask_and_finite_values() {
     let enc = encoder(32, 16, 0);
     assert_eq!((enc.dim(), enc.max_tokens()), (32, 16));
-    let b = enc.encode(&["a red circle", "", "two blue stars above a green square"]).unwrap();
+    let b = enc
+        .encode(&["a red circle", "", "two blue stars above a green square"])
+        .unwrap();
     assert_eq!((b.batch, b.len, b.dim), (3, 9, 32));
     assert_eq!(b.tokens.len(), 3 * 9 * 32);
     assert_eq!(b.pooled.len(), 3 * 32);
-    let real: Vec<usize> = (0..3).map(|i| b.mask[i * 9..(i + 1) * 9].iter().map(|&m| m as usize).sum()).collect();
+    let real: Vec<usize> = (0..3)
+        .map(|i| b.mask[i * 9..(i + 1) * 9].iter().map(|&m| m as usize).sum())
+        .collect();
     assert_eq!(real, [5, 2, 9]);
     assert!(b.tokens.iter().chain(&b.pooled).all(|v| v.is_finite()));
     // Final LayerNorm with unit weight and zero bias: each real row has mean ~0, variance ~1.
@@ -56,7 +60,9 @@ fn real_tokens_do_not_depend_on_padding() {
     let enc = encoder(32, 16, 3);
     let short = "a red star";
     let alone = enc.encode(&[short]).unwrap();
-    let padded = enc.encode(&["four small purple hearts left of a big yellow ring", short]).unwrap();
+    let padded = enc
+        .encode(&["four small purple hearts left of a big yellow ring", short])
+        .unwrap();
     assert!(padded.len > alone.len);
     let (l0, l1, d) = (alone.len, padded.len, 32);
     let mut max_diff = 0.0f32;
@@ -104,12 +110,45 @@ fn bad_settings_are_errors() {
         heads: Some(5),
         ..Default::default()
     };
-    let err = TransformerTextEncoder::new(backend.clone(), cfg, 32, 8, 0).err().unwrap().to_string();
+    let err = TransformerTextEncoder::new(backend.clone(), cfg, 32, 8, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("heads = 5") && err.contains("divide dim 32"), "{err}");
     let cfg = TextEncoderConfig {
         vocab: Some("/nonexistent/vocab.txt".into()),
         ..Default::default()
     };
-    let err = TransformerTextEncoder::new(backend, cfg, 32, 8, 0).err().unwrap().to_string();
+    let err = TransformerTextEncoder::new(backend, cfg, 32, 8, 0)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("/nonexistent/vocab.txt"), "{err}");
+}
+
+#[test]
+fn encoded_prompts_feed_the_tiny_model() {
+    // The TextBatch fields are exactly what the model's TextInput reads.
+    use ecdit_model::config_files::load_config;
+    use ecdit_model::model::{Condition, Model, TextInput};
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-ec.json");
+    let cfg = load_config(&path).unwrap();
+    let backend: Arc<CpuBackend> = Arc::new(CpuBackend::new(1).unwrap());
+    let enc = TransformerTextEncoder::for_model(backend.clone(), &cfg, 5).unwrap();
+    let model = Model::new(cfg.clone(), &ecdit_model::registry().unwrap(), backend, 0).unwrap();
+    let text = enc.encode(&["a red circle", ""]).unwrap();
+    let input = TextInput {
+        tokens: &text.tokens,
+        mask: &text.mask,
+        pooled: &text.pooled,
+        batch: text.batch,
+        len: text.len,
+        dim: text.dim,
+    };
+    let n = 2 * cfg.in_channels * cfg.input_size * cfg.input_size;
+    let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let out = model.forward(&x, &[0.5, 0.5], Condition::Text(input)).unwrap();
+    assert_eq!(out.out.len(), n);
+    assert!(out.out.iter().all(|v| v.is_finite()));
+    assert_eq!(out.routing.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 3]);
 }

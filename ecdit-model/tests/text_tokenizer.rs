@@ -35,7 +35,10 @@ fn tokenizer(max_tokens: usize) -> Tokenizer {
 }
 
 fn ids(t: &Tokenizer, words: &[&str]) -> Vec<u32> {
-    words.iter().map(|w| t.vocab().id(w).unwrap_or_else(|| panic!("'{w}' not in vocab"))).collect()
+    words
+        .iter()
+        .map(|w| t.vocab().id(w).unwrap_or_else(|| panic!("'{w}' not in vocab")))
+        .collect()
 }
 
 #[test]
@@ -54,7 +57,9 @@ fn known_prompt_maps_to_its_ids_between_bos_and_eos() {
     let (out, logs) = capture_logs(|| t.tokenize("A red circle, left of a blue square."));
     let expect = ids(
         &t,
-        &[BOS, "a", "red", "circle", ",", "left", "of", "a", "blue", "square", ".", EOS],
+        &[
+            BOS, "a", "red", "circle", ",", "left", "of", "a", "blue", "square", ".", EOS,
+        ],
     );
     assert_eq!(out.ids, expect);
     assert!(out.unknown.is_empty() && !out.truncated);
@@ -111,9 +116,9 @@ fn max_tokens_below_two_is_refused() {
 fn builtin_vocab_covers_the_data_world() {
     let v = Vocab::builtin().unwrap();
     for w in [
-        "a", "photo", "of", "and", "circle", "square", "triangle", "star", "ring", "cross", "heart", "circles", "crosses",
-        "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "one", "two", "three", "four", "2",
-        "left", "right", "above", "below", ",", ".",
+        "a", "photo", "of", "and", "circle", "square", "triangle", "star", "ring", "cross", "heart", "circles",
+        "crosses", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "one", "two", "three",
+        "four", "2", "left", "right", "above", "below", ",", ".",
     ] {
         assert!(v.id(w).is_some(), "built-in vocab lacks '{w}'");
     }
@@ -125,9 +130,19 @@ fn bad_vocab_files_name_path_and_line() {
     let dir = std::env::temp_dir().join(format!("ecdit-vocab-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
-        ("dup.txt", "<pad>\n<unk>\n<bos>\n<eos>\nred\nblue\nred\n", "line 7", "duplicate token 'red' (first on line 5)"),
+        (
+            "dup.txt",
+            "<pad>\n<unk>\n<bos>\n<eos>\nred\nblue\nred\n",
+            "line 7",
+            "duplicate token 'red' (first on line 5)",
+        ),
         ("blank.txt", "<pad>\n<unk>\n\n<bos>\n<eos>\n", "line 3", "empty line"),
-        ("nospecial.txt", "<pad>\n<unk>\n<bos>\nred\n", "line 0", "missing the special token '<eos>'"),
+        (
+            "nospecial.txt",
+            "<pad>\n<unk>\n<bos>\nred\n",
+            "line 0",
+            "missing the special token '<eos>'",
+        ),
         ("empty.txt", "", "line 0", "no tokens"),
     ];
     for (file, text, line, reason) in cases {

@@ -12,8 +12,8 @@
 pub mod backend;
 pub mod error;
 pub mod expert;
-pub mod plugin;
 pub mod moe;
+pub mod plugin;
 pub mod registry;
 pub mod router;
 pub mod router_kit;

@@ -179,7 +179,14 @@ impl MoeLayer {
 
         // scores = x @ w_router   ([T, d] @ [d, E])
         cache.scores.resize(t_count * e_count, 0.0);
-        backend.gemm(&mut cache.scores, x, &self.w_router.data, GemmDims::nn(t_count, e_count, d), 1.0, 0.0)?;
+        backend.gemm(
+            &mut cache.scores,
+            x,
+            &self.w_router.data,
+            GemmDims::nn(t_count, e_count, d),
+            1.0,
+            0.0,
+        )?;
         // routing = router(scores)
         cache.routing = self.router.route(&cache.scores, shape)?;
         cache.shape = Some(shape);
@@ -278,14 +285,17 @@ impl MoeLayer {
         backend.gemm(&mut dw_router, x, &dscores, GemmDims::tn(d, e_count, t_count), 1.0, 0.0)?;
         // dx = dscores @ w_router^T   ([T, E] @ [E, d])
         let mut dx = vec![0.0f32; t_count * d];
-        backend.gemm(&mut dx, &dscores, &self.w_router.data, GemmDims::nt(t_count, d, e_count), 1.0, 0.0)?;
+        backend.gemm(
+            &mut dx,
+            &dscores,
+            &self.w_router.data,
+            GemmDims::nt(t_count, d, e_count),
+            1.0,
+            0.0,
+        )?;
         // Backward of the gather `xs[s] = x[token[s]]`.
         backend.scatter_add_rows(&mut dx, &dxs, &dispatch.tokens, None, d)?;
-        Ok(MoeGrads {
-            dx,
-            dw_router,
-            dparams,
-        })
+        Ok(MoeGrads { dx, dw_router, dparams })
     }
 }
 

@@ -71,11 +71,7 @@ pub struct ParamInfo {
     pub ty: ParamType,
     /// Default; `None` means required. In JSON an absent `default` means
     /// required and `"default": null` a null default.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "present_value"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present_value")]
     pub default: Option<Value>,
     /// One line of help.
     #[serde(default)]
@@ -154,7 +150,10 @@ impl<T> Catalog<T> {
     }
 
     fn with_factories(&self) -> Vec<(ComponentInfo, Factory<T>)> {
-        self.entries.values().map(|e| (e.info.clone(), e.factory.clone())).collect()
+        self.entries
+            .values()
+            .map(|e| (e.info.clone(), e.factory.clone()))
+            .collect()
     }
 
     fn build(&self, spec: &Value) -> Result<T> {

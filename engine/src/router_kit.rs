@@ -75,7 +75,11 @@ pub fn check_router_contract(make: impl Fn() -> Box<dyn Router>, config: &Contra
     }
     let mut runner = TestRunner::new(proptest_config);
     let router = make();
-    let strategy = (1..=config.max_samples, 1..=config.max_tokens_per_sample, 1..=config.max_experts)
+    let strategy = (
+        1..=config.max_samples,
+        1..=config.max_tokens_per_sample,
+        1..=config.max_experts,
+    )
         .prop_flat_map(|(samples, tps, experts)| {
             let n = samples * tps * experts;
             (
@@ -130,7 +134,16 @@ fn check_case(
     }
 
     if config.fd_coords > 0 {
-        check_backward(router, shape, scores, &routing, weights, aux_weight, pick, config.fd_coords)?;
+        check_backward(
+            router,
+            shape,
+            scores,
+            &routing,
+            weights,
+            aux_weight,
+            pick,
+            config.fd_coords,
+        )?;
     }
     Ok(())
 }
@@ -152,7 +165,11 @@ fn check_structure(routing: &Routing, shape: RouteShape, config: &ContractConfig
             shape.experts
         )));
     }
-    if let Some(i) = routing.probs.iter().position(|p| !p.is_finite() || !(0.0..=1.0).contains(p)) {
+    if let Some(i) = routing
+        .probs
+        .iter()
+        .position(|p| !p.is_finite() || !(0.0..=1.0).contains(p))
+    {
         return Err(fail(format!("probability {i} is {}", routing.probs[i])));
     }
     if let Some(a) = routing.aux_loss.filter(|a| !a.is_finite()) {
@@ -163,8 +180,11 @@ fn check_structure(routing: &Routing, shape: RouteShape, config: &ContractConfig
     }
     if let Some(f) = config.capacity_factor {
         let g = routing.group_size;
-        if g == 0 || shape.tokens() % g != 0 {
-            return Err(fail(format!("group size {g} does not divide {} tokens", shape.tokens())));
+        if g == 0 || shape.tokens() % g > 0 {
+            return Err(fail(format!(
+                "group size {g} does not divide {} tokens",
+                shape.tokens()
+            )));
         }
         let cap = expert_capacity(f, g, shape.experts);
         for e in 0..d.experts {
@@ -267,14 +287,23 @@ fn check_backward(
 #[macro_export]
 macro_rules! router_conformance {
     ($name:ident, $registry:expr, $spec:tt) => {
-        $crate::router_conformance!($name, $registry, $spec, $crate::router_kit::ContractConfig::default());
+        $crate::router_conformance!(
+            $name,
+            $registry,
+            $spec,
+            $crate::router_kit::ContractConfig::default()
+        );
     };
     ($name:ident, $registry:expr, $spec:tt, $config:expr) => {
         #[test]
         fn $name() {
             let registry = $registry;
             let spec = $crate::router_kit::serde_json::json!($spec);
-            let make = || registry.router(&spec).unwrap_or_else(|e| panic!("cannot build {spec}: {e}"));
+            let make = || {
+                registry
+                    .router(&spec)
+                    .unwrap_or_else(|e| panic!("cannot build {spec}: {e}"))
+            };
             if let Err(e) = $crate::router_kit::check_router_contract(make, &$config) {
                 panic!("{e}");
             }

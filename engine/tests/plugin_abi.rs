@@ -92,7 +92,12 @@ fn router_info(kind: &str, params: Vec<ParamInfo>) -> ComponentInfo {
 fn register_top1(r: &mut Registry) -> Result<()> {
     let params = vec![
         ParamInfo::new("temperature", ParamType::Float, Some(json!(1.0)), "softmax temperature"),
-        ParamInfo::new("note", ParamType::OptionalFloat, Some(Value::Null), "a null default survives"),
+        ParamInfo::new(
+            "note",
+            ParamType::OptionalFloat,
+            Some(Value::Null),
+            "a null default survives",
+        ),
     ];
     r.register_router(
         router_info("test-top1", params),
@@ -251,11 +256,17 @@ fn plugin_component_keeps_its_parameters_and_origin() {
     assert_eq!(s[0].params, d[0].params, "params must survive the JSON round trip");
     assert_eq!(d[0].params[1].default, Some(Value::Null));
     assert!(d[0].origin.contains("top1-plugin 1.2.3"), "{}", d[0].origin);
-    let r = dynamic.router(&json!({"kind": "test-top1", "temperature": 2.0})).unwrap();
+    let r = dynamic
+        .router(&json!({"kind": "test-top1", "temperature": 2.0}))
+        .unwrap();
     assert_eq!(r.kind(), "test-top1");
     assert_eq!(r.spec(), json!({"kind": "test-top1", "temperature": 2.0, "note": null}));
     // The host checks parameters before the plugin sees them.
-    let e = dynamic.router(&json!({"kind": "test-top1", "temp": 2.0})).err().unwrap().to_string();
+    let e = dynamic
+        .router(&json!({"kind": "test-top1", "temp": 2.0}))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("'temp'") && e.contains("temperature"), "{e}");
 }
 
@@ -349,17 +360,26 @@ fn misbehaving_routers_are_errors_and_the_host_lives_on() {
     };
     let scores = vec![0.0; 8];
     for (kind, expect) in [
-        ("bad-panics", "panicked inside the plugin: panicked: router exploded on purpose"),
+        (
+            "bad-panics",
+            "panicked inside the plugin: panicked: router exploded on purpose",
+        ),
         ("bad-out-of-range", "out of range"),
         ("bad-duplicate", "twice"),
         ("bad-nan-gate", "NaN"),
         ("bad-gate-above-one", "1.5"),
     ] {
         let router = reg.router(&json!(kind)).unwrap();
-        let e = router.route(&scores, shape).err().unwrap_or_else(|| panic!("{kind} routed"));
+        let e = router
+            .route(&scores, shape)
+            .err()
+            .unwrap_or_else(|| panic!("{kind} routed"));
         let text = e.to_string();
         assert!(matches!(e, EngineError::Plugin { .. }), "{kind}: {e:?}");
-        assert!(text.contains("bad-routers") && text.contains(kind) && text.contains(expect), "{kind}: {text}");
+        assert!(
+            text.contains("bad-routers") && text.contains(kind) && text.contains(expect),
+            "{kind}: {text}"
+        );
     }
     // Still alive and usable.
     assert_eq!(reg.list().len(), 5);
@@ -375,25 +395,37 @@ fn a_clashing_plugin_registers_nothing() {
         register_top1(r)
     }
     let e = load_in_process(&mut reg, "clasher", "1", both).unwrap_err().to_string();
-    assert!(e.contains("test-top1") && e.contains("already registered") && e.contains("clasher"), "{e}");
+    assert!(
+        e.contains("test-top1") && e.contains("already registered") && e.contains("clasher"),
+        "{e}"
+    );
     assert_eq!(reg.list().len(), 1, "nothing of the refused plugin may stay registered");
     // The same plugin twice: the second is refused, naming both origins.
     let mut reg = Registry::new();
     load_in_process(&mut reg, "first", "1", register_top1).unwrap();
-    let e = load_in_process(&mut reg, "second", "1", register_top1).unwrap_err().to_string();
+    let e = load_in_process(&mut reg, "second", "1", register_top1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("first") && e.contains("second"), "{e}");
 }
 
 #[test]
 fn scheduler_through_the_abi_consumes_the_same_random_bits() {
     let (stat, dynamic) = fresh(register_flow, "flow");
-    let (a, b) = (stat.scheduler(&json!("test-flow")).unwrap(), dynamic.scheduler(&json!("test-flow")).unwrap());
+    let (a, b) = (
+        stat.scheduler(&json!("test-flow")).unwrap(),
+        dynamic.scheduler(&json!("test-flow")).unwrap(),
+    );
     let mut ra = rand::rngs::StdRng::seed_from_u64(7);
     let mut rb = rand::rngs::StdRng::seed_from_u64(7);
     for _ in 0..20 {
         assert_eq!(a.draw_t(&mut ra).to_bits(), b.draw_t(&mut rb).to_bits());
     }
-    assert_eq!(ra.next_u64(), rb.next_u64(), "both must leave the generator in the same state");
+    assert_eq!(
+        ra.next_u64(),
+        rb.next_u64(),
+        "both must leave the generator in the same state"
+    );
     let x0: Vec<f32> = (0..17).map(|i| i as f32 * 0.3 - 2.0).collect();
     let noise: Vec<f32> = (0..17).map(|i| (i as f32 * 1.7).sin()).collect();
     let (mut xa, mut xb) = (vec![0.0; 17], vec![0.0; 17]);
@@ -410,7 +442,10 @@ fn scheduler_through_the_abi_consumes_the_same_random_bits() {
     assert_eq!(a.model_time(0.37).to_bits(), b.model_time(0.37).to_bits());
     // Errors cross the boundary with the plugin's name.
     let e = b.add_noise(&mut xb, &x0[..3], &noise, 0.3).unwrap_err().to_string();
-    assert!(e.contains("flow") && e.contains("add_noise") && e.contains("3 elements"), "{e}");
+    assert!(
+        e.contains("flow") && e.contains("add_noise") && e.contains("3 elements"),
+        "{e}"
+    );
 }
 
 // ------------------------------------------------------------------ test backend
@@ -569,16 +604,32 @@ fn backend_ops_cross_the_abi_with_optional_buffers_and_panics_caught() {
     b.add_bias(&mut out, &[10.0, 20.0, 30.0], 2, 3).unwrap();
     assert_eq!(out, vec![11.0, 22.0, 33.0, 14.0, 25.0, 36.0]);
     let e = b.add_bias(&mut out, &[1.0], 2, 3).unwrap_err().to_string();
-    assert!(e.contains("be-plugin") && e.contains("add_bias") && e.contains("bias"), "{e}");
+    assert!(
+        e.contains("be-plugin") && e.contains("add_bias") && e.contains("bias"),
+        "{e}"
+    );
 
     let (mut mean, mut rstd) = (vec![0.0; 1], vec![0.0; 1]);
-    b.layer_norm(&mut out, &mut mean, &mut rstd, &[0.0; 6], Some(&[1.0; 3]), None, 2, 3, 1e-5).unwrap();
+    b.layer_norm(
+        &mut out,
+        &mut mean,
+        &mut rstd,
+        &[0.0; 6],
+        Some(&[1.0; 3]),
+        None,
+        2,
+        3,
+        1e-5,
+    )
+    .unwrap();
     assert_eq!(&out[..3], &[3.0, -1.0, 6.0]);
     assert_eq!(mean[0], 1e-5);
-    b.layer_norm(&mut out, &mut mean, &mut rstd, &[0.0; 6], None, Some(&[]), 2, 3, 1e-5).unwrap();
+    b.layer_norm(&mut out, &mut mean, &mut rstd, &[0.0; 6], None, Some(&[]), 2, 3, 1e-5)
+        .unwrap();
     assert_eq!(&out[..2], &[-1.0, 0.0], "absent stays absent, empty stays present");
     let mut dw = vec![0.0; 3];
-    b.layer_norm_backward(&mut out, Some(&mut dw), None, &[], &[], &[], &[], None, 2, 3).unwrap();
+    b.layer_norm_backward(&mut out, Some(&mut dw), None, &[], &[], &[], &[], None, 2, 3)
+        .unwrap();
     assert_eq!(dw, vec![7.0; 3]);
 
     b.unary(Unary::Silu, &mut out, &[]).unwrap();
@@ -593,7 +644,8 @@ fn backend_ops_cross_the_abi_with_optional_buffers_and_panics_caught() {
         kv_len: 5,
         head_dim: 6,
     };
-    b.attention(&mut out, &mut [], &[], &[], &[], Some(&[1, 0, 1]), dims).unwrap();
+    b.attention(&mut out, &mut [], &[], &[], &[], Some(&[1, 0, 1]), dims)
+        .unwrap();
     assert_eq!(&out[..2], &[2.0, 123456.0]);
     b.attention(&mut out, &mut [], &[], &[], &[], None, dims).unwrap();
     assert_eq!(out[0], -1.0);
@@ -610,8 +662,14 @@ fn backend_ops_cross_the_abi_with_optional_buffers_and_panics_caught() {
     b.adamw_step(&mut out, &[], &mut [], &mut [], hp, 3).unwrap();
     assert_eq!(out[0], 3.75);
 
-    let e = b.gemm(&mut out, &[], &[], GemmDims::nn(1, 1, 1), 1.0, 0.0).unwrap_err().to_string();
-    assert!(e.contains("gemm panicked inside the plugin") && e.contains("gemm blew up"), "{e}");
+    let e = b
+        .gemm(&mut out, &[], &[], GemmDims::nn(1, 1, 1), 1.0, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gemm panicked inside the plugin") && e.contains("gemm blew up"),
+        "{e}"
+    );
     let e = b.sum_rows(&mut out, &[], 1, 1, true).unwrap_err().to_string();
     assert!(e.contains("sum_rows is not supported"), "{e}");
     // The host is fine after a caught panic.

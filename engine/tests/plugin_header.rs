@@ -55,7 +55,8 @@ fn rust_layouts() -> Layout {
 #[test]
 fn c_header_and_rust_agree_on_every_size_and_offset() {
     let layouts = rust_layouts();
-    let mut c = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"ecdit_plugin.h\"\nint main(void) {\n");
+    let mut c =
+        String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"ecdit_plugin.h\"\nint main(void) {\n");
     c.push_str("    printf(\"ECDIT_ABI_VERSION %u\\n\", ECDIT_ABI_VERSION);\n");
     for (s, _, fields) in &layouts {
         c.push_str(&format!("    printf(\"{s} %zu\\n\", sizeof({s}));\n"));
@@ -104,6 +105,10 @@ fn c_header_and_rust_agree_on_every_size_and_offset() {
             checked += 1;
         }
     }
-    assert!(mismatches.is_empty(), "header and Rust disagree:\n{}", mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "header and Rust disagree:\n{}",
+        mismatches.join("\n")
+    );
     assert!(checked > 80, "only {checked} fields compared");
 }

@@ -47,19 +47,19 @@ fn table(list: &[ComponentInfo]) -> String {
     let mut s = String::from("Components:\n B. = backend\n R. = router\n E. = expert\n S. = scheduler\n ---\n");
     let width = list.iter().map(|c| c.kind.len()).max().unwrap_or(0);
     for c in list {
-        s += &format!(" {}  {:width$}  {}  [{}]\n", letter(c.family), c.kind, c.description, c.origin);
+        s += &format!(
+            " {}  {:width$}  {}  [{}]\n",
+            letter(c.family),
+            c.kind,
+            c.description,
+            c.origin
+        );
         for p in &c.params {
             let default = match &p.default {
                 Some(d) => format!("= {d}"),
                 None => "(required)".into(),
             };
-            s += &format!(
-                "      {:18} {:28} {:14} {}\n",
-                p.name,
-                p.ty.describe(),
-                default,
-                p.help
-            );
+            s += &format!("      {:18} {:28} {:14} {}\n", p.name, p.ty.describe(), default, p.help);
         }
     }
     s

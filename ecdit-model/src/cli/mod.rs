@@ -1,6 +1,8 @@
 //! Command-line parsing and dispatch for `ecdit`.
 
+mod bench;
 mod components;
+mod info;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// List every registered component with its parameters and defaults.
     Components(components::ComponentsArgs),
+    /// Benchmarks: gemm, moe.
+    Bench(bench::BenchArgs),
+    /// Parameters, FLOPs and memory of a model config.
+    Info(info::InfoArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -37,7 +43,10 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// The shipped registry plus every plugin asked for.
@@ -53,5 +62,7 @@ pub fn registry(plugins: &[PathBuf]) -> Result<Registry> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Components(args) => components::run(&cli.plugin, args),
+        Command::Bench(args) => bench::run(&cli.plugin, args),
+        Command::Info(args) => info::run(&cli.plugin, args),
     }
 }

@@ -57,7 +57,15 @@ pub fn modulate(
 }
 
 /// x: [B, T, d] `+= gate * y`; y: [B, T, d]; modulation: [B, k*d].
-pub fn gated_residual(x: &mut [f32], y: &[f32], modulation: &[f32], gate: Chunk, batch: usize, tokens: usize, d: usize) {
+pub fn gated_residual(
+    x: &mut [f32],
+    y: &[f32],
+    modulation: &[f32],
+    gate: Chunk,
+    batch: usize,
+    tokens: usize,
+    d: usize,
+) {
     for b in 0..batch {
         let g = gate.of(modulation, b, d);
         let rows = b * tokens * d..(b + 1) * tokens * d;

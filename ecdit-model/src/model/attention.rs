@@ -12,6 +12,8 @@ use super::param::{Param, Params};
 use ecdit_engine::{AttnDims, Backend, Result};
 
 /// The query/key/value projection.
+// One per block, so the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum QkvProjection {
     /// `attn.qkv`: [3d, d] (multi-head attention, upstream DiT).
@@ -82,7 +84,14 @@ impl SelfAttention {
     }
 
     /// acts: filled (`acts.out` is the result); x: [B, T, d].
-    pub fn forward(&self, backend: &dyn Backend, acts: &mut AttentionActs, x: &[f32], batch: usize, tokens: usize) -> Result<()> {
+    pub fn forward(
+        &self,
+        backend: &dyn Backend,
+        acts: &mut AttentionActs,
+        x: &[f32],
+        batch: usize,
+        tokens: usize,
+    ) -> Result<()> {
         let d = self.heads * self.head_dim;
         let kv_dim = self.kv_heads * self.head_dim;
         let rows = batch * tokens;

@@ -26,6 +26,8 @@ const GATE_MLP: usize = 5;
 const CHUNKS: usize = 6;
 
 /// The feed-forward of a block.
+// One per block, so the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Ffn {
     /// `blocks.{i}.mlp`: dense GELU MLP.
     Dense(Mlp),
@@ -117,13 +119,24 @@ impl Block {
         let d = self.attn.heads * self.attn.head_dim;
         let rows = batch * tokens;
         let ch = |index| Chunk { index, chunks: CHUNKS };
-        for buf in [&mut acts.ln1, &mut acts.attn_in, &mut acts.x_attn, &mut acts.x_ffn, &mut acts.ln2] {
+        for buf in [
+            &mut acts.ln1,
+            &mut acts.attn_in,
+            &mut acts.x_attn,
+            &mut acts.x_ffn,
+            &mut acts.ln2,
+        ] {
             resize(buf, rows * d);
         }
         for buf in [&mut acts.ffn_in, &mut acts.ffn_out] {
             resize(buf, rows * d);
         }
-        for buf in [&mut acts.ln1_mean, &mut acts.ln1_rstd, &mut acts.ln2_mean, &mut acts.ln2_rstd] {
+        for buf in [
+            &mut acts.ln1_mean,
+            &mut acts.ln1_rstd,
+            &mut acts.ln2_mean,
+            &mut acts.ln2_rstd,
+        ] {
             resize(buf, rows);
         }
         resize(&mut acts.modulation, batch * CHUNKS * d);
@@ -133,20 +146,68 @@ impl Block {
         // m = adaLN_modulation(SiLU(c))
         self.adaln.forward(backend, &mut acts.modulation, silu_c, batch)?;
         // x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
-        backend.layer_norm(&mut acts.ln1, &mut acts.ln1_mean, &mut acts.ln1_rstd, x, None, None, rows, d, LN_EPS)?;
-        modulate(&mut acts.attn_in, &acts.ln1, &acts.modulation, ch(SHIFT_MSA), ch(SCALE_MSA), batch, tokens, d);
-        self.attn.forward(backend, &mut acts.attn, &acts.attn_in, batch, tokens)?;
+        backend.layer_norm(
+            &mut acts.ln1,
+            &mut acts.ln1_mean,
+            &mut acts.ln1_rstd,
+            x,
+            None,
+            None,
+            rows,
+            d,
+            LN_EPS,
+        )?;
+        modulate(
+            &mut acts.attn_in,
+            &acts.ln1,
+            &acts.modulation,
+            ch(SHIFT_MSA),
+            ch(SCALE_MSA),
+            batch,
+            tokens,
+            d,
+        );
+        self.attn
+            .forward(backend, &mut acts.attn, &acts.attn_in, batch, tokens)?;
         gated_residual(x, &acts.attn.out, &acts.modulation, ch(GATE_MSA), batch, tokens, d);
         acts.x_attn.copy_from_slice(x);
         // x = x + CrossAttn(x, text)
         if let (Some(cross), Some(text)) = (&self.cross_attn, text) {
-            cross.forward(backend, &mut acts.cross, x, text.tokens, text.mask, batch, tokens, text.len)?;
+            cross.forward(
+                backend,
+                &mut acts.cross,
+                x,
+                text.tokens,
+                text.mask,
+                batch,
+                tokens,
+                text.len,
+            )?;
             x.iter_mut().zip(&acts.cross.out).for_each(|(a, b)| *a += b);
         }
         acts.x_ffn.copy_from_slice(x);
         // x = x + gate_mlp * F(modulate(LN(x), shift_mlp, scale_mlp))
-        backend.layer_norm(&mut acts.ln2, &mut acts.ln2_mean, &mut acts.ln2_rstd, x, None, None, rows, d, LN_EPS)?;
-        modulate(&mut acts.ffn_in, &acts.ln2, &acts.modulation, ch(SHIFT_MLP), ch(SCALE_MLP), batch, tokens, d);
+        backend.layer_norm(
+            &mut acts.ln2,
+            &mut acts.ln2_mean,
+            &mut acts.ln2_rstd,
+            x,
+            None,
+            None,
+            rows,
+            d,
+            LN_EPS,
+        )?;
+        modulate(
+            &mut acts.ffn_in,
+            &acts.ln2,
+            &acts.modulation,
+            ch(SHIFT_MLP),
+            ch(SCALE_MLP),
+            batch,
+            tokens,
+            d,
+        );
         let stats = match &self.ffn {
             Ffn::Dense(mlp) => {
                 mlp.forward(backend, &mut acts.ffn_out, &mut acts.mlp, &acts.ffn_in, rows)?;

@@ -99,7 +99,15 @@ impl CrossAttention {
         resize(&mut acts.probs, batch * self.heads * tokens * text_len);
         resize(&mut acts.att, rows * d);
         resize(&mut acts.out, rows * d);
-        backend.attention(&mut acts.att, &mut acts.probs, &acts.q, &acts.k, &acts.v, Some(mask), dims)?;
+        backend.attention(
+            &mut acts.att,
+            &mut acts.probs,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            Some(mask),
+            dims,
+        )?;
         self.proj.forward(backend, &mut acts.out, &acts.att, rows)
     }
 }

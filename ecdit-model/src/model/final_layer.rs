@@ -61,9 +61,28 @@ impl FinalLayer {
         resize(&mut acts.modulated, rows * d);
         resize(&mut acts.out, rows * self.linear.out_dim);
         self.adaln.forward(backend, &mut acts.modulation, silu_c, batch)?;
-        backend.layer_norm(&mut acts.ln, &mut acts.ln_mean, &mut acts.ln_rstd, x, None, None, rows, d, LN_EPS)?;
+        backend.layer_norm(
+            &mut acts.ln,
+            &mut acts.ln_mean,
+            &mut acts.ln_rstd,
+            x,
+            None,
+            None,
+            rows,
+            d,
+            LN_EPS,
+        )?;
         let ch = |index| Chunk { index, chunks: 2 };
-        modulate(&mut acts.modulated, &acts.ln, &acts.modulation, ch(0), ch(1), batch, tokens, d);
+        modulate(
+            &mut acts.modulated,
+            &acts.ln,
+            &acts.modulation,
+            ch(0),
+            ch(1),
+            batch,
+            tokens,
+            d,
+        );
         self.linear.forward(backend, &mut acts.out, &acts.modulated, rows)
     }
 }

@@ -51,17 +51,25 @@ impl Model {
     /// t: [2N]; cond: 2N conditions, the first N conditional, the last N
     /// unconditional (null class / empty prompt). out: [2N, C_out, H, W],
     /// both halves carry the guided channels.
-    pub fn forward_with_cfg(&self, x: &[f32], t: &[f32], cond: Condition<'_>, opts: CfgOptions) -> ModelResult<ForwardOutput> {
+    pub fn forward_with_cfg(
+        &self,
+        x: &[f32],
+        t: &[f32],
+        cond: Condition<'_>,
+        opts: CfgOptions,
+    ) -> ModelResult<ForwardOutput> {
         let c = self.config();
         let b = t.len();
-        if b % 2 != 0 || b == 0 {
+        if b == 0 || !b.is_multiple_of(2) {
             return Err(EngineError::Other(format!(
                 "forward_with_cfg: batch {b} must be even and non-zero (conditional half + unconditional half)"
             ))
             .into());
         }
         if !opts.scale.is_finite() {
-            return Err(EngineError::Other(format!("forward_with_cfg: guidance scale {} is not finite", opts.scale)).into());
+            return Err(
+                EngineError::Other(format!("forward_with_cfg: guidance scale {} is not finite", opts.scale)).into(),
+            );
         }
         let n = b / 2;
         let per_image = c.in_channels * c.input_size * c.input_size;

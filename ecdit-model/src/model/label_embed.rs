@@ -19,7 +19,11 @@ impl LabelEmbedder {
     /// Table drawn `N(0, 0.02^2)` (DiT).
     pub fn new(num_classes: usize, d: usize) -> Self {
         Self {
-            table: Param::new("y_embedder.embedding_table.weight", &[num_classes + 1, d], Init::Normal(0.02)),
+            table: Param::new(
+                "y_embedder.embedding_table.weight",
+                &[num_classes + 1, d],
+                Init::Normal(0.02),
+            ),
             num_classes,
             d,
         }

@@ -34,7 +34,14 @@ impl Mlp {
     }
 
     /// out: [N, d]; acts: filled; x: [N, d].
-    pub fn forward(&self, backend: &dyn Backend, out: &mut [f32], acts: &mut MlpActs, x: &[f32], rows: usize) -> Result<()> {
+    pub fn forward(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        acts: &mut MlpActs,
+        x: &[f32],
+        rows: usize,
+    ) -> Result<()> {
         let h = self.fc1.out_dim;
         resize(&mut acts.pre, rows * h);
         resize(&mut acts.act, rows * h);

@@ -83,6 +83,8 @@ impl<'a> Condition<'a> {
 }
 
 /// The conditioning embedders of the model.
+// One per model, so the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum CondEmbedder {
     /// `y_embedder.embedding_table`.
     Class(LabelEmbedder),
@@ -180,7 +182,8 @@ impl Model {
                 index: i,
                 adaln: block::block_adaln(i, d),
                 attn: SelfAttention::new(&format!("{prefix}.attn"), d, c.heads, c.kv_heads),
-                cross_attn: text_dim.map(|_| CrossAttention::new(&format!("{prefix}.cross_attn"), d, c.heads, c.kv_heads)),
+                cross_attn: text_dim
+                    .map(|_| CrossAttention::new(&format!("{prefix}.cross_attn"), d, c.heads, c.kv_heads)),
                 ffn,
             });
         }
@@ -264,8 +267,14 @@ impl Model {
         let json = serde_json::to_string(&self.config)
             .map_err(|e| EngineError::Other(format!("cannot serialise the model config: {e}")))?;
         let tensors = self.named_tensors();
-        let refs: Vec<(String, Vec<usize>, &[f32])> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.as_ref())).collect();
-        let metadata = HashMap::from([(CONFIG_KEY.to_string(), json), ("format".to_string(), "ecdit".to_string())]);
+        let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
+            .iter()
+            .map(|(n, s, d)| (n.clone(), s.clone(), d.as_ref()))
+            .collect();
+        let metadata = HashMap::from([
+            (CONFIG_KEY.to_string(), json),
+            ("format".to_string(), "ecdit".to_string()),
+        ]);
         save_safetensors(path, &refs, metadata)?;
         Ok(())
     }
@@ -298,7 +307,11 @@ impl Model {
             }
         }
         let (t, d) = (self.config.tokens(), self.config.hidden);
-        out.push(("pos_embed".into(), vec![1, t, d], Cow::Borrowed(self.pos_embed.as_slice())));
+        out.push((
+            "pos_embed".into(),
+            vec![1, t, d],
+            Cow::Borrowed(self.pos_embed.as_slice()),
+        ));
         out
     }
 
@@ -336,7 +349,13 @@ impl Model {
 
     /// As [`Model::forward`], keeping every block's activations in `acts`
     /// (for backward, or to compare intermediates).
-    pub fn forward_acts(&self, acts: &mut ModelActs, x: &[f32], t: &[f32], cond: Condition<'_>) -> ModelResult<ForwardOutput> {
+    pub fn forward_acts(
+        &self,
+        acts: &mut ModelActs,
+        x: &[f32],
+        t: &[f32],
+        cond: Condition<'_>,
+    ) -> ModelResult<ForwardOutput> {
         self.forward_into(acts, true, x, t, cond)
     }
 
@@ -356,7 +375,12 @@ impl Model {
         let b = t.len();
         let tokens = c.tokens();
         let rows = b * tokens;
-        check_len("model forward", "x [B, C, H, W] with B = t.len()", x.len(), b * ch * size * size)?;
+        check_len(
+            "model forward",
+            "x [B, C, H, W] with B = t.len()",
+            x.len(),
+            b * ch * size * size,
+        )?;
         check_finite("model forward: timesteps t", t)?;
         check_finite("model forward: input x", x)?;
 
@@ -365,7 +389,8 @@ impl Model {
         resize(&mut acts.patch_embed, rows * d);
         resize(&mut acts.x, rows * d);
         patchify(&mut acts.patches, x, b, ch, size, p);
-        self.x_embedder.forward(be, &mut acts.patch_embed, &acts.patches, rows)?;
+        self.x_embedder
+            .forward(be, &mut acts.patch_embed, &acts.patches, rows)?;
         for (row, (o, e)) in acts.x.chunks_mut(d).zip(acts.patch_embed.chunks(d)).enumerate() {
             let pos = &self.pos_embed[(row % tokens) * d..][..d];
             for k in 0..d {
@@ -381,7 +406,14 @@ impl Model {
                 check_len("model forward", "class labels [B]", labels.len(), b)?;
                 table.forward(be, &mut acts.y_emb, labels)?;
             }
-            (CondEmbedder::Text { caption, pooled, text_dim }, Condition::Text(text)) => {
+            (
+                CondEmbedder::Text {
+                    caption,
+                    pooled,
+                    text_dim,
+                },
+                Condition::Text(text),
+            ) => {
                 text.check(*text_dim)?;
                 check_len("model forward", "text prompts [B]", text.batch, b)?;
                 caption.forward(be, &mut acts.caption, text.tokens, b * text.len)?;
@@ -398,7 +430,9 @@ impl Model {
                 return Err(EngineError::Other("this model is class-conditional; it was given text".into()).into())
             }
             (CondEmbedder::Text { .. }, Condition::Class(_)) => {
-                return Err(EngineError::Other("this model is text-conditional; it was given class labels".into()).into())
+                return Err(
+                    EngineError::Other("this model is text-conditional; it was given class labels".into()).into(),
+                )
             }
         }
         resize(&mut acts.c, b * d);
@@ -420,13 +454,16 @@ impl Model {
                 mask,
                 len,
             });
-            if let Some(stats) = block.forward(be, &mut acts.blocks[slot], &mut acts.x, &acts.silu_c, text, b, tokens)? {
+            if let Some(stats) =
+                block.forward(be, &mut acts.blocks[slot], &mut acts.x, &acts.silu_c, text, b, tokens)?
+            {
                 routing.push((i, stats));
             }
         }
 
         // out = unpatchify(final_layer(x, c))
-        self.final_layer.forward(be, &mut acts.final_layer, &acts.x, &acts.silu_c, b, tokens)?;
+        self.final_layer
+            .forward(be, &mut acts.final_layer, &acts.x, &acts.silu_c, b, tokens)?;
         let out_ch = c.out_channels();
         let mut out = vec![0.0; b * out_ch * size * size];
         unpatchify(&mut out, &acts.final_layer.out, b, out_ch, size, p);

@@ -94,7 +94,14 @@ mod tests {
     #[test]
     fn xavier_stays_in_bound_and_normal_has_the_right_spread() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut p = Param::new("w", &[64, 32], Init::XavierUniform { fan_in: 32, fan_out: 64 });
+        let mut p = Param::new(
+            "w",
+            &[64, 32],
+            Init::XavierUniform {
+                fan_in: 32,
+                fan_out: 64,
+            },
+        );
         p.initialise(&mut rng);
         let a = (6.0f32 / 96.0).sqrt();
         assert!(p.data.iter().all(|v| v.abs() <= a));

@@ -70,7 +70,9 @@ mod tests {
     fn patchify_reads_channel_major_patches_in_row_major_order() {
         // 1 image, 2 channels, 4x4, p = 2: pixel value = ch*100 + y*10 + x.
         let (c, s, p) = (2, 4, 2);
-        let x: Vec<f32> = (0..c * s * s).map(|i| ((i / 16) * 100 + (i % 16 / 4) * 10 + i % 4) as f32).collect();
+        let x: Vec<f32> = (0..c * s * s)
+            .map(|i| ((i / 16) * 100 + (i % 16 / 4) * 10 + i % 4) as f32)
+            .collect();
         let mut patches = vec![0.0; 4 * c * p * p];
         patchify(&mut patches, &x, 1, c, s, p);
         // Token 1 = row 0, col 1: pixels x in 2..4, y in 0..2.
@@ -85,8 +87,8 @@ mod tests {
         let patches: Vec<f32> = (0..4 * p * p * c).map(|i| i as f32).collect();
         let mut img = vec![0.0; c * s * s];
         unpatchify(&mut img, &patches, 1, c, s, p);
-        // Token 3 (row 1, col 1), pi 1, qi 0, ch 2 -> pixel (3, 2) of channel 2.
-        let want = (3 * p * p * c + (p + 0) * c + 2) as f32;
+        // Token 3 (row 1, col 1), pi 1, qi 0 (index p * c), ch 2 -> pixel (3, 2) of channel 2.
+        let want = (3 * p * p * c + p * c + 2) as f32;
         assert_eq!(img[(2 * s + 3) * s + 2], want);
     }
 }

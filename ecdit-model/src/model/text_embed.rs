@@ -31,9 +31,24 @@ impl<'a> TextInput<'a> {
         if self.dim != text_dim {
             return Err(EngineError::shape("text conditioning (dim)", text_dim, self.dim));
         }
-        check_len("text conditioning", "tokens [B, L, dim]", self.tokens.len(), self.batch * self.len * self.dim)?;
-        check_len("text conditioning", "mask [B, L]", self.mask.len(), self.batch * self.len)?;
-        check_len("text conditioning", "pooled [B, dim]", self.pooled.len(), self.batch * self.dim)
+        check_len(
+            "text conditioning",
+            "tokens [B, L, dim]",
+            self.tokens.len(),
+            self.batch * self.len * self.dim,
+        )?;
+        check_len(
+            "text conditioning",
+            "mask [B, L]",
+            self.mask.len(),
+            self.batch * self.len,
+        )?;
+        check_len(
+            "text conditioning",
+            "pooled [B, dim]",
+            self.pooled.len(),
+            self.batch * self.dim,
+        )
     }
 
     /// Samples `start..start + n` of the batch.
@@ -46,6 +61,19 @@ impl<'a> TextInput<'a> {
             batch: n,
             len: l,
             dim: c,
+        }
+    }
+}
+
+impl<'a> From<&'a crate::text::TextBatch> for TextInput<'a> {
+    fn from(batch: &'a crate::text::TextBatch) -> Self {
+        TextInput {
+            tokens: &batch.tokens,
+            mask: &batch.mask,
+            pooled: &batch.pooled,
+            batch: batch.batch,
+            len: batch.len,
+            dim: batch.dim,
         }
     }
 }

@@ -81,16 +81,14 @@ impl TextEncoderConfig {
 
 /// Every parameter of the encoder, by name (`text_encoder.*`) and shape, in
 /// the order [`TextEncoderParams::named`] and the seeded init use.
-pub fn param_shapes(
-    cfg: &TextEncoderConfig,
-    vocab: usize,
-    dim: usize,
-    max_tokens: usize,
-) -> Vec<(String, Vec<usize>)> {
+pub fn param_shapes(cfg: &TextEncoderConfig, vocab: usize, dim: usize, max_tokens: usize) -> Vec<(String, Vec<usize>)> {
     let h = cfg.mlp_hidden(dim);
     let mut out = vec![
         ("text_encoder.token_embedding.weight".to_string(), vec![vocab, dim]),
-        ("text_encoder.position_embedding.weight".to_string(), vec![max_tokens, dim]),
+        (
+            "text_encoder.position_embedding.weight".to_string(),
+            vec![max_tokens, dim],
+        ),
     ];
     for i in 0..cfg.layers {
         let p = format!("text_encoder.layers.{i}");
@@ -345,7 +343,7 @@ impl TransformerTextEncoder {
         if dim == 0 {
             return Err(bad("dim", "0".into(), "must be positive"));
         }
-        if heads == 0 || dim % heads != 0 {
+        if dim.checked_rem(heads) != Some(0) {
             return Err(bad("heads", heads.to_string(), &format!("must divide dim {dim}")));
         }
         if cfg.mlp_hidden(dim) == 0 {
@@ -483,7 +481,14 @@ impl TransformerTextEncoder {
             be.attention(&mut la.attn, &mut la.probs, &la.q, &la.k, &la.v, Some(mask), attn_dims)?;
             la.mid = la.input.clone();
             // beta = 1 adds the projection onto the residual.
-            be.gemm(&mut la.mid, &la.attn, &lp.proj_weight, GemmDims::nt(rows, d, d), 1.0, 1.0)?;
+            be.gemm(
+                &mut la.mid,
+                &la.attn,
+                &lp.proj_weight,
+                GemmDims::nt(rows, d, d),
+                1.0,
+                1.0,
+            )?;
             be.add_bias(&mut la.mid, &lp.proj_bias, rows, d)?;
 
             // MLP sub-block: x += fc2(GELU(fc1(LN2(x)))).

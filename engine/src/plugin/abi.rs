@@ -188,8 +188,13 @@ pub struct RoutingView {
 
 /// Builds an instance from the complete parameter object (defaults filled in
 /// by the host) as JSON text of `len` bytes. `ctx` is the vtable's `ctx`.
-pub type CreateFn =
-    unsafe extern "C" fn(ctx: *const c_void, params_json: *const c_char, len: usize, out: *mut *mut c_void, err: *mut ErrBuf) -> i32;
+pub type CreateFn = unsafe extern "C" fn(
+    ctx: *const c_void,
+    params_json: *const c_char,
+    len: usize,
+    out: *mut *mut c_void,
+    err: *mut ErrBuf,
+) -> i32;
 /// Frees an instance.
 pub type DestroyFn = unsafe extern "C" fn(handle: *mut c_void);
 
@@ -283,18 +288,28 @@ pub struct SchedulerVtable {
     /// Frees an instance.
     pub destroy: Option<DestroyFn>,
     /// Draws a training time into `*t` using the lent generator.
-    pub draw_t: Option<unsafe extern "C" fn(handle: *mut c_void, t: *mut f32, rng: *const Rng, err: *mut ErrBuf) -> i32>,
+    pub draw_t:
+        Option<unsafe extern "C" fn(handle: *mut c_void, t: *mut f32, rng: *const Rng, err: *mut ErrBuf) -> i32>,
     /// `x_t` at time `t`.
-    pub add_noise:
-        Option<unsafe extern "C" fn(handle: *mut c_void, x_t: F32sMut, x0: F32s, noise: F32s, t: f32, err: *mut ErrBuf) -> i32>,
+    pub add_noise: Option<
+        unsafe extern "C" fn(handle: *mut c_void, x_t: F32sMut, x0: F32s, noise: F32s, t: f32, err: *mut ErrBuf) -> i32,
+    >,
     /// The network's regression target at time `t`.
     pub target: Option<
-        unsafe extern "C" fn(handle: *mut c_void, target: F32sMut, x0: F32s, noise: F32s, t: f32, err: *mut ErrBuf) -> i32,
+        unsafe extern "C" fn(
+            handle: *mut c_void,
+            target: F32sMut,
+            x0: F32s,
+            noise: F32s,
+            t: f32,
+            err: *mut ErrBuf,
+        ) -> i32,
     >,
     /// The embedder's time value for `t`, into `*out`.
     pub model_time: Option<unsafe extern "C" fn(handle: *mut c_void, out: *mut f32, t: f32, err: *mut ErrBuf) -> i32>,
     /// `steps + 1` sampling times into `out` (length `steps + 1`).
-    pub sampling_times: Option<unsafe extern "C" fn(handle: *mut c_void, out: F32sMut, steps: usize, err: *mut ErrBuf) -> i32>,
+    pub sampling_times:
+        Option<unsafe extern "C" fn(handle: *mut c_void, out: F32sMut, steps: usize, err: *mut ErrBuf) -> i32>,
     /// One sampling step from `t` to `t_next`, in place on `x`.
     pub step: Option<
         unsafe extern "C" fn(
@@ -392,21 +407,45 @@ pub struct BackendVtable {
     /// Threads the instance computes with.
     pub threads: Option<unsafe extern "C" fn(h: H) -> usize>,
     /// `Backend::gemm`.
-    pub gemm: Option<unsafe extern "C" fn(h: H, out: F32sMut, a: F32s, b: F32s, dims: GemmDimsC, alpha: f32, beta: f32, err: E) -> i32>,
+    pub gemm: Option<
+        unsafe extern "C" fn(
+            h: H,
+            out: F32sMut,
+            a: F32s,
+            b: F32s,
+            dims: GemmDimsC,
+            alpha: f32,
+            beta: f32,
+            err: E,
+        ) -> i32,
+    >,
     /// `Backend::gemm_batched`.
     pub gemm_batched: Option<
-        unsafe extern "C" fn(h: H, out: F32sMut, a: F32s, b: F32s, batch: usize, dims: GemmDimsC, alpha: f32, beta: f32, err: E) -> i32,
+        unsafe extern "C" fn(
+            h: H,
+            out: F32sMut,
+            a: F32s,
+            b: F32s,
+            batch: usize,
+            dims: GemmDimsC,
+            alpha: f32,
+            beta: f32,
+            err: E,
+        ) -> i32,
     >,
     /// `Backend::add_bias`.
     pub add_bias: Option<unsafe extern "C" fn(h: H, out: F32sMut, bias: F32s, rows: usize, cols: usize, err: E) -> i32>,
     /// `Backend::sum_rows` (`accumulate` 0/1).
-    pub sum_rows:
-        Option<unsafe extern "C" fn(h: H, out: F32sMut, inp: F32s, rows: usize, cols: usize, accumulate: u32, err: E) -> i32>,
+    pub sum_rows: Option<
+        unsafe extern "C" fn(h: H, out: F32sMut, inp: F32s, rows: usize, cols: usize, accumulate: u32, err: E) -> i32,
+    >,
     /// `Backend::softmax_rows`.
-    pub softmax_rows: Option<unsafe extern "C" fn(h: H, out: F32sMut, inp: F32s, rows: usize, cols: usize, err: E) -> i32>,
+    pub softmax_rows:
+        Option<unsafe extern "C" fn(h: H, out: F32sMut, inp: F32s, rows: usize, cols: usize, err: E) -> i32>,
     /// `Backend::softmax_rows_backward`.
-    pub softmax_rows_backward:
-        Option<unsafe extern "C" fn(h: H, dinp: F32sMut, dout: F32s, out: F32s, rows: usize, cols: usize, err: E) -> i32>,
+    pub softmax_rows_backward: Option<
+        unsafe extern "C" fn(h: H, dinp: F32sMut, dout: F32s, out: F32s, rows: usize, cols: usize, err: E) -> i32,
+    >,
     /// `Backend::layer_norm` (null `weight`/`bias`: absent).
     pub layer_norm: Option<
         unsafe extern "C" fn(
@@ -443,7 +482,8 @@ pub struct BackendVtable {
     /// `Backend::unary` (`op`: a `UNARY_*` code).
     pub unary: Option<unsafe extern "C" fn(h: H, op: u32, out: F32sMut, inp: F32s, err: E) -> i32>,
     /// `Backend::unary_backward`.
-    pub unary_backward: Option<unsafe extern "C" fn(h: H, op: u32, dinp: F32sMut, dout: F32s, inp: F32s, err: E) -> i32>,
+    pub unary_backward:
+        Option<unsafe extern "C" fn(h: H, op: u32, dinp: F32sMut, dout: F32s, inp: F32s, err: E) -> i32>,
     /// `Backend::attention` (null `key_mask`: absent).
     pub attention: Option<
         unsafe extern "C" fn(
@@ -481,10 +521,28 @@ pub struct BackendVtable {
         Option<unsafe extern "C" fn(h: H, out: F32sMut, inp: F32s, idx: U32s, scale: F32s, cols: usize, err: E) -> i32>,
     /// `Backend::top_k_rows`.
     pub top_k_rows: Option<
-        unsafe extern "C" fn(h: H, idx: U32sMut, val: F32sMut, inp: F32s, rows: usize, cols: usize, k: usize, err: E) -> i32,
+        unsafe extern "C" fn(
+            h: H,
+            idx: U32sMut,
+            val: F32sMut,
+            inp: F32s,
+            rows: usize,
+            cols: usize,
+            k: usize,
+            err: E,
+        ) -> i32,
     >,
     /// `Backend::adamw_step`.
     pub adamw_step: Option<
-        unsafe extern "C" fn(h: H, param: F32sMut, grad: F32s, m: F32sMut, v: F32sMut, hp: AdamWC, step: u64, err: E) -> i32,
+        unsafe extern "C" fn(
+            h: H,
+            param: F32sMut,
+            grad: F32s,
+            m: F32sMut,
+            v: F32sMut,
+            hp: AdamWC,
+            step: u64,
+            err: E,
+        ) -> i32,
     >,
 }

@@ -120,11 +120,11 @@ struct ComponentCtx<T> {
 pub struct Exported {
     desc: Box<PluginDesc>,
     _strings: Vec<CString>,
-    _router_tables: Vec<Box<RouterVtable>>,
+    _router_tables: Vec<RouterVtable>,
     _router_ptrs: Vec<*const RouterVtable>,
-    _scheduler_tables: Vec<Box<SchedulerVtable>>,
+    _scheduler_tables: Vec<SchedulerVtable>,
     _scheduler_ptrs: Vec<*const SchedulerVtable>,
-    _backend_tables: Vec<Box<BackendVtable>>,
+    _backend_tables: Vec<BackendVtable>,
     _backend_ptrs: Vec<*const BackendVtable>,
     _ctxs: Vec<Box<dyn Any + Send + Sync>>,
 }
@@ -181,7 +181,7 @@ impl Exported {
         for (info, factory) in registry.router_factories() {
             let h = header(&info)?;
             let ctx = make_ctx(&mut ctxs, &info, factory);
-            router_tables.push(Box::new(RouterVtable {
+            router_tables.push(RouterVtable {
                 abi_version: ABI_VERSION,
                 struct_size: std::mem::size_of::<RouterVtable>() as u32,
                 kind: h.kind,
@@ -193,13 +193,13 @@ impl Exported {
                 route: Some(router_route),
                 free_result: Some(router_free_result),
                 backward: Some(router_backward),
-            }));
+            });
         }
         let mut scheduler_tables = Vec::new();
         for (info, factory) in registry.scheduler_factories() {
             let h = header(&info)?;
             let ctx = make_ctx(&mut ctxs, &info, factory);
-            scheduler_tables.push(Box::new(SchedulerVtable {
+            scheduler_tables.push(SchedulerVtable {
                 abi_version: ABI_VERSION,
                 struct_size: std::mem::size_of::<SchedulerVtable>() as u32,
                 kind: h.kind,
@@ -214,20 +214,21 @@ impl Exported {
                 model_time: Some(sched_model_time),
                 sampling_times: Some(sched_sampling_times),
                 step: Some(sched_step),
-            }));
+            });
         }
         let mut backend_tables = Vec::new();
         for (info, factory) in registry.backend_factories() {
             let h = header(&info)?;
             let ctx = make_ctx(&mut ctxs, &info, factory);
-            backend_tables.push(Box::new(backend_vtable(h, ctx)));
+            backend_tables.push(backend_vtable(h, ctx));
         }
 
         let name_p = string(name, "plugin name")?;
         let version_p = string(version, "plugin version")?;
-        let router_ptrs: Vec<*const RouterVtable> = router_tables.iter().map(|t| &**t as *const _).collect();
-        let scheduler_ptrs: Vec<*const SchedulerVtable> = scheduler_tables.iter().map(|t| &**t as *const _).collect();
-        let backend_ptrs: Vec<*const BackendVtable> = backend_tables.iter().map(|t| &**t as *const _).collect();
+        // The table vectors are complete and never grow again, so these stay valid.
+        let router_ptrs: Vec<*const RouterVtable> = router_tables.iter().map(|t| t as *const _).collect();
+        let scheduler_ptrs: Vec<*const SchedulerVtable> = scheduler_tables.iter().map(|t| t as *const _).collect();
+        let backend_ptrs: Vec<*const BackendVtable> = backend_tables.iter().map(|t| t as *const _).collect();
         let desc = Box::new(PluginDesc {
             abi_version: ABI_VERSION,
             struct_size: std::mem::size_of::<PluginDesc>() as u32,
@@ -293,7 +294,10 @@ unsafe fn parse_params<T>(ctx: &ComponentCtx<T>, json: *const c_char, len: usize
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| EngineError::Other(format!("{}: params are not valid JSON: {e}", ctx.label)))?;
     let Value::Object(params) = value else {
-        return Err(EngineError::Other(format!("{}: params must be a JSON object", ctx.label)));
+        return Err(EngineError::Other(format!(
+            "{}: params must be a JSON object",
+            ctx.label
+        )));
     };
     check_params(&ctx.label, &ctx.params, &params)
 }
@@ -409,9 +413,30 @@ pub(crate) unsafe fn routing_from_view(v: &RoutingView) -> Result<Routing> {
     } else {
         std::slice::from_raw_parts(v.offsets, v.experts + 1).to_vec()
     };
-    let tokens = u32s(U32s { ptr: v.tokens, len: v.slots }, "routing tokens")?.to_vec();
-    let gates = f32s(F32s { ptr: v.gates, len: v.slots }, "routing gates")?.to_vec();
-    let probs = f32s(F32s { ptr: v.probs, len: v.probs_len }, "routing probs")?.to_vec();
+    let tokens = u32s(
+        U32s {
+            ptr: v.tokens,
+            len: v.slots,
+        },
+        "routing tokens",
+    )?
+    .to_vec();
+    let gates = f32s(
+        F32s {
+            ptr: v.gates,
+            len: v.slots,
+        },
+        "routing gates",
+    )?
+    .to_vec();
+    let probs = f32s(
+        F32s {
+            ptr: v.probs,
+            len: v.probs_len,
+        },
+        "routing probs",
+    )?
+    .to_vec();
     Ok(Routing {
         dispatch: Dispatch {
             experts: v.experts,
@@ -630,9 +655,25 @@ fn backend_vtable(h: Header, ctx: *const c_void) -> BackendVtable {
     unsafe extern "C" fn threads(h: Hd) -> usize {
         catch_unwind(AssertUnwindSafe(|| be(h).map_or(0, |b| b.threads()))).unwrap_or(0)
     }
-    unsafe extern "C" fn gemm(h: Hd, out: F32sMut, a: F32s, b: F32s, d: GemmDimsC, alpha: f32, beta: f32, err: Er) -> i32 {
+    unsafe extern "C" fn gemm(
+        h: Hd,
+        out: F32sMut,
+        a: F32s,
+        b: F32s,
+        d: GemmDimsC,
+        alpha: f32,
+        beta: f32,
+        err: Er,
+    ) -> i32 {
         guard(err, || {
-            be(h)?.gemm(f32s_mut(out, "out")?, f32s(a, "a")?, f32s(b, "b")?, gemm_dims(d), alpha, beta)
+            be(h)?.gemm(
+                f32s_mut(out, "out")?,
+                f32s(a, "a")?,
+                f32s(b, "b")?,
+                gemm_dims(d),
+                alpha,
+                beta,
+            )
         })
     }
     #[allow(clippy::too_many_arguments)]
@@ -648,17 +689,31 @@ fn backend_vtable(h: Header, ctx: *const c_void) -> BackendVtable {
         err: Er,
     ) -> i32 {
         guard(err, || {
-            be(h)?.gemm_batched(f32s_mut(out, "out")?, f32s(a, "a")?, f32s(b, "b")?, batch, gemm_dims(d), alpha, beta)
+            be(h)?.gemm_batched(
+                f32s_mut(out, "out")?,
+                f32s(a, "a")?,
+                f32s(b, "b")?,
+                batch,
+                gemm_dims(d),
+                alpha,
+                beta,
+            )
         })
     }
     unsafe extern "C" fn add_bias(h: Hd, out: F32sMut, bias: F32s, rows: usize, cols: usize, err: Er) -> i32 {
-        guard(err, || be(h)?.add_bias(f32s_mut(out, "out")?, f32s(bias, "bias")?, rows, cols))
+        guard(err, || {
+            be(h)?.add_bias(f32s_mut(out, "out")?, f32s(bias, "bias")?, rows, cols)
+        })
     }
     unsafe extern "C" fn sum_rows(h: Hd, out: F32sMut, inp: F32s, rows: usize, cols: usize, acc: u32, err: Er) -> i32 {
-        guard(err, || be(h)?.sum_rows(f32s_mut(out, "out")?, f32s(inp, "inp")?, rows, cols, acc != 0))
+        guard(err, || {
+            be(h)?.sum_rows(f32s_mut(out, "out")?, f32s(inp, "inp")?, rows, cols, acc != 0)
+        })
     }
     unsafe extern "C" fn softmax_rows(h: Hd, out: F32sMut, inp: F32s, rows: usize, cols: usize, err: Er) -> i32 {
-        guard(err, || be(h)?.softmax_rows(f32s_mut(out, "out")?, f32s(inp, "inp")?, rows, cols))
+        guard(err, || {
+            be(h)?.softmax_rows(f32s_mut(out, "out")?, f32s(inp, "inp")?, rows, cols)
+        })
     }
     unsafe extern "C" fn softmax_rows_backward(
         h: Hd,
@@ -670,7 +725,13 @@ fn backend_vtable(h: Header, ctx: *const c_void) -> BackendVtable {
         err: Er,
     ) -> i32 {
         guard(err, || {
-            be(h)?.softmax_rows_backward(f32s_mut(dinp, "dinp")?, f32s(dout, "dout")?, f32s(out, "out")?, rows, cols)
+            be(h)?.softmax_rows_backward(
+                f32s_mut(dinp, "dinp")?,
+                f32s(dout, "dout")?,
+                f32s(out, "out")?,
+                rows,
+                cols,
+            )
         })
     }
     #[allow(clippy::too_many_arguments)]
@@ -732,11 +793,18 @@ fn backend_vtable(h: Header, ctx: *const c_void) -> BackendVtable {
         })
     }
     unsafe extern "C" fn unary(h: Hd, op: u32, out: F32sMut, inp: F32s, err: Er) -> i32 {
-        guard(err, || be(h)?.unary(unary_op(op)?, f32s_mut(out, "out")?, f32s(inp, "inp")?))
+        guard(err, || {
+            be(h)?.unary(unary_op(op)?, f32s_mut(out, "out")?, f32s(inp, "inp")?)
+        })
     }
     unsafe extern "C" fn unary_backward(h: Hd, op: u32, dinp: F32sMut, dout: F32s, inp: F32s, err: Er) -> i32 {
         guard(err, || {
-            be(h)?.unary_backward(unary_op(op)?, f32s_mut(dinp, "dinp")?, f32s(dout, "dout")?, f32s(inp, "inp")?)
+            be(h)?.unary_backward(
+                unary_op(op)?,
+                f32s_mut(dinp, "dinp")?,
+                f32s(dout, "dout")?,
+                f32s(inp, "inp")?,
+            )
         })
     }
     #[allow(clippy::too_many_arguments)]
@@ -827,7 +895,14 @@ fn backend_vtable(h: Header, ctx: *const c_void) -> BackendVtable {
         err: Er,
     ) -> i32 {
         guard(err, || {
-            be(h)?.top_k_rows(u32s_mut(idx, "idx")?, f32s_mut(val, "val")?, f32s(inp, "inp")?, rows, cols, k)
+            be(h)?.top_k_rows(
+                u32s_mut(idx, "idx")?,
+                f32s_mut(val, "val")?,
+                f32s(inp, "inp")?,
+                rows,
+                cols,
+                k,
+            )
         })
     }
     #[allow(clippy::too_many_arguments)]
@@ -849,7 +924,14 @@ fn backend_vtable(h: Header, ctx: *const c_void) -> BackendVtable {
                 eps: hp.eps,
                 weight_decay: hp.weight_decay,
             };
-            be(h)?.adamw_step(f32s_mut(param, "param")?, f32s(grad, "grad")?, f32s_mut(m, "m")?, f32s_mut(v, "v")?, hp, step)
+            be(h)?.adamw_step(
+                f32s_mut(param, "param")?,
+                f32s(grad, "grad")?,
+                f32s_mut(m, "m")?,
+                f32s_mut(v, "v")?,
+                hp,
+                step,
+            )
         })
     }
 

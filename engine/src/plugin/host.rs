@@ -69,8 +69,8 @@ pub fn load(registry: &mut Registry, path: impl AsRef<Path>) -> Result<PluginInf
     };
     let _span = tracing::info_span!("load_plugin", path = %origin).entered();
     // SAFETY: loading runs the library's initialisers; that is what a plugin is.
-    let library = unsafe { libloading::Library::new(path) }
-        .map_err(|e| fail(format!("cannot load as a shared library: {e}")))?;
+    let library =
+        unsafe { libloading::Library::new(path) }.map_err(|e| fail(format!("cannot load as a shared library: {e}")))?;
     // Leaked from here on, whatever happens next: the entry may have started
     // threads or installed hooks that must not be unmapped under them.
     let library: &'static libloading::Library = Box::leak(Box::new(library));
@@ -101,15 +101,15 @@ pub fn load(registry: &mut Registry, path: impl AsRef<Path>) -> Result<PluginInf
 
 /// The plugin libraries in one directory (`*.so`, `*.dylib`, `*.dll`), sorted.
 pub fn plugin_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::Other(format!("{PLUGIN_PATH_ENV}: cannot read directory {}: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        EngineError::Other(format!(
+            "{PLUGIN_PATH_ENV}: cannot read directory {}: {e}",
+            dir.display()
+        ))
+    })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .is_some_and(|x| x == std::env::consts::DLL_EXTENSION)
-        })
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == std::env::consts::DLL_EXTENSION))
         .collect();
     files.sort();
     Ok(files)
@@ -187,7 +187,11 @@ fn check_header(what: &str, version: u32, size: u32, needed: usize) -> std::resu
 ///
 /// # Safety
 /// `desc` is null or points to a descriptor whose pointers stay valid forever.
-pub unsafe fn register_descriptor(registry: &mut Registry, desc: *const PluginDesc, origin: &str) -> Result<PluginInfo> {
+pub unsafe fn register_descriptor(
+    registry: &mut Registry,
+    desc: *const PluginDesc,
+    origin: &str,
+) -> Result<PluginInfo> {
     let fail = |plugin: &str, reason: String| EngineError::Plugin {
         plugin: plugin.to_string(),
         reason,
@@ -212,7 +216,10 @@ pub unsafe fn register_descriptor(registry: &mut Registry, desc: *const PluginDe
             return Ok(Vec::new());
         }
         if p.is_null() {
-            return Err(fail(&who, format!("{n} {family} tables announced but the array is null")));
+            return Err(fail(
+                &who,
+                format!("{n} {family} tables announced but the array is null"),
+            ));
         }
         let v = std::slice::from_raw_parts(p, n).to_vec();
         if let Some(i) = v.iter().position(|t| t.is_null()) {
@@ -225,8 +232,14 @@ pub unsafe fn register_descriptor(registry: &mut Registry, desc: *const PluginDe
         let (v, s) = header_of(t);
         check_header("a router table", v, s, std::mem::size_of::<RouterVtable>()).map_err(|r| fail(&who, r))?;
         let vt = *(t as *const RouterVtable);
-        let (info, _) = component_info(Family::Router, vt.kind, vt.description, vt.params_json, &component_origin)
-            .map_err(|r| fail(&who, r))?;
+        let (info, _) = component_info(
+            Family::Router,
+            vt.kind,
+            vt.description,
+            vt.params_json,
+            &component_origin,
+        )
+        .map_err(|r| fail(&who, r))?;
         let missing = missing_slots(&[
             ("create", vt.create.is_some()),
             ("destroy", vt.destroy.is_some()),
@@ -241,8 +254,14 @@ pub unsafe fn register_descriptor(registry: &mut Registry, desc: *const PluginDe
         let (v, s) = header_of(t);
         check_header("a scheduler table", v, s, std::mem::size_of::<SchedulerVtable>()).map_err(|r| fail(&who, r))?;
         let vt = *(t as *const SchedulerVtable);
-        let (info, _) = component_info(Family::Scheduler, vt.kind, vt.description, vt.params_json, &component_origin)
-            .map_err(|r| fail(&who, r))?;
+        let (info, _) = component_info(
+            Family::Scheduler,
+            vt.kind,
+            vt.description,
+            vt.params_json,
+            &component_origin,
+        )
+        .map_err(|r| fail(&who, r))?;
         let missing = missing_slots(&[
             ("create", vt.create.is_some()),
             ("destroy", vt.destroy.is_some()),
@@ -260,8 +279,14 @@ pub unsafe fn register_descriptor(registry: &mut Registry, desc: *const PluginDe
         let (v, s) = header_of(t);
         check_header("a backend table", v, s, std::mem::size_of::<BackendVtable>()).map_err(|r| fail(&who, r))?;
         let vt = *(t as *const BackendVtable);
-        let (info, _) = component_info(Family::Backend, vt.kind, vt.description, vt.params_json, &component_origin)
-            .map_err(|r| fail(&who, r))?;
+        let (info, _) = component_info(
+            Family::Backend,
+            vt.kind,
+            vt.description,
+            vt.params_json,
+            &component_origin,
+        )
+        .map_err(|r| fail(&who, r))?;
         check_slots(&info, backend_missing_slots(&vt)).map_err(|r| fail(&who, r))?;
         pending.push(Pending::Backend(info, Table(vt)));
     }
@@ -789,7 +814,16 @@ impl Scheduler for PluginScheduler {
         let f = slot(self.vt.target, &self.plugin, "target")?;
         let mut call = Call::new();
         let mut err = call.err();
-        let status = unsafe { f(self.handle, as_f32s_mut(target), as_f32s(x0), as_f32s(noise), t, &mut err) };
+        let status = unsafe {
+            f(
+                self.handle,
+                as_f32s_mut(target),
+                as_f32s(x0),
+                as_f32s(noise),
+                t,
+                &mut err,
+            )
+        };
         call.check(status, &self.plugin, &self.what("target"))
     }
 
@@ -907,7 +941,16 @@ impl Backend for PluginBackend {
 
     fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> Result<()> {
         self.call("gemm", self.vt.gemm, |f, e| unsafe {
-            f(self.handle, as_f32s_mut(out), as_f32s(a), as_f32s(b), gemm_c(dims), alpha, beta, e)
+            f(
+                self.handle,
+                as_f32s_mut(out),
+                as_f32s(a),
+                as_f32s(b),
+                gemm_c(dims),
+                alpha,
+                beta,
+                e,
+            )
         })
     }
 
@@ -922,7 +965,17 @@ impl Backend for PluginBackend {
         beta: f32,
     ) -> Result<()> {
         self.call("gemm_batched", self.vt.gemm_batched, |f, e| unsafe {
-            f(self.handle, as_f32s_mut(out), as_f32s(a), as_f32s(b), batch, gemm_c(dims), alpha, beta, e)
+            f(
+                self.handle,
+                as_f32s_mut(out),
+                as_f32s(a),
+                as_f32s(b),
+                batch,
+                gemm_c(dims),
+                alpha,
+                beta,
+                e,
+            )
         })
     }
 
@@ -934,7 +987,15 @@ impl Backend for PluginBackend {
 
     fn sum_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> Result<()> {
         self.call("sum_rows", self.vt.sum_rows, |f, e| unsafe {
-            f(self.handle, as_f32s_mut(out), as_f32s(inp), rows, cols, accumulate as u32, e)
+            f(
+                self.handle,
+                as_f32s_mut(out),
+                as_f32s(inp),
+                rows,
+                cols,
+                accumulate as u32,
+                e,
+            )
         })
     }
 
@@ -944,9 +1005,24 @@ impl Backend for PluginBackend {
         })
     }
 
-    fn softmax_rows_backward(&self, dinp: &mut [f32], dout: &[f32], out: &[f32], rows: usize, cols: usize) -> Result<()> {
+    fn softmax_rows_backward(
+        &self,
+        dinp: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         self.call("softmax_rows_backward", self.vt.softmax_rows_backward, |f, e| unsafe {
-            f(self.handle, as_f32s_mut(dinp), as_f32s(dout), as_f32s(out), rows, cols, e)
+            f(
+                self.handle,
+                as_f32s_mut(dinp),
+                as_f32s(dout),
+                as_f32s(out),
+                rows,
+                cols,
+                e,
+            )
         })
     }
 
@@ -1018,7 +1094,14 @@ impl Backend for PluginBackend {
 
     fn unary_backward(&self, op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()> {
         self.call("unary_backward", self.vt.unary_backward, |f, e| unsafe {
-            f(self.handle, unary_c(op), as_f32s_mut(dinp), as_f32s(dout), as_f32s(inp), e)
+            f(
+                self.handle,
+                unary_c(op),
+                as_f32s_mut(dinp),
+                as_f32s(dout),
+                as_f32s(inp),
+                e,
+            )
         })
     }
 
@@ -1101,7 +1184,15 @@ impl Backend for PluginBackend {
         cols: usize,
     ) -> Result<()> {
         self.call("scatter_add_rows", self.vt.scatter_add_rows, |f, e| unsafe {
-            f(self.handle, as_f32s_mut(out), as_f32s(inp), u32s(idx), as_opt_f32s(scale), cols, e)
+            f(
+                self.handle,
+                as_f32s_mut(out),
+                as_f32s(inp),
+                u32s(idx),
+                as_opt_f32s(scale),
+                cols,
+                e,
+            )
         })
     }
 
@@ -1140,7 +1231,16 @@ impl Backend for PluginBackend {
             weight_decay: hp.weight_decay,
         };
         self.call("adamw_step", self.vt.adamw_step, |f, e| unsafe {
-            f(self.handle, as_f32s_mut(param), as_f32s(grad), as_f32s_mut(m), as_f32s_mut(v), hp, step, e)
+            f(
+                self.handle,
+                as_f32s_mut(param),
+                as_f32s(grad),
+                as_f32s_mut(m),
+                as_f32s_mut(v),
+                hp,
+                step,
+                e,
+            )
         })
     }
 }

@@ -1,8 +1,10 @@
 //! Helpers shared by the plugin tests: compiling C plugins with the system compiler.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 /// The engine crate root.
 pub fn engine_dir() -> PathBuf {
@@ -19,7 +21,13 @@ pub fn scratch() -> PathBuf {
 /// Compiles C sources with `cc -shared -fPIC` into `lib<name>.so` in the
 /// scratch dir (written under a temporary name, then renamed, so a library
 /// another process has mapped is never rewritten in place).
+/// Each name is compiled once per test process (tests run on threads).
 pub fn compile_c_plugin(sources: &[&Path], flags: &[&str], name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
     let out = scratch().join(format!("lib{name}.{}", std::env::consts::DLL_EXTENSION));
     let tmp = scratch().join(format!("lib{name}.{}.tmp", std::process::id()));
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
@@ -36,6 +44,7 @@ pub fn compile_c_plugin(sources: &[&Path], flags: &[&str], name: &str) -> PathBu
         .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}` (set CC): {e}"));
     assert!(status.success(), "{cc} failed on {sources:?} {flags:?}");
     std::fs::rename(&tmp, &out).expect("rename compiled plugin");
+    built.insert(name.to_string(), out.clone());
     out
 }
 

@@ -45,8 +45,20 @@ fn bench_matrixmultiply(shapes: &[(usize, usize, usize)], reps: usize) -> Vec<Ge
             let mut c = vec![0.0f32; m * n];
             let mut run = || unsafe {
                 matrixmultiply::sgemm(
-                    m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, 0.0, c.as_mut_ptr(),
-                    n as isize, 1,
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
                 )
             };
             run();

@@ -38,6 +38,13 @@ impl CpuBackend {
             })?;
         Ok(Self { pool, threads })
     }
+
+    /// Runs `f` on this backend's pool, so rayon work inside it (a model's own
+    /// per-sample or per-expert loops) shares the op threads instead of
+    /// nesting a second pool.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
 }
 
 impl Backend for CpuBackend {
@@ -122,9 +129,8 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.pool.install(|| {
-            ops::norm::layer_norm_backward(dinp, dweight, dbias, dout, inp, mean, rstd, weight, rows, cols)
-        })
+        self.pool
+            .install(|| ops::norm::layer_norm_backward(dinp, dweight, dbias, dout, inp, mean, rstd, weight, rows, cols))
     }
 
     fn unary(&self, op: Unary, out: &mut [f32], inp: &[f32]) -> Result<()> {
@@ -162,9 +168,8 @@ impl Backend for CpuBackend {
         v: &[f32],
         dims: AttnDims,
     ) -> Result<()> {
-        self.pool.install(|| {
-            ops::attention::attention_backward(dq, dk, dv, dout, probs, q, k, v, dims, self.threads)
-        })
+        self.pool
+            .install(|| ops::attention::attention_backward(dq, dk, dv, dout, probs, q, k, v, dims, self.threads))
     }
 
     fn gather_rows(&self, out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Result<()> {

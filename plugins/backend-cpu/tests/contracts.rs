@@ -11,14 +11,29 @@ use serde_json::json;
 
 #[test]
 fn top_k_breaks_ties_by_lower_column() {
-    let inp = [1.0, 3.0, 3.0, 0.0, 3.0, 2.0, /* row 2 */ 5.0, 5.0, 5.0, 5.0, -1.0, f32::NAN];
+    let inp = [
+        1.0,
+        3.0,
+        3.0,
+        0.0,
+        3.0,
+        2.0,
+        /* row 2 */ 5.0,
+        5.0,
+        5.0,
+        5.0,
+        -1.0,
+        f32::NAN,
+    ];
     let (mut idx, mut val) = ([0u32; 8], [0.0f32; 8]);
     cpu2().top_k_rows(&mut idx, &mut val, &inp, 2, 6, 4).unwrap();
     assert_eq!(idx, [1, 2, 4, 5, 0, 1, 2, 3]);
     assert_eq!(val, [3.0, 3.0, 3.0, 2.0, 5.0, 5.0, 5.0, 5.0]);
     // NaN ranks below every number.
     let (mut idx, mut val) = ([0u32; 2], [0.0f32; 2]);
-    cpu1().top_k_rows(&mut idx, &mut val, &[f32::NAN, -7.0, f32::NAN], 1, 3, 2).unwrap();
+    cpu1()
+        .top_k_rows(&mut idx, &mut val, &[f32::NAN, -7.0, f32::NAN], 1, 3, 2)
+        .unwrap();
     assert_eq!(idx, [1, 0]);
 }
 
@@ -29,7 +44,9 @@ fn scatter_add_is_deterministic_with_many_repeats() {
     let (n, rows, cols) = (20_000, 7, 33);
     let src = randv(5, n * cols, 1.0);
     let scale = randv(6, n, 1.0);
-    let idx: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761).wrapping_mul(i + 1) % rows as u32).collect();
+    let idx: Vec<u32> = (0..n as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).wrapping_mul(i + 1) % rows as u32)
+        .collect();
     let run = |be: &dyn Backend| {
         let mut out = vec![0.0f32; rows * cols];
         be.scatter_add_rows(&mut out, &src, &idx, Some(&scale), cols).unwrap();
@@ -49,13 +66,24 @@ fn scatter_add_is_deterministic_with_many_repeats() {
 
 #[test]
 fn adamw_matches_a_hand_computed_step() {
-    let hp = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let hp = AdamW {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
     let (mut p, g) = (vec![1.0f32, -2.0], vec![0.5f32, 0.25]);
     let (mut m, mut v) = (vec![0.0f32; 2], vec![0.0f32; 2]);
     cpu1().adamw_step(&mut p, &g, &mut m, &mut v, hp, 1).unwrap();
     // Step 1: m = 0.1 g, v = 0.001 g^2, m_hat = g, v_hat = g^2, so the update is
     // lr * g / (|g| + eps) = 0.1 * sign(g), after decay p *= 1 - lr * wd = 0.999.
-    assert!((m[0] - 0.05).abs() < 1e-6 && (v[0] / 0.00025 - 1.0).abs() < 1e-4, "m {} v {}", m[0], v[0]);
+    assert!(
+        (m[0] - 0.05).abs() < 1e-6 && (v[0] / 0.00025 - 1.0).abs() < 1e-4,
+        "m {} v {}",
+        m[0],
+        v[0]
+    );
     assert!((p[0] - (0.999 - 0.1)).abs() < 1e-6, "{}", p[0]);
     assert!((p[1] - (-1.998 - 0.1)).abs() < 1e-6, "{}", p[1]);
     // Step 2 with the same gradient, by the PyTorch formula.
@@ -86,44 +114,99 @@ fn wrong_lengths_are_errors_not_panics() {
     let be = cpu2();
     let (x, mut y) = (vec![0.0f32; 12], vec![0.0f32; 12]);
     assert_shape_err(be.gemm(&mut y, &x, &x, GemmDims::nn(3, 4, 5), 1.0, 0.0), "gemm (a)");
-    assert_shape_err(be.gemm(&mut y[..11], &x, &x, GemmDims::nn(3, 4, 3), 1.0, 0.0), "gemm (out)");
-    assert_shape_err(be.gemm(&mut y, &x, &x, GemmDims::nn(usize::MAX, 4, 3), 1.0, 0.0), "gemm");
-    assert_shape_err(be.gemm_batched(&mut y, &x, &x, 2, GemmDims::nn(2, 3, 2), 1.0, 0.0), "gemm_batched (a)");
+    assert_shape_err(
+        be.gemm(&mut y[..11], &x, &x, GemmDims::nn(3, 4, 3), 1.0, 0.0),
+        "gemm (out)",
+    );
+    assert_shape_err(
+        be.gemm(&mut y, &x, &x, GemmDims::nn(usize::MAX, 4, 3), 1.0, 0.0),
+        "gemm",
+    );
+    assert_shape_err(
+        be.gemm_batched(&mut y, &x, &x, 2, GemmDims::nn(2, 3, 2), 1.0, 0.0),
+        "gemm_batched (a)",
+    );
     assert_shape_err(be.add_bias(&mut y, &x[..3], 3, 4), "add_bias (bias)");
     assert_shape_err(be.sum_rows(&mut y[..4], &x, 4, 4, false), "sum_rows (inp)");
     assert_shape_err(be.softmax_rows(&mut y, &x[..10], 3, 4), "softmax_rows (inp)");
-    assert_shape_err(be.softmax_rows_backward(&mut y, &x, &x[..1], 3, 4), "softmax_rows_backward (out)");
+    assert_shape_err(
+        be.softmax_rows_backward(&mut y, &x, &x[..1], 3, 4),
+        "softmax_rows_backward (out)",
+    );
     let (mut mean, mut rstd) = (vec![0.0; 3], vec![0.0; 2]);
-    assert_shape_err(be.layer_norm(&mut y, &mut mean, &mut rstd, &x, None, None, 3, 4, 1e-5), "layer_norm (rstd)");
+    assert_shape_err(
+        be.layer_norm(&mut y, &mut mean, &mut rstd, &x, None, None, 3, 4, 1e-5),
+        "layer_norm (rstd)",
+    );
     let mut rstd = vec![0.0; 3];
-    assert_shape_err(be.layer_norm(&mut y, &mut mean, &mut rstd, &x, Some(&x[..3]), None, 3, 4, 1e-5), "layer_norm (weight)");
+    assert_shape_err(
+        be.layer_norm(&mut y, &mut mean, &mut rstd, &x, Some(&x[..3]), None, 3, 4, 1e-5),
+        "layer_norm (weight)",
+    );
     let mut dw = vec![0.0; 5];
     assert_shape_err(
         be.layer_norm_backward(&mut y, Some(&mut dw), None, &x, &x, &mean, &rstd, None, 3, 4),
         "layer_norm_backward (dweight)",
     );
     assert_shape_err(be.unary(Unary::Silu, &mut y[..5], &x), "unary (out)");
-    assert_shape_err(be.unary_backward(Unary::GeluTanh, &mut y, &x[..2], &x), "unary_backward (dout)");
-    let d = AttnDims { batch: 1, heads: 2, kv_heads: 1, q_len: 3, kv_len: 2, head_dim: 2 };
+    assert_shape_err(
+        be.unary_backward(Unary::GeluTanh, &mut y, &x[..2], &x),
+        "unary_backward (dout)",
+    );
+    let d = AttnDims {
+        batch: 1,
+        heads: 2,
+        kv_heads: 1,
+        q_len: 3,
+        kv_len: 2,
+        head_dim: 2,
+    };
     let (q, kv) = (vec![0.0f32; 12], vec![0.0f32; 4]);
     let mut probs = vec![0.0f32; 12];
-    assert_shape_err(be.attention(&mut y, &mut probs, &q, &kv, &kv, Some(&[1u8; 3]), d), "attention (key_mask)");
-    assert_shape_err(be.attention(&mut y, &mut probs[..11], &q, &kv, &kv, None, d), "attention (probs)");
+    assert_shape_err(
+        be.attention(&mut y, &mut probs, &q, &kv, &kv, Some(&[1u8; 3]), d),
+        "attention (key_mask)",
+    );
+    assert_shape_err(
+        be.attention(&mut y, &mut probs[..11], &q, &kv, &kv, None, d),
+        "attention (probs)",
+    );
     let bad_heads = AttnDims { kv_heads: 3, ..d };
-    assert_shape_err(be.attention(&mut y, &mut probs, &q, &kv, &kv, None, bad_heads), "attention");
+    assert_shape_err(
+        be.attention(&mut y, &mut probs, &q, &kv, &kv, None, bad_heads),
+        "attention",
+    );
     let (mut dk, mut dv) = (vec![0.0f32; 4], vec![0.0f32; 3]);
-    assert_shape_err(be.attention_backward(&mut y, &mut dk, &mut dv, &q, &probs, &q, &kv, &kv, d), "attention_backward (dv)");
+    assert_shape_err(
+        be.attention_backward(&mut y, &mut dk, &mut dv, &q, &probs, &q, &kv, &kv, d),
+        "attention_backward (dv)",
+    );
     assert_shape_err(be.gather_rows(&mut y[..5], &x, &[0, 3], 2), "gather_rows (out)");
     assert_shape_err(be.gather_rows(&mut y[..4], &x[..7], &[0, 1], 2), "gather_rows (inp)");
     assert_shape_err(be.gather_rows(&mut y[..4], &x, &[0, 6], 2), "gather_rows (idx[1])");
-    assert_shape_err(be.scatter_add_rows(&mut y, &x[..4], &[0, 6], None, 2), "scatter_add_rows (idx[1])");
-    assert_shape_err(be.scatter_add_rows(&mut y, &x[..4], &[0, 1], Some(&[1.0]), 2), "scatter_add_rows (scale)");
+    assert_shape_err(
+        be.scatter_add_rows(&mut y, &x[..4], &[0, 6], None, 2),
+        "scatter_add_rows (idx[1])",
+    );
+    assert_shape_err(
+        be.scatter_add_rows(&mut y, &x[..4], &[0, 1], Some(&[1.0]), 2),
+        "scatter_add_rows (scale)",
+    );
     let (mut idx, mut val) = (vec![0u32; 6], vec![0.0f32; 6]);
     assert_shape_err(be.top_k_rows(&mut idx, &mut val[..5], &x, 2, 6, 3), "top_k_rows (val)");
-    assert_shape_err(be.top_k_rows(&mut idx[..4], &mut val[..4], &x, 2, 6, 3), "top_k_rows (idx)");
+    assert_shape_err(
+        be.top_k_rows(&mut idx[..4], &mut val[..4], &x, 2, 6, 3),
+        "top_k_rows (idx)",
+    );
     assert_shape_err(be.top_k_rows(&mut idx, &mut val, &x[..2], 1, 2, 6), "top_k_rows");
     let (mut p, mut m, mut v) = (vec![0.0f32; 4], vec![0.0f32; 4], vec![0.0f32; 3]);
-    let hp = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let hp = AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
     assert_shape_err(be.adamw_step(&mut p, &x[..4], &mut m, &mut v, hp, 1), "adamw_step (v)");
 }
 
@@ -131,25 +214,44 @@ fn wrong_lengths_are_errors_not_panics() {
 fn gemm_is_bit_identical_on_one_and_two_threads() {
     // Shapes large enough that the 2-thread run really splits the work, with
     // every transpose combination and beta != 0.
-    for (i, &(m, n, k)) in [(512, 384, 384), (300, 257, 131), (2048, 96, 64), (64, 1536, 200)].iter().enumerate() {
+    for (i, &(m, n, k)) in [(512, 384, 384), (300, 257, 131), (2048, 96, 64), (64, 1536, 200)]
+        .iter()
+        .enumerate()
+    {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let a = randv(i as u64, m * k, 1.0);
             let b = randv(i as u64 + 100, k * n, 1.0);
             let out0 = randv(i as u64 + 200, m * n, 1.0);
-            let d = GemmDims { m, n, k, trans_a: ta, trans_b: tb };
+            let d = GemmDims {
+                m,
+                n,
+                k,
+                trans_a: ta,
+                trans_b: tb,
+            };
             let run = |be: &dyn Backend| {
                 let mut out = out0.clone();
                 be.gemm(&mut out, &a, &b, d, 0.7, 0.3).unwrap();
                 out
             };
-            assert!(run(cpu1()) == run(cpu2()), "gemm {m}x{n}x{k} ta={ta} tb={tb}: 1 and 2 threads differ");
+            assert!(
+                run(cpu1()) == run(cpu2()),
+                "gemm {m}x{n}x{k} ta={ta} tb={tb}: 1 and 2 threads differ"
+            );
         }
     }
 }
 
 #[test]
 fn attention_and_norm_are_bit_identical_on_one_and_two_threads() {
-    let d = AttnDims { batch: 2, heads: 4, kv_heads: 2, q_len: 64, kv_len: 48, head_dim: 32 };
+    let d = AttnDims {
+        batch: 2,
+        heads: 4,
+        kv_heads: 2,
+        q_len: 64,
+        kv_len: 48,
+        head_dim: 32,
+    };
     let q = randv(1, 2 * 64 * 4 * 32, 1.0);
     let k = randv(2, 2 * 48 * 2 * 32, 1.0);
     let v = randv(3, 2 * 48 * 2 * 32, 1.0);
@@ -159,20 +261,55 @@ fn attention_and_norm_are_bit_identical_on_one_and_two_threads() {
         let (mut out, mut probs) = (vec![0.0; q.len()], vec![0.0; 2 * 4 * 64 * 48]);
         be.attention(&mut out, &mut probs, &q, &k, &v, Some(&mask), d).unwrap();
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        be.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, d).unwrap();
+        be.attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, d)
+            .unwrap();
         let (rows, cols) = (700, 96);
         let x = randv(5, rows * cols, 2.0);
         let (mut y, mut mean, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
         let (w, bias) = (randv(6, cols, 1.0), randv(7, cols, 1.0));
-        be.layer_norm(&mut y, &mut mean, &mut rstd, &x, Some(&w), Some(&bias), rows, cols, 1e-6).unwrap();
+        be.layer_norm(
+            &mut y,
+            &mut mean,
+            &mut rstd,
+            &x,
+            Some(&w),
+            Some(&bias),
+            rows,
+            cols,
+            1e-6,
+        )
+        .unwrap();
         let (mut dx, mut dw, mut db) = (vec![0.0; rows * cols], vec![0.0; cols], vec![0.0; cols]);
-        be.layer_norm_backward(&mut dx, Some(&mut dw), Some(&mut db), &x, &x, &mean, &rstd, Some(&w), rows, cols).unwrap();
+        be.layer_norm_backward(
+            &mut dx,
+            Some(&mut dw),
+            Some(&mut db),
+            &x,
+            &x,
+            &mean,
+            &rstd,
+            Some(&w),
+            rows,
+            cols,
+        )
+        .unwrap();
         let mut s = vec![0.0; cols];
         be.sum_rows(&mut s, &x, rows, cols, false).unwrap();
         [out, probs, dq, dk, dv, y, dx, dw, db, s]
     };
     let (one, two) = (run(cpu1()), run(cpu2()));
-    let names = ["out", "probs", "dq", "dk", "dv", "ln out", "ln dinp", "ln dweight", "ln dbias", "sum_rows"];
+    let names = [
+        "out",
+        "probs",
+        "dq",
+        "dk",
+        "dv",
+        "ln out",
+        "ln dinp",
+        "ln dweight",
+        "ln dbias",
+        "sum_rows",
+    ];
     for ((a, b), name) in one.iter().zip(&two).zip(names) {
         assert!(a == b, "{name} differs between 1 and 2 threads");
     }
@@ -180,16 +317,43 @@ fn attention_and_norm_are_bit_identical_on_one_and_two_threads() {
 
 #[test]
 fn fully_masked_queries_get_zero_output_and_gradients() {
-    let d = AttnDims { batch: 2, heads: 2, kv_heads: 2, q_len: 3, kv_len: 4, head_dim: 2 };
+    let d = AttnDims {
+        batch: 2,
+        heads: 2,
+        kv_heads: 2,
+        q_len: 3,
+        kv_len: 4,
+        head_dim: 2,
+    };
     let q = randv(1, 2 * 3 * 2 * 2, 1.0);
     let k = randv(2, 2 * 4 * 2 * 2, 1.0);
     let mask = [1, 0, 1, 1, /* sample 1: nothing */ 0, 0, 0, 0];
     let (mut out, mut probs) = (vec![f32::NAN; q.len()], vec![f32::NAN; 2 * 2 * 3 * 4]);
-    cpu2().attention(&mut out, &mut probs, &q, &k, &k, Some(&mask), d).unwrap();
+    cpu2()
+        .attention(&mut out, &mut probs, &q, &k, &k, Some(&mask), d)
+        .unwrap();
     assert!(out[12..].iter().all(|&x| x == 0.0) && probs[24..].iter().all(|&x| x == 0.0));
-    assert!(probs[..24].chunks(4).all(|p| p[1] == 0.0 && (p.iter().sum::<f32>() - 1.0).abs() < 1e-6));
-    let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; k.len()]);
-    cpu2().attention_backward(&mut dq, &mut dk, &mut dv, &randv(3, q.len(), 1.0), &probs, &q, &k, &k, d).unwrap();
+    assert!(probs[..24]
+        .chunks(4)
+        .all(|p| p[1] == 0.0 && (p.iter().sum::<f32>() - 1.0).abs() < 1e-6));
+    let (mut dq, mut dk, mut dv) = (
+        vec![f32::NAN; q.len()],
+        vec![f32::NAN; k.len()],
+        vec![f32::NAN; k.len()],
+    );
+    cpu2()
+        .attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &randv(3, q.len(), 1.0),
+            &probs,
+            &q,
+            &k,
+            &k,
+            d,
+        )
+        .unwrap();
     assert!(dq[12..].iter().chain(&dk[16..]).chain(&dv[16..]).all(|&x| x == 0.0));
 }
 
@@ -200,12 +364,26 @@ fn registers_as_cpu_with_a_threads_param() {
     let be = reg.backend(&json!({"kind": "cpu", "threads": 2})).unwrap();
     assert_eq!((be.name(), be.threads()), ("cpu", 2));
     let all = reg.backend(&json!("cpu")).unwrap();
-    assert_eq!(all.threads(), std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let err = reg.backend(&json!({"kind": "cpu", "threads": -1})).err().expect("threads -1 refused").to_string();
+    assert_eq!(
+        all.threads(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let err = reg
+        .backend(&json!({"kind": "cpu", "threads": -1}))
+        .err()
+        .expect("threads -1 refused")
+        .to_string();
     assert!(err.contains("threads") && err.contains("-1"), "{err}");
-    let err = reg.backend(&json!({"kind": "cpu", "thread": 1})).err().expect("unknown param refused").to_string();
+    let err = reg
+        .backend(&json!({"kind": "cpu", "thread": 1}))
+        .err()
+        .expect("unknown param refused")
+        .to_string();
     assert!(err.contains("thread") && err.contains("unknown"), "{err}");
-    assert!(ecdit_backend_cpu::register(&mut reg).is_err(), "registering twice must clash");
+    assert!(
+        ecdit_backend_cpu::register(&mut reg).is_err(),
+        "registering twice must clash"
+    );
     assert_eq!(CpuBackend::new(3).unwrap().threads(), 3);
 }
 

@@ -16,28 +16,88 @@ fn be() -> &'static dyn Backend {
 /// Gradients of `L = sum(w * (alpha * op(a) @ op(b)))` wrt the stored `a` and
 /// `b`, computed with gemm calls the way a model's backward does it.
 fn gemm_backward(w: &[f32], a: &[f32], b: &[f32], d: GemmDims, alpha: f32) -> (Vec<f32>, Vec<f32>) {
-    let GemmDims { m, n, k, trans_a, trans_b } = d;
+    let GemmDims {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+    } = d;
     let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
     if trans_a {
         // a: [k, m]; da = op(b) @ dout^T: [k, m]
-        be().gemm(&mut da, b, w, GemmDims { m: k, n: m, k: n, trans_a: trans_b, trans_b: true }, alpha, 0.0).unwrap();
+        be().gemm(
+            &mut da,
+            b,
+            w,
+            GemmDims {
+                m: k,
+                n: m,
+                k: n,
+                trans_a: trans_b,
+                trans_b: true,
+            },
+            alpha,
+            0.0,
+        )
+        .unwrap();
     } else {
         // da = dout @ op(b)^T: [m, k]
-        be().gemm(&mut da, w, b, GemmDims { m, n: k, k: n, trans_a: false, trans_b: !trans_b }, alpha, 0.0).unwrap();
+        be().gemm(
+            &mut da,
+            w,
+            b,
+            GemmDims {
+                m,
+                n: k,
+                k: n,
+                trans_a: false,
+                trans_b: !trans_b,
+            },
+            alpha,
+            0.0,
+        )
+        .unwrap();
     }
     if trans_b {
         // b: [n, k]; db = dout^T @ op(a): [n, k]
-        be().gemm(&mut db, w, a, GemmDims { m: n, n: k, k: m, trans_a: true, trans_b: trans_a }, alpha, 0.0).unwrap();
+        be().gemm(
+            &mut db,
+            w,
+            a,
+            GemmDims {
+                m: n,
+                n: k,
+                k: m,
+                trans_a: true,
+                trans_b: trans_a,
+            },
+            alpha,
+            0.0,
+        )
+        .unwrap();
     } else {
         // db = op(a)^T @ dout: [k, n]
-        be().gemm(&mut db, a, w, GemmDims { m: k, n, k: m, trans_a: !trans_a, trans_b: false }, alpha, 0.0).unwrap();
+        be().gemm(
+            &mut db,
+            a,
+            w,
+            GemmDims {
+                m: k,
+                n,
+                k: m,
+                trans_a: !trans_a,
+                trans_b: false,
+            },
+            alpha,
+            0.0,
+        )
+        .unwrap();
     }
     (da, db)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
-
     #[test]
     fn gemm_gradients(m in 1usize..7, n in 1usize..7, k in 1usize..7, trans_a: bool, trans_b: bool,
                       alpha in 0.2f32..2.0, seed: u64) {
@@ -71,12 +131,14 @@ proptest! {
     }
 
     #[test]
-    fn layer_norm_gradients(rows in 1usize..4, cols in 2usize..9, affine: bool, seed: u64) {
+    fn layer_norm_gradients(rows in 1usize..4, cols in 3usize..10, affine: bool, seed: u64) {
         let x = randv(seed, rows * cols, 2.0);
         let wgt = randv(seed ^ 1, cols, 2.0);
         let bias = randv(seed ^ 2, cols, 1.0);
         let w = randv(seed ^ 3, rows * cols, 1.0);
-        let eps = 1e-5;
+        // cols >= 3 and eps 1e-3 keep the loss smooth enough for central
+        // differences (with 2 columns the output is nearly a step function).
+        let eps = 1e-3;
         let loss = |x: &[f32], wgt: &[f32], bias: &[f32]| {
             let (mut y, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows], vec![0.0; rows]);
             let (wo, bo) = if affine { (Some(wgt), Some(bias)) } else { (None, None) };
@@ -92,12 +154,12 @@ proptest! {
         } else {
             be().layer_norm_backward(&mut dx, None, None, &w, &x, &mean, &rstd, None, rows, cols).unwrap();
         }
-        fd_check("layer_norm dinp", &x, &dx, |x| loss(x, &wgt, &bias).0, 1e-2, 5e-3)?;
+        fd_check("layer_norm dinp", &x, &dx, |x| loss(x, &wgt, &bias).0, 5e-3, 5e-3)?;
         if affine {
             let dw: Vec<f32> = dw.iter().map(|g| g - 0.5).collect();
             let db: Vec<f32> = db.iter().map(|g| g + 0.25).collect();
-            fd_check("layer_norm dweight", &wgt, &dw, |wg| loss(&x, wg, &bias).0, 1e-2, 2e-3)?;
-            fd_check("layer_norm dbias", &bias, &db, |bs| loss(&x, &wgt, bs).0, 1e-2, 2e-3)?;
+            fd_check("layer_norm dweight", &wgt, &dw, |wg| loss(&x, wg, &bias).0, 5e-3, 2e-3)?;
+            fd_check("layer_norm dbias", &bias, &db, |bs| loss(&x, &wgt, bs).0, 5e-3, 2e-3)?;
         }
     }
 

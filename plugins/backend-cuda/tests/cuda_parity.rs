@@ -8,8 +8,6 @@ use ecdit_engine::{AdamW, AttnDims, Backend, GemmDims, Registry, Unary};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-const GPU: &str = "needs a CUDA GPU; run scripts/gpu-check.sh";
-
 fn cuda() -> Box<dyn Backend> {
     let mut reg = Registry::new();
     register(&mut reg).unwrap();
@@ -268,6 +266,10 @@ fn unimplemented_ops_say_so() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("attention not yet implemented on cuda"), "{e}");
+    let e = b
+        .top_k_rows(&mut [0], &mut [0.0], &[0.0], 1, 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("top_k_rows not yet implemented on cuda"), "{e}");
     println!("PARITY not_implemented(layer_norm,attention,top_k_rows) - -");
-    let _ = GPU;
 }

@@ -101,14 +101,26 @@ fn forward_matches_a_per_row_reference_with_an_empty_expert() {
             .expect("forward");
         let want = reference(expert.kind(), &params, &x, &offsets, d, h);
         for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-            assert!((got as f64 - want).abs() < 1e-5, "{} out[{i}] = {got}, want {want}", expert.kind());
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "{} out[{i}] = {got}, want {want}",
+                expert.kind()
+            );
         }
     }
 }
 
 /// `L = sum(out * r)`, in f64 so the finite differences see only the f32
 /// rounding of `out` itself.
-fn loss(expert: &dyn Expert, be: &dyn Backend, x: &[f32], params: &[Vec<f32>], offsets: &[usize], d: usize, r: &[f32]) -> f64 {
+fn loss(
+    expert: &dyn Expert,
+    be: &dyn Backend,
+    x: &[f32],
+    params: &[Vec<f32>],
+    offsets: &[usize],
+    d: usize,
+    r: &[f32],
+) -> f64 {
     let mut out = vec![0.0; x.len()];
     let mut cache = ExpertCache::default();
     expert
@@ -119,7 +131,10 @@ fn loss(expert: &dyn Expert, be: &dyn Backend, x: &[f32], params: &[Vec<f32>], o
 
 fn assert_close(what: &str, got: f32, want: f64) {
     let tol = 2e-3 + 1e-2 * want.abs();
-    assert!((got as f64 - want).abs() < tol, "{what}: analytic {got}, numeric {want}");
+    assert!(
+        (got as f64 - want).abs() < tol,
+        "{what}: analytic {got}, numeric {want}"
+    );
 }
 
 #[test]
@@ -158,7 +173,11 @@ fn backward_matches_finite_differences() {
             x[i] = keep - eps;
             let down = loss(expert, &be, &x, &params, &offsets, d, &r);
             x[i] = keep;
-            assert_close(&format!("{} dx[{i}]", expert.kind()), dx[i], (up - down) / (2.0 * eps as f64));
+            assert_close(
+                &format!("{} dx[{i}]", expert.kind()),
+                dx[i],
+                (up - down) / (2.0 * eps as f64),
+            );
         }
         let names = expert.param_shapes(d, 4);
         for p in 0..params.len() {
@@ -238,20 +257,35 @@ fn registry_builds_both_kinds_and_round_trips_specs() {
     let gelu = registry.expert(&json!("gelu-mlp")).expect("default gelu-mlp");
     assert_eq!(gelu.spec(), json!({"kind": "gelu-mlp", "mlp_ratio": 4.0}));
     assert_eq!(gelu.hidden(384), 1536);
-    let swiglu = registry.expert(&json!({"kind": "swiglu", "mlp_ratio": 2.5})).expect("swiglu");
+    let swiglu = registry
+        .expert(&json!({"kind": "swiglu", "mlp_ratio": 2.5}))
+        .expect("swiglu");
     assert_eq!(swiglu.hidden(8), 20);
     let again = registry.expert(&swiglu.spec()).expect("rebuild from spec");
     assert_eq!(again.spec(), swiglu.spec());
 
     let shapes: Vec<(String, Vec<usize>)> = gelu.param_shapes(4, 3).into_iter().map(|p| (p.name, p.shape)).collect();
-    let want = [("fc1.weight", vec![3, 16, 4]), ("fc1.bias", vec![3, 16]), ("fc2.weight", vec![3, 4, 16]), ("fc2.bias", vec![3, 4])];
+    let want = [
+        ("fc1.weight", vec![3, 16, 4]),
+        ("fc1.bias", vec![3, 16]),
+        ("fc2.weight", vec![3, 4, 16]),
+        ("fc2.bias", vec![3, 4]),
+    ];
     assert_eq!(shapes, want.map(|(n, s)| (n.to_string(), s)).to_vec());
     let names: Vec<String> = swiglu.param_shapes(4, 3).into_iter().map(|p| p.name).collect();
     assert_eq!(names, ["w1", "w3", "w2"]);
 
-    let err = registry.expert(&json!({"kind": "gelu-mlp", "mlp_ratio": -1.0})).err().expect("negative ratio").to_string();
+    let err = registry
+        .expert(&json!({"kind": "gelu-mlp", "mlp_ratio": -1.0}))
+        .err()
+        .expect("negative ratio")
+        .to_string();
     assert!(err.contains("mlp_ratio") && err.contains("-1"), "{err}");
-    let err = registry.expert(&json!({"kind": "swiglu", "mlp_ratio": "wide"})).err().expect("string ratio").to_string();
+    let err = registry
+        .expert(&json!({"kind": "swiglu", "mlp_ratio": "wide"}))
+        .err()
+        .expect("string ratio")
+        .to_string();
     assert!(err.contains("mlp_ratio"), "{err}");
 }
 
@@ -268,23 +302,96 @@ fn bad_buffers_are_errors_not_panics() {
         let mut cache = ExpertCache::default();
         let p = slices(&params);
         // offsets end past the rows of x
-        let err = expert.forward(&be, &mut out, &mut cache, &x, &p, &[0, 2, 6], d).unwrap_err().to_string();
+        let err = expert
+            .forward(&be, &mut out, &mut cache, &x, &p, &[0, 2, 6], d)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x"), "{err}");
         // offsets not monotone
-        let err = expert.forward(&be, &mut out, &mut cache, &x, &p, &[0, 4, 3], d).unwrap_err().to_string();
+        let err = expert
+            .forward(&be, &mut out, &mut cache, &x, &p, &[0, 4, 3], d)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("offsets"), "{err}");
         // parameters for 3 experts with offsets for 2
         let p3 = random_params(expert, d, 3, &mut rng);
-        let err = expert.forward(&be, &mut out, &mut cache, &x, &slices(&p3), &[0, 2, 5], d).unwrap_err().to_string();
+        let err = expert
+            .forward(&be, &mut out, &mut cache, &x, &slices(&p3), &[0, 2, 5], d)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("params[0]"), "{err}");
         // backward without a forward
         let mut dx = vec![0.0; 5 * d];
         let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
         let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
         let err = expert
-            .backward(&be, &mut dx, &mut dp, &out, &ExpertCache::default(), &x, &p, &[0, 2, 5], d)
+            .backward(
+                &be,
+                &mut dx,
+                &mut dp,
+                &out,
+                &ExpertCache::default(),
+                &x,
+                &p,
+                &[0, 2, 5],
+                d,
+            )
             .unwrap_err()
             .to_string();
         assert!(err.contains("cache"), "{err}");
+    }
+}
+
+#[test]
+fn experts_with_more_rows_than_one_forward_block_are_exact() {
+    // The forward runs an expert's rows in blocks; 1100 rows span three.
+    let be = backend();
+    let mut rng = StdRng::seed_from_u64(12);
+    let d = 4;
+    let offsets = [0, 1100, 1103];
+    for expert in experts_under_test() {
+        let h = expert.hidden(d);
+        let params = random_params(expert.as_ref(), d, 2, &mut rng);
+        let x = random(&mut rng, 1103 * d, 1.0);
+        let mut out = vec![f32::NAN; 1103 * d];
+        let mut cache = ExpertCache::default();
+        expert
+            .forward(&be, &mut out, &mut cache, &x, &slices(&params), &offsets, d)
+            .expect("forward");
+        let want = reference(expert.kind(), &params, &x, &offsets, d, h);
+        for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "{} out[{i}] = {got}, want {want}",
+                expert.kind()
+            );
+        }
+        // dx is row-local: one call equals two calls on the halves of expert 0.
+        let dout = random(&mut rng, 1103 * d, 1.0);
+        let grads = |rows: std::ops::Range<usize>, offsets: &[usize]| {
+            let (x, dout) = (&x[rows.start * d..rows.end * d], &dout[rows.start * d..rows.end * d]);
+            let mut out = vec![0.0; x.len()];
+            let mut cache = ExpertCache::default();
+            expert
+                .forward(&be, &mut out, &mut cache, x, &slices(&params), offsets, d)
+                .expect("forward");
+            let mut dx = vec![0.0; x.len()];
+            let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+            let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
+            expert
+                .backward(&be, &mut dx, &mut dp, dout, &cache, x, &slices(&params), offsets, d)
+                .expect("backward");
+            dx
+        };
+        let whole = grads(0..1100, &[0, 1100, 1100]);
+        let mut halves = grads(0..600, &[0, 600, 600]);
+        halves.extend(grads(600..1100, &[0, 500, 500]));
+        for (i, (a, b)) in whole.iter().zip(&halves).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                "{} dx[{i}]: {a} vs {b}",
+                expert.kind()
+            );
+        }
     }
 }

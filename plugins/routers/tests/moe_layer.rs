@@ -67,7 +67,14 @@ fn check_layer_gradients(router: Value, grad_aux: f32) {
     let registry = registry();
     let (d, e_count, samples, tps) = (6, 4, 2, 8);
     let s = shape(samples, tps, e_count);
-    let mut layer = layer(&registry, &router, &json!({"kind": "gelu-mlp", "mlp_ratio": 2.0}), d, e_count, 7);
+    let mut layer = layer(
+        &registry,
+        &router,
+        &json!({"kind": "gelu-mlp", "mlp_ratio": 2.0}),
+        d,
+        e_count,
+        7,
+    );
     let mut rng = StdRng::seed_from_u64(8);
     let mut x = random(&mut rng, samples * tps * d, 1.0);
     let r = random(&mut rng, samples * tps * d, 1.0);
@@ -127,7 +134,10 @@ fn check_layer_gradients(router: Value, grad_aux: f32) {
         checked + skipped
     );
     // The router path is live: the score gradient reaches W_r.
-    assert!(grads.dw_router.iter().any(|g| g.abs() > 1e-3), "{router}: dW_r is all zero");
+    assert!(
+        grads.dw_router.iter().any(|g| g.abs() > 1e-3),
+        "{router}: dW_r is all zero"
+    );
 }
 
 #[test]
@@ -156,7 +166,14 @@ fn gelu_tanh(x: f64) -> f64 {
 fn dense_router_with_one_expert_is_a_plain_gelu_mlp() {
     let registry = registry();
     let (d, tokens) = (5, 7);
-    let l = layer(&registry, &json!("dense"), &json!({"kind": "gelu-mlp", "mlp_ratio": 3.0}), d, 1, 3);
+    let l = layer(
+        &registry,
+        &json!("dense"),
+        &json!({"kind": "gelu-mlp", "mlp_ratio": 3.0}),
+        d,
+        1,
+        3,
+    );
     let h = 15;
     let mut rng = StdRng::seed_from_u64(4);
     let x = random(&mut rng, tokens * d, 1.0);
@@ -209,12 +226,17 @@ fn a_token_no_expert_chose_gets_exactly_zero() {
     // Each chosen token's output is the gate-weighted sum of its experts' outputs.
     for (s, (&t, &g)) in dispatch.tokens.iter().zip(&dispatch.gates).enumerate() {
         let t = t as usize;
-        let others: Vec<usize> = (0..dispatch.slots()).filter(|&o| dispatch.tokens[o] as usize == t).collect();
+        let others: Vec<usize> = (0..dispatch.slots())
+            .filter(|&o| dispatch.tokens[o] as usize == t)
+            .collect();
         let want: Vec<f32> = (0..d)
             .map(|c| others.iter().map(|&o| dispatch.gates[o] * cache.ys[o * d + c]).sum())
             .collect();
         for c in 0..d {
-            assert!((out[t * d + c] - want[c]).abs() < 1e-6, "slot {s} gate {g}: out[{t}, {c}]");
+            assert!(
+                (out[t * d + c] - want[c]).abs() < 1e-6,
+                "slot {s} gate {g}: out[{t}, {c}]"
+            );
         }
     }
 }
@@ -299,7 +321,11 @@ fn bad_shapes_are_errors_naming_what_is_wrong() {
 
     let router = registry.router(&json!("expert-choice")).expect("router");
     let expert = registry.expert(&json!("gelu-mlp")).expect("expert");
-    let mut params: Vec<HostTensor> = expert.param_shapes(d, e_count).iter().map(|p| HostTensor::zeros(&p.shape)).collect();
+    let mut params: Vec<HostTensor> = expert
+        .param_shapes(d, e_count)
+        .iter()
+        .map(|p| HostTensor::zeros(&p.shape))
+        .collect();
     params[2] = HostTensor::zeros(&[e_count, d, 7]);
     let err = MoeLayer::new(router, expert, d, e_count, HostTensor::zeros(&[d, e_count]), params)
         .err()

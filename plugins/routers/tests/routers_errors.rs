@@ -1,6 +1,6 @@
 //! Registry round trips and bad input: every error names the field and value.
 
-use ecdit_engine::{RouteShape, Registry, Router};
+use ecdit_engine::{Registry, RouteShape, Router};
 use serde_json::{json, Value};
 
 fn registry() -> Registry {
@@ -64,7 +64,10 @@ fn specs_round_trip_through_the_registry() {
 
 #[test]
 fn unknown_kind_lists_the_known_ones() {
-    assert_names(&build_err(json!({"kind": "nope"})), &["'nope'", "expert-choice", "token-choice"]);
+    assert_names(
+        &build_err(json!({"kind": "nope"})),
+        &["'nope'", "expert-choice", "token-choice"],
+    );
 }
 
 #[test]
@@ -121,33 +124,66 @@ fn group_that_is_not_whole_samples_is_refused() {
 #[test]
 fn non_finite_scores_are_refused_by_every_router() {
     let reg = registry();
-    for (kind, experts) in [("expert-choice", 2), ("token-choice", 2), ("expert-race", 2), ("dense", 1)] {
+    for (kind, experts) in [
+        ("expert-choice", 2),
+        ("token-choice", 2),
+        ("expert-race", 2),
+        ("dense", 1),
+    ] {
         let router = reg.router(&json!(kind)).unwrap();
         let mut scores = vec![0.5f32; 4 * experts];
         scores[3] = f32::NAN;
-        assert_names(&route_err(router.as_ref(), &scores, shape(1, 4, experts)), &["router scores", "index 3", "NaN"]);
+        assert_names(
+            &route_err(router.as_ref(), &scores, shape(1, 4, experts)),
+            &["router scores", "index 3", "NaN"],
+        );
         scores[3] = 0.0;
         scores[1] = f32::NEG_INFINITY;
-        assert_names(&route_err(router.as_ref(), &scores, shape(1, 4, experts)), &["index 1", "-inf"]);
+        assert_names(
+            &route_err(router.as_ref(), &scores, shape(1, 4, experts)),
+            &["index 1", "-inf"],
+        );
     }
 }
 
 #[test]
 fn wrong_lengths_are_refused_by_every_router() {
     let reg = registry();
-    for (kind, experts) in [("expert-choice", 2), ("token-choice", 2), ("expert-race", 2), ("dense", 1)] {
+    for (kind, experts) in [
+        ("expert-choice", 2),
+        ("token-choice", 2),
+        ("expert-race", 2),
+        ("dense", 1),
+    ] {
         let router = reg.router(&json!(kind)).unwrap();
         let e = route_err(router.as_ref(), &vec![0.0; 4 * experts - 1], shape(1, 4, experts));
-        assert_names(&e, &[kind, "scores", &format!("{} elements", 4 * experts), &format!("{} elements", 4 * experts - 1)]);
+        assert_names(
+            &e,
+            &[
+                kind,
+                "scores",
+                &format!("{} elements", 4 * experts),
+                &format!("{} elements", 4 * experts - 1),
+            ],
+        );
         let scores = vec![0.25f32; 4 * experts];
         let r = router.route(&scores, shape(1, 4, experts)).unwrap();
         let mut grad = vec![0.0f32; 4 * experts];
         let bad_gates = vec![0.0f32; r.dispatch.slots() + 1];
-        let e = router.backward(&r, &scores, &bad_gates, 0.0, &mut grad).unwrap_err().to_string();
-        assert_names(&e, &[kind, "grad_gates", &format!("{} elements", r.dispatch.slots() + 1)]);
+        let e = router
+            .backward(&r, &scores, &bad_gates, 0.0, &mut grad)
+            .unwrap_err()
+            .to_string();
+        assert_names(
+            &e,
+            &[kind, "grad_gates", &format!("{} elements", r.dispatch.slots() + 1)],
+        );
         let mut short = vec![0.0f32; 3];
         let gates = vec![0.0f32; r.dispatch.slots()];
-        let e = router.backward(&r, &scores, &gates, 0.0, &mut short).unwrap_err().to_string();
+        let e = router
+            .backward(&r, &scores, &gates, 0.0, &mut short)
+            .unwrap_err()
+            .to_string();
         assert_names(&e, &["grad_scores", "3 elements"]);
     }
 }
@@ -162,7 +198,10 @@ fn dense_router_needs_one_expert() {
 #[test]
 fn zero_experts_is_refused() {
     let router = registry().router(&json!("expert-choice")).unwrap();
-    assert_names(&route_err(router.as_ref(), &[], shape(1, 4, 0)), &["experts", "0 experts"]);
+    assert_names(
+        &route_err(router.as_ref(), &[], shape(1, 4, 0)),
+        &["experts", "0 experts"],
+    );
 }
 
 #[test]

@@ -25,7 +25,10 @@ fn batch(max_samples: usize, max_tps: usize, max_e: usize) -> impl Strategy<Valu
             tokens_per_sample,
             experts,
         };
-        (Just(shape), prop::collection::vec(-4.0f32..4.0, shape.tokens() * experts))
+        (
+            Just(shape),
+            prop::collection::vec(-4.0f32..4.0, shape.tokens() * experts),
+        )
     })
 }
 
@@ -184,7 +187,9 @@ fn token_groups_route_like_their_samples_batched() {
         tokens_per_sample: 5,
         experts: 3,
     };
-    let scores: Vec<f32> = (0..shape.tokens() * 3).map(|i| ((i * 37 % 23) as f32) * 0.3 - 3.0).collect();
+    let scores: Vec<f32> = (0..shape.tokens() * 3)
+        .map(|i| ((i * 37 % 23) as f32) * 0.3 - 3.0)
+        .collect();
     let grouped = ExpertChoiceRouter::new(2.0, RoutingGroups::Tokens(10))
         .unwrap()
         .route(&scores, shape)

@@ -11,7 +11,10 @@ fn case() -> impl Strategy<Value = (RouteShape, Vec<f32>)> {
             tokens_per_sample,
             experts,
         };
-        (Just(shape), prop::collection::vec(-4.0f32..4.0, shape.tokens() * experts))
+        (
+            Just(shape),
+            prop::collection::vec(-4.0f32..4.0, shape.tokens() * experts),
+        )
     })
 }
 

@@ -90,7 +90,10 @@ fn groups() -> impl Strategy<Value = RoutingGroups> {
 }
 
 fn assert_mostly_checked(checked: usize, total: usize) -> Result<(), TestCaseError> {
-    prop_assert!(checked * 2 >= total, "only {checked} of {total} coordinates kept the selection");
+    prop_assert!(
+        checked * 2 >= total,
+        "only {checked} of {total} coordinates kept the selection"
+    );
     Ok(())
 }
 

@@ -23,7 +23,7 @@ struct Lens {
 }
 
 fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
-    if d.kv_heads == 0 && d.heads > 0 || d.kv_heads > 0 && d.heads % d.kv_heads != 0 {
+    if d.kv_heads == 0 && d.heads > 0 || d.kv_heads > 0 && !d.heads.is_multiple_of(d.kv_heads) {
         return Err(EngineError::shape(
             op,
             format!("kv_heads dividing heads = {}", d.heads),
@@ -119,7 +119,7 @@ pub fn attention(
         gemm_strided(op, p, att, q, qv, k, kv.t(), scale(&d), 0.0, par)?;
         let mask = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
         for row in p.chunks_exact_mut(tk) {
-            softmax_row_masked(row, |j| mask.map_or(true, |m| m[j] != 0));
+            softmax_row_masked(row, |j| mask.is_none_or(|m| m[j] != 0));
         }
         // out = P V: [Tq, Dh]
         unsafe { gemm_shared(op, out_shared, qv, p, att, v, kv, 1.0, 0.0, par) }

@@ -42,7 +42,11 @@ pub fn sum_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumula
     };
     // Column blocks of at least 64 floats keep each row read contiguous.
     let threads = rayon::current_num_threads();
-    let block = if inp.len() < PAR_MIN_ELEMS { cols } else { cols.div_ceil(threads).max(64) };
+    let block = if inp.len() < PAR_MIN_ELEMS {
+        cols
+    } else {
+        cols.div_ceil(threads).max(64)
+    };
     out.par_chunks_mut(block)
         .enumerate()
         .for_each(|(i, acc)| sum_cols(i * block, acc));

@@ -10,7 +10,7 @@ fn rows_of(op: &str, what: &str, len: usize, cols: usize) -> Result<usize> {
     if cols == 0 {
         return Ok(0);
     }
-    if len % cols != 0 {
+    if !len.is_multiple_of(cols) {
         return Err(EngineError::shape(
             format!("{op} ({what})"),
             format!("a multiple of cols = {cols} elements"),

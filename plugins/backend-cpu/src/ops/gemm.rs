@@ -108,7 +108,11 @@ impl SharedMut {
     pub unsafe fn block<'a>(&self, offset: usize, len: usize) -> Result<&'a mut [f32]> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(std::slice::from_raw_parts_mut(self.ptr.add(offset), len)),
-            _ => Err(EngineError::shape("block", format!("a block inside {} elements", self.len), format!("[{offset}, +{len})"))),
+            _ => Err(EngineError::shape(
+                "block",
+                format!("a block inside {} elements", self.len),
+                format!("[{offset}, +{len})"),
+            )),
         }
     }
 }
@@ -219,8 +223,16 @@ fn operand_views(dims: GemmDims, a_off: usize, b_off: usize) -> (Strided, Stride
 
 /// `out = alpha * op(a) @ op(b) + beta * out`.
 /// out: [m, n]; a: [m, k] or [k, m] (trans_a); b: [k, n] or [n, k] (trans_b).
-pub fn gemm(out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32, threads: usize) -> Result<()> {
-    gemm_batched(out, a, b, 1, dims, alpha, beta, threads)
+pub fn gemm(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    dims: GemmDims,
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) -> Result<()> {
+    gemm_blocks("gemm", out, a, b, 1, dims, alpha, beta, threads)
 }
 
 /// `batch` independent products over contiguous blocks of `out`, `a`, `b`.
@@ -236,9 +248,28 @@ pub fn gemm_batched(
     beta: f32,
     threads: usize,
 ) -> Result<()> {
-    let op = if batch == 1 { "gemm" } else { "gemm_batched" };
+    gemm_blocks("gemm_batched", out, a, b, batch, dims, alpha, beta, threads)
+}
+
+/// [`gemm_batched`] with the op name its errors carry.
+#[allow(clippy::too_many_arguments)]
+fn gemm_blocks(
+    op: &str,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    dims: GemmDims,
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) -> Result<()> {
     let GemmDims { m, n, k, .. } = dims;
-    let (out_len, a_len, b_len) = (numel(op, &[batch, m, n])?, numel(op, &[batch, m, k])?, numel(op, &[batch, k, n])?);
+    let (out_len, a_len, b_len) = (
+        numel(op, &[batch, m, n])?,
+        numel(op, &[batch, m, k])?,
+        numel(op, &[batch, k, n])?,
+    );
     check_len(op, "out", out.len(), out_len)?;
     check_len(op, "a", a.len(), a_len)?;
     check_len(op, "b", b.len(), b_len)?;

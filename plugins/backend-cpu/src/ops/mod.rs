@@ -24,9 +24,9 @@ pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
 /// The product of `dims`, or an error naming the op if it overflows.
 pub(crate) fn numel(op: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        EngineError::shape(op, "dimensions whose product fits in usize", format!("{dims:?}"))
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| EngineError::shape(op, "dimensions whose product fits in usize", format!("{dims:?}")))
 }
 
 /// Rows per parallel task for a `[rows, cols]` row-wise op: all rows in one

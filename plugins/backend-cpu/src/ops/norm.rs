@@ -110,7 +110,11 @@ pub fn layer_norm_backward(
         .zip(mean.par_chunks(DPARAM_CHUNK_ROWS))
         .zip(rstd.par_chunks(DPARAM_CHUNK_ROWS))
         .map(|((((dinp, dout), inp), mean), rstd)| {
-            let mut part = if want_dparams { vec![0.0f32; 2 * cols] } else { Vec::new() };
+            let mut part = if want_dparams {
+                vec![0.0f32; 2 * cols]
+            } else {
+                Vec::new()
+            };
             for ((((di, d), x), &mu), &rs) in dinp
                 .chunks_exact_mut(cols)
                 .zip(dout.chunks_exact(cols))

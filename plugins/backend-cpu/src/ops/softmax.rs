@@ -45,7 +45,8 @@ pub fn softmax_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> R
     let chunk = rows_per_task(rows, cols) * cols;
     out.par_chunks_mut(chunk).zip(inp.par_chunks(chunk)).for_each(|(o, i)| {
         o.copy_from_slice(i);
-        o.chunks_exact_mut(cols).for_each(|row| softmax_row_masked(row, |_| true));
+        o.chunks_exact_mut(cols)
+            .for_each(|row| softmax_row_masked(row, |_| true));
     });
     Ok(())
 }
@@ -66,7 +67,11 @@ pub fn softmax_rows_backward(dinp: &mut [f32], dout: &[f32], out: &[f32], rows: 
         .zip(dout.par_chunks(chunk))
         .zip(out.par_chunks(chunk))
         .for_each(|((di, d), o)| {
-            for ((di, d), o) in di.chunks_exact_mut(cols).zip(d.chunks_exact(cols)).zip(o.chunks_exact(cols)) {
+            for ((di, d), o) in di
+                .chunks_exact_mut(cols)
+                .zip(d.chunks_exact(cols))
+                .zip(o.chunks_exact(cols))
+            {
                 softmax_row_backward(di, d, o);
             }
         });

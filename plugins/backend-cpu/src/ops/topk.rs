@@ -25,7 +25,11 @@ pub fn top_k_rows(idx: &mut [u32], val: &mut [f32], inp: &[f32], rows: usize, co
     check_len(op, "idx", idx.len(), numel(op, &[rows, k])?)?;
     check_len(op, "val", val.len(), numel(op, &[rows, k])?)?;
     if k > cols {
-        return Err(EngineError::shape(op, format!("k <= cols = {cols}"), format!("k = {k}")));
+        return Err(EngineError::shape(
+            op,
+            format!("k <= cols = {cols}"),
+            format!("k = {k}"),
+        ));
     }
     if u32::try_from(cols).is_err() {
         return Err(EngineError::shape(op, "cols that fit in u32", cols));

@@ -45,7 +45,7 @@ pub fn check_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) 
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let diff = (g - w).abs();
         worst = worst.max(diff);
-        if !(diff <= atol + rtol * w.abs()) {
+        if diff.is_nan() || diff > atol + rtol * w.abs() {
             bad.push(format!("[{i}] got {g} want {w}"));
         }
     }
@@ -95,7 +95,18 @@ pub fn fd_check(
 
 /// Naive `alpha * op(a) @ op(b) + beta * out` in f64 (beta == 0 ignores `out`).
 #[allow(clippy::too_many_arguments)]
-pub fn ref_gemm(out: &[f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, ta: bool, tb: bool, alpha: f32, beta: f32) -> Vec<f32> {
+pub fn ref_gemm(
+    out: &[f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+) -> Vec<f32> {
     let mut res = vec![0.0f32; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -105,7 +116,11 @@ pub fn ref_gemm(out: &[f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize,
                 let bv = if tb { b[j * k + p] } else { b[p * n + j] };
                 acc += av as f64 * bv as f64;
             }
-            let old = if beta == 0.0 { 0.0 } else { beta as f64 * out[i * n + j] as f64 };
+            let old = if beta == 0.0 {
+                0.0
+            } else {
+                beta as f64 * out[i * n + j] as f64
+            };
             res[i * n + j] = (alpha as f64 * acc + old) as f32;
         }
     }
@@ -134,18 +149,23 @@ pub fn ref_attention(
             let hk = hi / (h / hkv);
             for i in 0..tq {
                 let qrow = &q[((bi * tq + i) * h + hi) * dh..][..dh];
-                let keep = |j: usize| mask.map_or(true, |m| m[bi * tk + j] != 0);
+                let keep = |j: usize| mask.is_none_or(|m| m[bi * tk + j] != 0);
                 let s: Vec<f64> = (0..tk)
                     .map(|j| {
                         let krow = &k[((bi * tk + j) * hkv + hk) * dh..][..dh];
                         scale * qrow.iter().zip(krow).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>()
                     })
                     .collect();
-                let max = (0..tk).filter(|&j| keep(j)).map(|j| s[j]).fold(f64::NEG_INFINITY, f64::max);
+                let max = (0..tk)
+                    .filter(|&j| keep(j))
+                    .map(|j| s[j])
+                    .fold(f64::NEG_INFINITY, f64::max);
                 if max == f64::NEG_INFINITY {
                     continue;
                 }
-                let e: Vec<f64> = (0..tk).map(|j| if keep(j) { (s[j] - max).exp() } else { 0.0 }).collect();
+                let e: Vec<f64> = (0..tk)
+                    .map(|j| if keep(j) { (s[j] - max).exp() } else { 0.0 })
+                    .collect();
                 let z: f64 = e.iter().sum();
                 for j in 0..tk {
                     let p = e[j] / z;

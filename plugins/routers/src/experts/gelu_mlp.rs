@@ -1,7 +1,7 @@
 //! `gelu-mlp`: DiT's feed-forward block, `fc2(gelu_tanh(fc1(x)))` with biases,
 //! for all E experts of a layer at once.
 
-use super::{check_dispatch, check_ratio, hidden_width, reuse};
+use super::{check_dispatch, check_ratio, hidden_width, reuse, row_blocks};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
 use serde_json::json;
@@ -31,7 +31,12 @@ impl GeluMlp {
     }
 
     fn shapes(d: usize, h: usize, experts: usize) -> Vec<Vec<usize>> {
-        vec![vec![experts, h, d], vec![experts, h], vec![experts, d, h], vec![experts, d]]
+        vec![
+            vec![experts, h, d],
+            vec![experts, h],
+            vec![experts, d, h],
+            vec![experts, d],
+        ]
     }
 }
 
@@ -89,29 +94,24 @@ impl Expert for GeluMlp {
         let pre = reuse(&mut pre_buf[0], n * h);
         let act = reuse(&mut act_buf[0], n * h);
 
-        // pre = x @ fc1.weight[e]^T + fc1.bias[e]
+        // Per expert, per block of rows, run the whole MLP while the block's
+        // hidden activations are still in cache.
         for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
-            let m = r1 - r0;
-            if m == 0 {
-                continue;
+            let (w1_e, b1_e) = (&w1[e * h * d..(e + 1) * h * d], &b1[e * h..(e + 1) * h]);
+            let (w2_e, b2_e) = (&w2[e * d * h..(e + 1) * d * h], &b2[e * d..(e + 1) * d]);
+            for (r0, r1) in row_blocks(offsets[e], offsets[e + 1]) {
+                let m = r1 - r0;
+                let (pre_b, act_b) = (&mut pre[r0 * h..r1 * h], &mut act[r0 * h..r1 * h]);
+                // pre = x @ fc1.weight[e]^T + fc1.bias[e]
+                backend.gemm(pre_b, &x[r0 * d..r1 * d], w1_e, GemmDims::nt(m, h, d), 1.0, 0.0)?;
+                backend.add_bias(pre_b, b1_e, m, h)?;
+                // act = gelu(pre)
+                backend.unary(Unary::GeluTanh, act_b, pre_b)?;
+                // out = act @ fc2.weight[e]^T + fc2.bias[e]
+                let out_b = &mut out[r0 * d..r1 * d];
+                backend.gemm(out_b, act_b, w2_e, GemmDims::nt(m, d, h), 1.0, 0.0)?;
+                backend.add_bias(out_b, b2_e, m, d)?;
             }
-            let pre_e = &mut pre[r0 * h..r1 * h];
-            backend.gemm(pre_e, &x[r0 * d..r1 * d], &w1[e * h * d..(e + 1) * h * d], GemmDims::nt(m, h, d), 1.0, 0.0)?;
-            backend.add_bias(pre_e, &b1[e * h..(e + 1) * h], m, h)?;
-        }
-        // act = gelu(pre), all experts' rows in one call
-        backend.unary(Unary::GeluTanh, act, pre)?;
-        // out = act @ fc2.weight[e]^T + fc2.bias[e]
-        for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
-            let m = r1 - r0;
-            if m == 0 {
-                continue;
-            }
-            let out_e = &mut out[r0 * d..r1 * d];
-            backend.gemm(out_e, &act[r0 * h..r1 * h], &w2[e * d * h..(e + 1) * d * h], GemmDims::nt(m, d, h), 1.0, 0.0)?;
-            backend.add_bias(out_e, &b2[e * d..(e + 1) * d], m, d)?;
         }
         Ok(())
     }
@@ -169,9 +169,23 @@ impl Expert for GeluMlp {
             }
             let dout_e = &dout[r0 * d..r1 * d];
             // dact = dout @ fc2.weight   ([m, d] @ [d, h])
-            backend.gemm(&mut dact[r0 * h..r1 * h], dout_e, &w2[e * d * h..(e + 1) * d * h], GemmDims::nn(m, h, d), 1.0, 0.0)?;
+            backend.gemm(
+                &mut dact[r0 * h..r1 * h],
+                dout_e,
+                &w2[e * d * h..(e + 1) * d * h],
+                GemmDims::nn(m, h, d),
+                1.0,
+                0.0,
+            )?;
             // dfc2.weight += dout^T @ act   ([d, m] @ [m, h])
-            backend.gemm(&mut dw2[e * d * h..(e + 1) * d * h], dout_e, &act[r0 * h..r1 * h], GemmDims::tn(d, h, m), 1.0, 1.0)?;
+            backend.gemm(
+                &mut dw2[e * d * h..(e + 1) * d * h],
+                dout_e,
+                &act[r0 * h..r1 * h],
+                GemmDims::tn(d, h, m),
+                1.0,
+                1.0,
+            )?;
             backend.sum_rows(&mut db2[e * d..(e + 1) * d], dout_e, m, d, true)?;
         }
         // Backward of `act = gelu(pre)`.
@@ -188,7 +202,14 @@ impl Expert for GeluMlp {
             let dpre_e = &dpre[r0 * h..r1 * h];
             let w1_e = &w1[e * h * d..(e + 1) * h * d];
             // dfc1.weight += dpre^T @ x   ([h, m] @ [m, d])
-            backend.gemm(&mut dw1[e * h * d..(e + 1) * h * d], dpre_e, &x[r0 * d..r1 * d], GemmDims::tn(h, d, m), 1.0, 1.0)?;
+            backend.gemm(
+                &mut dw1[e * h * d..(e + 1) * h * d],
+                dpre_e,
+                &x[r0 * d..r1 * d],
+                GemmDims::tn(h, d, m),
+                1.0,
+                1.0,
+            )?;
             backend.sum_rows(&mut db1[e * h..(e + 1) * h], dpre_e, m, h, true)?;
             // dx = dpre @ fc1.weight   ([m, h] @ [h, d])
             backend.gemm(&mut dx[r0 * d..r1 * d], dpre_e, w1_e, GemmDims::nn(m, d, h), 1.0, 0.0)?;

@@ -77,7 +77,14 @@ fn hidden_width(mlp_ratio: f64, d: usize) -> usize {
 /// Checks the inputs every expert forward/backward shares and returns the
 /// number of experts E and the number of dispatched rows N.
 /// x: [N, d]; offsets: [E + 1], monotone from 0; params: as `shapes`.
-fn check_dispatch(op: &str, x: &[f32], params: &[&[f32]], shapes: &[Vec<usize>], offsets: &[usize], d: usize) -> Result<(usize, usize)> {
+fn check_dispatch(
+    op: &str,
+    x: &[f32],
+    params: &[&[f32]],
+    shapes: &[Vec<usize>],
+    offsets: &[usize],
+    d: usize,
+) -> Result<(usize, usize)> {
     if offsets.len() < 2 || offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
         return Err(EngineError::shape(
             format!("{op} (offsets)"),
@@ -106,4 +113,14 @@ fn check_dispatch(op: &str, x: &[f32], params: &[&[f32]], shapes: &[Vec<usize>],
 fn reuse(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len, 0.0);
     &mut buf[..]
+}
+
+/// Rows per forward block: large enough that each GEMM runs near full speed,
+/// small enough that a block's hidden activations (512 x 4d floats) stay in
+/// cache between the first projection, the activation and the second.
+const ROW_BLOCK: usize = 512;
+
+/// `[r0, r1)` split into consecutive blocks of at most [`ROW_BLOCK`] rows.
+fn row_blocks(r0: usize, r1: usize) -> impl Iterator<Item = (usize, usize)> {
+    (r0..r1).step_by(ROW_BLOCK).map(move |b| (b, (b + ROW_BLOCK).min(r1)))
 }

@@ -1,7 +1,7 @@
 //! `swiglu`: DiT-MoE's expert, `w2(silu(w1 x) * w3 x)` without biases, for
 //! all E experts of a layer at once.
 
-use super::{check_dispatch, check_ratio, hidden_width, reuse};
+use super::{check_dispatch, check_ratio, hidden_width, reuse, row_blocks};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
 use serde_json::json;
@@ -95,38 +95,26 @@ impl Expert for SwiGlu {
         };
         let (a, b, s, g) = (reuse(a, n * h), reuse(b, n * h), reuse(s, n * h), reuse(g, n * h));
 
-        // a = x @ w1[e]^T, b = x @ w3[e]^T
+        // Per expert, per block of rows, run the whole network while the
+        // block's hidden activations are still in cache.
         for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
-            let m = r1 - r0;
-            if m == 0 {
-                continue;
+            let (w1_e, w3_e) = (&w1[e * h * d..(e + 1) * h * d], &w3[e * h * d..(e + 1) * h * d]);
+            let w2_e = &w2[e * d * h..(e + 1) * d * h];
+            for (r0, r1) in row_blocks(offsets[e], offsets[e + 1]) {
+                let (m, x_b, hid) = (r1 - r0, &x[r0 * d..r1 * d], r0 * h..r1 * h);
+                let (a_b, b_b) = (&mut a[hid.clone()], &mut b[hid.clone()]);
+                let (s_b, g_b) = (&mut s[hid.clone()], &mut g[hid]);
+                // a = x @ w1[e]^T, b = x @ w3[e]^T
+                backend.gemm(a_b, x_b, w1_e, GemmDims::nt(m, h, d), 1.0, 0.0)?;
+                backend.gemm(b_b, x_b, w3_e, GemmDims::nt(m, h, d), 1.0, 0.0)?;
+                // s = silu(a); g = s * b
+                backend.unary(Unary::Silu, s_b, a_b)?;
+                for ((g, &s), &b) in g_b.iter_mut().zip(s_b.iter()).zip(b_b.iter()) {
+                    *g = s * b;
+                }
+                // out = g @ w2[e]^T
+                backend.gemm(&mut out[r0 * d..r1 * d], g_b, w2_e, GemmDims::nt(m, d, h), 1.0, 0.0)?;
             }
-            let x_e = &x[r0 * d..r1 * d];
-            let w = e * h * d..(e + 1) * h * d;
-            backend.gemm(&mut a[r0 * h..r1 * h], x_e, &w1[w.clone()], GemmDims::nt(m, h, d), 1.0, 0.0)?;
-            backend.gemm(&mut b[r0 * h..r1 * h], x_e, &w3[w], GemmDims::nt(m, h, d), 1.0, 0.0)?;
-        }
-        // s = silu(a); g = s * b
-        backend.unary(Unary::Silu, s, a)?;
-        for ((g, &s), &b) in g.iter_mut().zip(s.iter()).zip(b.iter()) {
-            *g = s * b;
-        }
-        // out = g @ w2[e]^T
-        for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
-            let m = r1 - r0;
-            if m == 0 {
-                continue;
-            }
-            backend.gemm(
-                &mut out[r0 * d..r1 * d],
-                &g[r0 * h..r1 * h],
-                &w2[e * d * h..(e + 1) * d * h],
-                GemmDims::nt(m, d, h),
-                1.0,
-                0.0,
-            )?;
         }
         Ok(())
     }
@@ -172,7 +160,12 @@ impl Expert for SwiGlu {
             ));
         };
         for (i, (grad, shape)) in [&**dw1, &**dw3, &**dw2].iter().zip(&shapes).enumerate() {
-            check_len(OP, &format!("dparams[{i}] {shape:?}"), grad.len(), shape.iter().product())?;
+            check_len(
+                OP,
+                &format!("dparams[{i}] {shape:?}"),
+                grad.len(),
+                shape.iter().product(),
+            )?;
         }
 
         // Backward of `out = g @ w2^T`.
@@ -186,7 +179,14 @@ impl Expert for SwiGlu {
             let dout_e = &dout[r0 * d..r1 * d];
             let w = e * d * h..(e + 1) * d * h;
             // dg = dout @ w2   ([m, d] @ [d, h])
-            backend.gemm(&mut dg[r0 * h..r1 * h], dout_e, &w2[w.clone()], GemmDims::nn(m, h, d), 1.0, 0.0)?;
+            backend.gemm(
+                &mut dg[r0 * h..r1 * h],
+                dout_e,
+                &w2[w.clone()],
+                GemmDims::nn(m, h, d),
+                1.0,
+                0.0,
+            )?;
             // dw2 += dout^T @ g   ([d, m] @ [m, h])
             backend.gemm(&mut dw2[w], dout_e, &g[r0 * h..r1 * h], GemmDims::tn(d, h, m), 1.0, 1.0)?;
         }

@@ -17,7 +17,11 @@ pub(crate) fn component(kind: &str) -> String {
 pub(crate) fn check_scores(kind: &str, scores: &[f32], shape: RouteShape) -> Result<()> {
     let op = component(kind);
     if shape.experts == 0 {
-        return Err(EngineError::shape(format!("{op} (experts)"), "at least 1 expert", "0 experts"));
+        return Err(EngineError::shape(
+            format!("{op} (experts)"),
+            "at least 1 expert",
+            "0 experts",
+        ));
     }
     if shape.tokens() > u32::MAX as usize {
         return Err(EngineError::shape(
@@ -26,7 +30,12 @@ pub(crate) fn check_scores(kind: &str, scores: &[f32], shape: RouteShape) -> Res
             shape.tokens(),
         ));
     }
-    check_len(&op, "scores [tokens, experts]", scores.len(), shape.tokens() * shape.experts)?;
+    check_len(
+        &op,
+        "scores [tokens, experts]",
+        scores.len(),
+        shape.tokens() * shape.experts,
+    )?;
     check_finite("router scores", scores)
 }
 
@@ -133,7 +142,12 @@ pub(crate) fn check_positive(kind: &str, name: &str, v: f64) -> Result<()> {
     if v.is_finite() && v > 0.0 {
         Ok(())
     } else {
-        Err(EngineError::param(component(kind), name, v, "must be a finite number > 0"))
+        Err(EngineError::param(
+            component(kind),
+            name,
+            v,
+            "must be a finite number > 0",
+        ))
     }
 }
 

@@ -2,8 +2,8 @@
 //! C tokens of each routing group that it scores highest.
 
 use super::common::{
-    by_rank, check_backward, check_positive, check_scores, empty_routing, groups_json, read_groups,
-    read_positive, select_best, softmax_rows, softmax_rows_backward,
+    by_rank, check_backward, check_positive, check_scores, empty_routing, groups_json, read_groups, read_positive,
+    select_best, softmax_rows, softmax_rows_backward,
 };
 use ecdit_engine::{
     expert_capacity, ComponentInfo, Dispatch, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing,
@@ -214,6 +214,9 @@ mod tests {
         let (p0, p1) = (r.probs[0], r.probs[1]);
         let mut grad = [0.0f32; 2];
         router.backward(&r, &scores, &[1.0, 0.0], 0.0, &mut grad).unwrap();
-        assert!((grad[0] - p0 * p1).abs() < 1e-6 && (grad[1] + p0 * p1).abs() < 1e-6, "{grad:?}");
+        assert!(
+            (grad[0] - p0 * p1).abs() < 1e-6 && (grad[1] + p0 * p1).abs() < 1e-6,
+            "{grad:?}"
+        );
     }
 }

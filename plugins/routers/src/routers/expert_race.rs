@@ -2,8 +2,8 @@
 //! over a group's whole `[tokens x experts]` score set.
 
 use super::common::{
-    check_backward, check_positive, check_scores, component, empty_routing, groups_json, read_groups,
-    read_positive, select_best, softmax_rows, softmax_rows_backward,
+    check_backward, check_positive, check_scores, component, empty_routing, groups_json, read_groups, read_positive,
+    select_best, softmax_rows, softmax_rows_backward,
 };
 use ecdit_engine::spec::get;
 use ecdit_engine::{

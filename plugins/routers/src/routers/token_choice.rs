@@ -12,6 +12,9 @@ use ecdit_engine::{
 };
 use serde_json::{json, Map, Value};
 
+/// Largest k that picks experts by insertion instead of a partial sort.
+const SMALL_K: usize = 8;
+
 /// Token choice top-k with the GShard balance loss.
 ///
 /// - Softmax over experts in f32; each token picks its `k` most probable
@@ -53,7 +56,8 @@ impl TokenChoiceRouter {
         aux_loss_coef: f64,
         groups: RoutingGroups,
     ) -> Result<Self> {
-        let bad = |field: &str, value: String, reason: &str| EngineError::param(component(Self::KIND), field, value, reason);
+        let bad =
+            |field: &str, value: String, reason: &str| EngineError::param(component(Self::KIND), field, value, reason);
         if k == 0 {
             return Err(bad("k", "0".into(), "each token must take at least 1 expert"));
         }
@@ -67,7 +71,11 @@ impl TokenChoiceRouter {
             }
         }
         if !(aux_loss_coef.is_finite() && aux_loss_coef >= 0.0) {
-            return Err(bad("aux_loss_coef", aux_loss_coef.to_string(), "must be a finite number >= 0"));
+            return Err(bad(
+                "aux_loss_coef",
+                aux_loss_coef.to_string(),
+                "must be a finite number >= 0",
+            ));
         }
         Ok(Self {
             k,
@@ -132,13 +140,39 @@ impl TokenChoiceRouter {
     /// Each token's k picked experts, best first (ties: lower expert index).
     // picks: [N, k] out; probs: [N, E]
     fn pick_top_k(&self, picks: &mut [u32], probs: &[f32], experts: usize) {
+        let k = self.k;
+        if k <= SMALL_K {
+            // Insertion into a k-long ranked list: no allocation, O(E k) per row.
+            // Scanning experts in order and inserting only past equal values
+            // keeps the lower index ahead on ties.
+            let mut best = [(0.0f32, 0u32); SMALL_K];
+            for (p_row, pick_row) in probs.chunks_exact(experts).zip(picks.chunks_exact_mut(k)) {
+                let mut len = 0;
+                for (e, &p) in p_row.iter().enumerate() {
+                    if len == k && p <= best[k - 1].0 {
+                        continue;
+                    }
+                    let mut at = len.min(k - 1);
+                    while at > 0 && best[at - 1].0 < p {
+                        best[at] = best[at - 1];
+                        at -= 1;
+                    }
+                    best[at] = (p, e as u32);
+                    len = (len + 1).min(k);
+                }
+                for (dst, &(_, e)) in pick_row.iter_mut().zip(&best[..k]) {
+                    *dst = e;
+                }
+            }
+            return;
+        }
         let mut row: Vec<(f32, u32)> = Vec::with_capacity(experts);
-        for (p_row, pick_row) in probs.chunks_exact(experts).zip(picks.chunks_exact_mut(self.k)) {
+        for (p_row, pick_row) in probs.chunks_exact(experts).zip(picks.chunks_exact_mut(k)) {
             row.clear();
             row.extend(p_row.iter().enumerate().map(|(e, &p)| (p, e as u32)));
-            select_best(&mut row, self.k);
-            row[..self.k].sort_unstable_by(by_rank);
-            for (dst, &(_, e)) in pick_row.iter_mut().zip(&row[..self.k]) {
+            select_best(&mut row, k);
+            row[..k].sort_unstable_by(by_rank);
+            for (dst, &(_, e)) in pick_row.iter_mut().zip(&row[..k]) {
                 *dst = e;
             }
         }
@@ -359,5 +393,37 @@ impl Router for TokenChoiceRouter {
         }
         softmax_rows_backward(grad_scores, probs, e_count);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference picks by a full sort (ties: lower expert first).
+    fn sorted_picks(probs: &[f32], experts: usize, k: usize) -> Vec<u32> {
+        probs
+            .chunks(experts)
+            .flat_map(|row| {
+                let mut idx: Vec<u32> = (0..experts as u32).collect();
+                idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+                idx.truncate(k);
+                idx
+            })
+            .collect()
+    }
+
+    // Both pick paths (insertion for k <= SMALL_K, partial sort above) against
+    // a full sort, on rows with many ties.
+    #[test]
+    fn both_pick_paths_match_a_full_sort() {
+        let experts = 12;
+        let probs: Vec<f32> = (0..experts * 40).map(|i| ((i * 7919 % 13) as f32) / 13.0).collect();
+        for k in 1..=experts {
+            let router = TokenChoiceRouter::new(k, false, None, 0.0, RoutingGroups::PerSample).unwrap();
+            let mut picks = vec![0u32; 40 * k];
+            router.pick_top_k(&mut picks, &probs, experts);
+            assert_eq!(picks, sorted_picks(&probs, experts, k), "k = {k}");
+        }
     }
 }
