@@ -2,8 +2,8 @@
 //! C tokens of each routing group that it scores highest.
 
 use super::common::{
-    by_rank, check_backward, check_positive, check_scores, empty_routing, groups_json, read_groups, read_positive,
-    select_best, softmax_rows, softmax_rows_backward,
+    check_backward, check_positive, check_scores, empty_routing, groups_json, key_index, key_value, rank_key,
+    read_groups, read_positive, select_best, softmax_rows, softmax_rows_backward,
 };
 use ecdit_engine::{
     expert_capacity, ComponentInfo, Dispatch, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing,
@@ -105,17 +105,17 @@ impl Router for ExpertChoiceRouter {
             gates: Vec::with_capacity(slots),
         };
         dispatch.offsets.push(0);
-        let mut column: Vec<(f32, u32)> = Vec::with_capacity(s); // one expert's probs over one group
+        let mut column: Vec<u64> = Vec::with_capacity(s); // one expert's ranking keys over one group
         for e in 0..e_count {
             for g in 0..n_groups {
                 column.clear();
-                column.extend((g * s..(g + 1) * s).map(|t| (probs[t * e_count + e], t as u32)));
+                column.extend((g * s..(g + 1) * s).map(|t| rank_key(probs[t * e_count + e], t as u32)));
                 select_best(&mut column, c);
                 let chosen = &mut column[..c];
-                chosen.sort_unstable_by(by_rank);
-                for &(p, t) in chosen.iter() {
-                    dispatch.tokens.push(t);
-                    dispatch.gates.push(p);
+                chosen.sort_unstable();
+                for &key in chosen.iter() {
+                    dispatch.tokens.push(key_index(key));
+                    dispatch.gates.push(key_value(key));
                 }
             }
             dispatch.offsets.push(dispatch.tokens.len());

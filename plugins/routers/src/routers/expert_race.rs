@@ -2,8 +2,8 @@
 //! over a group's whole `[tokens x experts]` score set.
 
 use super::common::{
-    check_backward, check_positive, check_scores, component, empty_routing, groups_json, read_groups, read_positive,
-    select_best, softmax_rows, softmax_rows_backward,
+    check_backward, check_positive, check_scores, component, empty_routing, groups_json, key_index, rank_key,
+    read_groups, read_positive, select_best, softmax_rows, softmax_rows_backward,
 };
 use ecdit_engine::spec::get;
 use ecdit_engine::{
@@ -150,14 +150,14 @@ impl Router for ExpertRaceRouter {
 
         let mut won = vec![false; n * e_count]; // [N, E]
         let block = s * e_count;
-        let mut race: Vec<(f32, u32)> = Vec::with_capacity(block);
+        let mut race: Vec<u64> = Vec::with_capacity(block); // ranking keys of one group
         for g in 0..n_groups {
             race.clear();
             // Global flat indices keep the token-major tie order inside a group.
-            race.extend((g * block..(g + 1) * block).map(|i| (values[i], i as u32)));
+            race.extend((g * block..(g + 1) * block).map(|i| rank_key(values[i], i as u32)));
             select_best(&mut race, k_win);
-            for &(_, i) in &race[..k_win] {
-                won[i as usize] = true;
+            for &key in &race[..k_win] {
+                won[key_index(key) as usize] = true;
             }
         }
 

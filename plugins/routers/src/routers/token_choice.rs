@@ -2,7 +2,7 @@
 //! compared against: each token takes its k best experts.
 
 use super::common::{
-    by_rank, check_backward, check_scores, component, empty_routing, groups_json, read_groups, select_best,
+    check_backward, check_scores, component, empty_routing, groups_json, key_index, rank_key, read_groups, select_best,
     softmax_rows, softmax_rows_backward,
 };
 use ecdit_engine::spec::get;
@@ -166,14 +166,14 @@ impl TokenChoiceRouter {
             }
             return;
         }
-        let mut row: Vec<(f32, u32)> = Vec::with_capacity(experts);
+        let mut row: Vec<u64> = Vec::with_capacity(experts);
         for (p_row, pick_row) in probs.chunks_exact(experts).zip(picks.chunks_exact_mut(k)) {
             row.clear();
-            row.extend(p_row.iter().enumerate().map(|(e, &p)| (p, e as u32)));
+            row.extend(p_row.iter().enumerate().map(|(e, &p)| rank_key(p, e as u32)));
             select_best(&mut row, k);
-            row[..k].sort_unstable_by(by_rank);
-            for (dst, &(_, e)) in pick_row.iter_mut().zip(&row[..k]) {
-                *dst = e;
+            row[..k].sort_unstable();
+            for (dst, &key) in pick_row.iter_mut().zip(&row[..k]) {
+                *dst = key_index(key);
             }
         }
     }
