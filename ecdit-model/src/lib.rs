@@ -4,6 +4,7 @@
 //! command-line program.
 #![warn(missing_docs)]
 
+pub mod bench_forward;
 pub mod bench_moe;
 pub mod config;
 pub mod config_files;

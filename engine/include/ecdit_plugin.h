@@ -15,7 +15,8 @@
  *    ever appended to; hosts read them through struct_size);
  *  - every function slot is non-null; params_json is a JSON array of
  *    {"name": ..., "type": "float"|"int"|"bool"|"str"|"groups"|"optional_float"|
- *     "json"|{"choice": [...]}, "default": value-or-null, "help": ...};
+ *     "json"|{"choice": [...]}, "default": value, "help": ...}
+ *    where an absent "default" makes the parameter required;
  *  - argument order: handle, outputs, inputs, dimensions, err;
  *  - fallible functions return ECDIT_OK or ECDIT_ERROR (ECDIT_PANIC for a
  *    caught panic/exception) and then write a NUL-terminated message of at most

@@ -34,6 +34,8 @@ pub struct ContractConfig {
     pub max_samples: usize,
     /// Largest tokens-per-sample drawn.
     pub max_tokens_per_sample: usize,
+    /// Smallest expert count drawn (e.g. `k` for a top-k router).
+    pub min_experts: usize,
     /// Largest expert count drawn.
     pub max_experts: usize,
     /// Score coordinates checked by finite differences per case (0 = skip).
@@ -47,6 +49,7 @@ impl Default for ContractConfig {
             capacity_factor: None,
             max_samples: 3,
             max_tokens_per_sample: 12,
+            min_experts: 1,
             max_experts: 6,
             fd_coords: 8,
         }
@@ -75,12 +78,9 @@ pub fn check_router_contract(make: impl Fn() -> Box<dyn Router>, config: &Contra
     }
     let mut runner = TestRunner::new(proptest_config);
     let router = make();
-    let strategy = (
-        1..=config.max_samples,
-        1..=config.max_tokens_per_sample,
-        1..=config.max_experts,
-    )
-        .prop_flat_map(|(samples, tps, experts)| {
+    let experts = config.min_experts.max(1)..=config.max_experts.max(config.min_experts).max(1);
+    let strategy =
+        (1..=config.max_samples, 1..=config.max_tokens_per_sample, experts).prop_flat_map(|(samples, tps, experts)| {
             let n = samples * tps * experts;
             (
                 Just(RouteShape {
@@ -180,7 +180,7 @@ fn check_structure(routing: &Routing, shape: RouteShape, config: &ContractConfig
     }
     if let Some(f) = config.capacity_factor {
         let g = routing.group_size;
-        if g == 0 || shape.tokens() % g > 0 {
+        if g == 0 || shape.tokens() / g * g != shape.tokens() {
             return Err(fail(format!(
                 "group size {g} does not divide {} tokens",
                 shape.tokens()

@@ -275,7 +275,8 @@ proptest! {
     fn router_through_the_abi_changes_no_bit(
         samples in 1usize..4, tps in 1usize..10, experts in 1usize..7, seed in any::<u64>(), temp in 0.5f32..2.0,
     ) {
-        let (stat, dynamic) = fresh(register_top1, "top1");
+        static REGISTRIES: std::sync::OnceLock<(Registry, Registry)> = std::sync::OnceLock::new();
+        let (stat, dynamic) = REGISTRIES.get_or_init(|| fresh(register_top1, "top1"));
         let spec = json!({"kind": "test-top1", "temperature": temp});
         let (a, b) = (stat.router(&spec).unwrap(), dynamic.router(&spec).unwrap());
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

@@ -243,15 +243,15 @@ fn every_shipped_router_keeps_the_router_contract_through_the_abi() {
     let r = registries();
     for (kind, _) in kinds(&r.dynamic, Family::Router) {
         let spec = json!(kind);
-        let capacity = (kind == "expert-choice").then(|| {
-            r.stat.router(&spec).unwrap().spec()["capacity_factor"]
-                .as_f64()
-                .unwrap()
-        });
+        let full_spec = r.stat.router(&spec).unwrap().spec();
+        let capacity = (kind == "expert-choice").then(|| full_spec["capacity_factor"].as_f64().unwrap());
+        // top-k routers need at least k experts
+        let min_experts = full_spec.get("k").and_then(Value::as_u64).unwrap_or(1) as usize;
         let config = ContractConfig {
             cases: Some(24),
             capacity_factor: capacity,
             // dense is the one-expert baseline FFN and refuses any other E
+            min_experts,
             max_experts: if kind == "dense" { 1 } else { 6 },
             ..ContractConfig::default()
         };

@@ -1,7 +1,7 @@
 //! `ecdit bench`: benchmarks users run on their own machine (a table, or JSON
 //! lines with `--json`), in the spirit of llama-bench.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -39,6 +39,27 @@ pub enum BenchWhat {
         #[arg(long)]
         router: Vec<String>,
         /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The whole model forward (random weights): images/s and MFU against the GEMM peak of the same run.
+    Forward {
+        /// A config file, or a bare name found under configs/ (e.g. ec-s-8e).
+        #[arg(long)]
+        config: String,
+        /// Images per forward.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Backend threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed forwards (median reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Text tokens per prompt (random tokens, as benches/reference/forward_torch.py).
+        #[arg(long, default_value_t = 16)]
+        text_len: usize,
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -97,6 +118,60 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                 println!("{:<14} {:>10} {:>10} {:>8}", "router", "ms", "dense ms", "ratio");
                 for r in &records {
                     println!("{:<14} {:>10.2} {:>10.2} {:>8.3}", r.router, r.ms, r.dense_ms, r.ratio);
+                }
+            }
+        }
+        BenchWhat::Forward {
+            config,
+            batch,
+            threads,
+            reps,
+            text_len,
+            json,
+        } => {
+            let registry = super::registry(plugins)?;
+            let (path, cfg) = ecdit_model::config_files::resolve_config(&config)?;
+            let backend = registry.backend(&serde_json::json!({"kind": "cpu", "threads": threads}))?;
+            let opts = ecdit_model::bench_forward::ForwardBenchOptions {
+                batch,
+                text_len,
+                reps,
+                ..Default::default()
+            };
+            let r = ecdit_model::bench_forward::bench_forward(&registry, &cfg, backend.into(), &opts)
+                .with_context(|| format!("bench forward of {}", path.display()))?;
+            let peak_rss = ecdit_model::bench_forward::peak_rss_bytes();
+            if json {
+                let mut value = serde_json::to_value(&r)?;
+                value["peak_rss_bytes"] = serde_json::json!(peak_rss);
+                println!("{value}");
+            } else {
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                println!(
+                    "forward {}: batch {}, {} threads, {} text tokens",
+                    r.config, r.batch, r.threads, r.text_len
+                );
+                println!(
+                    "{:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
+                    "ms", "min ms", "images/s", "GFLOP/s", "peak", "MFU"
+                );
+                println!(
+                    "{:>10.1} {:>10.1} {:>10.2} {:>12.1} {:>10.1} {:>7.1}%",
+                    r.ms,
+                    r.min_ms,
+                    r.images_per_s,
+                    r.achieved_gflops,
+                    r.peak_gflops,
+                    100.0 * r.mfu
+                );
+                if let Some(rss) = peak_rss {
+                    println!(
+                        "peak RSS {:.1} MiB; weights f32 {:.1} MiB + 2 x activations {:.1} MiB = {:.1} MiB",
+                        mib(rss),
+                        mib(r.weight_bytes),
+                        mib(r.activation_bytes),
+                        mib(r.weight_bytes + 2 * r.activation_bytes)
+                    );
                 }
             }
         }

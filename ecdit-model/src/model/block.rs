@@ -144,7 +144,8 @@ impl Block {
         acts.inp.extend_from_slice(x);
 
         // m = adaLN_modulation(SiLU(c))
-        self.adaln.forward(backend, &mut acts.modulation, silu_c, batch)?;
+        self.adaln
+            .forward_per_sample(backend, &mut acts.modulation, silu_c, batch, 1)?;
         // x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
         backend.layer_norm(
             &mut acts.ln1,

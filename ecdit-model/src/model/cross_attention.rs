@@ -86,7 +86,8 @@ impl CrossAttention {
         resize(&mut acts.k, text_rows * kv_dim);
         resize(&mut acts.v, text_rows * kv_dim);
         self.q.forward(backend, &mut acts.q, x, rows)?;
-        self.kv.forward(backend, &mut acts.kv, text, text_rows)?;
+        self.kv
+            .forward_per_sample(backend, &mut acts.kv, text, batch, text_len)?;
         split_columns(&acts.kv, &mut [&mut acts.k, &mut acts.v], &[kv_dim, kv_dim]);
         let dims = AttnDims {
             batch,

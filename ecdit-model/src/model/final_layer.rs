@@ -60,7 +60,8 @@ impl FinalLayer {
         resize(&mut acts.ln_rstd, rows);
         resize(&mut acts.modulated, rows * d);
         resize(&mut acts.out, rows * self.linear.out_dim);
-        self.adaln.forward(backend, &mut acts.modulation, silu_c, batch)?;
+        self.adaln
+            .forward_per_sample(backend, &mut acts.modulation, silu_c, batch, 1)?;
         backend.layer_norm(
             &mut acts.ln,
             &mut acts.ln_mean,

@@ -1,6 +1,7 @@
 //! `Linear` in the PyTorch layout: `out = inp @ weight^T + bias`.
 
 use super::param::{Init, Param, Params};
+use ecdit_engine::error::check_len;
 use ecdit_engine::{Backend, GemmDims, Result};
 
 /// A linear layer with bias.
@@ -52,6 +53,33 @@ impl Linear {
         let dims = GemmDims::nt(rows, self.out_dim, self.in_dim);
         backend.gemm(out, inp, &self.weight.data, dims, 1.0, 0.0)?;
         backend.add_bias(out, &self.bias.data, rows, self.out_dim)
+    }
+
+    /// As [`Linear::forward`], one sample's rows at a time, so each sample's
+    /// output is the same bits whatever the batch size: a GEMM's summation
+    /// order may depend on its row count (the CPU GEMM switches kernels for
+    /// tiny products), and the products of per-sample rows (conditioning
+    /// vectors, text tokens) are tiny. Image-token products stay batched.
+    /// out: [samples * rows_per_sample, out_dim]; inp: [samples * rows_per_sample, in_dim].
+    pub fn forward_per_sample(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        inp: &[f32],
+        samples: usize,
+        rows_per_sample: usize,
+    ) -> Result<()> {
+        let rows = samples * rows_per_sample;
+        check_len("Linear::forward_per_sample", "out", out.len(), rows * self.out_dim)?;
+        check_len("Linear::forward_per_sample", "inp", inp.len(), rows * self.in_dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (out_rows, in_rows) = (rows_per_sample * self.out_dim, rows_per_sample * self.in_dim);
+        for (o, x) in out.chunks_mut(out_rows).zip(inp.chunks(in_rows)) {
+            self.forward(backend, o, x, rows_per_sample)?;
+        }
+        Ok(())
     }
 }
 

@@ -416,7 +416,7 @@ impl Model {
             ) => {
                 text.check(*text_dim)?;
                 check_len("model forward", "text prompts [B]", text.batch, b)?;
-                caption.forward(be, &mut acts.caption, text.tokens, b * text.len)?;
+                caption.forward(be, &mut acts.caption, text.tokens, b, text.len)?;
                 match pooled {
                     Some(pooled) => {
                         pooled.forward(be, &mut acts.pooled, text.pooled, b)?;

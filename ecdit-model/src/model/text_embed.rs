@@ -108,15 +108,25 @@ impl CaptionEmbedder {
         }
     }
 
-    /// acts: filled; tokens: [rows, text_dim].
-    pub fn forward(&self, backend: &dyn Backend, acts: &mut CaptionActs, tokens: &[f32], rows: usize) -> Result<()> {
-        let d = self.fc2.out_dim;
+    /// acts: filled; tokens: [B, L, text_dim] (one prompt's L tokens at a time,
+    /// see [`Linear::forward_per_sample`]).
+    pub fn forward(
+        &self,
+        backend: &dyn Backend,
+        acts: &mut CaptionActs,
+        tokens: &[f32],
+        batch: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (d, rows) = (self.fc2.out_dim, batch * len);
         resize(&mut acts.hidden, rows * d);
         resize(&mut acts.hidden_act, rows * d);
         resize(&mut acts.out, rows * d);
-        self.fc1.forward(backend, &mut acts.hidden, tokens, rows)?;
+        self.fc1
+            .forward_per_sample(backend, &mut acts.hidden, tokens, batch, len)?;
         backend.unary(Unary::GeluTanh, &mut acts.hidden_act, &acts.hidden)?;
-        self.fc2.forward(backend, &mut acts.out, &acts.hidden_act, rows)
+        self.fc2
+            .forward_per_sample(backend, &mut acts.out, &acts.hidden_act, batch, len)
     }
 }
 
@@ -156,9 +166,11 @@ impl PooledEmbedder {
         resize(&mut acts.hidden, batch * d);
         resize(&mut acts.hidden_act, batch * d);
         resize(&mut acts.emb, batch * d);
-        self.fc1.forward(backend, &mut acts.hidden, pooled, batch)?;
+        self.fc1
+            .forward_per_sample(backend, &mut acts.hidden, pooled, batch, 1)?;
         backend.unary(Unary::Silu, &mut acts.hidden_act, &acts.hidden)?;
-        self.fc2.forward(backend, &mut acts.emb, &acts.hidden_act, batch)
+        self.fc2
+            .forward_per_sample(backend, &mut acts.emb, &acts.hidden_act, batch, 1)
     }
 }
 

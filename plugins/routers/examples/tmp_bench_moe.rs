@@ -3,6 +3,7 @@
 #[allow(dead_code)]
 mod bench_moe;
 fn main() {
+    if std::env::var("CPU").is_ok() { cpu_mode(std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1), std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(10)); return; }
     if std::env::var("MOEPARTS").is_ok() {
         moe_parts(2);
         return;
@@ -172,4 +173,52 @@ pub fn moe_parts(threads: usize) {
             .unwrap()
         }
     });
+}
+/// CPU nanoseconds of all threads of this process (Linux schedstat), robust to preemption.
+#[allow(dead_code)]
+fn cpu_ns() -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let p = t.unwrap().path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(p) {
+            total += s.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    total
+}
+#[allow(dead_code)]
+pub fn cpu_mode(threads: usize, reps: usize) {
+    let BOUND: f32 = std::env::var("BOUND").ok().and_then(|s| s.parse().ok()).unwrap_or(0.0559);
+    use ecdit_engine::{Expert, ExpertCache, MoeCache, MoeLayer, RouteShape};
+    use ecdit_routers::experts::GeluMlp;
+    use rand::{Rng, SeedableRng};
+    let be = ecdit_backend_cpu::CpuBackend::new(threads).unwrap();
+    let mut registry = ecdit_engine::Registry::new();
+    ecdit_routers::register(&mut registry).unwrap();
+    let (t, d, e) = (2048usize, 384usize, 8usize);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let x: Vec<f32> = (0..t * d).map(|_| rng.gen_range(-1.7f32..1.7)).collect();
+    let dense = GeluMlp::new(8.0).unwrap();
+    let dp: Vec<Vec<f32>> = dense.param_shapes(d, 1).iter().map(|p| (0..p.shape.iter().product::<usize>()).map(|_| rng.gen_range(-BOUND..BOUND)).collect()).collect();
+    let ds: Vec<&[f32]> = dp.iter().map(|p| p.as_slice()).collect();
+    let mut dout = vec![0.0f32; t * d];
+    let mut dc = ExpertCache::default();
+    for spec in bench_moe::default_routers().iter().take(3) {
+        let layer = MoeLayer::new_random(registry.router(spec).unwrap(), registry.expert(&serde_json::json!("gelu-mlp")).unwrap(), d, e, &mut rng).unwrap();
+        let shape = RouteShape { samples: 8, tokens_per_sample: 256, experts: e };
+        let mut out = vec![0.0f32; t * d];
+        let mut cache = MoeCache::default();
+        let (mut m, mut n) = (vec![], vec![]);
+        for i in 0..reps + 2 {
+            let c0 = cpu_ns();
+            layer.forward_into(&be, &mut out, &mut cache, &x, shape).unwrap();
+            let c1 = cpu_ns();
+            dense.forward(&be, &mut dout, &mut dc, &x, &ds, &[0, t], d).unwrap();
+            let c2 = cpu_ns();
+            if i >= 2 { m.push((c1 - c0) as f64 / 1e6); n.push((c2 - c1) as f64 / 1e6); }
+        }
+        m.sort_by(f64::total_cmp); n.sort_by(f64::total_cmp);
+        let (mm, nn) = (m[m.len() / 2], n[n.len() / 2]);
+        println!("{{\"router\":\"{}\",\"cpu_ms\":{:.1},\"dense_cpu_ms\":{:.1},\"ratio\":{:.3},\"threads\":{}}}", spec["kind"].as_str().unwrap(), mm, nn, mm / nn, threads);
+    }
 }

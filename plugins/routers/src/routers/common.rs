@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn rank_keys_order_by_value_then_index() {
-        let mut keys = vec![
+        let mut keys = [
             rank_key(0.25, 3),
             rank_key(1.0, 7),
             rank_key(0.0, 0),

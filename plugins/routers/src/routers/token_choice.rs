@@ -246,20 +246,21 @@ impl Router for TokenChoiceRouter {
 
         // Balance loss, per group, from the picks before dropping.
         let mut aux_sum = 0.0f64;
-        let mut p_mean = vec![0.0f64; e_count];
-        let mut f_frac = vec![0.0f64; e_count];
+        let mut p_sum = vec![0.0f64; e_count];
+        let mut pick_count = vec![0.0f64; e_count];
         for g in 0..n_groups {
-            p_mean.fill(0.0);
-            f_frac.fill(0.0);
+            p_sum.fill(0.0);
+            pick_count.fill(0.0);
             for t in g * s..(g + 1) * s {
-                for (pm, &p) in p_mean.iter_mut().zip(&probs[t * e_count..(t + 1) * e_count]) {
-                    *pm += p as f64;
+                for (ps, &p) in p_sum.iter_mut().zip(&probs[t * e_count..(t + 1) * e_count]) {
+                    *ps += p as f64;
                 }
                 for &e in &picks[t * k..(t + 1) * k] {
-                    f_frac[e as usize] += 1.0;
+                    pick_count[e as usize] += 1.0;
                 }
             }
-            let aux_g: f64 = p_mean.iter().zip(&f_frac).map(|(pm, fe)| pm * fe).sum::<f64>() * e_count as f64
+            // aux_g = sum_e P_e * E * f_e, P_e = p_sum_e / S, f_e = pick_count_e / (S k).
+            let aux_g: f64 = p_sum.iter().zip(&pick_count).map(|(ps, pc)| ps * pc).sum::<f64>() * e_count as f64
                 / (s as f64 * (s * k) as f64);
             aux_sum += aux_g;
         }
