@@ -14,7 +14,7 @@
 //! after warm-up, so drift in machine load hits both; medians are reported.
 
 use ecdit_engine::Expert;
-use ecdit_engine::{Backend, ExpertCache, MoeCache, MoeLayer, Registry, Result, RouteShape};
+use ecdit_engine::{Backend, ExpertCache, HostTensor, MoeCache, MoeLayer, Registry, Result, RouteShape};
 use ecdit_routers::experts::GeluMlp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -115,19 +115,21 @@ pub fn bench_moe_with(
     // The dense FFN of equal FLOPs: one GELU MLP active_experts times wider.
     let dense_ratio = cfg.mlp_ratio * cfg.active_experts;
     let dense = GeluMlp::new(dense_ratio)?;
+    // Its matrices are drawn like the experts' (xavier-uniform of one expert's
+    // [h, d]), as if two experts were stacked: the GELU's cost in libm depends on
+    // the range of its inputs, so a differently scaled dense FFN would do
+    // different work per element.
+    let expert_h = hidden_width(cfg.mlp_ratio, d);
+    let bound = (6.0 / (d + expert_h) as f32).sqrt();
     let dense_params: Vec<Vec<f32>> = dense
         .param_shapes(d, 1)
         .iter()
         .map(|p| {
             let n: usize = p.shape.iter().product();
-            let a = if p.shape.len() == 3 {
-                (6.0 / (p.shape[1] + p.shape[2]) as f32).sqrt()
-            } else {
-                0.0
-            };
-            (0..n)
-                .map(|_| if a > 0.0 { rng.gen_range(-a..a) } else { 0.0 })
-                .collect()
+            match p.shape.len() {
+                3 => (0..n).map(|_| rng.gen_range(-bound..bound)).collect(),
+                _ => vec![0.0; n], // biases start at zero, as in the MoE layers
+            }
         })
         .collect();
     let dense_slices: Vec<&[f32]> = dense_params.iter().map(|p| p.as_slice()).collect();
@@ -156,7 +158,18 @@ pub fn bench_moe_with(
             (cfg.experts, cfg.mlp_ratio)
         };
         let expert = registry.expert(&json!({"kind": GeluMlp::KIND, "mlp_ratio": ratio}))?;
-        let layer = MoeLayer::new_random(router, expert, d, experts, &mut rng)?;
+        let layer = if kind == "dense" {
+            // The very FFN of the dense side, behind the MoE plumbing.
+            let shapes = expert.param_shapes(d, 1);
+            let params = shapes
+                .iter()
+                .zip(&dense_params)
+                .map(|(s, p)| HostTensor::new(s.shape.clone(), p.clone()))
+                .collect::<Result<Vec<_>>>()?;
+            MoeLayer::new(router, expert, d, 1, HostTensor::zeros(&[d, 1]), params)?
+        } else {
+            MoeLayer::new_random(router, expert, d, experts, &mut rng)?
+        };
         let shape = RouteShape {
             samples: cfg.samples,
             tokens_per_sample: cfg.tokens_per_sample,
@@ -192,6 +205,11 @@ pub fn bench_moe_with(
         });
     }
     Ok(records)
+}
+
+/// One expert's hidden width, as `GeluMlp` computes it.
+fn hidden_width(mlp_ratio: f64, d: usize) -> usize {
+    GeluMlp::new(mlp_ratio).map_or(1, |e| e.hidden(d))
 }
 
 fn median(times: &mut [f64]) -> f64 {

@@ -15,12 +15,14 @@ pub mod weights;
 
 use ecdit_engine::{Registry, Result};
 
-/// A registry holding every shipped component (CPU backend, routers, experts,
-/// schedulers).
+/// A registry holding every shipped component (CPU and CUDA backends, routers,
+/// experts, schedulers).
 pub fn registry() -> Result<Registry> {
     let mut registry = Registry::new();
     ecdit_backend_cpu::register(&mut registry)?;
     ecdit_routers::register(&mut registry)?;
     ecdit_schedulers::register(&mut registry)?;
+    // The CUDA backend builds without CUDA; its factory probes for a driver.
+    ecdit_backend_cuda::register(&mut registry)?;
     Ok(registry)
 }

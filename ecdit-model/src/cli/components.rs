@@ -1,6 +1,6 @@
 //! `ecdit components`: what the registry holds, as `ffmpeg -codecs` lists codecs.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use ecdit_engine::{ComponentInfo, Family};
 use std::path::PathBuf;
@@ -14,11 +14,20 @@ pub struct ComponentsArgs {
     /// Only this family (backend, router, expert, scheduler).
     #[arg(long)]
     pub family: Option<String>,
+    /// Also start this backend (e.g. `cuda`) and report whether it is usable here.
+    #[arg(long)]
+    pub backend: Option<String>,
 }
 
 /// Prints the registry's components.
 pub fn run(plugins: &[PathBuf], args: ComponentsArgs) -> Result<()> {
     let registry = super::registry(plugins)?;
+    if let Some(kind) = &args.backend {
+        let backend = registry
+            .backend(&serde_json::json!({ "kind": kind }))
+            .with_context(|| format!("--backend {kind}"))?;
+        eprintln!("backend '{}' is available ({} threads)", backend.name(), backend.threads());
+    }
     let mut list = registry.list();
     if let Some(f) = &args.family {
         list.retain(|c| c.family.to_string() == *f);

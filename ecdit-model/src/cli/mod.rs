@@ -4,7 +4,7 @@ mod bench;
 mod components;
 mod info;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ecdit_engine::Registry;
 use std::path::PathBuf;
@@ -51,9 +51,20 @@ pub fn init_logging(verbose: u8) {
 
 /// The shipped registry plus every plugin asked for.
 pub fn registry(plugins: &[PathBuf]) -> Result<Registry> {
-    let registry = ecdit_model::registry()?;
-    if !plugins.is_empty() {
-        anyhow::bail!("plugin loading is not built yet");
+    let mut registry = ecdit_model::registry()?;
+    // Directories in ECDIT_PLUGIN_PATH: a bad library there is reported, not fatal.
+    for (path, result) in ecdit_engine::plugin::load_env_path(&mut registry) {
+        match result {
+            Ok(info) => tracing::info!(plugin = %info.name, path = %path.display(), "loaded plugin"),
+            Err(e) => tracing::warn!(path = %path.display(), "skipped plugin: {e}"),
+        }
+    }
+    // Libraries named on the command line must load.
+    for path in plugins {
+        let info = registry
+            .load_plugin(path)
+            .with_context(|| format!("--plugin {}", path.display()))?;
+        tracing::info!(plugin = %info.name, version = %info.version, "loaded plugin");
     }
     Ok(registry)
 }
