@@ -2,9 +2,11 @@
 """PyTorch eager reference of the EC-DiT forward, for `ecdit bench forward`.
 
 Builds the same architecture as ecdit-model from one of our JSON configs
-(adaLN-Zero blocks, grouped-query self-attention, cross-attention to text
-tokens with a padding mask, dense GELU FFN or an expert-choice MoE layer with
-per-sample routing groups in every other block) and times a forward pass.
+(adaLN-Zero blocks, grouped-query self-attention with a fused qkv projection when
+kv_heads == heads, caption projection of the text tokens and cross-attention to
+them with a padding mask, optional pooled-text term of c, dense GELU FFN or an expert-choice MoE layer with
+per-sample routing groups in every other block, final adaLN layer and
+unpatchify) and times a forward pass.
 Weights are random (timing only). Prints one JSON line per measurement.
 
     python3 benches/reference/forward_torch.py --config configs/small/ec-s-8e.json \
@@ -32,20 +34,32 @@ def modulate(x, shift, scale):
 
 
 class Attention(torch.nn.Module):
-    def __init__(self, d, heads, kv_heads, kv_dim=None):
+    """Grouped-query attention as ecdit-model's: self-attention uses one fused qkv
+    projection when kv_heads == heads (attn.qkv) and q + kv otherwise; cross-attention
+    (ctx given) reads the caption-projected text tokens (width d) with q_linear + kv_linear."""
+
+    def __init__(self, d, heads, kv_heads, cross=False):
         super().__init__()
         self.h, self.kv, self.hd = heads, kv_heads, d // heads
-        self.q = torch.nn.Linear(d, d)
-        self.kv_proj = torch.nn.Linear(kv_dim or d, 2 * kv_heads * self.hd)
+        self.fused = not cross and kv_heads == heads
+        if self.fused:
+            self.qkv = torch.nn.Linear(d, 3 * d)
+        else:
+            self.q = torch.nn.Linear(d, d)
+            self.kv_proj = torch.nn.Linear(d, 2 * kv_heads * self.hd)
         self.proj = torch.nn.Linear(d, d)
 
     def forward(self, x, ctx=None, mask=None):
         b, n, d = x.shape
-        ctx = x if ctx is None else ctx
-        m = ctx.shape[1]
-        q = self.q(x).view(b, n, self.h, self.hd).transpose(1, 2)
-        kv = self.kv_proj(ctx).view(b, m, 2, self.kv, self.hd)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if self.fused:
+            qkv = self.qkv(x).view(b, n, 3, self.h, self.hd)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        else:
+            ctx = x if ctx is None else ctx
+            m = ctx.shape[1]
+            q = self.q(x).view(b, n, self.h, self.hd).transpose(1, 2)
+            kv = self.kv_proj(ctx).view(b, m, 2, self.kv, self.hd)
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
         if self.kv != self.h:
             rep = self.h // self.kv
             k = k.repeat_interleave(rep, dim=1)
@@ -102,7 +116,7 @@ class Block(torch.nn.Module):
         self.text = "text" in cond
         self.attn = Attention(d, cfg["heads"], cfg["kv_heads"])
         if self.text:
-            self.cross = Attention(d, cfg["heads"], cfg["heads"], kv_dim=cond["text"]["text_dim"])
+            self.cross = Attention(d, cfg["heads"], cfg["kv_heads"], cross=True)
         if moe is not None:
             self.ffn = ExpertChoiceMoe(d, hidden, moe["experts"], moe["router"].get("capacity_factor", 2.0))
         else:
@@ -125,6 +139,14 @@ class Model(torch.nn.Module):
         self.out_c = 2 * c if cfg.get("learn_sigma") else c
         self.patch = torch.nn.Linear(c * p * p, d)
         self.t1, self.t2 = torch.nn.Linear(256, d), torch.nn.Linear(d, d)
+        text = cfg["conditioning"].get("text")
+        self.pooled = None
+        if text is not None:
+            # y_embedder.y_proj: Linear -> GELU(tanh) -> Linear, once per forward.
+            self.y1, self.y2 = torch.nn.Linear(text["text_dim"], d), torch.nn.Linear(d, d)
+            if text.get("pooled"):
+                self.pooled = torch.nn.Sequential(
+                    torch.nn.Linear(text["text_dim"], d), torch.nn.SiLU(), torch.nn.Linear(d, d))
         moe = cfg.get("moe")
         blocks = []
         for i in range(cfg["depth"]):
@@ -135,16 +157,23 @@ class Model(torch.nn.Module):
         self.final = torch.nn.Linear(d, p * p * self.out_c)
         self.register_buffer("pos", torch.randn(1, (cfg["input_size"] // p) ** 2, d))
 
-    def forward(self, x, t, text, mask):
+    def forward(self, x, t, text, mask, pooled):
         b, c, hgt, wid = x.shape
-        p = self.p
-        x = x.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        p, hp, wp = self.p, hgt // self.p, wid // self.p
+        x = x.view(b, c, hp, p, wp, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
         x = self.patch(x) + self.pos
         cvec = self.t2(F.silu(self.t1(timestep_embedding(t))))
+        if self.pooled is not None:
+            cvec = cvec + self.pooled(pooled)
+        if hasattr(self, "y1"):
+            text = self.y2(F.gelu(self.y1(text), approximate="tanh"))
         for blk in self.blocks:
             x = blk(x, cvec, text, mask)
         shift, scale = self.final_ada(F.silu(cvec)).chunk(2, dim=1)
-        return self.final(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
+        out = self.final(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
+        # unpatchify: [B, T, p*p*C_out] (index (pi*p + qi)*C_out + ch) -> [B, C_out, H, W]
+        out = out.view(b, hp, wp, p, p, self.out_c).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, self.out_c, hgt, wid)
 
 
 def main():
@@ -165,12 +194,13 @@ def main():
     text_dim = cfg["conditioning"].get("text", {}).get("text_dim", cfg["hidden"])
     text = torch.randn(b, args.text_len, text_dim)
     mask = torch.ones(b, args.text_len, dtype=torch.uint8)
+    pooled = torch.randn(b, text_dim)
     times = []
     with torch.inference_mode():
-        model(x, t, text, mask)  # warm-up
+        model(x, t, text, mask, pooled)  # warm-up
         for _ in range(args.reps):
             t0 = time.perf_counter()
-            model(x, t, text, mask)
+            model(x, t, text, mask, pooled)
             times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
     print(json.dumps({"impl": "torch", "torch": torch.__version__, "config": cfg["name"], "batch": b,

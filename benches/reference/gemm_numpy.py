@@ -9,9 +9,10 @@ OpenBLAS reads OPENBLAS_NUM_THREADS when numpy is imported.
     python3 benches/reference/gemm_numpy.py [--threads 1,2] [--reps 7]
         prints one JSON line per (shape, threads): m, n, k, threads, gflops, median_ms, lib
     python3 benches/reference/gemm_numpy.py --compare ours1.jsonl,ours2.jsonl numpy1.jsonl,numpy2.jsonl
-        prints a markdown table of ours vs numpy GFLOP/s and their ratio; with
-        several files (rounds) per side it keeps each side's best round, which
-        is the fairest figure on a machine shared with other work
+        prints a markdown table of ours vs numpy GFLOP/s and their ratios; with
+        several files (rounds) per side it shows each side's median round and
+        best round (the best is the fairer figure on a machine shared with
+        other work, the median the more typical one)
 """
 import argparse
 import json
@@ -65,25 +66,33 @@ def run_one_thread_count(threads, reps):
         }), flush=True)
 
 
-def compare(ours_path, numpy_path):
+def compare(ours_paths, numpy_paths):
+    """Markdown table: per shape and thread count, each side's median over the
+    rounds (files) and its best round, and the ratios ours / numpy."""
+
     def load(paths):
-        best = {}
+        rounds = {}
         for path in paths.split(","):
             with open(path) as f:
                 for r in map(json.loads, filter(str.strip, f)):
-                    key = (r["m"], r["n"], r["k"], r["threads"])
-                    if key not in best or r["gflops"] > best[key]["gflops"]:
-                        best[key] = r
-        return best
+                    rounds.setdefault((r["m"], r["n"], r["k"], r["threads"]), []).append(r["gflops"])
+        return rounds
 
-    ours, ref = load(ours_path), load(numpy_path)
-    print("| m x n x k | threads | ours GFLOP/s | numpy GFLOP/s | ours / numpy |")
-    print("|---|---|---|---|---|")
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+    ours, ref = load(ours_paths), load(numpy_paths)
+    rounds = max(len(v) for v in ours.values())
+    print(f"GFLOP/s, median and best of {rounds} rounds")
+    print()
+    print("| m x n x k | threads | ours median | numpy median | ratio (median) | ours best | numpy best | ratio (best) |")
+    print("|---|---|---|---|---|---|---|---|")
     for key in sorted(ours, key=lambda k: (k[3], -k[0] * k[1] * k[2])):
         if key in ref:
-            o, r = ours[key]["gflops"], ref[key]["gflops"]
+            (om, rm), (ob, rb) = (median(ours[key]), median(ref[key])), (max(ours[key]), max(ref[key]))
             m, n, k, t = key
-            print(f"| {m}x{n}x{k} | {t} | {o:.1f} | {r:.1f} | {o / r:.2f} |")
+            print(f"| {m}x{n}x{k} | {t} | {om:.1f} | {rm:.1f} | {om / rm:.2f} | {ob:.1f} | {rb:.1f} | {ob / rb:.2f} |")
 
 
 def main():

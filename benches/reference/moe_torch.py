@@ -106,8 +106,11 @@ def main():
     T = B * S
     x = torch.empty(T, d).uniform_(-1.7, 1.7)
     moe = Moe(d, E, ratio * d, B, S)
-    dw1, db1 = xavier(2 * ratio * d, d), torch.zeros(2 * ratio * d)
-    dw2, db2 = xavier(d, 2 * ratio * d), torch.zeros(d)
+    # The dense FFN of equal FLOPs: two experts stacked (width 2 x 4d), drawn
+    # like the experts (as ecdit's bench does).
+    a = math.sqrt(6.0 / (d + ratio * d))
+    dw1, db1 = torch.empty(2 * ratio * d, d).uniform_(-a, a), torch.zeros(2 * ratio * d)
+    dw2, db2 = torch.empty(d, 2 * ratio * d).uniform_(-a, a), torch.zeros(d)
 
     def dense():
         return expert_mlp_one(x, dw1, db1, dw2, db2)

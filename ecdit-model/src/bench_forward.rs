@@ -16,7 +16,7 @@
 use crate::config::{Conditioning, ModelConfig};
 use crate::info;
 use crate::model::{Condition, Model, ModelActs, ModelResult, TextInput};
-use ecdit_engine::{Backend, EngineError, Registry};
+use ecdit_engine::{AdamW, AttnDims, Backend, EngineError, GemmDims, Registry, Result as EResult, Unary};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -36,6 +36,8 @@ pub struct ForwardBenchOptions {
     pub peak_reps: usize,
     /// Seed of the weights and inputs.
     pub seed: u64,
+    /// Time each backend op (adds a little overhead per op call).
+    pub profile: bool,
 }
 
 impl Default for ForwardBenchOptions {
@@ -47,6 +49,7 @@ impl Default for ForwardBenchOptions {
             reps: 5,
             peak_reps: 5,
             seed: 0,
+            profile: false,
         }
     }
 }
@@ -82,6 +85,12 @@ pub struct ForwardBenchRecord {
     pub weight_bytes: u64,
     /// `ecdit info`'s inference activation estimate at this batch, bytes.
     pub activation_bytes: u64,
+    /// Peak resident memory of the process after the timed forwards, before
+    /// the GEMM peak is measured (`VmHWM`; absent where not reported).
+    pub peak_rss_bytes: Option<u64>,
+    /// With `profile`: time per backend op over the timed forwards.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<OpTime>,
 }
 
 /// The products a matmul peak is measured on: the FFN's two, `(B*T, 4d, d)`
@@ -175,7 +184,12 @@ pub fn bench_forward(
         Conditioning::Class { .. } => 0,
     };
     let threads = backend.threads();
-    let model = Model::new(cfg.clone(), registry, backend, opts.seed)?;
+    let profiled = opts.profile.then(|| Arc::new(ProfiledBackend::new(backend.clone())));
+    let model_backend = match &profiled {
+        Some(p) => p.clone() as Arc<dyn Backend>,
+        None => backend,
+    };
+    let model = Model::new(cfg.clone(), registry, model_backend, opts.seed)?;
     let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x5eed);
     let inputs = Inputs::new(cfg, batch, text_len, &mut rng);
     let cond = inputs.condition(cfg, batch, text_len);
@@ -183,6 +197,9 @@ pub fn bench_forward(
     let mut acts = ModelActs::default();
     let _span = tracing::info_span!("bench forward", config = %cfg.name, batch, threads).entered();
     model.forward_into(&mut acts, false, &inputs.x, &inputs.t, cond)?;
+    if let Some(p) = &profiled {
+        p.reset();
+    }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let start = Instant::now();
@@ -191,6 +208,7 @@ pub fn bench_forward(
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let peak_rss = peak_rss_bytes();
 
     let counted = with_text_len(cfg, text_len.max(1));
     let flops_per_image = info::flops_per_image(registry, &counted)?.total();
@@ -213,7 +231,247 @@ pub fn bench_forward(
         peak_shapes: shapes,
         weight_bytes: report.weight_bytes_f32,
         activation_bytes: report.activation_memory.inference_bytes,
+        peak_rss_bytes: peak_rss,
+        profile: profiled.map(|p| p.times()).unwrap_or_default(),
     })
+}
+
+/// Time and FLOPs spent in one backend op during a profiled forward.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct OpTime {
+    /// Op name (`gemm`, `attention`, `unary`, ...).
+    pub op: String,
+    /// Calls.
+    pub calls: u64,
+    /// Total milliseconds.
+    pub ms: f64,
+    /// Matmul FLOPs (gemm and attention's two products), else 0.
+    pub flops: f64,
+}
+
+/// A [`Backend`] that forwards every op to `inner` and adds up the wall time
+/// of each op, for `ecdit bench forward --profile`. Time outside the backend
+/// (the model's own element-wise loops, routing) is the forward's time minus
+/// the sum.
+pub struct ProfiledBackend {
+    inner: Arc<dyn Backend>,
+    times: std::sync::Mutex<Vec<OpTime>>,
+}
+
+impl ProfiledBackend {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Backend>) -> Self {
+        Self {
+            inner,
+            times: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Per-op totals so far, most expensive first.
+    pub fn times(&self) -> Vec<OpTime> {
+        let mut times = self.times.lock().map(|t| t.clone()).unwrap_or_default();
+        times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        times
+    }
+
+    /// Forgets the totals (after warm-up).
+    pub fn reset(&self) {
+        if let Ok(mut t) = self.times.lock() {
+            t.clear();
+        }
+    }
+
+    fn timed<R>(&self, op: &str, flops: f64, f: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let r = f();
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if let Ok(mut times) = self.times.lock() {
+            match times.iter_mut().find(|t| t.op == op) {
+                Some(t) => {
+                    t.calls += 1;
+                    t.ms += ms;
+                    t.flops += flops;
+                }
+                None => times.push(OpTime {
+                    op: op.to_string(),
+                    calls: 1,
+                    ms,
+                    flops,
+                }),
+            }
+        }
+        r
+    }
+}
+
+impl Backend for ProfiledBackend {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+    fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> EResult<()> {
+        let op = if dims.m < 16 { "gemm (m < 16)" } else { "gemm" };
+        self.timed(op, dims.flops(), || self.inner.gemm(out, a, b, dims, alpha, beta))
+    }
+    fn gemm_batched(
+        &self,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        batch: usize,
+        dims: GemmDims,
+        alpha: f32,
+        beta: f32,
+    ) -> EResult<()> {
+        self.timed("gemm_batched", batch as f64 * dims.flops(), || {
+            self.inner.gemm_batched(out, a, b, batch, dims, alpha, beta)
+        })
+    }
+    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> EResult<()> {
+        self.timed("add_bias", 0.0, || self.inner.add_bias(out, bias, rows, cols))
+    }
+    fn sum_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> EResult<()> {
+        self.timed("sum_rows", 0.0, || {
+            self.inner.sum_rows(out, inp, rows, cols, accumulate)
+        })
+    }
+    fn softmax_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> EResult<()> {
+        self.timed("softmax_rows", 0.0, || self.inner.softmax_rows(out, inp, rows, cols))
+    }
+    fn softmax_rows_backward(
+        &self,
+        dinp: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> EResult<()> {
+        self.timed("softmax_rows_backward", 0.0, || {
+            self.inner.softmax_rows_backward(dinp, dout, out, rows, cols)
+        })
+    }
+    fn layer_norm(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: Option<&[f32]>,
+        bias: Option<&[f32]>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> EResult<()> {
+        self.timed("layer_norm", 0.0, || {
+            self.inner
+                .layer_norm(out, mean, rstd, inp, weight, bias, rows, cols, eps)
+        })
+    }
+    fn layer_norm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: Option<&mut [f32]>,
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        weight: Option<&[f32]>,
+        rows: usize,
+        cols: usize,
+    ) -> EResult<()> {
+        self.timed("layer_norm_backward", 0.0, || {
+            self.inner
+                .layer_norm_backward(dinp, dweight, dbias, dout, inp, mean, rstd, weight, rows, cols)
+        })
+    }
+    fn unary(&self, op: Unary, out: &mut [f32], inp: &[f32]) -> EResult<()> {
+        let name = match op {
+            Unary::GeluTanh => "unary gelu",
+            Unary::Silu => "unary silu",
+        };
+        self.timed(name, 0.0, || self.inner.unary(op, out, inp))
+    }
+    fn unary_backward(&self, op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> EResult<()> {
+        self.timed("unary_backward", 0.0, || self.inner.unary_backward(op, dinp, dout, inp))
+    }
+    fn attention(
+        &self,
+        out: &mut [f32],
+        probs: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        key_mask: Option<&[u8]>,
+        dims: AttnDims,
+    ) -> EResult<()> {
+        let flops = 4.0 * (dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim) as f64;
+        let name = if key_mask.is_some() {
+            "attention (masked)"
+        } else {
+            "attention"
+        };
+        self.timed(name, flops, || {
+            self.inner.attention(out, probs, q, k, v, key_mask, dims)
+        })
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dout: &[f32],
+        probs: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: AttnDims,
+    ) -> EResult<()> {
+        self.timed("attention_backward", 0.0, || {
+            self.inner.attention_backward(dq, dk, dv, dout, probs, q, k, v, dims)
+        })
+    }
+    fn gather_rows(&self, out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> EResult<()> {
+        self.timed("gather_rows", 0.0, || self.inner.gather_rows(out, inp, idx, cols))
+    }
+    fn scatter_add_rows(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        idx: &[u32],
+        scale: Option<&[f32]>,
+        cols: usize,
+    ) -> EResult<()> {
+        self.timed("scatter_add_rows", 0.0, || {
+            self.inner.scatter_add_rows(out, inp, idx, scale, cols)
+        })
+    }
+    fn top_k_rows(
+        &self,
+        idx: &mut [u32],
+        val: &mut [f32],
+        inp: &[f32],
+        rows: usize,
+        cols: usize,
+        k: usize,
+    ) -> EResult<()> {
+        self.timed("top_k_rows", 0.0, || {
+            self.inner.top_k_rows(idx, val, inp, rows, cols, k)
+        })
+    }
+    fn adamw_step(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        hp: AdamW,
+        step: u64,
+    ) -> EResult<()> {
+        self.timed("adamw_step", 0.0, || self.inner.adamw_step(param, grad, m, v, hp, step))
+    }
 }
 
 /// The process's peak resident memory so far (`VmHWM` of /proc/self/status),
@@ -253,13 +511,21 @@ mod tests {
             reps: 1,
             peak_reps: 1,
             seed: 1,
+            profile: true,
         };
         let r = bench_forward(&registry, &cfg, backend, &opts).unwrap();
-        assert_eq!((r.config.as_str(), r.batch, r.threads, r.text_len), ("tiny-ec", 2, 1, 4));
+        assert_eq!(
+            (r.config.as_str(), r.batch, r.threads, r.text_len),
+            ("tiny-ec", 2, 1, 4)
+        );
         assert!(r.ms > 0.0 && r.min_ms <= r.ms && r.peak_gflops > 0.0);
         assert!((r.images_per_s - 2.0 / (r.ms / 1e3)).abs() < 1e-6 * r.images_per_s);
         assert!((r.mfu - r.achieved_gflops / r.peak_gflops).abs() < 1e-12);
         assert!((r.achieved_gflops - r.flops_per_image * 2.0 / (r.ms / 1e3) / 1e9).abs() < 1e-6 * r.achieved_gflops);
-        assert!(peak_rss_bytes().is_none_or(|b| b > 0));
+        assert!(r.peak_rss_bytes.is_none_or(|b| b > r.weight_bytes));
+        // The profile saw the products: gemm FLOPs of one timed forward are
+        // at most the counted FLOPs (which also count attention).
+        let gemm = r.profile.iter().find(|t| t.op == "gemm").expect("gemm profiled");
+        assert!(gemm.calls > 0 && gemm.flops > 0.0 && gemm.flops < 2.0 * r.flops_per_image);
     }
 }

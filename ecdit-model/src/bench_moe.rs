@@ -13,8 +13,7 @@
 //! Each router's runs are interleaved with dense runs (MoE, dense, MoE, ...)
 //! after warm-up, so drift in machine load hits both; medians are reported.
 
-use ecdit_engine::Expert;
-use ecdit_engine::{Backend, ExpertCache, HostTensor, MoeCache, MoeLayer, Registry, Result, RouteShape};
+use ecdit_engine::{Backend, Expert, ExpertCache, HostTensor, MoeCache, MoeLayer, Registry, Result, RouteShape};
 use ecdit_routers::experts::GeluMlp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

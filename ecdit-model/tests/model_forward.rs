@@ -191,9 +191,7 @@ fn assert_sample_matches(
             "{what}, sample {i}: output [{k}] is {} batched, {} alone (max |diff| {})",
             got[k],
             alone.0[k],
-            got.iter()
-                .zip(&alone.0)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            got.iter().zip(&alone.0).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
         );
     }
     for (block, (bb, ba)) in batched.1.blocks.iter().zip(&alone.1.blocks).enumerate() {
@@ -254,7 +252,9 @@ fn per_sample_output_is_bit_identical_at_s_shapes_on_1_and_2_threads() {
         let backend = Arc::new(CpuBackend::new(threads).expect("cpu backend"));
         let mut model = Model::new(config.clone(), &registry, backend, 5).expect("model");
         randomise(&mut model, 6);
-        let alone: Vec<_> = (0..4).map(|i| forward_with_dispatch(&model, &batch.sample(i))).collect();
+        let alone: Vec<_> = (0..4)
+            .map(|i| forward_with_dispatch(&model, &batch.sample(i)))
+            .collect();
         for n in 2..=4 {
             let batched = forward_with_dispatch(&model, &batch.samples(0, n));
             for (i, one) in alone.iter().enumerate().take(n) {
@@ -366,4 +366,3 @@ fn same_seed_same_model_and_save_load_round_trip() {
     assert_eq!(o1.out, o2.out, "router transpose and expert tensors survive save/load");
     assert_eq!(model.num_params(), back.num_params());
 }
-

@@ -59,6 +59,9 @@ pub enum BenchWhat {
         /// Text tokens per prompt (random tokens, as benches/reference/forward_torch.py).
         #[arg(long, default_value_t = 16)]
         text_len: usize,
+        /// Also print the time spent in each backend op.
+        #[arg(long)]
+        profile: bool,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -127,6 +130,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             threads,
             reps,
             text_len,
+            profile,
             json,
         } => {
             let registry = super::registry(plugins)?;
@@ -136,15 +140,13 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                 batch,
                 text_len,
                 reps,
+                profile,
                 ..Default::default()
             };
             let r = ecdit_model::bench_forward::bench_forward(&registry, &cfg, backend.into(), &opts)
                 .with_context(|| format!("bench forward of {}", path.display()))?;
-            let peak_rss = ecdit_model::bench_forward::peak_rss_bytes();
             if json {
-                let mut value = serde_json::to_value(&r)?;
-                value["peak_rss_bytes"] = serde_json::json!(peak_rss);
-                println!("{value}");
+                println!("{}", serde_json::to_string(&r)?);
             } else {
                 let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
                 println!(
@@ -164,9 +166,25 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                     r.peak_gflops,
                     100.0 * r.mfu
                 );
-                if let Some(rss) = peak_rss {
+                if !r.profile.is_empty() {
+                    let per_rep = 1.0 / reps.max(1) as f64;
+                    println!("{:<22} {:>8} {:>10} {:>10}", "backend op", "calls", "ms/fwd", "GFLOP/s");
+                    for t in &r.profile {
+                        let gflops = if t.flops > 0.0 { t.flops / t.ms / 1e6 } else { 0.0 };
+                        println!(
+                            "{:<22} {:>8} {:>10.1} {:>10.1}",
+                            t.op,
+                            (t.calls as f64 * per_rep).round(),
+                            t.ms * per_rep,
+                            gflops
+                        );
+                    }
+                    let in_ops: f64 = r.profile.iter().map(|t| t.ms).sum::<f64>() * per_rep;
+                    println!("{:<22} {:>8} {:>10.1}", "outside backend ops", "", r.ms - in_ops);
+                }
+                if let Some(rss) = r.peak_rss_bytes {
                     println!(
-                        "peak RSS {:.1} MiB; weights f32 {:.1} MiB + 2 x activations {:.1} MiB = {:.1} MiB",
+                        "peak RSS {:.1} MiB; budget: weights f32 {:.1} MiB + 2 x activation estimate {:.1} MiB = {:.1} MiB",
                         mib(rss),
                         mib(r.weight_bytes),
                         mib(r.activation_bytes),

@@ -64,9 +64,11 @@ impl TimestepEmbedder {
         resize(&mut acts.hidden_act, b * d);
         resize(&mut acts.emb, b * d);
         timestep_frequencies(&mut acts.freq, t, FREQ_DIM);
-        self.fc1.forward_per_sample(backend, &mut acts.hidden, &acts.freq, b, 1)?;
+        self.fc1
+            .forward_per_sample(backend, &mut acts.hidden, &acts.freq, b, 1)?;
         backend.unary(Unary::Silu, &mut acts.hidden_act, &acts.hidden)?;
-        self.fc2.forward_per_sample(backend, &mut acts.emb, &acts.hidden_act, b, 1)
+        self.fc2
+            .forward_per_sample(backend, &mut acts.emb, &acts.hidden_act, b, 1)
     }
 }
 
