@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Map, Value};
+use plugin_common::bits;
 use std::sync::OnceLock;
 
 struct Registries {
@@ -36,10 +37,6 @@ fn registries() -> &'static Registries {
         }
         Registries { stat, dynamic }
     })
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 fn kinds(r: &Registry, family: Family) -> Vec<(String, Vec<ParamInfo>)> {

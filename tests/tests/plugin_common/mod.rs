@@ -1,6 +1,7 @@
-//! Building the plugin libraries the workspace tests load: the shipped
-//! cdylib wrappers (built with `cargo build -p`, same profile and target dir
-//! as this test binary), the out-of-tree Rust example, and the C example.
+//! Shared by the workspace tests that load plugins: building the plugin
+//! libraries (the shipped cdylib wrappers, built with `cargo build -p` in the
+//! same profile and target dir as this test binary; the out-of-tree Rust
+//! example; the C example) and comparing results bit for bit.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -116,4 +117,9 @@ pub fn c_example() -> PathBuf {
             out
         })
         .clone()
+}
+
+/// The bit patterns of `v`, so `assert_eq!` compares floats exactly (NaN and -0.0 included).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
 }

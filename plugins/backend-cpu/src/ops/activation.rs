@@ -1,5 +1,6 @@
 //! Element-wise activations (GELU tanh approximation, SiLU) and their backward.
 
+use super::exp::exp_approx;
 use super::PAR_MIN_ELEMS;
 use ecdit_engine::error::{check_len, Result};
 use ecdit_engine::Unary;
@@ -9,29 +10,6 @@ use rayon::prelude::*;
 const GELU_SCALE: f32 = 0.797_884_6;
 /// The cubic coefficient of the GELU tanh approximation.
 const GELU_CUBE: f32 = 0.044715;
-
-/// `exp(x)` in f32 to a few ulp: Cephes' `expf` (range reduction by `ln 2`,
-/// degree-6 polynomial) written in plain arithmetic, so loops over it
-/// vectorise; libm's `expf`/`tanhf` are scalar calls and dominated the MoE
-/// layer's time. Inputs are clamped to [-87, 88], where `2^n` stays normal.
-#[inline(always)]
-fn exp_approx(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
 
 /// `sigmoid(x) = 1 / (1 + e^-x)`.
 #[inline(always)]
@@ -149,21 +127,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp_approx_is_accurate_over_its_range() {
-        let mut worst = 0.0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let rel = ((exp_approx(x) as f64) / (x as f64).exp() - 1.0).abs();
-            worst = worst.max(rel);
-        }
-        assert!(worst < 4e-7, "max relative error {worst}");
-        assert!(exp_approx(-1000.0) > 0.0 && exp_approx(1000.0).is_finite());
-        assert!(exp_approx(f32::NAN).is_nan());
-    }
-
-    #[test]
     fn simd_paths_give_the_same_bits_as_the_plain_loop() {
-        let x: Vec<f32> = (0..4099).map(|i| (i as f32 * 0.618_034).sin() * 12.0 - (i % 7) as f32).collect();
+        let x: Vec<f32> = (0..4099)
+            .map(|i| (i as f32 * 0.618_034).sin() * 12.0 - (i % 7) as f32)
+            .collect();
         let d: Vec<f32> = x.iter().map(|v| v.cos()).collect();
         for op in [Unary::GeluTanh, Unary::Silu] {
             for backward in [false, true] {
@@ -171,7 +138,10 @@ mod tests {
                 let (mut fast, mut plain) = (vec![0.0; x.len()], vec![0.0; x.len()]);
                 map(&mut fast, a, b, op, backward);
                 map_plain(&mut plain, a, b, op, backward);
-                assert!(fast.iter().zip(&plain).all(|(f, p)| f.to_bits() == p.to_bits()), "{op:?} {backward}");
+                assert!(
+                    fast.iter().zip(&plain).all(|(f, p)| f.to_bits() == p.to_bits()),
+                    "{op:?} {backward}"
+                );
             }
         }
     }

@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bias;
+pub(crate) mod exp;
 pub mod gather;
 pub mod gemm;
 pub mod norm;

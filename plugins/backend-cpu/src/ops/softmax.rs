@@ -1,5 +1,6 @@
 //! Row softmax and its backward.
 
+use super::exp::exp_shifted_inplace;
 use super::{numel, rows_per_task};
 use ecdit_engine::error::{check_len, Result};
 use rayon::prelude::*;
@@ -16,9 +17,14 @@ pub(crate) fn softmax_row_masked(row: &mut [f32], keep: impl Fn(usize) -> bool) 
         row.fill(0.0);
         return;
     }
+    // Exponentiate the whole row in one vectorised pass, then zero the
+    // entries left out and sum in order.
+    exp_shifted_inplace(row, max);
     let mut sum = 0.0f32;
     for (j, x) in row.iter_mut().enumerate() {
-        *x = if keep(j) { (*x - max).exp() } else { 0.0 };
+        if !keep(j) {
+            *x = 0.0;
+        }
         sum += *x;
     }
     let inv = 1.0 / sum;
