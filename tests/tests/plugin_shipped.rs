@@ -6,11 +6,11 @@ mod plugin_common;
 
 use ecdit_engine::router_kit::{check_router_contract, ContractConfig};
 use ecdit_engine::*;
+use plugin_common::bits;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Map, Value};
-use plugin_common::bits;
 use std::sync::OnceLock;
 
 struct Registries {

@@ -26,7 +26,11 @@ pub fn run(plugins: &[PathBuf], args: ComponentsArgs) -> Result<()> {
         let backend = registry
             .backend(&serde_json::json!({ "kind": kind }))
             .with_context(|| format!("--backend {kind}"))?;
-        eprintln!("backend '{}' is available ({} threads)", backend.name(), backend.threads());
+        eprintln!(
+            "backend '{}' is available ({} threads)",
+            backend.name(),
+            backend.threads()
+        );
     }
     let mut list = registry.list();
     if let Some(f) = &args.family {
