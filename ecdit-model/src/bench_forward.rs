@@ -10,12 +10,12 @@
 //! products, `(B*T, 4d, d)` and `(B*T, d, 4d)`, at the same thread count.
 //!
 //! Timing: one untimed forward (buffers sized, pool started), then `reps`
-//! forwards into the same reused activation buffers, as a sampler runs them;
-//! the median is reported.
+//! inference forwards ([`Model::forward_with`]) into the same reused
+//! buffers, as a sampler runs them; the median is reported.
 
 use crate::config::{Conditioning, ModelConfig};
 use crate::info;
-use crate::model::{Condition, Model, ModelActs, ModelResult, TextInput};
+use crate::model::{Condition, InferenceBuffers, Model, ModelResult, TextInput};
 use ecdit_engine::{AdamW, AttnDims, Backend, EngineError, GemmDims, Registry, Result as EResult, Unary};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -85,6 +85,9 @@ pub struct ForwardBenchRecord {
     pub weight_bytes: u64,
     /// `ecdit info`'s inference activation estimate at this batch, bytes.
     pub activation_bytes: u64,
+    /// Bytes the inference forward's reused buffers hold (activations and
+    /// scratch, not the weights).
+    pub buffer_bytes: u64,
     /// Peak resident memory of the process after the timed forwards, before
     /// the GEMM peak is measured (`VmHWM`; absent where not reported).
     pub peak_rss_bytes: Option<u64>,
@@ -194,16 +197,16 @@ pub fn bench_forward(
     let inputs = Inputs::new(cfg, batch, text_len, &mut rng);
     let cond = inputs.condition(cfg, batch, text_len);
 
-    let mut acts = ModelActs::default();
+    let mut buffers = InferenceBuffers::default();
     let _span = tracing::info_span!("bench forward", config = %cfg.name, batch, threads).entered();
-    model.forward_into(&mut acts, false, &inputs.x, &inputs.t, cond)?;
+    model.forward_with(&mut buffers, &inputs.x, &inputs.t, cond)?;
     if let Some(p) = &profiled {
         p.reset();
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let start = Instant::now();
-        model.forward_into(&mut acts, false, &inputs.x, &inputs.t, cond)?;
+        model.forward_with(&mut buffers, &inputs.x, &inputs.t, cond)?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -231,6 +234,7 @@ pub fn bench_forward(
         peak_shapes: shapes,
         weight_bytes: report.weight_bytes_f32,
         activation_bytes: report.activation_memory.inference_bytes,
+        buffer_bytes: buffers.bytes() as u64,
         peak_rss_bytes: peak_rss,
         profile: profiled.map(|p| p.times()).unwrap_or_default(),
     })
@@ -327,6 +331,24 @@ impl Backend for ProfiledBackend {
     ) -> EResult<()> {
         self.timed("gemm_batched", batch as f64 * dims.flops(), || {
             self.inner.gemm_batched(out, a, b, batch, dims, alpha, beta)
+        })
+    }
+    fn gemm_grouped(
+        &self,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> EResult<()> {
+        let flops = 2.0 * group_rows.iter().sum::<usize>() as f64 * n as f64 * k as f64;
+        self.timed("gemm_grouped", flops, || {
+            self.inner
+                .gemm_grouped(out, a, b, group_rows, n, k, trans_b, alpha, beta)
         })
     }
     fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> EResult<()> {
@@ -522,7 +544,8 @@ mod tests {
         assert!((r.images_per_s - 2.0 / (r.ms / 1e3)).abs() < 1e-6 * r.images_per_s);
         assert!((r.mfu - r.achieved_gflops / r.peak_gflops).abs() < 1e-12);
         assert!((r.achieved_gflops - r.flops_per_image * 2.0 / (r.ms / 1e3) / 1e9).abs() < 1e-6 * r.achieved_gflops);
-        assert!(r.peak_rss_bytes.is_none_or(|b| b > r.weight_bytes));
+        assert!(r.peak_rss_bytes.is_none_or(|b| b > r.weight_bytes + r.buffer_bytes));
+        assert!(r.buffer_bytes > 0 && r.buffer_bytes <= 2 * r.activation_bytes);
         // The profile saw the products: gemm FLOPs of one timed forward are
         // at most the counted FLOPs (which also count attention).
         let gemm = r.profile.iter().find(|t| t.op == "gemm").expect("gemm profiled");

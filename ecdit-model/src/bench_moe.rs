@@ -10,8 +10,12 @@
 //! MoE layer with one expert of width 2 x 4d, i.e. the dense FFN through the
 //! MoE plumbing.
 //!
-//! Each router's runs are interleaved with dense runs (MoE, dense, MoE, ...)
-//! after warm-up, so drift in machine load hits both; medians are reported.
+//! Each router's runs are interleaved with dense runs after warm-up, in pairs
+//! whose order alternates (MoE dense, dense MoE, ...), so drift in machine
+//! load and cache warmth hit both sides alike; medians are reported,
+//! plus the median of the per-pair ratios (each MoE run over the dense run
+//! right after it) and the fastest run of each side, which on a shared,
+//! loaded machine say more than the ratio of two medians.
 
 use ecdit_engine::{Backend, Expert, ExpertCache, HostTensor, MoeCache, MoeLayer, Registry, Result, RouteShape};
 use ecdit_routers::experts::GeluMlp;
@@ -69,6 +73,13 @@ pub struct MoeBenchRecord {
     pub dense_ms: f64,
     /// `ms / dense_ms`.
     pub ratio: f64,
+    /// Median over reps of one MoE run's time over the dense run right after
+    /// it: robust to slow drift in machine load.
+    pub pair_ratio: f64,
+    /// Fastest MoE run, milliseconds (closest to an unloaded machine).
+    pub min_ms: f64,
+    /// Fastest dense run, milliseconds.
+    pub dense_min_ms: f64,
     /// Expert rows processed per token on average (2.0 for the defaults).
     pub slots_per_token: f64,
     /// Tokens in the batch.
@@ -183,21 +194,37 @@ pub fn bench_moe_with(
         }
         let mut moe_times = Vec::with_capacity(reps.max(1));
         let mut dense_times = Vec::with_capacity(reps.max(1));
-        for _ in 0..reps.max(1) {
-            let start = Instant::now();
-            layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
-            moe_times.push(start.elapsed().as_secs_f64());
+        for rep in 0..reps.max(1) {
+            // Alternate which side goes first (MoE dense, dense MoE, ...), so
+            // neither always runs on caches the other just filled.
+            let moe_first = rep % 2 == 0;
+            if moe_first {
+                let start = Instant::now();
+                layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+                moe_times.push(start.elapsed().as_secs_f64());
+            }
             let start = Instant::now();
             run_dense()?;
             dense_times.push(start.elapsed().as_secs_f64());
+            if !moe_first {
+                let start = Instant::now();
+                layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+                moe_times.push(start.elapsed().as_secs_f64());
+            }
         }
+        let mut pair_ratios: Vec<f64> = moe_times.iter().zip(&dense_times).map(|(m, d)| m / d).collect();
+        let pair_ratio = median(&mut pair_ratios);
         let (ms, dense_ms) = (median(&mut moe_times) * 1e3, median(&mut dense_times) * 1e3);
+        let (min_ms, dense_min_ms) = (moe_times[0] * 1e3, dense_times[0] * 1e3);
         records.push(MoeBenchRecord {
             router: kind,
             spec: layer.router.spec(),
             ms,
             dense_ms,
             ratio: ms / dense_ms,
+            pair_ratio,
+            min_ms,
+            dense_min_ms,
             slots_per_token: cache.routing.dispatch.slots() as f64 / tokens.max(1) as f64,
             tokens,
             threads: backend.threads(),
@@ -211,6 +238,7 @@ fn hidden_width(mlp_ratio: f64, d: usize) -> usize {
     GeluMlp::new(mlp_ratio).map_or(1, |e| e.hidden(d))
 }
 
+/// Median of `times`, which it sorts (so `times[0]` is the minimum afterwards).
 fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
@@ -238,6 +266,8 @@ mod tests {
         assert_eq!(kinds, ["expert-choice", "token-choice", "expert-race", "dense"]);
         for r in &recs {
             assert!(r.ms > 0.0 && r.dense_ms > 0.0 && (r.ratio - r.ms / r.dense_ms).abs() < 1e-12);
+            assert!(r.min_ms > 0.0 && r.min_ms <= r.ms && r.dense_min_ms > 0.0 && r.dense_min_ms <= r.dense_ms);
+            assert!(r.pair_ratio > 0.0 && r.pair_ratio.is_finite());
             assert_eq!(r.tokens, 32);
         }
         // Every router does the dense FFN's work: two expert rows per token on

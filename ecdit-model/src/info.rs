@@ -304,7 +304,11 @@ pub fn flops_per_image(registry: &Registry, cfg: &ModelConfig) -> Result<FlopBre
 pub struct ActivationMemory {
     /// Batch the estimate is for.
     pub batch: usize,
-    /// Inference: the live buffers at the most expensive point of a block.
+    /// Inference: the live buffers at the most expensive point of a block of
+    /// `Model::forward_with`, plus the residual stream and caption. Counted
+    /// per image, so the attention probabilities and the dense MLP hidden,
+    /// which that forward holds for a group of samples or a chunk of rows
+    /// only, are upper bounds.
     pub inference_bytes: u64,
     /// Training: everything each block caches for its backward, summed over blocks.
     pub training_bytes: u64,
@@ -331,9 +335,9 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
     let persistent = t * d + l * d;
     // Self-attention: norm, q, k, v, probs, output.
     let attn = t * d + t * (d + 2 * kv_dim) + heads * t * t + t * d;
-    // Cross-attention: q, k, v over the caption, probs, output.
+    // Cross-attention: q, k, v over the caption, probs, attention output, projection.
     let cross = if l > 0 {
-        t * d + 2 * l * kv_dim + heads * t * l + t * d
+        t * d + 2 * l * kv_dim + heads * t * l + 2 * t * d
     } else {
         0
     };
@@ -346,8 +350,10 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
         match &moe {
             Some((moe, act)) if moe.is_moe_block(i) => {
                 let rows = act.expert_rows_per_image.ceil() as u64;
-                // Router scores and probabilities, gathered rows, fc1 pre/post GELU, expert outputs.
-                let moe_live = t * d + 2 * t * moe.experts as u64 + rows * (d + 2 * h + d);
+                // Input, router scores and probabilities, gathered rows, fc1
+                // pre/post GELU, expert outputs, and the combined output
+                // (`MoeLayer::forward_into` writes it while its input is borrowed).
+                let moe_live = 2 * t * d + 2 * t * moe.experts as u64 + rows * (d + 2 * h + d);
                 inference = inference.max(persistent + moe_live);
                 block += moe_live;
             }

@@ -3,7 +3,9 @@
 
 use ecdit_backend_cpu::CpuBackend;
 use ecdit_model::config::ModelConfig;
-use ecdit_model::model::{unpatchify, CfgChannels, CfgOptions, Condition, FinalActs, Model, ModelActs, TextInput};
+use ecdit_model::model::{
+    unpatchify, CfgChannels, CfgOptions, Condition, FinalActs, InferenceBuffers, Model, ModelActs, TextInput,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::sync::Arc;
@@ -365,4 +367,100 @@ fn same_seed_same_model_and_save_load_round_trip() {
     let o2 = back.forward(&batch.x, &batch.t, Condition::Text(batch.text())).unwrap();
     assert_eq!(o1.out, o2.out, "router transpose and expert tensors survive save/load");
     assert_eq!(model.num_params(), back.num_params());
+}
+
+/// The inference forward ([`Model::forward_with`], which `forward` runs)
+/// keeps nothing for a backward but computes the same ops: its output and
+/// routing are the bits of the caching forward, for a batch whose attention
+/// runs in groups (4 heads on 2 threads: two samples per call) and with
+/// buffers reused across batch sizes.
+#[test]
+fn inference_forward_has_the_bits_of_the_caching_forward() {
+    let registry = ecdit_model::registry().expect("registry");
+    let backend = Arc::new(CpuBackend::new(2).expect("cpu backend"));
+    let mut model = Model::new(ec_config(json!("per_sample")), &registry, backend, 11).expect("model");
+    randomise(&mut model, 21);
+    let mut buffers = InferenceBuffers::default();
+    let batch = Batch::new(3, 22);
+    for b in [batch.samples(0, 3), batch.sample(1), batch.samples(1, 2)] {
+        let cond = Condition::Text(b.text());
+        let lean = model
+            .forward_with(&mut buffers, &b.x, &b.t, cond)
+            .expect("lean forward");
+        let full = model
+            .forward_acts(&mut ModelActs::default(), &b.x, &b.t, cond)
+            .expect("caching forward");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&lean.out), bits(&full.out), "batch {}", b.n);
+        assert_eq!(lean.routing.len(), 2);
+        for ((i, a), (j, f)) in lean.routing.iter().zip(&full.routing) {
+            assert_eq!((i, &a.tokens_per_expert), (j, &f.tokens_per_expert), "batch {}", b.n);
+        }
+    }
+}
+
+/// At the S model's shapes (width 384, 256 tokens, 6 heads, 8 experts of 4d;
+/// one dense and one MoE block), the inference buffers stay within the
+/// `ecdit info` activation estimate plus the attention and MLP scratch the
+/// estimate counts per image, and far below what the caching forward holds.
+#[test]
+fn inference_buffers_hold_about_the_activation_estimate() {
+    let mut config = ec_config(json!("per_sample"));
+    config.hidden = 384;
+    config.heads = 6;
+    config.kv_heads = 6;
+    config.depth = 2;
+    config.input_size = 32;
+    if let Some(moe) = config.moe.as_mut() {
+        moe.experts = 8;
+        moe.expert = json!({"kind": "gelu-mlp", "mlp_ratio": 4.0});
+    }
+    let registry = ecdit_model::registry().expect("registry");
+    let backend = Arc::new(CpuBackend::new(2).expect("cpu backend"));
+    let model = Model::new(config.clone(), &registry, backend, 5).expect("model");
+    let n = 4;
+    let batch = Batch::sized(n, 12, 4 * 32 * 32, TEXT_DIM);
+    let mut buffers = InferenceBuffers::default();
+    model
+        .forward_with(&mut buffers, &batch.x, &batch.t, Condition::Text(batch.text()))
+        .expect("forward");
+    let mut acts = ModelActs::default();
+    model
+        .forward_into(&mut acts, false, &batch.x, &batch.t, Condition::Text(batch.text()))
+        .expect("forward");
+    let estimate = ecdit_model::info::activation_memory(&registry, &config, n)
+        .expect("estimate")
+        .inference_bytes as usize;
+    let held = buffers.bytes();
+    let block = &acts.blocks[0];
+    let one_block: usize = [
+        &block.inp,
+        &block.ln1,
+        &block.attn_in,
+        &block.attn.q,
+        &block.attn.k,
+        &block.attn.v,
+        &block.attn.probs,
+        &block.attn.att,
+        &block.attn.out,
+        &block.x_attn,
+        &block.x_ffn,
+        &block.ln2,
+        &block.ffn_in,
+        &block.mlp.pre,
+        &block.mlp.act,
+        &block.ffn_out,
+        &block.moe.xs,
+        &block.moe.ys,
+    ]
+    .iter()
+    .map(|v| v.len() * 4)
+    .sum::<usize>()
+        + block.moe.expert.buffers.iter().map(|b| b.len() * 4).sum::<usize>();
+    eprintln!("held {held} estimate {estimate} caching one block {one_block}");
+    assert!(held <= estimate * 5 / 4, "held {held} B, estimate {estimate} B");
+    assert!(
+        held < one_block * 2 / 3,
+        "held {held} B, caching forward's block {one_block} B"
+    );
 }

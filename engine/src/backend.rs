@@ -12,7 +12,7 @@
 //!   attention probabilities `[B, H, Tq, Tk]`; query head `h` reads kv head
 //!   `h / (H / Hkv)` (grouped-query attention).
 
-use crate::error::Result;
+use crate::error::{check_len, EngineError, Result};
 
 /// Dimensions of `out[m, n] = alpha * op(a)[m, k] @ op(b)[k, n] + beta * out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +107,41 @@ pub struct AdamW {
     pub weight_decay: f32,
 }
 
+/// Checks the buffer lengths of [`Backend::gemm_grouped`] and returns the
+/// total row count `R = sum(group_rows)`. out: [R, n]; a: [R, k]; b: [G, n, k].
+pub fn check_grouped(
+    op: &str,
+    out_len: usize,
+    a_len: usize,
+    b_len: usize,
+    group_rows: &[usize],
+    n: usize,
+    k: usize,
+) -> Result<usize> {
+    let overflow = || {
+        EngineError::shape(
+            op,
+            "sizes that fit in memory",
+            format!("groups {group_rows:?}, n {n}, k {k}"),
+        )
+    };
+    let rows = group_rows
+        .iter()
+        .try_fold(0usize, |acc, &m| acc.checked_add(m))
+        .ok_or_else(overflow)?;
+    let out_want = rows.checked_mul(n).ok_or_else(overflow)?;
+    let a_want = rows.checked_mul(k).ok_or_else(overflow)?;
+    let b_want = group_rows
+        .len()
+        .checked_mul(n)
+        .and_then(|gn| gn.checked_mul(k))
+        .ok_or_else(overflow)?;
+    check_len(op, "out", out_len, out_want)?;
+    check_len(op, "a", a_len, a_want)?;
+    check_len(op, "b", b_len, b_want)?;
+    Ok(rows)
+}
+
 /// The op set of a compute backend. All tensors are f32, row-major.
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda`).
@@ -120,6 +155,7 @@ pub trait Backend: Send + Sync {
     fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> Result<()>;
 
     /// `batch` independent gemms over contiguous blocks of `out`, `a`, `b`.
+    #[allow(clippy::too_many_arguments)]
     fn gemm_batched(
         &self,
         out: &mut [f32],
@@ -130,6 +166,53 @@ pub trait Backend: Send + Sync {
         alpha: f32,
         beta: f32,
     ) -> Result<()>;
+
+    /// Grouped products with one weight matrix per group (stacked MoE experts):
+    /// rows `r0..r1` of group `g` (consecutive, in group order) compute
+    /// `out[r0..r1] = alpha * a[r0..r1] @ op(b[g]) + beta * out[r0..r1]`.
+    /// out: [R, n]; a: [R, k]; b: [G, n, k] (trans_b, PyTorch `Linear`) or
+    /// [G, k, n]; `R = sum(group_rows)`, `G = group_rows.len()`; empty groups cost nothing.
+    ///
+    /// The default runs one [`Backend::gemm`] per group; a backend may run
+    /// groups side by side but must give the same bits as this loop.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_grouped(
+        &self,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        check_grouped("gemm_grouped", out.len(), a.len(), b.len(), group_rows, n, k)?;
+        let dims = |m| GemmDims {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+        };
+        let mut r0 = 0;
+        for (g, &m) in group_rows.iter().enumerate() {
+            if m > 0 {
+                let r1 = r0 + m;
+                self.gemm(
+                    &mut out[r0 * n..r1 * n],
+                    &a[r0 * k..r1 * k],
+                    &b[g * n * k..(g + 1) * n * k],
+                    dims(m),
+                    alpha,
+                    beta,
+                )?;
+                r0 = r1;
+            }
+        }
+        Ok(())
+    }
 
     /// `out[r, c] += bias[c]`. out: [rows, cols]; bias: [cols].
     fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> Result<()>;

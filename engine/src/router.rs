@@ -43,7 +43,7 @@ impl RoutingGroups {
                         shape.tokens_per_sample
                     )));
                 }
-                if total % n != 0 {
+                if !total.is_multiple_of(n) {
                     return Err(bad(format!(
                         "the batch of {total} tokens is not a whole number of groups"
                     )));

@@ -9,6 +9,7 @@
 
 use super::linear::Linear;
 use super::param::Init;
+use ecdit_engine::{Backend, Result};
 
 /// The LayerNorm epsilon of every adaLN-modulated norm (no affine parameters).
 pub const LN_EPS: f32 = 1e-6;
@@ -45,15 +46,61 @@ pub fn modulate(
     tokens: usize,
     d: usize,
 ) {
-    for b in 0..batch {
+    out.copy_from_slice(xn);
+    modulate_in_place(out, modulation, shift, scale, batch, tokens, d);
+}
+
+/// x: [B, T, d] `= x * (1 + scale) + shift` in place (the same bits as [`modulate`]).
+pub fn modulate_in_place(
+    x: &mut [f32],
+    modulation: &[f32],
+    shift: Chunk,
+    scale: Chunk,
+    batch: usize,
+    tokens: usize,
+    d: usize,
+) {
+    for (b, sample) in x.chunks_exact_mut(tokens * d).take(batch).enumerate() {
         let (sh, sc) = (shift.of(modulation, b, d), scale.of(modulation, b, d));
-        let rows = b * tokens * d..(b + 1) * tokens * d;
-        for (o, x) in out[rows.clone()].chunks_mut(d).zip(xn[rows].chunks(d)) {
-            for c in 0..d {
-                o[c] = x[c] * (1.0 + sc[c]) + sh[c];
+        // Zipped slices of one length: no bounds checks, so the loop vectorises.
+        for row in sample.chunks_exact_mut(d) {
+            for ((o, &s), &h) in row.iter_mut().zip(sc).zip(sh) {
+                *o = *o * (1.0 + s) + h;
             }
         }
     }
+}
+
+/// out: [B, T, d] = `LN(x) * (1 + scale) + shift` (no affine LN, [`LN_EPS`]).
+/// `ln`: [B, T, d] keeps `LN(x)` for a backward; without it LN writes `out`
+/// and is modulated in place (the same bits). mean, rstd: [B*T]; x: [B, T, d].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ln_modulate(
+    backend: &dyn Backend,
+    out: &mut [f32],
+    ln: Option<&mut [f32]>,
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    modulation: &[f32],
+    shift: Chunk,
+    scale: Chunk,
+    batch: usize,
+    tokens: usize,
+    d: usize,
+) -> Result<()> {
+    let rows = batch * tokens;
+    match ln {
+        Some(ln) => {
+            backend.layer_norm(ln, mean, rstd, x, None, None, rows, d, LN_EPS)?;
+            modulate(out, ln, modulation, shift, scale, batch, tokens, d);
+        }
+        None => {
+            backend.layer_norm(out, mean, rstd, x, None, None, rows, d, LN_EPS)?;
+            modulate_in_place(out, modulation, shift, scale, batch, tokens, d);
+        }
+    }
+    Ok(())
 }
 
 /// x: [B, T, d] `+= gate * y`; y: [B, T, d]; modulation: [B, k*d].
@@ -66,12 +113,16 @@ pub fn gated_residual(
     tokens: usize,
     d: usize,
 ) {
-    for b in 0..batch {
+    for (b, (xs, ys)) in x
+        .chunks_exact_mut(tokens * d)
+        .zip(y.chunks_exact(tokens * d))
+        .take(batch)
+        .enumerate()
+    {
         let g = gate.of(modulation, b, d);
-        let rows = b * tokens * d..(b + 1) * tokens * d;
-        for (xr, yr) in x[rows.clone()].chunks_mut(d).zip(y[rows].chunks(d)) {
-            for c in 0..d {
-                xr[c] += g[c] * yr[c];
+        for (xr, yr) in xs.chunks_exact_mut(d).zip(ys.chunks_exact(d)) {
+            for ((x, &y), &g) in xr.iter_mut().zip(yr).zip(g) {
+                *x += g * y;
             }
         }
     }

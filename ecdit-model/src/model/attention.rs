@@ -9,6 +9,7 @@
 use super::buffer::resize;
 use super::linear::Linear;
 use super::param::{Param, Params};
+use ecdit_engine::error::check_len;
 use ecdit_engine::{AttnDims, Backend, Result};
 
 /// The query/key/value projection.
@@ -45,8 +46,6 @@ pub struct SelfAttention {
 /// What self-attention computes, kept for backward.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AttentionActs {
-    /// Fused: [B, T, 3d] qkv output; grouped: [B, T, 2 * kv_dim] kv output.
-    pub proj_in: Vec<f32>,
     /// [B, T, H, Dh] queries.
     pub q: Vec<f32>,
     /// [B, T, Hkv, Dh] keys.
@@ -83,6 +82,16 @@ impl SelfAttention {
         }
     }
 
+    /// Width d.
+    pub fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Key/value width `kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
     /// acts: filled (`acts.out` is the result); x: [B, T, d].
     pub fn forward(
         &self,
@@ -92,25 +101,70 @@ impl SelfAttention {
         batch: usize,
         tokens: usize,
     ) -> Result<()> {
-        let d = self.heads * self.head_dim;
-        let kv_dim = self.kv_heads * self.head_dim;
-        let rows = batch * tokens;
+        let (d, kv_dim, rows) = (self.dim(), self.kv_dim(), batch * tokens);
         resize(&mut acts.q, rows * d);
         resize(&mut acts.k, rows * kv_dim);
         resize(&mut acts.v, rows * kv_dim);
+        resize(&mut acts.probs, batch * self.heads * tokens * tokens);
+        resize(&mut acts.att, rows * d);
+        resize(&mut acts.out, rows * d);
+        self.project(backend, &mut acts.q, &mut acts.k, &mut acts.v, x, rows)?;
+        self.attend(
+            backend,
+            &mut acts.out,
+            &mut acts.att,
+            &mut acts.probs,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            batch,
+            tokens,
+        )
+    }
+
+    /// The projections, each straight into its own buffer from its rows of
+    /// the (fused) weight, so no splitting copy.
+    /// q: [B*T, d]; k, v: [B*T, kv_dim]; x: [B*T, d].
+    pub(crate) fn project(
+        &self,
+        backend: &dyn Backend,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<()> {
+        let (d, kv_dim) = (self.dim(), self.kv_dim());
         match &self.qkv {
             QkvProjection::Fused(qkv) => {
-                resize(&mut acts.proj_in, rows * 3 * d);
-                qkv.forward(backend, &mut acts.proj_in, x, rows)?;
-                split_columns(&acts.proj_in, &mut [&mut acts.q, &mut acts.k, &mut acts.v], &[d, d, d]);
+                qkv.forward_features(backend, q, x, rows, 0..d)?;
+                qkv.forward_features(backend, k, x, rows, d..2 * d)?;
+                qkv.forward_features(backend, v, x, rows, 2 * d..3 * d)
             }
-            QkvProjection::Grouped { q, kv } => {
-                resize(&mut acts.proj_in, rows * 2 * kv_dim);
-                q.forward(backend, &mut acts.q, x, rows)?;
-                kv.forward(backend, &mut acts.proj_in, x, rows)?;
-                split_columns(&acts.proj_in, &mut [&mut acts.k, &mut acts.v], &[kv_dim, kv_dim]);
+            QkvProjection::Grouped { q: q_proj, kv } => {
+                q_proj.forward(backend, q, x, rows)?;
+                kv.forward_features(backend, k, x, rows, 0..kv_dim)?;
+                kv.forward_features(backend, v, x, rows, kv_dim..2 * kv_dim)
             }
         }
+    }
+
+    /// out = proj(attention(q, k, v)), in groups of `probs.len() / (H T T)`
+    /// samples (see [`attention_in_groups`]).
+    /// out, att: [B, T, d]; probs: [n, H, T, T], 1 <= n <= B; q: [B, T, H, Dh]; k, v: [B, T, Hkv, Dh].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        att: &mut [f32],
+        probs: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        batch: usize,
+        tokens: usize,
+    ) -> Result<()> {
         let dims = AttnDims {
             batch,
             heads: self.heads,
@@ -119,25 +173,81 @@ impl SelfAttention {
             kv_len: tokens,
             head_dim: self.head_dim,
         };
-        resize(&mut acts.probs, batch * self.heads * tokens * tokens);
-        resize(&mut acts.att, rows * d);
-        resize(&mut acts.out, rows * d);
-        backend.attention(&mut acts.att, &mut acts.probs, &acts.q, &acts.k, &acts.v, None, dims)?;
-        self.proj.forward(backend, &mut acts.out, &acts.att, rows)
+        attention_in_groups(backend, att, probs, q, k, v, None, dims)?;
+        self.proj.forward(backend, out, att, batch * tokens)
     }
 }
 
-/// Splits each row of `src` into consecutive column blocks of `widths`,
-/// one destination each. src: [rows, sum(widths)]; dst[i]: [rows, widths[i]].
-pub(crate) fn split_columns(src: &[f32], dst: &mut [&mut Vec<f32>], widths: &[usize]) {
-    let total: usize = widths.iter().sum();
-    for (r, row) in src.chunks(total).enumerate() {
-        let mut at = 0;
-        for (part, &w) in dst.iter_mut().zip(widths) {
-            part[r * w..(r + 1) * w].copy_from_slice(&row[at..at + w]);
-            at += w;
+/// Samples per attention call: the backend runs a call's `(sample, head)`
+/// pairs side by side, so a group gives every thread the same number of
+/// pairs (`lcm(heads, threads) / heads` samples, or a multiple) and at least
+/// [`PAIRS_PER_THREAD`] of them, so a thread the OS preempts delays the call
+/// less. At most `batch`.
+pub(crate) fn attention_group(heads: usize, threads: usize, batch: usize) -> usize {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
         }
+        a
+    };
+    let (heads, threads) = (heads.max(1), threads.max(1));
+    let even = threads / gcd(heads, threads);
+    let wanted = (PAIRS_PER_THREAD * threads).div_ceil(even * heads);
+    (even * wanted).clamp(1, batch.max(1))
+}
+
+/// Minimum `(sample, head)` pairs per thread in one grouped attention call.
+const PAIRS_PER_THREAD: usize = 4;
+
+/// [`Backend::attention`] on groups of `n = probs.len() / (H Tq Tk)` samples,
+/// so an inference forward holds the probabilities of one group, not of the
+/// batch. The backend computes each (sample, head) on its own, so the bits
+/// do not depend on the grouping.
+/// out, q: [B, Tq, H, Dh]; probs: [n, H, Tq, Tk]; k, v: [B, Tk, Hkv, Dh]; key_mask: [B, Tk].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_in_groups(
+    backend: &dyn Backend,
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: Option<&[u8]>,
+    dims: AttnDims,
+) -> Result<()> {
+    const OP: &str = "attention (in groups)";
+    let per_sample = dims.heads * dims.q_len * dims.kv_len;
+    let group = probs.len().checked_div(per_sample).unwrap_or(dims.batch);
+    if group >= dims.batch || group == 0 {
+        // The whole batch at once (or a probs buffer the backend rejects by name).
+        return backend.attention(out, probs, q, k, v, key_mask, dims);
     }
+    let (q_len, kv_len) = (
+        dims.q_len * dims.heads * dims.head_dim,
+        dims.kv_len * dims.kv_heads * dims.head_dim,
+    );
+    check_len(OP, "out", out.len(), dims.batch * q_len)?;
+    check_len(OP, "q", q.len(), dims.batch * q_len)?;
+    check_len(OP, "k", k.len(), dims.batch * kv_len)?;
+    check_len(OP, "v", v.len(), dims.batch * kv_len)?;
+    if let Some(mask) = key_mask {
+        check_len(OP, "key_mask", mask.len(), dims.batch * dims.kv_len)?;
+    }
+    for start in (0..dims.batch).step_by(group) {
+        let n = group.min(dims.batch - start);
+        let (qs, ks) = (start * q_len..(start + n) * q_len, start * kv_len..(start + n) * kv_len);
+        let mask = key_mask.map(|m| &m[start * dims.kv_len..(start + n) * dims.kv_len]);
+        backend.attention(
+            &mut out[qs.clone()],
+            &mut probs[..n * per_sample],
+            &q[qs],
+            &k[ks.clone()],
+            &v[ks],
+            mask,
+            AttnDims { batch: n, ..dims },
+        )?;
+    }
+    Ok(())
 }
 
 impl Params for SelfAttention {
@@ -160,5 +270,29 @@ impl Params for SelfAttention {
             }
         }
         self.proj.collect_mut(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention_group;
+
+    #[test]
+    fn attention_groups_split_pairs_evenly_over_threads() {
+        // (heads, threads) -> samples per call: pairs a multiple of threads, >= 4 per thread.
+        assert_eq!(attention_group(6, 2, 8), 2);
+        assert_eq!(attention_group(4, 2, 3), 2);
+        assert_eq!(attention_group(1, 1, 5), 4);
+        assert_eq!(attention_group(6, 4, 8), 4);
+        // Capped by the batch.
+        assert_eq!(attention_group(6, 16, 8), 8);
+        assert_eq!(attention_group(6, 2, 1), 1);
+        for heads in 1..=12 {
+            for threads in 1..=16 {
+                let g = attention_group(heads, threads, usize::MAX);
+                assert_eq!(g * heads % threads, 0, "{heads} heads, {threads} threads");
+                assert!(g * heads >= 4 * threads, "{heads} heads, {threads} threads");
+            }
+        }
     }
 }

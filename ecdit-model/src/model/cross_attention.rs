@@ -7,7 +7,7 @@
 //! `cross_attn.proj` [d, d]. `proj` starts at zero (PixArt), so a fresh block
 //! is still the identity.
 
-use super::attention::split_columns;
+use super::attention::attention_in_groups;
 use super::buffer::resize;
 use super::linear::Linear;
 use super::param::{Init, Param, Params};
@@ -35,8 +35,6 @@ pub struct CrossAttention {
 pub struct CrossAttentionActs {
     /// [B, T, H, Dh] queries.
     pub q: Vec<f32>,
-    /// [B, L, 2 * kv_dim] kv projection output.
-    pub kv: Vec<f32>,
     /// [B, L, Hkv, Dh] keys.
     pub k: Vec<f32>,
     /// [B, L, Hkv, Dh] values.
@@ -64,6 +62,11 @@ impl CrossAttention {
         }
     }
 
+    /// Key/value width `kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
     /// acts: filled (`acts.out` is the result); x: [B, T, d]; text: [B, L, d]
     /// projected text tokens; mask: [B, L], nonzero = real token.
     #[allow(clippy::too_many_arguments)]
@@ -79,16 +82,63 @@ impl CrossAttention {
         text_len: usize,
     ) -> Result<()> {
         let d = self.heads * self.head_dim;
-        let kv_dim = self.kv_heads * self.head_dim;
         let (rows, text_rows) = (batch * tokens, batch * text_len);
         resize(&mut acts.q, rows * d);
-        resize(&mut acts.kv, text_rows * 2 * kv_dim);
-        resize(&mut acts.k, text_rows * kv_dim);
-        resize(&mut acts.v, text_rows * kv_dim);
+        resize(&mut acts.k, text_rows * self.kv_dim());
+        resize(&mut acts.v, text_rows * self.kv_dim());
+        resize(&mut acts.probs, batch * self.heads * tokens * text_len);
+        resize(&mut acts.att, rows * d);
+        resize(&mut acts.out, rows * d);
+        self.project_text(backend, &mut acts.k, &mut acts.v, text, batch, text_len)?;
         self.q.forward(backend, &mut acts.q, x, rows)?;
+        self.attend(
+            backend,
+            &mut acts.out,
+            &mut acts.att,
+            &mut acts.probs,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            mask,
+            [batch, tokens, text_len],
+        )
+    }
+
+    /// Keys and values of the text, one prompt at a time (see
+    /// [`Linear::forward_per_sample`]), each from its rows of `kv_linear`.
+    /// k, v: [B, L, kv_dim]; text: [B, L, d].
+    pub(crate) fn project_text(
+        &self,
+        backend: &dyn Backend,
+        k: &mut [f32],
+        v: &mut [f32],
+        text: &[f32],
+        batch: usize,
+        text_len: usize,
+    ) -> Result<()> {
+        let kv_dim = self.kv_dim();
         self.kv
-            .forward_per_sample(backend, &mut acts.kv, text, batch, text_len)?;
-        split_columns(&acts.kv, &mut [&mut acts.k, &mut acts.v], &[kv_dim, kv_dim]);
+            .forward_features_per_sample(backend, k, text, batch, text_len, 0..kv_dim)?;
+        self.kv
+            .forward_features_per_sample(backend, v, text, batch, text_len, kv_dim..2 * kv_dim)
+    }
+
+    /// out = proj(masked attention(q, k, v)) in groups of `probs.len() / (H T L)`
+    /// samples. out, att, q: [B, T, d]; probs: [n, H, T, L]; k, v: [B, L, kv_dim];
+    /// mask: [B, L]; `[batch, tokens, text_len]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        att: &mut [f32],
+        probs: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[u8],
+        [batch, tokens, text_len]: [usize; 3],
+    ) -> Result<()> {
         let dims = AttnDims {
             batch,
             heads: self.heads,
@@ -97,19 +147,8 @@ impl CrossAttention {
             kv_len: text_len,
             head_dim: self.head_dim,
         };
-        resize(&mut acts.probs, batch * self.heads * tokens * text_len);
-        resize(&mut acts.att, rows * d);
-        resize(&mut acts.out, rows * d);
-        backend.attention(
-            &mut acts.att,
-            &mut acts.probs,
-            &acts.q,
-            &acts.k,
-            &acts.v,
-            Some(mask),
-            dims,
-        )?;
-        self.proj.forward(backend, &mut acts.out, &acts.att, rows)
+        attention_in_groups(backend, att, probs, q, k, v, Some(mask), dims)?;
+        self.proj.forward(backend, out, att, batch * tokens)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The final layer: adaLN with two chunks (`shift, scale`), LayerNorm without
 //! affine, `Linear(d, p*p*out_channels)`; the model then unpatchifies.
 
-use super::adaln::{adaln_modulation, modulate, Chunk, LN_EPS};
+use super::adaln::{adaln_modulation, ln_modulate, Chunk};
 use super::buffer::resize;
 use super::linear::Linear;
 use super::param::{Init, Param, Params};
@@ -52,38 +52,47 @@ impl FinalLayer {
         batch: usize,
         tokens: usize,
     ) -> Result<()> {
+        self.forward_into(backend, acts, true, x, silu_c, batch, tokens)
+    }
+
+    /// As [`FinalLayer::forward`]; without `keep_ln`, `acts.ln` stays empty
+    /// (LN is modulated in place in `acts.modulated`, the same bits).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_into(
+        &self,
+        backend: &dyn Backend,
+        acts: &mut FinalActs,
+        keep_ln: bool,
+        x: &[f32],
+        silu_c: &[f32],
+        batch: usize,
+        tokens: usize,
+    ) -> Result<()> {
         let d = self.adaln.in_dim;
         let rows = batch * tokens;
         resize(&mut acts.modulation, batch * 2 * d);
-        resize(&mut acts.ln, rows * d);
+        resize(&mut acts.ln, if keep_ln { rows * d } else { 0 });
         resize(&mut acts.ln_mean, rows);
         resize(&mut acts.ln_rstd, rows);
         resize(&mut acts.modulated, rows * d);
         resize(&mut acts.out, rows * self.linear.out_dim);
         self.adaln
             .forward_per_sample(backend, &mut acts.modulation, silu_c, batch, 1)?;
-        backend.layer_norm(
-            &mut acts.ln,
+        let ch = |index| Chunk { index, chunks: 2 };
+        ln_modulate(
+            backend,
+            &mut acts.modulated,
+            keep_ln.then_some(acts.ln.as_mut_slice()),
             &mut acts.ln_mean,
             &mut acts.ln_rstd,
             x,
-            None,
-            None,
-            rows,
-            d,
-            LN_EPS,
-        )?;
-        let ch = |index| Chunk { index, chunks: 2 };
-        modulate(
-            &mut acts.modulated,
-            &acts.ln,
             &acts.modulation,
             ch(0),
             ch(1),
             batch,
             tokens,
             d,
-        );
+        )?;
         self.linear.forward(backend, &mut acts.out, &acts.modulated, rows)
     }
 }

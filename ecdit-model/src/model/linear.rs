@@ -2,7 +2,8 @@
 
 use super::param::{Init, Param, Params};
 use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, GemmDims, Result};
+use ecdit_engine::{Backend, EngineError, GemmDims, Result};
+use std::ops::Range;
 
 /// A linear layer with bias.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,9 +51,32 @@ impl Linear {
 
     /// out: [rows, out_dim]; inp: [rows, in_dim].
     pub fn forward(&self, backend: &dyn Backend, out: &mut [f32], inp: &[f32], rows: usize) -> Result<()> {
-        let dims = GemmDims::nt(rows, self.out_dim, self.in_dim);
-        backend.gemm(out, inp, &self.weight.data, dims, 1.0, 0.0)?;
-        backend.add_bias(out, &self.bias.data, rows, self.out_dim)
+        self.forward_features(backend, out, inp, rows, 0..self.out_dim)
+    }
+
+    /// The output features `features` only, from the matching rows of the
+    /// weight: a fused projection (q, k, v) writes each part into its own
+    /// buffer with no splitting copy.
+    /// out: [rows, features.len()]; inp: [rows, in_dim].
+    pub fn forward_features(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        inp: &[f32],
+        rows: usize,
+        features: Range<usize>,
+    ) -> Result<()> {
+        if features.end > self.out_dim || features.start > features.end {
+            return Err(EngineError::shape(
+                format!("Linear::forward_features ({})", self.weight.name),
+                format!("a feature range inside 0..{}", self.out_dim),
+                format!("{features:?}"),
+            ));
+        }
+        let n = features.len();
+        let weight = &self.weight.data[features.start * self.in_dim..features.end * self.in_dim];
+        backend.gemm(out, inp, weight, GemmDims::nt(rows, n, self.in_dim), 1.0, 0.0)?;
+        backend.add_bias(out, &self.bias.data[features], rows, n)
     }
 
     /// As [`Linear::forward`], one sample's rows at a time, so each sample's
@@ -69,15 +93,31 @@ impl Linear {
         samples: usize,
         rows_per_sample: usize,
     ) -> Result<()> {
+        self.forward_features_per_sample(backend, out, inp, samples, rows_per_sample, 0..self.out_dim)
+    }
+
+    /// [`Linear::forward_features`] one sample's rows at a time (see
+    /// [`Linear::forward_per_sample`]).
+    /// out: [samples * rows_per_sample, features.len()]; inp: [samples * rows_per_sample, in_dim].
+    pub fn forward_features_per_sample(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        inp: &[f32],
+        samples: usize,
+        rows_per_sample: usize,
+        features: Range<usize>,
+    ) -> Result<()> {
         let rows = samples * rows_per_sample;
-        check_len("Linear::forward_per_sample", "out", out.len(), rows * self.out_dim)?;
+        let n = features.len();
+        check_len("Linear::forward_per_sample", "out", out.len(), rows * n)?;
         check_len("Linear::forward_per_sample", "inp", inp.len(), rows * self.in_dim)?;
         if rows == 0 {
             return Ok(());
         }
-        let (out_rows, in_rows) = (rows_per_sample * self.out_dim, rows_per_sample * self.in_dim);
+        let (out_rows, in_rows) = (rows_per_sample * n, rows_per_sample * self.in_dim);
         for (o, x) in out.chunks_mut(out_rows).zip(inp.chunks(in_rows)) {
-            self.forward(backend, o, x, rows_per_sample)?;
+            self.forward_features(backend, o, x, rows_per_sample, features.clone())?;
         }
         Ok(())
     }

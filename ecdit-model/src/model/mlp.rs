@@ -4,7 +4,8 @@
 use super::buffer::resize;
 use super::linear::Linear;
 use super::param::{Param, Params};
-use ecdit_engine::{Backend, Result, Unary};
+use ecdit_engine::error::check_len;
+use ecdit_engine::{Backend, EngineError, Result, Unary};
 
 /// `blocks.{i}.mlp`.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,22 +34,76 @@ impl Mlp {
         }
     }
 
-    /// out: [N, d]; acts: filled; x: [N, d].
+    /// Hidden width h.
+    pub fn hidden(&self) -> usize {
+        self.fc1.out_dim
+    }
+
+    /// out: [B*T, d]; acts: filled ([B*T, h] each); x: [B*T, d].
     pub fn forward(
         &self,
         backend: &dyn Backend,
         out: &mut [f32],
         acts: &mut MlpActs,
         x: &[f32],
-        rows: usize,
+        batch: usize,
+        tokens: usize,
     ) -> Result<()> {
-        let h = self.fc1.out_dim;
-        resize(&mut acts.pre, rows * h);
-        resize(&mut acts.act, rows * h);
-        self.fc1.forward(backend, &mut acts.pre, x, rows)?;
-        backend.unary(Unary::GeluTanh, &mut acts.act, &acts.pre)?;
-        self.fc2.forward(backend, out, &acts.act, rows)
+        let rows = batch * tokens * self.hidden();
+        resize(&mut acts.pre, rows);
+        resize(&mut acts.act, rows);
+        self.forward_chunks(backend, out, &mut acts.pre, &mut acts.act, x, batch, tokens)
     }
+
+    /// The MLP on [`chunk_rows`] rows at a time, so the hidden activations of
+    /// a chunk are still in cache for fc2, and an inference forward needs
+    /// hidden buffers of one chunk only. Chunks hold whole samples: each
+    /// sample's rows get the same products, so the same bits, whatever the batch.
+    /// out: [B*T, d]; pre, act: [B*T, h] (kept for backward) or at least
+    /// [chunk_rows, h] (reused by every chunk); x: [B*T, d].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_chunks(
+        &self,
+        backend: &dyn Backend,
+        out: &mut [f32],
+        pre: &mut [f32],
+        act: &mut [f32],
+        x: &[f32],
+        batch: usize,
+        tokens: usize,
+    ) -> Result<()> {
+        const OP: &str = "Mlp::forward";
+        let (d, h, rows) = (self.fc1.in_dim, self.hidden(), batch * tokens);
+        check_len(OP, "x", x.len(), rows * d)?;
+        check_len(OP, "out", out.len(), rows * d)?;
+        let chunk = chunk_rows(batch, tokens);
+        let keep = pre.len() >= rows * h && act.len() >= rows * h;
+        if pre.len() < chunk * h || act.len() < chunk * h {
+            return Err(EngineError::shape(
+                format!("{OP} (hidden buffers)"),
+                format!("at least {chunk} x {h} floats each"),
+                format!("{} and {}", pre.len(), act.len()),
+            ));
+        }
+        for r0 in (0..rows).step_by(chunk.max(1)) {
+            let m = chunk.min(rows - r0);
+            let at = if keep { r0 * h } else { 0 };
+            let (pre, act) = (&mut pre[at..at + m * h], &mut act[at..at + m * h]);
+            self.fc1.forward(backend, pre, &x[r0 * d..(r0 + m) * d], m)?;
+            backend.unary(Unary::GeluTanh, act, pre)?;
+            self.fc2.forward(backend, &mut out[r0 * d..(r0 + m) * d], act, m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rows the MLP runs at a time (rounded to whole samples): bounds the hidden
+/// buffers of an inference forward while keeping the products large.
+const CHUNK_ROWS: usize = 512;
+
+/// Rows per MLP chunk at `batch` samples of `tokens` rows: whole samples.
+pub(crate) fn chunk_rows(batch: usize, tokens: usize) -> usize {
+    tokens * (CHUNK_ROWS / tokens.max(1)).clamp(1, batch.max(1))
 }
 
 impl Params for Mlp {

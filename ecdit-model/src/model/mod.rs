@@ -12,7 +12,9 @@
 //!
 //! Parameters live in named structs (one file per layer), each a [`Param`]
 //! with its upstream dotted name; activations in matching `*Acts` structs, so
-//! a backward can read exactly what the forward kept.
+//! a backward can read exactly what the forward kept. The inference forward
+//! ([`Model::forward_with`], inference.rs) runs the same ops in a few shared
+//! buffers ([`InferenceBuffers`]) and keeps none of that.
 
 mod adaln;
 mod attention;
@@ -22,6 +24,7 @@ mod cross_attention;
 mod error;
 mod final_layer;
 mod guidance;
+mod inference;
 mod label_embed;
 mod linear;
 mod mlp;
@@ -32,13 +35,14 @@ mod pos_embed;
 mod text_embed;
 mod timestep;
 
-pub use adaln::{gated_residual, modulate, Chunk, LN_EPS};
+pub use adaln::{gated_residual, modulate, modulate_in_place, Chunk, LN_EPS};
 pub use attention::{AttentionActs, QkvProjection, SelfAttention};
-pub use block::{Block, BlockActs, Ffn, TextContext};
+pub use block::{Block, BlockActs, BlockScratch, Ffn, TextContext};
 pub use cross_attention::{CrossAttention, CrossAttentionActs};
 pub use error::{ModelError, ModelResult};
 pub use final_layer::{FinalActs, FinalLayer};
 pub use guidance::{CfgChannels, CfgOptions};
+pub use inference::InferenceBuffers;
 pub use label_embed::LabelEmbedder;
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpActs};
@@ -341,10 +345,10 @@ impl Model {
 
     /// The model's prediction for `x` at times `t` under `cond`.
     /// x: [B, C, H, W]; t: [B]; returns out: [B, C_out, H, W] and routing stats.
-    /// Keeps one block's activations at a time (inference memory).
+    /// Inference memory: see [`Model::forward_with`] (same bits), whose
+    /// buffers this allocates per call; a sampler should keep them instead.
     pub fn forward(&self, x: &[f32], t: &[f32], cond: Condition<'_>) -> ModelResult<ForwardOutput> {
-        let mut acts = ModelActs::default();
-        self.forward_into(&mut acts, false, x, t, cond)
+        self.forward_with(&mut InferenceBuffers::default(), x, t, cond)
     }
 
     /// As [`Model::forward`], keeping every block's activations in `acts`
@@ -360,7 +364,9 @@ impl Model {
     }
 
     /// The forward into caller-owned activations (reused across calls).
-    /// `keep_blocks`: one `BlockActs` per block, else one shared entry.
+    /// `keep_blocks`: one `BlockActs` per block, else one shared entry (the
+    /// last block's). Everything a backward reads is kept either way; for
+    /// inference use [`Model::forward_with`], which keeps none of it.
     pub fn forward_into(
         &self,
         acts: &mut ModelActs,
@@ -371,76 +377,30 @@ impl Model {
     ) -> ModelResult<ForwardOutput> {
         let c = &self.config;
         let be = self.backend.as_ref();
-        let (d, p, size, ch) = (c.hidden, c.patch_size, c.input_size, c.in_channels);
-        let b = t.len();
+        let (d, p, size) = (c.hidden, c.patch_size, c.input_size);
+        let b = self.check_inputs(x, t)?;
         let tokens = c.tokens();
         let rows = b * tokens;
-        check_len(
-            "model forward",
-            "x [B, C, H, W] with B = t.len()",
-            x.len(),
-            b * ch * size * size,
-        )?;
-        check_finite("model forward: timesteps t", t)?;
-        check_finite("model forward: input x", x)?;
 
         // tokens = x_embedder(patchify(x)) + pos_embed
-        resize(&mut acts.patches, rows * ch * p * p);
         resize(&mut acts.patch_embed, rows * d);
         resize(&mut acts.x, rows * d);
-        patchify(&mut acts.patches, x, b, ch, size, p);
-        self.x_embedder
-            .forward(be, &mut acts.patch_embed, &acts.patches, rows)?;
-        for (row, (o, e)) in acts.x.chunks_mut(d).zip(acts.patch_embed.chunks(d)).enumerate() {
-            let pos = &self.pos_embed[(row % tokens) * d..][..d];
-            for k in 0..d {
-                o[k] = e[k] + pos[k];
-            }
-        }
+        self.embed_patches(&mut acts.patch_embed, &mut acts.patches, x, b)?;
+        acts.x.copy_from_slice(&acts.patch_embed);
+        self.add_pos_embed(&mut acts.x);
         // c = t_embedder(t) + y_embedder(cond)
-        self.t_embedder.forward(be, &mut acts.t, t)?;
-        resize(&mut acts.y_emb, b * d);
-        let mut text_ctx = None;
-        match (&self.cond, cond) {
-            (CondEmbedder::Class(table), Condition::Class(labels)) => {
-                check_len("model forward", "class labels [B]", labels.len(), b)?;
-                table.forward(be, &mut acts.y_emb, labels)?;
-            }
-            (
-                CondEmbedder::Text {
-                    caption,
-                    pooled,
-                    text_dim,
-                },
-                Condition::Text(text),
-            ) => {
-                text.check(*text_dim)?;
-                check_len("model forward", "text prompts [B]", text.batch, b)?;
-                caption.forward(be, &mut acts.caption, text.tokens, b, text.len)?;
-                match pooled {
-                    Some(pooled) => {
-                        pooled.forward(be, &mut acts.pooled, text.pooled, b)?;
-                        acts.y_emb.copy_from_slice(&acts.pooled.emb);
-                    }
-                    None => acts.y_emb.fill(0.0),
-                }
-                text_ctx = Some((text.mask, text.len));
-            }
-            (CondEmbedder::Class(_), Condition::Text(_)) => {
-                return Err(EngineError::Other("this model is class-conditional; it was given text".into()).into())
-            }
-            (CondEmbedder::Text { .. }, Condition::Class(_)) => {
-                return Err(
-                    EngineError::Other("this model is text-conditional; it was given class labels".into()).into(),
-                )
-            }
-        }
-        resize(&mut acts.c, b * d);
-        resize(&mut acts.silu_c, b * d);
-        for ((o, te), ye) in acts.c.iter_mut().zip(&acts.t.emb).zip(&acts.y_emb) {
-            *o = te + ye;
-        }
-        be.unary(Unary::Silu, &mut acts.silu_c, &acts.c)?;
+        let text_ctx = self.embed_condition(
+            CondBuffers {
+                t: &mut acts.t,
+                y_emb: &mut acts.y_emb,
+                pooled: &mut acts.pooled,
+                caption: &mut acts.caption,
+                c: &mut acts.c,
+                silu_c: &mut acts.silu_c,
+            },
+            t,
+            cond,
+        )?;
 
         // blocks
         let wanted = if keep_blocks { c.depth } else { 1 };
@@ -464,11 +424,111 @@ impl Model {
         // out = unpatchify(final_layer(x, c))
         self.final_layer
             .forward(be, &mut acts.final_layer, &acts.x, &acts.silu_c, b, tokens)?;
-        let out_ch = c.out_channels();
-        let mut out = vec![0.0; b * out_ch * size * size];
-        unpatchify(&mut out, &acts.final_layer.out, b, out_ch, size, p);
+        let mut out = vec![0.0; b * c.out_channels() * size * size];
+        unpatchify(&mut out, &acts.final_layer.out, b, c.out_channels(), size, p);
         Ok(ForwardOutput { out, routing })
     }
+
+    /// Checks x and t; returns the batch size B = t.len().
+    fn check_inputs(&self, x: &[f32], t: &[f32]) -> ModelResult<usize> {
+        let c = &self.config;
+        let b = t.len();
+        check_len(
+            "model forward",
+            "x [B, C, H, W] with B = t.len()",
+            x.len(),
+            b * c.in_channels * c.input_size * c.input_size,
+        )?;
+        check_finite("model forward: timesteps t", t)?;
+        check_finite("model forward: input x", x)?;
+        Ok(b)
+    }
+
+    /// out: [B, T, d] = x_embedder(patchify(x)); patches: resized scratch; x: [B, C, H, W].
+    fn embed_patches(&self, out: &mut [f32], patches: &mut Vec<f32>, x: &[f32], b: usize) -> ModelResult<()> {
+        let c = &self.config;
+        let (p, ch) = (c.patch_size, c.in_channels);
+        let rows = b * c.tokens();
+        resize(patches, rows * ch * p * p);
+        patchify(patches, x, b, ch, c.input_size, p);
+        self.x_embedder.forward(self.backend.as_ref(), out, patches, rows)?;
+        Ok(())
+    }
+
+    /// x: [B, T, d] += the position table, row by row.
+    fn add_pos_embed(&self, x: &mut [f32]) {
+        let table = self.pos_embed.as_slice();
+        for sample in x.chunks_exact_mut(table.len()) {
+            sample.iter_mut().zip(table).for_each(|(o, p)| *o += p);
+        }
+    }
+
+    /// c = t_embedder(t) + y_embedder(cond), silu_c = SiLU(c), and the
+    /// projected caption for text models. Returns the text mask and length
+    /// the blocks' cross-attention reads.
+    fn embed_condition<'c>(
+        &self,
+        buf: CondBuffers<'_>,
+        t: &[f32],
+        cond: Condition<'c>,
+    ) -> ModelResult<Option<(&'c [u8], usize)>> {
+        let be = self.backend.as_ref();
+        let (b, d) = (t.len(), self.config.hidden);
+        self.t_embedder.forward(be, buf.t, t)?;
+        resize(buf.y_emb, b * d);
+        let mut text_ctx = None;
+        match (&self.cond, cond) {
+            (CondEmbedder::Class(table), Condition::Class(labels)) => {
+                check_len("model forward", "class labels [B]", labels.len(), b)?;
+                table.forward(be, buf.y_emb, labels)?;
+            }
+            (
+                CondEmbedder::Text {
+                    caption,
+                    pooled,
+                    text_dim,
+                },
+                Condition::Text(text),
+            ) => {
+                text.check(*text_dim)?;
+                check_len("model forward", "text prompts [B]", text.batch, b)?;
+                caption.forward(be, buf.caption, text.tokens, b, text.len)?;
+                match pooled {
+                    Some(pooled) => {
+                        pooled.forward(be, buf.pooled, text.pooled, b)?;
+                        buf.y_emb.copy_from_slice(&buf.pooled.emb);
+                    }
+                    None => buf.y_emb.fill(0.0),
+                }
+                text_ctx = Some((text.mask, text.len));
+            }
+            (CondEmbedder::Class(_), Condition::Text(_)) => {
+                return Err(EngineError::Other("this model is class-conditional; it was given text".into()).into())
+            }
+            (CondEmbedder::Text { .. }, Condition::Class(_)) => {
+                return Err(
+                    EngineError::Other("this model is text-conditional; it was given class labels".into()).into(),
+                )
+            }
+        }
+        resize(buf.c, b * d);
+        resize(buf.silu_c, b * d);
+        for ((o, te), ye) in buf.c.iter_mut().zip(&buf.t.emb).zip(buf.y_emb.iter()) {
+            *o = te + ye;
+        }
+        be.unary(Unary::Silu, buf.silu_c, buf.c)?;
+        Ok(text_ctx)
+    }
+}
+
+/// Where [`Model::embed_condition`] writes (fields of either forward's buffers).
+struct CondBuffers<'a> {
+    t: &'a mut TimestepActs,
+    y_emb: &'a mut Vec<f32>,
+    pooled: &'a mut PooledActs,
+    caption: &'a mut CaptionActs,
+    c: &'a mut Vec<f32>,
+    silu_c: &'a mut Vec<f32>,
 }
 
 impl Params for Model {

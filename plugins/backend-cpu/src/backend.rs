@@ -75,6 +75,22 @@ impl Backend for CpuBackend {
             .install(|| ops::gemm::gemm_batched(out, a, b, batch, dims, alpha, beta, self.threads))
     }
 
+    fn gemm_grouped(
+        &self,
+        out: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.pool
+            .install(|| ops::gemm::gemm_grouped(out, a, b, group_rows, n, k, trans_b, alpha, beta, self.threads))
+    }
+
     fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> Result<()> {
         self.pool.install(|| ops::bias::add_bias(out, bias, rows, cols))
     }

@@ -395,3 +395,56 @@ fn experts_with_more_rows_than_one_forward_block_are_exact() {
         }
     }
 }
+
+#[test]
+fn uneven_experts_on_two_threads_match_the_reference_and_one_thread_bit_for_bit() {
+    // Widths and expert sizes that make the 2-thread backend split experts
+    // into row tiles and the forward cut the dispatch into several slices of
+    // experts (4100 rows exceed one slice), with empty experts in between.
+    let (be1, be2) = (backend(), CpuBackend::new(2).expect("a two-thread CPU backend"));
+    let mut rng = StdRng::seed_from_u64(21);
+    let d = 16;
+    let counts = [300usize, 0, 700, 5, 4100, 0, 260];
+    let mut offsets = vec![0];
+    for c in counts {
+        offsets.push(offsets.last().copied().unwrap_or(0) + c);
+    }
+    let n = offsets[counts.len()];
+    for expert in experts_under_test() {
+        let h = expert.hidden(d);
+        let params = random_params(expert.as_ref(), d, counts.len(), &mut rng);
+        let x = random(&mut rng, n * d, 1.0);
+        let dout = random(&mut rng, n * d, 1.0);
+        let run = |be: &CpuBackend| {
+            let mut out = vec![f32::NAN; n * d];
+            let mut cache = ExpertCache::default();
+            expert
+                .forward(be, &mut out, &mut cache, &x, &slices(&params), &offsets, d)
+                .expect("forward");
+            let mut dx = vec![f32::NAN; n * d];
+            let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+            let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
+            expert
+                .backward(be, &mut dx, &mut dp, &dout, &cache, &x, &slices(&params), &offsets, d)
+                .expect("backward");
+            (out, dx, dparams)
+        };
+        let (out2, dx2, dp2) = run(&be2);
+        let want = reference(expert.kind(), &params, &x, &offsets, d, h);
+        for (i, (&got, &want)) in out2.iter().zip(&want).enumerate() {
+            assert!(
+                (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{} out[{i}] = {got}, want {want}",
+                expert.kind()
+            );
+        }
+        let (out1, dx1, dp1) = run(&be1);
+        assert!(
+            out1 == out2,
+            "{}: forward differs between 1 and 2 threads",
+            expert.kind()
+        );
+        assert!(dx1 == dx2, "{}: dx differs between 1 and 2 threads", expert.kind());
+        assert!(dp1 == dp2, "{}: parameter gradients differ", expert.kind());
+    }
+}

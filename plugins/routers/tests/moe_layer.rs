@@ -53,13 +53,19 @@ fn shape(samples: usize, tokens_per_sample: usize, experts: usize) -> RouteShape
     }
 }
 
-/// `L = sum(out * r) + grad_aux * aux_loss` in f64, and the dispatch that
+/// The discrete choice of a dispatch: tokens and expert offsets. Tokens
+/// alone are not enough: a token moving between adjacent experts (the last
+/// slot of expert e becoming the first of e + 1) leaves the token list as it was.
+type Selection = (Vec<u32>, Vec<usize>);
+
+/// `L = sum(out * r) + grad_aux * aux_loss` in f64, and the selection that
 /// produced it (to notice a perturbation that changed the discrete choice).
-fn loss(layer: &MoeLayer, x: &[f32], s: RouteShape, r: &[f32], grad_aux: f32) -> (f64, Vec<u32>) {
+fn loss(layer: &MoeLayer, x: &[f32], s: RouteShape, r: &[f32], grad_aux: f32) -> (f64, Selection) {
     let (out, cache) = layer.forward(&backend(), x, s).expect("forward");
     let main: f64 = out.iter().zip(r).map(|(&o, &r)| o as f64 * r as f64).sum();
     let aux = cache.routing.aux_loss.unwrap_or(0.0) as f64;
-    (main + grad_aux as f64 * aux, cache.routing.dispatch.tokens)
+    let dispatch = cache.routing.dispatch;
+    (main + grad_aux as f64 * aux, (dispatch.tokens, dispatch.offsets))
 }
 
 /// Checks dx, dW_r and every expert parameter gradient by central differences.
@@ -81,13 +87,16 @@ fn check_layer_gradients(router: Value, grad_aux: f32) {
 
     let be = backend();
     let (_, cache) = layer.forward(&be, &x, s).expect("forward");
-    let base_tokens = cache.routing.dispatch.tokens.clone();
+    let base: Selection = (
+        cache.routing.dispatch.tokens.clone(),
+        cache.routing.dispatch.offsets.clone(),
+    );
     let grads = layer.backward(&be, &cache, &x, &r, grad_aux).expect("backward");
 
     let eps = 1e-3f32;
     let (mut checked, mut skipped) = (0usize, 0usize);
-    let mut check = |what: String, analytic: f32, up: (f64, Vec<u32>), down: (f64, Vec<u32>)| {
-        if up.1 != base_tokens || down.1 != base_tokens {
+    let mut check = |what: String, analytic: f32, up: (f64, Selection), down: (f64, Selection)| {
+        if up.1 != base || down.1 != base {
             skipped += 1; // the perturbation moved a token across a top-C boundary
             return;
         }

@@ -7,14 +7,34 @@
 //! on rayon's current pool, which is the backend's pool inside `install`.
 
 use super::numel;
+use ecdit_engine::backend::check_grouped;
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::GemmDims;
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Per-product flops below which a batched gemm runs its products side by side
 /// (one thread each) instead of one after the other on all threads.
 const BATCH_PAR_MAX_FLOPS: f64 = (1u64 << 25) as f64;
+
+/// A grouped product cuts a group into pieces of at least this many rows.
+/// A piece this tall never takes the `gemm` crate's small-matrix or gemv paths
+/// (those start at 64 and 1 rows), and its blocking depends on `k` alone, so
+/// every row gets the same bits as in the whole-group product.
+const GROUP_PIECE_MIN_ROWS: usize = 128;
+
+/// Grouped products cut groups only when `n` and `k` are at least this: the
+/// `gemm` crate computes thin products (n or k of 1 or 2) on gemv-like paths
+/// whose bits depend on the row count.
+const GROUP_SPLIT_MIN_DIM: usize = 8;
+
+/// Chunks of equal rows per thread in a grouped product: 2 lets the pool
+/// even out a thread slowed by other load, and keeps pieces large (every
+/// piece packs its group's weights again; on the bench's dense FFN 256-row
+/// pieces measured a few % slower than 512-row ones).
+const GROUP_CHUNKS_PER_THREAD: usize = 2;
 
 /// The `gemm` crate's parallelism for a thread count.
 pub(crate) fn parallelism(threads: usize) -> Parallelism {
@@ -290,5 +310,211 @@ fn gemm_blocks(
         out.chunks_mut(mn)
             .enumerate()
             .try_for_each(|(i, out_i)| one(i, out_i, parallelism(threads)))
+    }
+}
+
+/// Grouped products, one weight matrix per group (stacked MoE experts):
+/// `out[rows of g] = alpha * a[rows of g] @ op(b[g]) + beta * out[rows of g]`.
+/// out: [R, n]; a: [R, k]; b: [G, n, k] (trans_b) or [G, k, n]; `R = sum(group_rows)`.
+///
+/// With several threads, groups (split into row tiles) run side by side, each
+/// tile a single-threaded product: one level of parallelism and no per-product
+/// barriers. The bits equal those of one [`gemm`] per group.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_grouped(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    group_rows: &[usize],
+    n: usize,
+    k: usize,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) -> Result<()> {
+    const OP: &str = "gemm_grouped";
+    let rows = check_grouped(OP, out.len(), a.len(), b.len(), group_rows, n, k)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let split = n >= GROUP_SPLIT_MIN_DIM && k >= GROUP_SPLIT_MIN_DIM;
+    let chunks = group_chunks(group_rows, if split { threads } else { 1 });
+    let dst = SharedMut::new(out);
+    let one = |piece: &GroupPiece, par: Parallelism| -> Result<()> {
+        let dims = GemmDims {
+            m: piece.rows,
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+        };
+        let (av, bv) = operand_views(dims, piece.row0 * k, piece.group * n * k);
+        let dv = Strided::row_major(piece.row0 * n, piece.rows, n);
+        // SAFETY: pieces cover disjoint row ranges of `out`, which stays
+        // mutably borrowed (through `dst`) until every piece is done.
+        unsafe { gemm_shared(OP, dst, dv, a, av, b, bv, alpha, beta, par) }
+    };
+    if threads > 1 && chunks.len() > 1 {
+        let next = AtomicUsize::new(0);
+        let failed = Mutex::new(None);
+        // Each worker takes the next chunk not yet started until none is left.
+        (0..threads.min(chunks.len())).into_par_iter().for_each(|_| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = chunks.get(i) else { break };
+            if let Err(e) = chunk.iter().try_for_each(|p| one(p, Parallelism::None)) {
+                next.store(chunks.len(), Ordering::Relaxed);
+                failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                break;
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    } else {
+        chunks.iter().flatten().try_for_each(|p| one(p, parallelism(threads)))
+    }
+}
+
+/// One single-threaded product of a grouped gemm: `rows` rows of group
+/// `group` starting at global row `row0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GroupPiece {
+    group: usize,
+    row0: usize,
+    rows: usize,
+}
+
+/// Cuts the rows of all groups, in order, into about
+/// `threads * GROUP_CHUNKS_PER_THREAD` chunks of near-equal rows, each a list
+/// of pieces (a group, or part of one, within the chunk). A cut inside a group
+/// leaves at least [`GROUP_PIECE_MIN_ROWS`] rows on each side or moves to the
+/// nearer group boundary; with one thread every group is one piece.
+fn group_chunks(group_rows: &[usize], threads: usize) -> Vec<Vec<GroupPiece>> {
+    let whole = || -> Vec<Vec<GroupPiece>> {
+        let mut row0 = 0;
+        let mut chunks = Vec::new();
+        for (group, &rows) in group_rows.iter().enumerate() {
+            if rows > 0 {
+                chunks.push(vec![GroupPiece { group, row0, rows }]);
+            }
+            row0 += rows;
+        }
+        chunks
+    };
+    let total: usize = group_rows.iter().sum();
+    // Chunks of at least 3 minimum pieces, so two snapped cuts inside one
+    // group still leave a minimum piece between them.
+    let count = (threads * GROUP_CHUNKS_PER_THREAD).min(total / (3 * GROUP_PIECE_MIN_ROWS));
+    if threads <= 1 || count <= 1 {
+        return whole();
+    }
+    let starts: Vec<usize> = group_rows
+        .iter()
+        .scan(0, |acc, &m| {
+            let s = *acc;
+            *acc += m;
+            Some(s)
+        })
+        .collect();
+    // The group holding row `r` (the last non-empty one starting at or before it).
+    let group_at = |r: usize| starts.partition_point(|&s| s <= r).saturating_sub(1);
+    let snap = |r: usize| {
+        let g = group_at(r);
+        let (lo, hi) = (r - starts[g], starts[g] + group_rows[g] - r);
+        if lo == 0 || hi == 0 || (lo >= GROUP_PIECE_MIN_ROWS && hi >= GROUP_PIECE_MIN_ROWS) {
+            r
+        } else if lo < hi {
+            starts[g]
+        } else {
+            starts[g] + group_rows[g]
+        }
+    };
+    let mut cuts: Vec<usize> = (0..=count).map(|c| snap(total * c / count)).collect();
+    cuts.dedup();
+    let mut chunks = Vec::with_capacity(cuts.len());
+    for w in cuts.windows(2) {
+        let (c0, c1) = (w[0], w[1]);
+        let mut pieces = Vec::new();
+        for g in group_at(c0)..group_rows.len() {
+            let (g0, g1) = (starts[g], starts[g] + group_rows[g]);
+            if g0 >= c1 {
+                break;
+            }
+            let (r0, r1) = (g0.max(c0), g1.min(c1));
+            if r1 > r0 {
+                if r1 - r0 < group_rows[g] && r1 - r0 < GROUP_PIECE_MIN_ROWS {
+                    return whole(); // cannot happen with chunks of >= 3 minimum pieces
+                }
+                pieces.push(GroupPiece {
+                    group: g,
+                    row0: r0,
+                    rows: r1 - r0,
+                });
+            }
+        }
+        if !pieces.is_empty() {
+            chunks.push(pieces);
+        }
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_chunks_cover_every_row_once_in_near_equal_chunks() {
+        for (groups, threads) in [
+            (vec![512usize; 8], 2usize),
+            (vec![0, 300, 0, 700, 1, 129, 256, 257], 2),
+            (vec![2048], 2),
+            (vec![512], 2),
+            (vec![100, 0, 5000], 3),
+            (vec![350, 700, 420, 600, 480, 520, 460, 566], 2),
+            (vec![700, 10], 1),
+            (vec![], 2),
+        ] {
+            let chunks = group_chunks(&groups, threads);
+            let mut next = 0;
+            let mut per_group = vec![0usize; groups.len()];
+            for p in chunks.iter().flatten() {
+                assert_eq!(p.row0, next, "{groups:?}: pieces are consecutive");
+                assert!(p.rows > 0);
+                next += p.rows;
+                per_group[p.group] += p.rows;
+                if groups[p.group] != p.rows {
+                    assert!(p.rows >= GROUP_PIECE_MIN_ROWS, "{groups:?}: piece {p:?} too short");
+                }
+            }
+            assert_eq!(per_group, groups);
+            let total: usize = groups.iter().sum();
+            if threads == 1 {
+                assert_eq!(chunks.len(), groups.iter().filter(|&&m| m > 0).count());
+            } else if total >= 3 * GROUP_PIECE_MIN_ROWS * threads * GROUP_CHUNKS_PER_THREAD {
+                // A cut moves by less than a minimum piece.
+                let even = total / (threads * GROUP_CHUNKS_PER_THREAD);
+                for c in &chunks {
+                    let rows: usize = c.iter().map(|p| p.rows).sum();
+                    assert!(
+                        rows.abs_diff(even) < 2 * GROUP_PIECE_MIN_ROWS,
+                        "{groups:?}: chunk of {rows} rows"
+                    );
+                }
+            }
+        }
+        // Uneven experts (token choice) on two threads: cuts at 1024, 2048 and
+        // 3072 rows, the first two moved to group ends 26 and 22 rows away.
+        let uneven = group_chunks(&[350, 700, 420, 600, 480, 520, 460, 566], 2);
+        let rows: Vec<usize> = uneven.iter().map(|c| c.iter().map(|p| p.rows).sum()).collect();
+        assert_eq!(rows, [1050, 1020, 1000, 1026]);
+        // One 2048-row group: four pieces of 512; eight 512-row experts: two each.
+        let dense = group_chunks(&[2048], 2);
+        assert_eq!(dense.iter().flatten().map(|p| p.rows).collect::<Vec<_>>(), [512; 4]);
+        assert!(group_chunks(&[512; 8], 2)
+            .iter()
+            .all(|c| c.len() == 2 && c[0].rows == 512));
     }
 }

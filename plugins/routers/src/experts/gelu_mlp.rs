@@ -1,7 +1,7 @@
 //! `gelu-mlp`: DiT's feed-forward block, `fc2(gelu_tanh(fc1(x)))` with biases,
 //! for all E experts of a layer at once.
 
-use super::{check_dispatch, check_ratio, hidden_width, reuse, row_blocks};
+use super::{add_group_bias, check_dispatch, check_ratio, expert_slices, group_rows_of, hidden_width, reuse};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
 use serde_json::json;
@@ -94,24 +94,28 @@ impl Expert for GeluMlp {
         let pre = reuse(&mut pre_buf[0], n * h);
         let act = reuse(&mut act_buf[0], n * h);
 
-        // Per expert, per block of rows, run the whole MLP while the block's
-        // hidden activations are still in cache.
-        for e in 0..experts {
-            let (w1_e, b1_e) = (&w1[e * h * d..(e + 1) * h * d], &b1[e * h..(e + 1) * h]);
-            let (w2_e, b2_e) = (&w2[e * d * h..(e + 1) * d * h], &b2[e * d..(e + 1) * d]);
-            for (r0, r1) in row_blocks(offsets[e], offsets[e + 1]) {
-                let m = r1 - r0;
-                let (pre_b, act_b) = (&mut pre[r0 * h..r1 * h], &mut act[r0 * h..r1 * h]);
-                // pre = x @ fc1.weight[e]^T + fc1.bias[e]
-                backend.gemm(pre_b, &x[r0 * d..r1 * d], w1_e, GemmDims::nt(m, h, d), 1.0, 0.0)?;
-                backend.add_bias(pre_b, b1_e, m, h)?;
-                // act = gelu(pre)
-                backend.unary(Unary::GeluTanh, act_b, pre_b)?;
-                // out = act @ fc2.weight[e]^T + fc2.bias[e]
-                let out_b = &mut out[r0 * d..r1 * d];
-                backend.gemm(out_b, act_b, w2_e, GemmDims::nt(m, d, h), 1.0, 0.0)?;
-                backend.add_bias(out_b, b2_e, m, d)?;
+        // Per slice of whole experts, run the whole MLP while the slice's
+        // hidden activations are still in cache; each projection is one
+        // grouped GEMM over the slice's experts.
+        let mut groups = Vec::with_capacity(experts);
+        for (e0, e1) in expert_slices(offsets) {
+            let (r0, r1) = (offsets[e0], offsets[e1]);
+            if r1 == r0 {
+                continue;
             }
+            group_rows_of(&mut groups, offsets, e0, e1);
+            let (pre_s, act_s) = (&mut pre[r0 * h..r1 * h], &mut act[r0 * h..r1 * h]);
+            // pre = x @ fc1.weight[e]^T + fc1.bias[e]   ([m_e, d] @ [d, h] per expert)
+            let w1_s = &w1[e0 * h * d..e1 * h * d];
+            backend.gemm_grouped(pre_s, &x[r0 * d..r1 * d], w1_s, &groups, h, d, true, 1.0, 0.0)?;
+            add_group_bias(backend, pre_s, &b1[e0 * h..e1 * h], &groups, h)?;
+            // act = gelu(pre)
+            backend.unary(Unary::GeluTanh, act_s, pre_s)?;
+            // out = act @ fc2.weight[e]^T + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
+            let out_s = &mut out[r0 * d..r1 * d];
+            let w2_s = &w2[e0 * d * h..e1 * d * h];
+            backend.gemm_grouped(out_s, act_s, w2_s, &groups, d, h, true, 1.0, 0.0)?;
+            add_group_bias(backend, out_s, &b2[e0 * d..e1 * d], &groups, d)?;
         }
         Ok(())
     }
@@ -159,8 +163,11 @@ impl Expert for GeluMlp {
             check_len(OP, &format!("dparams[{i}] {s:?}"), g.len(), s.iter().product())?;
         }
 
+        let groups: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
         // Backward of `out = act @ fc2.weight^T + fc2.bias`.
+        // dact = dout @ fc2.weight[e]   ([m_e, d] @ [d, h] per expert)
         let mut dact = vec![0.0f32; n * h];
+        backend.gemm_grouped(&mut dact, dout, w2, &groups, h, d, false, 1.0, 0.0)?;
         for e in 0..experts {
             let (r0, r1) = (offsets[e], offsets[e + 1]);
             let m = r1 - r0;
@@ -168,15 +175,6 @@ impl Expert for GeluMlp {
                 continue;
             }
             let dout_e = &dout[r0 * d..r1 * d];
-            // dact = dout @ fc2.weight   ([m, d] @ [d, h])
-            backend.gemm(
-                &mut dact[r0 * h..r1 * h],
-                dout_e,
-                &w2[e * d * h..(e + 1) * d * h],
-                GemmDims::nn(m, h, d),
-                1.0,
-                0.0,
-            )?;
             // dfc2.weight += dout^T @ act   ([d, m] @ [m, h])
             backend.gemm(
                 &mut dw2[e * d * h..(e + 1) * d * h],
@@ -200,7 +198,6 @@ impl Expert for GeluMlp {
                 continue;
             }
             let dpre_e = &dpre[r0 * h..r1 * h];
-            let w1_e = &w1[e * h * d..(e + 1) * h * d];
             // dfc1.weight += dpre^T @ x   ([h, m] @ [m, d])
             backend.gemm(
                 &mut dw1[e * h * d..(e + 1) * h * d],
@@ -211,9 +208,9 @@ impl Expert for GeluMlp {
                 1.0,
             )?;
             backend.sum_rows(&mut db1[e * h..(e + 1) * h], dpre_e, m, h, true)?;
-            // dx = dpre @ fc1.weight   ([m, h] @ [h, d])
-            backend.gemm(&mut dx[r0 * d..r1 * d], dpre_e, w1_e, GemmDims::nn(m, d, h), 1.0, 0.0)?;
         }
+        // dx = dpre @ fc1.weight[e]   ([m_e, h] @ [h, d] per expert)
+        backend.gemm_grouped(dx, &dpre, w1, &groups, d, h, false, 1.0, 0.0)?;
         Ok(())
     }
 }

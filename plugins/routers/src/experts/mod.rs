@@ -2,8 +2,9 @@
 //!
 //! Every expert kind computes all E experts of a layer in one call over the
 //! expert-major rows of a dispatch (rows of expert e are
-//! `offsets[e]..offsets[e + 1]`), one GEMM per expert and projection, so an
-//! expert with no rows costs nothing. Parameters of the E experts are stacked
+//! `offsets[e]..offsets[e + 1]`), one grouped GEMM per projection over
+//! slices of consecutive experts (`Backend::gemm_grouped`, which a CPU backend
+//! runs expert-parallel), so an expert with no rows costs nothing. Parameters of the E experts are stacked
 //! on a leading expert axis, each matrix in the PyTorch `Linear` layout
 //! `[out, in]`.
 
@@ -14,7 +15,7 @@ pub use gelu_mlp::GeluMlp;
 pub use swiglu::SwiGlu;
 
 use ecdit_engine::error::check_len;
-use ecdit_engine::{ComponentInfo, EngineError, Family, ParamInfo, ParamType, Registry, Result};
+use ecdit_engine::{Backend, ComponentInfo, EngineError, Family, ParamInfo, ParamType, Registry, Result};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -115,12 +116,88 @@ fn reuse(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..]
 }
 
-/// Rows per forward block: large enough that each GEMM runs near full speed,
-/// small enough that a block's hidden activations (512 x 4d floats) stay in
-/// cache between the first projection, the activation and the second.
-const ROW_BLOCK: usize = 512;
+/// Rows per forward slice. A slice is a run of whole consecutive experts
+/// (an expert with more rows is a slice alone) whose projections run as one
+/// grouped GEMM each, so the backend spreads the slice's experts over its
+/// threads. Large, because the pool can balance uneven experts only within a
+/// slice; bounded, so one slice's hidden activations (4096 x h) stay a
+/// fixed working set whatever the batch.
+const SLICE_ROWS: usize = 4096;
 
-/// `[r0, r1)` split into consecutive blocks of at most [`ROW_BLOCK`] rows.
-fn row_blocks(r0: usize, r1: usize) -> impl Iterator<Item = (usize, usize)> {
-    (r0..r1).step_by(ROW_BLOCK).map(move |b| (b, (b + ROW_BLOCK).min(r1)))
+/// The dispatch as slices `[e0, e1)` of consecutive experts holding at most
+/// [`SLICE_ROWS`] rows together (or one expert with more); empty experts ride
+/// along. Slices cut only between experts, so an expert's rows are always
+/// computed by one product whatever its neighbours hold.
+fn expert_slices(offsets: &[usize]) -> Vec<(usize, usize)> {
+    let experts = offsets.len().saturating_sub(1);
+    let mut slices = Vec::new();
+    let mut e0 = 0;
+    for e in 1..=experts {
+        // Close the slice before expert e - 1 if adding it would overflow.
+        if e - 1 > e0 && offsets[e] - offsets[e0] > SLICE_ROWS {
+            slices.push((e0, e - 1));
+            e0 = e - 1;
+        }
+    }
+    if experts > e0 {
+        slices.push((e0, experts));
+    }
+    slices
+}
+
+/// Row counts of experts `e0..e1` into `group_rows` (cleared first).
+fn group_rows_of(group_rows: &mut Vec<usize>, offsets: &[usize], e0: usize, e1: usize) {
+    group_rows.clear();
+    group_rows.extend((e0..e1).map(|e| offsets[e + 1] - offsets[e]));
+}
+
+/// `out[rows of group g] += bias[g]`, group by group (groups consecutive).
+/// out: [sum(group_rows), cols]; bias: [G, cols].
+fn add_group_bias(
+    backend: &dyn Backend,
+    out: &mut [f32],
+    bias: &[f32],
+    group_rows: &[usize],
+    cols: usize,
+) -> Result<()> {
+    let out_rows = out.len() / cols.max(1);
+    let mut r0 = 0;
+    for (g, &m) in group_rows.iter().enumerate() {
+        if m > 0 {
+            let bias_g = bias.get(g * cols..(g + 1) * cols).ok_or_else(|| {
+                EngineError::shape(
+                    "add_group_bias (bias)",
+                    format!("{} groups", group_rows.len()),
+                    bias.len() / cols.max(1),
+                )
+            })?;
+            let out_g = out
+                .get_mut(r0 * cols..(r0 + m) * cols)
+                .ok_or_else(|| EngineError::shape("add_group_bias (out)", format!("{} rows", r0 + m), out_rows))?;
+            backend.add_bias(out_g, bias_g, m, cols)?;
+        }
+        r0 += m;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_slices_cut_between_experts_and_cover_all() {
+        type Case<'a> = (&'a [usize], &'a [(usize, usize)]);
+        let cases: &[Case] = &[
+            (&[0, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096], &[(0, 8)]),
+            (&[0, 2048, 4096, 6144], &[(0, 2), (2, 3)]),
+            (&[0, 0, 0], &[(0, 2)]),
+            (&[0, 4100, 4103, 4103, 4500], &[(0, 1), (1, 4)]),
+            (&[0, 10, 5000, 5010], &[(0, 1), (1, 2), (2, 3)]),
+            (&[0], &[]),
+        ];
+        for &(offsets, want) in cases {
+            assert_eq!(expert_slices(offsets), want, "offsets {offsets:?}");
+        }
+    }
 }

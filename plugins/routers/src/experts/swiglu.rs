@@ -1,7 +1,7 @@
 //! `swiglu`: DiT-MoE's expert, `w2(silu(w1 x) * w3 x)` without biases, for
 //! all E experts of a layer at once.
 
-use super::{check_dispatch, check_ratio, hidden_width, reuse, row_blocks};
+use super::{check_dispatch, check_ratio, expert_slices, group_rows_of, hidden_width, reuse};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
 use serde_json::json;
@@ -95,26 +95,29 @@ impl Expert for SwiGlu {
         };
         let (a, b, s, g) = (reuse(a, n * h), reuse(b, n * h), reuse(s, n * h), reuse(g, n * h));
 
-        // Per expert, per block of rows, run the whole network while the
-        // block's hidden activations are still in cache.
-        for e in 0..experts {
-            let (w1_e, w3_e) = (&w1[e * h * d..(e + 1) * h * d], &w3[e * h * d..(e + 1) * h * d]);
-            let w2_e = &w2[e * d * h..(e + 1) * d * h];
-            for (r0, r1) in row_blocks(offsets[e], offsets[e + 1]) {
-                let (m, x_b, hid) = (r1 - r0, &x[r0 * d..r1 * d], r0 * h..r1 * h);
-                let (a_b, b_b) = (&mut a[hid.clone()], &mut b[hid.clone()]);
-                let (s_b, g_b) = (&mut s[hid.clone()], &mut g[hid]);
-                // a = x @ w1[e]^T, b = x @ w3[e]^T
-                backend.gemm(a_b, x_b, w1_e, GemmDims::nt(m, h, d), 1.0, 0.0)?;
-                backend.gemm(b_b, x_b, w3_e, GemmDims::nt(m, h, d), 1.0, 0.0)?;
-                // s = silu(a); g = s * b
-                backend.unary(Unary::Silu, s_b, a_b)?;
-                for ((g, &s), &b) in g_b.iter_mut().zip(s_b.iter()).zip(b_b.iter()) {
-                    *g = s * b;
-                }
-                // out = g @ w2[e]^T
-                backend.gemm(&mut out[r0 * d..r1 * d], g_b, w2_e, GemmDims::nt(m, d, h), 1.0, 0.0)?;
+        // Per slice of whole experts, run the whole network while the
+        // slice's hidden activations are still in cache; each projection is
+        // one grouped GEMM over the slice's experts.
+        let mut groups = Vec::with_capacity(experts);
+        for (e0, e1) in expert_slices(offsets) {
+            let (r0, r1) = (offsets[e0], offsets[e1]);
+            if r1 == r0 {
+                continue;
             }
+            group_rows_of(&mut groups, offsets, e0, e1);
+            let (x_s, hid, w) = (&x[r0 * d..r1 * d], r0 * h..r1 * h, e0 * h * d..e1 * h * d);
+            let (a_s, b_s) = (&mut a[hid.clone()], &mut b[hid.clone()]);
+            let (s_s, g_s) = (&mut s[hid.clone()], &mut g[hid]);
+            // a = x @ w1[e]^T, b = x @ w3[e]^T   ([m_e, d] @ [d, h] per expert)
+            backend.gemm_grouped(a_s, x_s, &w1[w.clone()], &groups, h, d, true, 1.0, 0.0)?;
+            backend.gemm_grouped(b_s, x_s, &w3[w.clone()], &groups, h, d, true, 1.0, 0.0)?;
+            // s = silu(a); g = s * b
+            backend.unary(Unary::Silu, s_s, a_s)?;
+            for ((g, &s), &b) in g_s.iter_mut().zip(s_s.iter()).zip(b_s.iter()) {
+                *g = s * b;
+            }
+            // out = g @ w2[e]^T   ([m_e, h] @ [h, d] per expert)
+            backend.gemm_grouped(&mut out[r0 * d..r1 * d], g_s, &w2[w], &groups, d, h, true, 1.0, 0.0)?;
         }
         Ok(())
     }
@@ -168,27 +171,27 @@ impl Expert for SwiGlu {
             )?;
         }
 
+        let groups: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
         // Backward of `out = g @ w2^T`.
+        // dg = dout @ w2[e]   ([m_e, d] @ [d, h] per expert)
         let mut dg = vec![0.0f32; n * h];
+        backend.gemm_grouped(&mut dg, dout, w2, &groups, h, d, false, 1.0, 0.0)?;
         for e in 0..experts {
             let (r0, r1) = (offsets[e], offsets[e + 1]);
             let m = r1 - r0;
             if m == 0 {
                 continue;
             }
-            let dout_e = &dout[r0 * d..r1 * d];
-            let w = e * d * h..(e + 1) * d * h;
-            // dg = dout @ w2   ([m, d] @ [d, h])
-            backend.gemm(
-                &mut dg[r0 * h..r1 * h],
-                dout_e,
-                &w2[w.clone()],
-                GemmDims::nn(m, h, d),
-                1.0,
-                0.0,
-            )?;
             // dw2 += dout^T @ g   ([d, m] @ [m, h])
-            backend.gemm(&mut dw2[w], dout_e, &g[r0 * h..r1 * h], GemmDims::tn(d, h, m), 1.0, 1.0)?;
+            let w = e * d * h..(e + 1) * d * h;
+            backend.gemm(
+                &mut dw2[w],
+                &dout[r0 * d..r1 * d],
+                &g[r0 * h..r1 * h],
+                GemmDims::tn(d, h, m),
+                1.0,
+                1.0,
+            )?;
         }
         // Backward of `g = s * b`: ds = dg * b, db = dg * s.
         let mut ds = vec![0.0f32; n * h];
@@ -213,12 +216,11 @@ impl Expert for SwiGlu {
             let w = e * h * d..(e + 1) * h * d;
             // dw1 += da^T @ x, dw3 += db^T @ x   ([h, m] @ [m, d])
             backend.gemm(&mut dw1[w.clone()], da_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
-            backend.gemm(&mut dw3[w.clone()], db_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
-            // dx = da @ w1 + db @ w3   ([m, h] @ [h, d])
-            let dx_e = &mut dx[r0 * d..r1 * d];
-            backend.gemm(dx_e, da_e, &w1[w.clone()], GemmDims::nn(m, d, h), 1.0, 0.0)?;
-            backend.gemm(dx_e, db_e, &w3[w], GemmDims::nn(m, d, h), 1.0, 1.0)?;
+            backend.gemm(&mut dw3[w], db_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
         }
+        // dx = da @ w1[e] + db @ w3[e]   ([m_e, h] @ [h, d] per expert)
+        backend.gemm_grouped(dx, da, w1, &groups, d, h, false, 1.0, 0.0)?;
+        backend.gemm_grouped(dx, &db, w3, &groups, d, h, false, 1.0, 1.0)?;
         Ok(())
     }
 }
