@@ -14,7 +14,8 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let underflow = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -23,7 +24,11 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let e = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `t`'s low mantissa bits hold n: reading them with integer ops instead of
+    // `n as i32` (a saturating cast LLVM scalarises) keeps the loop in SIMD.
+    // Same value: n is a whole number in [-126, 127] after the clamp.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let e = y * f32::from_bits(((n_int + 127) as u32) << 23);
     if underflow {
         0.0
     } else {
