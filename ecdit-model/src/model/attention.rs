@@ -43,21 +43,36 @@ pub struct SelfAttention {
     pub head_dim: usize,
 }
 
-/// What self-attention computes, kept for backward.
+/// What an attention layer computes, kept for backward. S is the number of
+/// key tokens: T for self-attention, the text length L for cross-attention.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AttentionActs {
     /// [B, T, H, Dh] queries.
     pub q: Vec<f32>,
-    /// [B, T, Hkv, Dh] keys.
+    /// [B, S, Hkv, Dh] keys.
     pub k: Vec<f32>,
-    /// [B, T, Hkv, Dh] values.
+    /// [B, S, Hkv, Dh] values.
     pub v: Vec<f32>,
-    /// [B, H, T, T] attention probabilities.
+    /// [B, H, T, S] attention probabilities.
     pub probs: Vec<f32>,
     /// [B, T, d] attention output before `proj`.
     pub att: Vec<f32>,
-    /// [B, T, d] after `proj` (the block gates this).
+    /// [B, T, d] after `proj` (self-attention: the block gates this;
+    /// cross-attention: added to the residual stream).
     pub out: Vec<f32>,
+}
+
+impl AttentionActs {
+    /// Sizes every buffer for `rows = B * T` query rows and `key_rows = B * S`
+    /// key rows, reusing the allocations; `probs` gets `probs_len` elements.
+    pub(crate) fn resize_for(&mut self, rows: usize, key_rows: usize, d: usize, kv_dim: usize, probs_len: usize) {
+        resize(&mut self.q, rows * d);
+        resize(&mut self.k, key_rows * kv_dim);
+        resize(&mut self.v, key_rows * kv_dim);
+        resize(&mut self.probs, probs_len);
+        resize(&mut self.att, rows * d);
+        resize(&mut self.out, rows * d);
+    }
 }
 
 impl SelfAttention {
@@ -102,12 +117,7 @@ impl SelfAttention {
         tokens: usize,
     ) -> Result<()> {
         let (d, kv_dim, rows) = (self.dim(), self.kv_dim(), batch * tokens);
-        resize(&mut acts.q, rows * d);
-        resize(&mut acts.k, rows * kv_dim);
-        resize(&mut acts.v, rows * kv_dim);
-        resize(&mut acts.probs, batch * self.heads * tokens * tokens);
-        resize(&mut acts.att, rows * d);
-        resize(&mut acts.out, rows * d);
+        acts.resize_for(rows, rows, d, kv_dim, batch * self.heads * tokens * tokens);
         self.project(backend, &mut acts.q, &mut acts.k, &mut acts.v, x, rows)?;
         self.attend(
             backend,

@@ -7,8 +7,7 @@
 //! `cross_attn.proj` [d, d]. `proj` starts at zero (PixArt), so a fresh block
 //! is still the identity.
 
-use super::attention::attention_in_groups;
-use super::buffer::resize;
+use super::attention::{attention_in_groups, AttentionActs};
 use super::linear::Linear;
 use super::param::{Init, Param, Params};
 use ecdit_engine::{AttnDims, Backend, Result};
@@ -30,22 +29,9 @@ pub struct CrossAttention {
     pub head_dim: usize,
 }
 
-/// What cross-attention computes, kept for backward.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CrossAttentionActs {
-    /// [B, T, H, Dh] queries.
-    pub q: Vec<f32>,
-    /// [B, L, Hkv, Dh] keys.
-    pub k: Vec<f32>,
-    /// [B, L, Hkv, Dh] values.
-    pub v: Vec<f32>,
-    /// [B, H, T, L] attention probabilities.
-    pub probs: Vec<f32>,
-    /// [B, T, d] attention output before `proj`.
-    pub att: Vec<f32>,
-    /// [B, T, d] after `proj` (added to the residual stream).
-    pub out: Vec<f32>,
-}
+/// What cross-attention computes, kept for backward: the same buffers as
+/// self-attention's, with the text length L as the key length.
+pub type CrossAttentionActs = AttentionActs;
 
 impl CrossAttention {
     /// Xavier q/kv, zero `proj`.
@@ -83,12 +69,13 @@ impl CrossAttention {
     ) -> Result<()> {
         let d = self.heads * self.head_dim;
         let (rows, text_rows) = (batch * tokens, batch * text_len);
-        resize(&mut acts.q, rows * d);
-        resize(&mut acts.k, text_rows * self.kv_dim());
-        resize(&mut acts.v, text_rows * self.kv_dim());
-        resize(&mut acts.probs, batch * self.heads * tokens * text_len);
-        resize(&mut acts.att, rows * d);
-        resize(&mut acts.out, rows * d);
+        acts.resize_for(
+            rows,
+            text_rows,
+            d,
+            self.kv_dim(),
+            batch * self.heads * tokens * text_len,
+        );
         self.project_text(backend, &mut acts.k, &mut acts.v, text, batch, text_len)?;
         self.q.forward(backend, &mut acts.q, x, rows)?;
         self.attend(

@@ -1,9 +1,12 @@
 //! `gelu-mlp`: DiT's feed-forward block, `fc2(gelu_tanh(fc1(x)))` with biases,
 //! for all E experts of a layer at once.
 
-use super::{add_group_bias, check_dispatch, check_ratio, expert_slices, group_rows_of, hidden_width, reuse};
+use super::{
+    add_group_bias, check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, expert_slices,
+    experts_with_rows, group_rows_of, hidden_width, reuse,
+};
 use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
+use ecdit_engine::{Backend, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
 use serde_json::json;
 
 /// DiT's MLP `d -> h -> d` (timm `Mlp` with `approx_gelu`), `h = floor(mlp_ratio * d)`.
@@ -83,7 +86,7 @@ impl Expert for GeluMlp {
     ) -> Result<()> {
         const OP: &str = "gelu-mlp forward";
         let h = self.hidden(d);
-        let experts = offsets.len().saturating_sub(1);
+        let experts = expert_count(offsets);
         let (experts, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
         check_len(OP, "out", out.len(), n * d)?;
         let &[w1, b1, w2, b2] = params else {
@@ -135,45 +138,24 @@ impl Expert for GeluMlp {
     ) -> Result<()> {
         const OP: &str = "gelu-mlp backward";
         let h = self.hidden(d);
-        let experts = offsets.len().saturating_sub(1);
+        let experts = expert_count(offsets);
         let shapes = Self::shapes(d, h, experts);
-        let (experts, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
+        let (_, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
         check_len(OP, "dx", dx.len(), n * d)?;
         check_len(OP, "dout", dout.len(), n * d)?;
-        let [pre, act] = cache.buffers.as_slice() else {
-            return Err(EngineError::shape(
-                format!("{OP} (cache)"),
-                "2 buffers from forward",
-                format!("{} buffers", cache.buffers.len()),
-            ));
-        };
-        check_len(OP, "cache pre-activation", pre.len(), n * h)?;
-        check_len(OP, "cache activation", act.len(), n * h)?;
+        let [pre, act] = check_cache(OP, cache, ["pre-activation", "activation"], n * h)?;
         let &[w1, _b1, w2, _b2] = params else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        let [dw1, db1, dw2, db2] = dparams else {
-            return Err(EngineError::shape(
-                format!("{OP} (dparams)"),
-                "4 tensors",
-                format!("{} tensors", dparams.len()),
-            ));
-        };
-        for (i, (g, s)) in [&**dw1, &**db1, &**dw2, &**db2].iter().zip(&shapes).enumerate() {
-            check_len(OP, &format!("dparams[{i}] {s:?}"), g.len(), s.iter().product())?;
-        }
+        let [dw1, db1, dw2, db2] = check_grads(OP, dparams, &shapes)?;
 
-        let groups: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        let groups = expert_rows(offsets);
         // Backward of `out = act @ fc2.weight^T + fc2.bias`.
         // dact = dout @ fc2.weight[e]   ([m_e, d] @ [d, h] per expert)
         let mut dact = vec![0.0f32; n * h];
         backend.gemm_grouped(&mut dact, dout, w2, &groups, h, d, false, 1.0, 0.0)?;
-        for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
+        for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
-            if m == 0 {
-                continue;
-            }
             let dout_e = &dout[r0 * d..r1 * d];
             // dfc2.weight += dout^T @ act   ([d, m] @ [m, h])
             backend.gemm(
@@ -191,12 +173,8 @@ impl Expert for GeluMlp {
         backend.unary_backward(Unary::GeluTanh, &mut dpre, &dact, pre)?;
         drop(dact);
         // Backward of `pre = x @ fc1.weight^T + fc1.bias`.
-        for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
+        for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
-            if m == 0 {
-                continue;
-            }
             let dpre_e = &dpre[r0 * h..r1 * h];
             // dfc1.weight += dpre^T @ x   ([h, m] @ [m, d])
             backend.gemm(

@@ -15,7 +15,7 @@ pub use gelu_mlp::GeluMlp;
 pub use swiglu::SwiGlu;
 
 use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, ComponentInfo, EngineError, Family, ParamInfo, ParamType, Registry, Result};
+use ecdit_engine::{Backend, ComponentInfo, EngineError, ExpertCache, Family, ParamInfo, ParamType, Registry, Result};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -109,6 +109,73 @@ fn check_dispatch(
     Ok((experts, rows))
 }
 
+/// Number of experts E of a dispatch whose `offsets` hold E + 1 entries.
+fn expert_count(offsets: &[usize]) -> usize {
+    offsets.len().saturating_sub(1)
+}
+
+/// Rows of every expert, `offsets[e + 1] - offsets[e]` (offsets checked monotone).
+fn expert_rows(offsets: &[usize]) -> Vec<usize> {
+    offsets.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// The experts that hold rows, as `(e, r0, r1)` with rows `r0..r1`; backward
+/// works expert by expert and skips the empty ones.
+fn experts_with_rows(offsets: &[usize]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    offsets
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(e, w)| (e, w[0], w[1]))
+}
+
+/// Checks the forward cache handed to backward: exactly `K` buffers, named
+/// `names` in errors, each `len` long.
+fn check_cache<'c, const K: usize>(
+    op: &str,
+    cache: &'c ExpertCache,
+    names: [&str; K],
+    len: usize,
+) -> Result<&'c [Vec<f32>; K]> {
+    let buffers: &[Vec<f32>; K] = cache.buffers.as_slice().try_into().map_err(|_| {
+        EngineError::shape(
+            format!("{op} (cache)"),
+            format!("{K} buffers from forward"),
+            format!("{} buffers", cache.buffers.len()),
+        )
+    })?;
+    for (name, buf) in names.iter().zip(buffers) {
+        check_len(op, &format!("cache {name}"), buf.len(), len)?;
+    }
+    Ok(buffers)
+}
+
+/// Checks the parameter gradients handed to backward: exactly `K` tensors,
+/// each as long as its shape in `shapes`.
+fn check_grads<'g, 'p, const K: usize>(
+    op: &str,
+    dparams: &'g mut [&'p mut [f32]],
+    shapes: &[Vec<usize>],
+) -> Result<&'g mut [&'p mut [f32]; K]> {
+    let count = dparams.len();
+    let grads: &mut [&mut [f32]; K] = dparams.try_into().map_err(|_| {
+        EngineError::shape(
+            format!("{op} (dparams)"),
+            format!("{K} tensors"),
+            format!("{count} tensors"),
+        )
+    })?;
+    for (i, (grad, shape)) in grads.iter().zip(shapes).enumerate() {
+        check_len(
+            op,
+            &format!("dparams[{i}] {shape:?}"),
+            grad.len(),
+            shape.iter().product(),
+        )?;
+    }
+    Ok(grads)
+}
+
 /// Makes `buf` exactly `len` long, reusing its allocation (forward caches are
 /// refilled every step; reallocating them costs page faults).
 fn reuse(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -129,7 +196,7 @@ const SLICE_ROWS: usize = 4096;
 /// along. Slices cut only between experts, so an expert's rows are always
 /// computed by one product whatever its neighbours hold.
 fn expert_slices(offsets: &[usize]) -> Vec<(usize, usize)> {
-    let experts = offsets.len().saturating_sub(1);
+    let experts = expert_count(offsets);
     let mut slices = Vec::new();
     let mut e0 = 0;
     for e in 1..=experts {

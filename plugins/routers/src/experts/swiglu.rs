@@ -1,9 +1,12 @@
 //! `swiglu`: DiT-MoE's expert, `w2(silu(w1 x) * w3 x)` without biases, for
 //! all E experts of a layer at once.
 
-use super::{check_dispatch, check_ratio, expert_slices, group_rows_of, hidden_width, reuse};
+use super::{
+    check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, expert_slices, experts_with_rows,
+    group_rows_of, hidden_width, reuse,
+};
 use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, EngineError, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
+use ecdit_engine::{Backend, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
 use serde_json::json;
 
 /// DiT-MoE's `MoeMLP`: `w2(silu(w1 x) * w3 x)`, no biases.
@@ -83,7 +86,7 @@ impl Expert for SwiGlu {
     ) -> Result<()> {
         const OP: &str = "swiglu forward";
         let h = self.hidden(d);
-        let experts = offsets.len().saturating_sub(1);
+        let experts = expert_count(offsets);
         let (experts, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
         check_len(OP, "out", out.len(), n * d)?;
         let &[w1, w3, w2] = params else {
@@ -137,51 +140,24 @@ impl Expert for SwiGlu {
     ) -> Result<()> {
         const OP: &str = "swiglu backward";
         let h = self.hidden(d);
-        let experts = offsets.len().saturating_sub(1);
+        let experts = expert_count(offsets);
         let shapes = Self::shapes(d, h, experts);
-        let (experts, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
+        let (_, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
         check_len(OP, "dx", dx.len(), n * d)?;
         check_len(OP, "dout", dout.len(), n * d)?;
-        let [a, b, s, g] = cache.buffers.as_slice() else {
-            return Err(EngineError::shape(
-                format!("{OP} (cache)"),
-                "4 buffers from forward",
-                format!("{} buffers", cache.buffers.len()),
-            ));
-        };
-        for (name, buf) in [("w1 x", a), ("w3 x", b), ("silu", s), ("product", g)] {
-            check_len(OP, &format!("cache {name}"), buf.len(), n * h)?;
-        }
+        let [a, b, s, g] = check_cache(OP, cache, ["w1 x", "w3 x", "silu", "product"], n * h)?;
         let &[w1, w3, w2] = params else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        let [dw1, dw3, dw2] = dparams else {
-            return Err(EngineError::shape(
-                format!("{OP} (dparams)"),
-                "3 tensors",
-                format!("{} tensors", dparams.len()),
-            ));
-        };
-        for (i, (grad, shape)) in [&**dw1, &**dw3, &**dw2].iter().zip(&shapes).enumerate() {
-            check_len(
-                OP,
-                &format!("dparams[{i}] {shape:?}"),
-                grad.len(),
-                shape.iter().product(),
-            )?;
-        }
+        let [dw1, dw3, dw2] = check_grads(OP, dparams, &shapes)?;
 
-        let groups: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        let groups = expert_rows(offsets);
         // Backward of `out = g @ w2^T`.
         // dg = dout @ w2[e]   ([m_e, d] @ [d, h] per expert)
         let mut dg = vec![0.0f32; n * h];
         backend.gemm_grouped(&mut dg, dout, w2, &groups, h, d, false, 1.0, 0.0)?;
-        for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
+        for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
-            if m == 0 {
-                continue;
-            }
             // dw2 += dout^T @ g   ([d, m] @ [m, h])
             let w = e * d * h..(e + 1) * d * h;
             backend.gemm(
@@ -205,12 +181,8 @@ impl Expert for SwiGlu {
         backend.unary_backward(Unary::Silu, da, &ds, a)?;
         drop(ds);
         // Backward of `a = x @ w1^T` and `b = x @ w3^T`.
-        for e in 0..experts {
-            let (r0, r1) = (offsets[e], offsets[e + 1]);
+        for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
-            if m == 0 {
-                continue;
-            }
             let x_e = &x[r0 * d..r1 * d];
             let (da_e, db_e) = (&da[r0 * h..r1 * h], &db[r0 * h..r1 * h]);
             let w = e * h * d..(e + 1) * h * d;

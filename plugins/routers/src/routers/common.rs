@@ -66,13 +66,34 @@ pub(crate) fn empty_routing(experts: usize) -> Routing {
         offsets: vec![0; experts + 1],
         ..Default::default()
     };
-    let stats = RoutingStats::compute(&dispatch, &[]);
+    routing_without_aux(dispatch, Vec::new(), 0)
+}
+
+/// An empty dispatch with room for `slots` slots, its offsets holding only
+/// the leading 0: a router fills it expert by expert, pushing each expert's
+/// end offset.
+pub(crate) fn dispatch_with_capacity(experts: usize, tokens_total: usize, slots: usize) -> Dispatch {
+    let mut dispatch = Dispatch {
+        experts,
+        tokens_total,
+        offsets: Vec::with_capacity(experts + 1),
+        tokens: Vec::with_capacity(slots),
+        gates: Vec::with_capacity(slots),
+    };
+    dispatch.offsets.push(0);
+    dispatch
+}
+
+/// The routing of a filled `dispatch` with its statistics, for routers
+/// without an auxiliary loss. probs: [tokens, experts].
+pub(crate) fn routing_without_aux(dispatch: Dispatch, probs: Vec<f32>, group_size: usize) -> Routing {
+    let stats = RoutingStats::compute(&dispatch, &probs);
     Routing {
         dispatch,
-        probs: Vec::new(),
+        probs,
         aux_loss: None,
         stats,
-        group_size: 0,
+        group_size,
     }
 }
 

@@ -2,12 +2,12 @@
 //! C tokens of each routing group that it scores highest.
 
 use super::common::{
-    check_backward, check_positive, check_scores, empty_routing, groups_json, key_index, key_value, rank_key,
-    read_groups, read_positive, select_best, softmax_rows, softmax_rows_backward,
+    check_backward, check_positive, check_scores, dispatch_with_capacity, empty_routing, groups_json, key_index,
+    key_value, rank_key, read_groups, read_positive, routing_without_aux, select_best, softmax_rows,
+    softmax_rows_backward,
 };
 use ecdit_engine::{
-    expert_capacity, ComponentInfo, Dispatch, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing,
-    RoutingGroups, RoutingStats,
+    expert_capacity, ComponentInfo, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing, RoutingGroups,
 };
 use serde_json::{json, Map, Value};
 
@@ -97,14 +97,7 @@ impl Router for ExpertChoiceRouter {
         softmax_rows(&mut probs, scores, e_count);
 
         let slots = e_count * n_groups * c;
-        let mut dispatch = Dispatch {
-            experts: e_count,
-            tokens_total: n,
-            offsets: Vec::with_capacity(e_count + 1),
-            tokens: Vec::with_capacity(slots),
-            gates: Vec::with_capacity(slots),
-        };
-        dispatch.offsets.push(0);
+        let mut dispatch = dispatch_with_capacity(e_count, n, slots);
         let mut column: Vec<u64> = Vec::with_capacity(s); // one expert's ranking keys over one group
         for e in 0..e_count {
             for g in 0..n_groups {
@@ -120,14 +113,7 @@ impl Router for ExpertChoiceRouter {
             }
             dispatch.offsets.push(dispatch.tokens.len());
         }
-        let stats = RoutingStats::compute(&dispatch, &probs);
-        Ok(Routing {
-            dispatch,
-            probs,
-            aux_loss: None,
-            stats,
-            group_size: s,
-        })
+        Ok(routing_without_aux(dispatch, probs, s))
     }
 
     // gate[slot] = probs[t, e], so dL/dprobs[t, e] = sum of grad_gates over the

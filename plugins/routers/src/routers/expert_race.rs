@@ -2,13 +2,13 @@
 //! over a group's whole `[tokens x experts]` score set.
 
 use super::common::{
-    check_backward, check_positive, check_scores, component, empty_routing, groups_json, key_index, rank_key,
-    read_groups, read_positive, select_best, softmax_rows, softmax_rows_backward,
+    check_backward, check_positive, check_scores, component, dispatch_with_capacity, empty_routing, groups_json,
+    key_index, rank_key, read_groups, read_positive, routing_without_aux, select_best, softmax_rows,
+    softmax_rows_backward,
 };
 use ecdit_engine::spec::get;
 use ecdit_engine::{
-    ComponentInfo, Dispatch, EngineError, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing,
-    RoutingGroups, RoutingStats,
+    ComponentInfo, EngineError, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing, RoutingGroups,
 };
 use serde_json::{json, Map, Value};
 
@@ -161,14 +161,7 @@ impl Router for ExpertRaceRouter {
             }
         }
 
-        let mut dispatch = Dispatch {
-            experts: e_count,
-            tokens_total: n,
-            offsets: Vec::with_capacity(e_count + 1),
-            tokens: Vec::with_capacity(n_groups * k_win),
-            gates: Vec::with_capacity(n_groups * k_win),
-        };
-        dispatch.offsets.push(0);
+        let mut dispatch = dispatch_with_capacity(e_count, n, n_groups * k_win);
         for e in 0..e_count {
             for t in 0..n {
                 let i = t * e_count + e;
@@ -179,14 +172,7 @@ impl Router for ExpertRaceRouter {
             }
             dispatch.offsets.push(dispatch.tokens.len());
         }
-        let stats = RoutingStats::compute(&dispatch, &probs);
-        Ok(Routing {
-            dispatch,
-            probs,
-            aux_loss: None,
-            stats,
-            group_size: s,
-        })
+        Ok(routing_without_aux(dispatch, probs, s))
     }
 
     // gate = score_fn(x)[t, e] at the winners. Sigmoid: dx = gg * g (1 - g).
