@@ -129,7 +129,7 @@ fn param_shapes_use_upstream_names() {
     assert_eq!(get("blocks.0.mlp.fc1.weight"), Some(vec![4608, 1152]));
     assert_eq!(get("blocks.1.mlp.fc1.weight"), None);
     assert_eq!(get("blocks.1.moe.router.weight"), Some(vec![32, 1152]));
-    assert_eq!(get("blocks.1.moe.experts.fc1.weight"), Some(vec![32, 4608, 1152]));
+    assert_eq!(get("blocks.1.moe.experts.fc1.weight"), Some(vec![32, 1152, 4608]));
     assert_eq!(get("blocks.1.moe.experts.fc2.bias"), Some(vec![32, 1152]));
     assert_eq!(get("y_embedder.y_proj.fc1.weight"), Some(vec![1152, 1024]));
     assert_eq!(get("y_embedder.embedding_table.weight"), None);

@@ -3,7 +3,7 @@
 //!
 //! Names: `blocks.{i}.moe.router.weight` [E, d] (PyTorch `Linear` layout; the
 //! layer computes with its transpose [d, E]) and `blocks.{i}.moe.experts.<name>`
-//! for each of the expert kind's stacked parameters (`fc1.weight` [E, h, d] ...).
+//! for each of the expert kind's stacked parameters (`fc1.weight` [E, d, h] ...).
 
 use crate::config::MoeConfig;
 use crate::weights::{VarBuilder, WeightsResult};

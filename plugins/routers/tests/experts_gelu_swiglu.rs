@@ -39,12 +39,12 @@ fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
-/// `y = W v (+ b)` for a `[out, inp]` row-major W, in f64.
+/// `y = v W (+ b)` for an input-major `[inp, out]` row-major W, in f64.
 fn linear(w: &[f32], b: Option<&[f32]>, v: &[f64], out: usize) -> Vec<f64> {
     let inp = v.len();
     (0..out)
         .map(|o| {
-            let dot: f64 = (0..inp).map(|i| w[o * inp + i] as f64 * v[i]).sum();
+            let dot: f64 = (0..inp).map(|i| w[i * out + o] as f64 * v[i]).sum();
             dot + b.map_or(0.0, |b| b[o] as f64)
         })
         .collect()
@@ -266,9 +266,9 @@ fn registry_builds_both_kinds_and_round_trips_specs() {
 
     let shapes: Vec<(String, Vec<usize>)> = gelu.param_shapes(4, 3).into_iter().map(|p| (p.name, p.shape)).collect();
     let want = [
-        ("fc1.weight", vec![3, 16, 4]),
+        ("fc1.weight", vec![3, 4, 16]),
         ("fc1.bias", vec![3, 16]),
-        ("fc2.weight", vec![3, 4, 16]),
+        ("fc2.weight", vec![3, 16, 4]),
         ("fc2.bias", vec![3, 4]),
     ];
     assert_eq!(shapes, want.map(|(n, s)| (n.to_string(), s)).to_vec());

@@ -191,12 +191,12 @@ fn dense_router_with_one_expert_is_a_plain_gelu_mlp() {
     for t in 0..tokens {
         let act: Vec<f64> = (0..h)
             .map(|j| {
-                let pre: f64 = (0..d).map(|i| w1[j * d + i] as f64 * x[t * d + i] as f64).sum::<f64>() + b1[j] as f64;
+                let pre: f64 = (0..d).map(|i| w1[i * h + j] as f64 * x[t * d + i] as f64).sum::<f64>() + b1[j] as f64;
                 gelu_tanh(pre)
             })
             .collect();
         for o in 0..d {
-            let want: f64 = (0..h).map(|j| w2[o * h + j] as f64 * act[j]).sum::<f64>() + b2[o] as f64;
+            let want: f64 = (0..h).map(|j| w2[j * d + o] as f64 * act[j]).sum::<f64>() + b2[o] as f64;
             let got = out[t * d + o] as f64;
             assert!((got - want).abs() < 1e-5, "out[{t}, {o}] = {got}, want {want}");
         }

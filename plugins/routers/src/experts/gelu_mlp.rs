@@ -11,9 +11,15 @@ use serde_json::json;
 
 /// DiT's MLP `d -> h -> d` (timm `Mlp` with `approx_gelu`), `h = floor(mlp_ratio * d)`.
 ///
-/// Parameters, stacked over the E experts, PyTorch `Linear` layout:
-/// - `fc1.weight`: [E, h, d], `fc1.bias`: [E, h]
-/// - `fc2.weight`: [E, d, h], `fc2.bias`: [E, d]
+/// Parameters, stacked over the E experts, weights input-major (`[in, out]`,
+/// the transpose of PyTorch's `Linear`, so `y = x W + b`):
+/// - `fc1.weight`: [E, d, h], `fc1.bias`: [E, h]
+/// - `fc2.weight`: [E, h, d], `fc2.bias`: [E, d]
+///
+/// Input-major because the GEMM then reads each expert's weight as stored
+/// instead of repacking a transposed view on every call; at equal FLOPs the
+/// experts hold E/k times the weights of a dense FFN, so that packing was the
+/// MoE layer's main overhead over dense (docs/PERFORMANCE.md).
 ///
 /// Cache (per dispatched row): `buffers[0]` = fc1 output before GELU [N, h],
 /// `buffers[1]` = after GELU [N, h].
@@ -35,9 +41,9 @@ impl GeluMlp {
 
     fn shapes(d: usize, h: usize, experts: usize) -> Vec<Vec<usize>> {
         vec![
-            vec![experts, h, d],
-            vec![experts, h],
             vec![experts, d, h],
+            vec![experts, h],
+            vec![experts, h, d],
             vec![experts, d],
         ]
     }
@@ -108,16 +114,16 @@ impl Expert for GeluMlp {
             }
             group_rows_of(&mut groups, offsets, e0, e1);
             let (pre_s, act_s) = (&mut pre[r0 * h..r1 * h], &mut act[r0 * h..r1 * h]);
-            // pre = x @ fc1.weight[e]^T + fc1.bias[e]   ([m_e, d] @ [d, h] per expert)
+            // pre = x @ fc1.weight[e] + fc1.bias[e]   ([m_e, d] @ [d, h] per expert)
             let w1_s = &w1[e0 * h * d..e1 * h * d];
-            backend.gemm_grouped(pre_s, &x[r0 * d..r1 * d], w1_s, &groups, h, d, true, 1.0, 0.0)?;
+            backend.gemm_grouped(pre_s, &x[r0 * d..r1 * d], w1_s, &groups, h, d, false, 1.0, 0.0)?;
             add_group_bias(backend, pre_s, &b1[e0 * h..e1 * h], &groups, h)?;
             // act = gelu(pre)
             backend.unary(Unary::GeluTanh, act_s, pre_s)?;
-            // out = act @ fc2.weight[e]^T + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
+            // out = act @ fc2.weight[e] + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
             let out_s = &mut out[r0 * d..r1 * d];
             let w2_s = &w2[e0 * d * h..e1 * d * h];
-            backend.gemm_grouped(out_s, act_s, w2_s, &groups, d, h, true, 1.0, 0.0)?;
+            backend.gemm_grouped(out_s, act_s, w2_s, &groups, d, h, false, 1.0, 0.0)?;
             add_group_bias(backend, out_s, &b2[e0 * d..e1 * d], &groups, d)?;
         }
         Ok(())
@@ -150,19 +156,19 @@ impl Expert for GeluMlp {
         let [dw1, db1, dw2, db2] = check_grads(OP, dparams, &shapes)?;
 
         let groups = expert_rows(offsets);
-        // Backward of `out = act @ fc2.weight^T + fc2.bias`.
-        // dact = dout @ fc2.weight[e]   ([m_e, d] @ [d, h] per expert)
+        // Backward of `out = act @ fc2.weight + fc2.bias`.
+        // dact = dout @ fc2.weight[e]^T   ([m_e, d] @ [d, h] per expert)
         let mut dact = vec![0.0f32; n * h];
-        backend.gemm_grouped(&mut dact, dout, w2, &groups, h, d, false, 1.0, 0.0)?;
+        backend.gemm_grouped(&mut dact, dout, w2, &groups, h, d, true, 1.0, 0.0)?;
         for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
             let dout_e = &dout[r0 * d..r1 * d];
-            // dfc2.weight += dout^T @ act   ([d, m] @ [m, h])
+            // dfc2.weight += act^T @ dout   ([h, m] @ [m, d])
             backend.gemm(
                 &mut dw2[e * d * h..(e + 1) * d * h],
-                dout_e,
                 &act[r0 * h..r1 * h],
-                GemmDims::tn(d, h, m),
+                dout_e,
+                GemmDims::tn(h, d, m),
                 1.0,
                 1.0,
             )?;
@@ -172,23 +178,23 @@ impl Expert for GeluMlp {
         let mut dpre = vec![0.0f32; n * h];
         backend.unary_backward(Unary::GeluTanh, &mut dpre, &dact, pre)?;
         drop(dact);
-        // Backward of `pre = x @ fc1.weight^T + fc1.bias`.
+        // Backward of `pre = x @ fc1.weight + fc1.bias`.
         for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
             let dpre_e = &dpre[r0 * h..r1 * h];
-            // dfc1.weight += dpre^T @ x   ([h, m] @ [m, d])
+            // dfc1.weight += x^T @ dpre   ([d, m] @ [m, h])
             backend.gemm(
                 &mut dw1[e * h * d..(e + 1) * h * d],
-                dpre_e,
                 &x[r0 * d..r1 * d],
-                GemmDims::tn(h, d, m),
+                dpre_e,
+                GemmDims::tn(d, h, m),
                 1.0,
                 1.0,
             )?;
             backend.sum_rows(&mut db1[e * h..(e + 1) * h], dpre_e, m, h, true)?;
         }
-        // dx = dpre @ fc1.weight[e]   ([m_e, h] @ [h, d] per expert)
-        backend.gemm_grouped(dx, &dpre, w1, &groups, d, h, false, 1.0, 0.0)?;
+        // dx = dpre @ fc1.weight[e]^T   ([m_e, h] @ [h, d] per expert)
+        backend.gemm_grouped(dx, &dpre, w1, &groups, d, h, true, 1.0, 0.0)?;
         Ok(())
     }
 }

@@ -16,10 +16,11 @@ use serde_json::json;
 /// no LLaMA-style 2/3 shrink, so a SwiGLU expert has 1.5x the parameters and
 /// FLOPs of a GELU MLP of the same ratio).
 ///
-/// Parameters, stacked over the E experts, PyTorch `Linear` layout:
-/// - `w1` (DiT-MoE `gate_proj`): [E, h, d]
-/// - `w3` (`up_proj`): [E, h, d]
-/// - `w2` (`down_proj`): [E, d, h]
+/// Parameters, stacked over the E experts, input-major (`[in, out]`, the
+/// transpose of PyTorch's `Linear`; see [`super::GeluMlp`] for why):
+/// - `w1` (DiT-MoE `gate_proj`): [E, d, h]
+/// - `w3` (`up_proj`): [E, d, h]
+/// - `w2` (`down_proj`): [E, h, d]
 ///
 /// Cache (per dispatched row, each [N, h]): `buffers[0]` = w1 x,
 /// `buffers[1]` = w3 x, `buffers[2]` = silu(w1 x), `buffers[3]` = the product.
@@ -40,7 +41,7 @@ impl SwiGlu {
     }
 
     fn shapes(d: usize, h: usize, experts: usize) -> Vec<Vec<usize>> {
-        vec![vec![experts, h, d], vec![experts, h, d], vec![experts, d, h]]
+        vec![vec![experts, d, h], vec![experts, d, h], vec![experts, h, d]]
     }
 }
 
@@ -111,16 +112,16 @@ impl Expert for SwiGlu {
             let (x_s, hid, w) = (&x[r0 * d..r1 * d], r0 * h..r1 * h, e0 * h * d..e1 * h * d);
             let (a_s, b_s) = (&mut a[hid.clone()], &mut b[hid.clone()]);
             let (s_s, g_s) = (&mut s[hid.clone()], &mut g[hid]);
-            // a = x @ w1[e]^T, b = x @ w3[e]^T   ([m_e, d] @ [d, h] per expert)
-            backend.gemm_grouped(a_s, x_s, &w1[w.clone()], &groups, h, d, true, 1.0, 0.0)?;
-            backend.gemm_grouped(b_s, x_s, &w3[w.clone()], &groups, h, d, true, 1.0, 0.0)?;
+            // a = x @ w1[e], b = x @ w3[e]   ([m_e, d] @ [d, h] per expert)
+            backend.gemm_grouped(a_s, x_s, &w1[w.clone()], &groups, h, d, false, 1.0, 0.0)?;
+            backend.gemm_grouped(b_s, x_s, &w3[w.clone()], &groups, h, d, false, 1.0, 0.0)?;
             // s = silu(a); g = s * b
             backend.unary(Unary::Silu, s_s, a_s)?;
             for ((g, &s), &b) in g_s.iter_mut().zip(s_s.iter()).zip(b_s.iter()) {
                 *g = s * b;
             }
-            // out = g @ w2[e]^T   ([m_e, h] @ [h, d] per expert)
-            backend.gemm_grouped(&mut out[r0 * d..r1 * d], g_s, &w2[w], &groups, d, h, true, 1.0, 0.0)?;
+            // out = g @ w2[e]   ([m_e, h] @ [h, d] per expert)
+            backend.gemm_grouped(&mut out[r0 * d..r1 * d], g_s, &w2[w], &groups, d, h, false, 1.0, 0.0)?;
         }
         Ok(())
     }
@@ -152,19 +153,19 @@ impl Expert for SwiGlu {
         let [dw1, dw3, dw2] = check_grads(OP, dparams, &shapes)?;
 
         let groups = expert_rows(offsets);
-        // Backward of `out = g @ w2^T`.
-        // dg = dout @ w2[e]   ([m_e, d] @ [d, h] per expert)
+        // Backward of `out = g @ w2`.
+        // dg = dout @ w2[e]^T   ([m_e, d] @ [d, h] per expert)
         let mut dg = vec![0.0f32; n * h];
-        backend.gemm_grouped(&mut dg, dout, w2, &groups, h, d, false, 1.0, 0.0)?;
+        backend.gemm_grouped(&mut dg, dout, w2, &groups, h, d, true, 1.0, 0.0)?;
         for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
-            // dw2 += dout^T @ g   ([d, m] @ [m, h])
+            // dw2 += g^T @ dout   ([h, m] @ [m, d])
             let w = e * d * h..(e + 1) * d * h;
             backend.gemm(
                 &mut dw2[w],
-                &dout[r0 * d..r1 * d],
                 &g[r0 * h..r1 * h],
-                GemmDims::tn(d, h, m),
+                &dout[r0 * d..r1 * d],
+                GemmDims::tn(h, d, m),
                 1.0,
                 1.0,
             )?;
@@ -180,19 +181,19 @@ impl Expert for SwiGlu {
         let da = &mut dg;
         backend.unary_backward(Unary::Silu, da, &ds, a)?;
         drop(ds);
-        // Backward of `a = x @ w1^T` and `b = x @ w3^T`.
+        // Backward of `a = x @ w1` and `b = x @ w3`.
         for (e, r0, r1) in experts_with_rows(offsets) {
             let m = r1 - r0;
             let x_e = &x[r0 * d..r1 * d];
             let (da_e, db_e) = (&da[r0 * h..r1 * h], &db[r0 * h..r1 * h]);
             let w = e * h * d..(e + 1) * h * d;
-            // dw1 += da^T @ x, dw3 += db^T @ x   ([h, m] @ [m, d])
-            backend.gemm(&mut dw1[w.clone()], da_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
-            backend.gemm(&mut dw3[w], db_e, x_e, GemmDims::tn(h, d, m), 1.0, 1.0)?;
+            // dw1 += x^T @ da, dw3 += x^T @ db   ([d, m] @ [m, h])
+            backend.gemm(&mut dw1[w.clone()], x_e, da_e, GemmDims::tn(d, h, m), 1.0, 1.0)?;
+            backend.gemm(&mut dw3[w], x_e, db_e, GemmDims::tn(d, h, m), 1.0, 1.0)?;
         }
-        // dx = da @ w1[e] + db @ w3[e]   ([m_e, h] @ [h, d] per expert)
-        backend.gemm_grouped(dx, da, w1, &groups, d, h, false, 1.0, 0.0)?;
-        backend.gemm_grouped(dx, &db, w3, &groups, d, h, false, 1.0, 1.0)?;
+        // dx = da @ w1[e]^T + db @ w3[e]^T   ([m_e, h] @ [h, d] per expert)
+        backend.gemm_grouped(dx, da, w1, &groups, d, h, true, 1.0, 0.0)?;
+        backend.gemm_grouped(dx, &db, w3, &groups, d, h, true, 1.0, 1.0)?;
         Ok(())
     }
 }
