@@ -119,7 +119,7 @@ pub fn attention(
         gemm_strided(op, p, att, q, qv, k, kv.t(), scale(&d), 0.0, par)?;
         let mask = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
         for row in p.chunks_exact_mut(tk) {
-            softmax_row_masked(row, |j| mask.is_none_or(|m| m[j] != 0));
+            softmax_row_masked(row, mask);
         }
         // out = P V: [Tq, Dh]
         unsafe { gemm_shared(op, out_shared, qv, p, att, v, kv, 1.0, 0.0, par) }

@@ -5,14 +5,18 @@ use super::{numel, rows_per_task};
 use ecdit_engine::error::{check_len, Result};
 use rayon::prelude::*;
 
-/// Softmax of one row in place, over the entries where `keep` is true (the
-/// rest get probability 0). A row with nothing kept becomes all zeros.
-pub(crate) fn softmax_row_masked(row: &mut [f32], keep: impl Fn(usize) -> bool) {
+/// Softmax of one row in place, over the entries whose `key_mask` byte is
+/// nonzero (the rest get probability 0; no mask keeps all). A row with nothing
+/// kept becomes all zeros.
+pub(crate) fn softmax_row_masked(row: &mut [f32], key_mask: Option<&[u8]>) {
+    let Some(mask) = key_mask else {
+        return softmax_row(row);
+    };
     let max = row
         .iter()
-        .enumerate()
-        .filter(|&(j, _)| keep(j))
-        .fold(f32::NEG_INFINITY, |m, (_, &x)| m.max(x));
+        .zip(mask)
+        .filter(|&(_, &m)| m != 0)
+        .fold(f32::NEG_INFINITY, |m, (&x, _)| m.max(x));
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return;
@@ -21,14 +25,47 @@ pub(crate) fn softmax_row_masked(row: &mut [f32], keep: impl Fn(usize) -> bool) 
     // entries left out and sum in order.
     exp_shifted_inplace(row, max);
     let mut sum = 0.0f32;
-    for (j, x) in row.iter_mut().enumerate() {
-        if !keep(j) {
+    for (x, &m) in row.iter_mut().zip(mask) {
+        if m == 0 {
             *x = 0.0;
         }
         sum += *x;
     }
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Softmax of a whole row in place (all entries kept).
+fn softmax_row(row: &mut [f32]) {
+    let max = lane_wise(row, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    exp_shifted_inplace(row, max);
+    let inv = 1.0 / lane_wise(row, 0.0, |s, x| s + x);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Lanes of [`lane_wise`]: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
+
+/// Folds `row` with `f` in `LANES` independent accumulators, then folds those
+/// and the tail in order. A single running max or sum is a chain of dependent
+/// instructions (attention's softmax spent most of its time there); separate
+/// lanes vectorise. The order is fixed, so results stay deterministic.
+#[inline(always)]
+fn lane_wise(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, x);
+        }
+    }
+    let lanes = acc.into_iter().fold(init, &f);
+    tail.iter().fold(lanes, |a, &x| f(a, x))
 }
 
 /// Backward of one softmax row: `dinp = out * (dout - sum(dout * out))`.
@@ -51,8 +88,7 @@ pub fn softmax_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> R
     let chunk = rows_per_task(rows, cols) * cols;
     out.par_chunks_mut(chunk).zip(inp.par_chunks(chunk)).for_each(|(o, i)| {
         o.copy_from_slice(i);
-        o.chunks_exact_mut(cols)
-            .for_each(|row| softmax_row_masked(row, |_| true));
+        o.chunks_exact_mut(cols).for_each(softmax_row);
     });
     Ok(())
 }
