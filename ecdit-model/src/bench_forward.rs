@@ -209,8 +209,7 @@ pub fn bench_forward(
         model.forward_with(&mut buffers, &inputs.x, &inputs.t, cond)?;
         times.push(start.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = crate::bench_moe::median(&mut times);
     let peak_rss = peak_rss_bytes();
 
     let counted = with_text_len(cfg, text_len.max(1));

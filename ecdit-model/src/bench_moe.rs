@@ -239,7 +239,7 @@ fn hidden_width(mlp_ratio: f64, d: usize) -> usize {
 }
 
 /// Median of `times`, which it sorts (so `times[0]` is the minimum afterwards).
-fn median(times: &mut [f64]) -> f64 {
+pub(crate) fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
 }

@@ -484,8 +484,9 @@ impl Call {
         String::from_utf8_lossy(&self.buf[..end]).into_owned()
     }
 
-    /// Turns a status into a result naming the plugin and the operation.
-    fn check(&self, status: i32, plugin: &str, what: &str) -> Result<()> {
+    /// Turns a status into a result naming the plugin and the operation;
+    /// `what` is only formatted on failure (no allocation per successful call).
+    fn check(&self, status: i32, plugin: &str, what: impl std::fmt::Display) -> Result<()> {
         let reason = match status {
             STATUS_OK => return Ok(()),
             STATUS_PANIC => format!("{what} panicked inside the plugin: {}", self.message()),
@@ -655,7 +656,7 @@ impl Router for PluginRouter {
             // SAFETY: the result came from this table's `route`.
             unsafe { free_result(result) }
         }
-        call.check(status, &self.plugin, &format!("router '{}' route", self.kind))?;
+        call.check(status, &self.plugin, format_args!("router '{}' route", self.kind))?;
         let mut routing = copied.unwrap_or_else(|| Err(self.bad("route returned no result".into())))?;
         let who = "route";
         routing.dispatch.validate(who).map_err(|e| self.bad(e.to_string()))?;
@@ -711,7 +712,7 @@ impl Router for PluginRouter {
                 &mut err,
             )
         };
-        call.check(status, &self.plugin, &format!("router '{}' backward", self.kind))?;
+        call.check(status, &self.plugin, format_args!("router '{}' backward", self.kind))?;
         check_finite("router score gradients", grad_scores).map_err(|e| self.bad(e.to_string()))
     }
 }
@@ -796,7 +797,7 @@ impl Scheduler for PluginScheduler {
             let (mut call, mut t) = (Call::new(), f32::NAN);
             let mut err = call.err();
             let status = unsafe { f(self.handle, &mut t, &abi_rng, &mut err) };
-            call.check(status, &self.plugin, &self.what("draw_t"))?;
+            call.check(status, &self.plugin, self.what("draw_t"))?;
             Ok(t)
         })();
         self.logged(r, f32::NAN)
@@ -807,7 +808,7 @@ impl Scheduler for PluginScheduler {
         let mut call = Call::new();
         let mut err = call.err();
         let status = unsafe { f(self.handle, as_f32s_mut(x_t), as_f32s(x0), as_f32s(noise), t, &mut err) };
-        call.check(status, &self.plugin, &self.what("add_noise"))
+        call.check(status, &self.plugin, self.what("add_noise"))
     }
 
     fn target(&self, target: &mut [f32], x0: &[f32], noise: &[f32], t: f32) -> Result<()> {
@@ -824,7 +825,7 @@ impl Scheduler for PluginScheduler {
                 &mut err,
             )
         };
-        call.check(status, &self.plugin, &self.what("target"))
+        call.check(status, &self.plugin, self.what("target"))
     }
 
     fn model_time(&self, t: f32) -> f32 {
@@ -833,7 +834,7 @@ impl Scheduler for PluginScheduler {
             let (mut call, mut out) = (Call::new(), f32::NAN);
             let mut err = call.err();
             let status = unsafe { f(self.handle, &mut out, t, &mut err) };
-            call.check(status, &self.plugin, &self.what("model_time"))?;
+            call.check(status, &self.plugin, self.what("model_time"))?;
             Ok(out)
         })();
         self.logged(r, f32::NAN)
@@ -846,7 +847,7 @@ impl Scheduler for PluginScheduler {
             let mut call = Call::new();
             let mut err = call.err();
             let status = unsafe { f(self.handle, as_f32s_mut(&mut out), steps, &mut err) };
-            call.check(status, &self.plugin, &self.what("sampling_times"))?;
+            call.check(status, &self.plugin, self.what("sampling_times"))?;
             Ok(out)
         })();
         self.logged(r, Vec::new())
@@ -857,7 +858,7 @@ impl Scheduler for PluginScheduler {
         let mut call = Call::new();
         let mut err = call.err();
         let status = unsafe { f(self.handle, as_f32s_mut(x), as_f32s(model_out), t, t_next, &mut err) };
-        call.check(status, &self.plugin, &self.what("step"))
+        call.check(status, &self.plugin, self.what("step"))
     }
 }
 
@@ -926,7 +927,7 @@ impl PluginBackend {
         let mut call = Call::new();
         let mut err = call.err();
         let status = body(f, &mut err);
-        call.check(status, &self.plugin, &format!("backend '{}' {op}", self.name))
+        call.check(status, &self.plugin, format_args!("backend '{}' {op}", self.name))
     }
 }
 

@@ -8,7 +8,7 @@
 
 use super::gemm::{gemm_shared, gemm_strided, parallelism, SharedMut, Strided};
 use super::numel;
-use super::softmax::softmax_row_masked;
+use super::softmax::{softmax_row_backward_inplace, softmax_row_masked};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::AttnDims;
 use gemm::Parallelism;
@@ -181,8 +181,7 @@ pub fn attention_backward(
             gemm_strided(op, &mut ds, att, dout, qv, v, kv.t(), 1.0, 0.0, par)?;
             // P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)), in place.
             for (ds, p) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
-                let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
-                ds.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot));
+                softmax_row_backward_inplace(ds, p);
             }
             unsafe {
                 // S = scale Q K^T  =>  dQ = scale dS K: [Tq, Dh]

@@ -76,6 +76,13 @@ pub(crate) fn softmax_row_backward(dinp: &mut [f32], dout: &[f32], out: &[f32]) 
     }
 }
 
+/// [`softmax_row_backward`] in place: `d` holds `dout` and becomes `dinp`
+/// (attention's backward turns dP into dS this way), same bits.
+pub(crate) fn softmax_row_backward_inplace(d: &mut [f32], out: &[f32]) {
+    let dot: f32 = d.iter().zip(out).map(|(d, o)| d * o).sum();
+    d.iter_mut().zip(out).for_each(|(d, o)| *d = o * (*d - dot));
+}
+
 /// Row softmax (max-subtracted).
 /// out, inp: [rows, cols].
 pub fn softmax_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> Result<()> {

@@ -4,9 +4,9 @@
 //! expert-major rows of a dispatch (rows of expert e are
 //! `offsets[e]..offsets[e + 1]`), one grouped GEMM per projection over
 //! slices of consecutive experts (`Backend::gemm_grouped`, which a CPU backend
-//! runs expert-parallel), so an expert with no rows costs nothing. Parameters of the E experts are stacked
-//! on a leading expert axis, each matrix in the PyTorch `Linear` layout
-//! `[out, in]`.
+//! runs expert-parallel), so an expert with no rows costs nothing. Parameters
+//! of the E experts are stacked on a leading expert axis, each matrix
+//! input-major `[in, out]` (the transpose of PyTorch's `Linear`).
 
 mod gelu_mlp;
 mod swiglu;
@@ -212,10 +212,15 @@ fn expert_slices(offsets: &[usize]) -> Vec<(usize, usize)> {
     slices
 }
 
-/// Row counts of experts `e0..e1` into `group_rows` (cleared first).
-fn group_rows_of(group_rows: &mut Vec<usize>, offsets: &[usize], e0: usize, e1: usize) {
-    group_rows.clear();
-    group_rows.extend((e0..e1).map(|e| offsets[e + 1] - offsets[e]));
+/// The [`expert_slices`] that hold rows, as `(e0, e1, r0, r1, group_rows)`:
+/// experts `e0..e1`, their rows `r0..r1`, and each expert's row count (the
+/// groups of the slice's grouped GEMMs).
+fn forward_slices(offsets: &[usize]) -> impl Iterator<Item = (usize, usize, usize, usize, Vec<usize>)> + '_ {
+    expert_slices(offsets)
+        .into_iter()
+        .map(move |(e0, e1)| (e0, e1, offsets[e0], offsets[e1]))
+        .filter(|&(_, _, r0, r1)| r1 > r0)
+        .map(move |(e0, e1, r0, r1)| (e0, e1, r0, r1, expert_rows(&offsets[e0..=e1])))
 }
 
 /// `out[rows of group g] += bias[g]`, group by group (groups consecutive).

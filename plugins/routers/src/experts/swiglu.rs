@@ -2,8 +2,8 @@
 //! all E experts of a layer at once.
 
 use super::{
-    check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, expert_slices, experts_with_rows,
-    group_rows_of, hidden_width, reuse,
+    check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, experts_with_rows,
+    forward_slices, hidden_width, reuse,
 };
 use ecdit_engine::error::check_len;
 use ecdit_engine::{Backend, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
@@ -88,7 +88,7 @@ impl Expert for SwiGlu {
         const OP: &str = "swiglu forward";
         let h = self.hidden(d);
         let experts = expert_count(offsets);
-        let (experts, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
+        let (_, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
         check_len(OP, "out", out.len(), n * d)?;
         let &[w1, w3, w2] = params else {
             unreachable!("check_dispatch checked the parameter count")
@@ -102,13 +102,7 @@ impl Expert for SwiGlu {
         // Per slice of whole experts, run the whole network while the
         // slice's hidden activations are still in cache; each projection is
         // one grouped GEMM over the slice's experts.
-        let mut groups = Vec::with_capacity(experts);
-        for (e0, e1) in expert_slices(offsets) {
-            let (r0, r1) = (offsets[e0], offsets[e1]);
-            if r1 == r0 {
-                continue;
-            }
-            group_rows_of(&mut groups, offsets, e0, e1);
+        for (e0, e1, r0, r1, groups) in forward_slices(offsets) {
             let (x_s, hid, w) = (&x[r0 * d..r1 * d], r0 * h..r1 * h, e0 * h * d..e1 * h * d);
             let (a_s, b_s) = (&mut a[hid.clone()], &mut b[hid.clone()]);
             let (s_s, g_s) = (&mut s[hid.clone()], &mut g[hid]);
