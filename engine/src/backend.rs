@@ -1,9 +1,17 @@
-//! The `Backend` trait: the op set the EC-DiT forward and backward need.
+//! The `Backend` trait: buffers, transfers, and the op set the EC-DiT forward
+//! and backward need (engine v2, DESIGN.md "Memory model").
 //!
-//! Ops take plain row-major f32 slices plus explicit dimensions, in the llm.c
-//! argument order: outputs, cached values, inputs, weights, dimensions. Slices
-//! map one-to-one onto the plugin ABI (pointer plus length). Every op checks its
-//! buffer lengths and returns an error, never panics, on a mismatch.
+//! A backend allocates [`Buffer`]s, moves bytes between them and the host
+//! (`upload`, `download`: the only transfers), and computes on tensor views of
+//! its own buffers. Ops take views plus explicit dimensions, in the llm.c
+//! argument order: outputs, cached values, inputs, weights, dimensions. Every
+//! op checks its views' element counts and dtypes and returns an error, never
+//! panics, on a mismatch.
+//!
+//! Dtypes: float tensors may be stored f32 or bf16 where a backend's
+//! [`Backend::supports`] says so (mixed freely between inputs and outputs);
+//! arithmetic accumulates in f32. Index tensors are u32, masks u8. Router
+//! math ([`Backend::router_softmax`], [`Backend::top_k_tokens`]) is f32 only.
 //!
 //! Layouts used throughout:
 //! - matrices are row-major; `trans_a` / `trans_b` read the stored matrix transposed;
@@ -12,7 +20,10 @@
 //!   attention probabilities `[B, H, Tq, Tk]`; query head `h` reads kv head
 //!   `h / (H / Hkv)` (grouped-query attention).
 
+use crate::buffer::Buffer;
+use crate::dtype::DType;
 use crate::error::{check_len, EngineError, Result};
+use crate::tensor::{TensorMut, TensorRef};
 
 /// Dimensions of `out[m, n] = alpha * op(a)[m, k] @ op(b)[k, n] + beta * out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,7 +153,51 @@ pub fn check_grouped(
     Ok(rows)
 }
 
-/// The op set of a compute backend. All tensors are f32, row-major.
+/// Which chunks of an adaLN modulation `[B, chunks * d]` an op reads
+/// (upstream order: `shift, scale, gate, ...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModChunks {
+    /// Chunks in the modulation row (6 in a block, 2 in the final layer).
+    pub chunks: usize,
+    /// Index of the shift chunk (`modulate`) or the gate chunk (`gated_residual`).
+    pub first: usize,
+    /// Index of the scale chunk (`modulate`; unused by `gated_residual`).
+    pub second: usize,
+}
+
+/// Dimensions of a `[batch, tokens, d]` activation modulated per sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowDims {
+    /// Samples.
+    pub batch: usize,
+    /// Tokens per sample.
+    pub tokens: usize,
+    /// Channels.
+    pub d: usize,
+}
+
+/// Dimensions of patchify: images `[B, C, H, W]` to tokens `[B, (H/p)(W/p), C p p]`
+/// (row-major patch order; within a patch, channel-major then row, column, as a
+/// stride-p convolution reads it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchDims {
+    /// Samples.
+    pub batch: usize,
+    /// Image channels.
+    pub channels: usize,
+    /// Image height.
+    pub height: usize,
+    /// Image width.
+    pub width: usize,
+    /// Patch size p (divides height and width).
+    pub patch: usize,
+}
+
+/// The op set of a compute backend over tensor views of its own buffers.
+///
+/// Optional ops have a default body built from other ops; a backend overrides
+/// them only to go faster, and must then give the same bits as the default
+/// where the default is documented as the reference.
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda`).
     fn name(&self) -> &str;
@@ -150,17 +205,53 @@ pub trait Backend: Send + Sync {
     /// Threads this backend computes with.
     fn threads(&self) -> usize;
 
-    /// `out = alpha * op(a) @ op(b) + beta * out`.
+    /// True when float tensors may be stored in `dtype` on this backend.
+    fn supports(&self, dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::U32 | DType::U8)
+    }
+
+    // ---- memory ----
+
+    /// Allocates `bytes` zeroed bytes.
+    fn alloc(&self, bytes: usize) -> Result<Buffer>;
+
+    /// Copies host bytes into a view (`src.len() == dst.byte_len()`). A transfer.
+    fn upload(&self, dst: TensorMut<'_>, src: &[u8]) -> Result<()>;
+
+    /// Copies a view's bytes to the host (`dst.len() == src.byte_len()`). A transfer.
+    fn download(&self, dst: &mut [u8], src: TensorRef<'_>) -> Result<()>;
+
+    /// Copies one view into another on the device, converting between f32
+    /// and bf16 when their dtypes differ (round to nearest even). Same counts.
+    fn copy(&self, dst: TensorMut<'_>, src: TensorRef<'_>) -> Result<()>;
+
+    /// Sets every element of a float view to `value`.
+    fn fill(&self, dst: TensorMut<'_>, value: f32) -> Result<()>;
+
+    // ---- matrix products ----
+
+    /// `out = alpha * op(a) @ op(b) + beta * out (+ bias)`; the bias `[n]` is
+    /// added to every row after the product (fused, not scaled by alpha).
     /// out: [m, n]; a: [m, k] or [k, m]; b: [k, n] or [n, k].
-    fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()>;
 
     /// `batch` independent gemms over contiguous blocks of `out`, `a`, `b`.
     #[allow(clippy::too_many_arguments)]
     fn gemm_batched(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         batch: usize,
         dims: GemmDims,
         alpha: f32,
@@ -170,17 +261,17 @@ pub trait Backend: Send + Sync {
     /// Grouped products with one weight matrix per group (stacked MoE experts):
     /// rows `r0..r1` of group `g` (consecutive, in group order) compute
     /// `out[r0..r1] = alpha * a[r0..r1] @ op(b[g]) + beta * out[r0..r1]`.
-    /// out: [R, n]; a: [R, k]; b: [G, n, k] (trans_b, PyTorch `Linear`) or
-    /// [G, k, n]; `R = sum(group_rows)`, `G = group_rows.len()`; empty groups cost nothing.
+    /// out: [R, n]; a: [R, k]; b: [G, n, k] (trans_b) or [G, k, n];
+    /// `R = sum(group_rows)`, `G = group_rows.len()`; empty groups cost nothing.
     ///
     /// The default runs one [`Backend::gemm`] per group; a backend may run
     /// groups side by side but must give the same bits as this loop.
     #[allow(clippy::too_many_arguments)]
     fn gemm_grouped(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         group_rows: &[usize],
         n: usize,
         k: usize,
@@ -188,64 +279,73 @@ pub trait Backend: Send + Sync {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        check_grouped("gemm_grouped", out.len(), a.len(), b.len(), group_rows, n, k)?;
-        let dims = |m| GemmDims {
-            m,
-            n,
-            k,
-            trans_a: false,
-            trans_b,
-        };
+        check_grouped("gemm_grouped", out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
+        let out_len = out.numel();
+        let (mut out, a, b) = (out.reshape(&[out_len])?, a.reshape(&[a.numel()])?, b.reshape(&[b.numel()])?);
         let mut r0 = 0;
         for (g, &m) in group_rows.iter().enumerate() {
             if m > 0 {
-                let r1 = r0 + m;
+                let dims = GemmDims {
+                    m,
+                    n,
+                    k,
+                    trans_a: false,
+                    trans_b,
+                };
                 self.gemm(
-                    &mut out[r0 * n..r1 * n],
-                    &a[r0 * k..r1 * k],
-                    &b[g * n * k..(g + 1) * n * k],
-                    dims(m),
+                    out.reborrow().flat(r0 * n, m * n)?,
+                    a.flat(r0 * k, m * k)?,
+                    b.flat(g * n * k, n * k)?,
+                    None,
+                    dims,
                     alpha,
                     beta,
                 )?;
-                r0 = r1;
+                r0 += m;
             }
         }
         Ok(())
     }
 
-    /// `out[r, c] += bias[c]`. out: [rows, cols]; bias: [cols].
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> Result<()>;
+    // ---- element-wise and row ops ----
+
+    /// `out[i] += inp[i % inp.len()]`: a bias over rows, or a position table
+    /// over samples. out: [n * len]; inp: [len].
+    fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()>;
+
+    /// `y = a * x + b * y` element-wise, in place (BLAS axpby: guidance mixes,
+    /// sampler steps, noising). y, x: the same count.
+    fn axpby(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> Result<()>;
 
     /// Column sums: `out[c] (+)= sum_r inp[r, c]` (bias gradients).
     /// out: [cols]; inp: [rows, cols]. Accumulates into `out` when `accumulate`.
-    fn sum_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> Result<()>;
+    fn sum_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize, accumulate: bool) -> Result<()>;
 
     /// Row softmax. out, inp: [rows, cols].
-    fn softmax_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> Result<()>;
+    fn softmax_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize) -> Result<()>;
 
     /// Backward of [`Backend::softmax_rows`] given its output:
     /// `dinp = out * (dout - sum(dout * out))`. All [rows, cols].
     fn softmax_rows_backward(
         &self,
-        dinp: &mut [f32],
-        dout: &[f32],
-        out: &[f32],
+        dinp: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        out: TensorRef<'_>,
         rows: usize,
         cols: usize,
     ) -> Result<()>;
 
     /// Layer norm over the last axis with optional affine weight and bias.
-    /// out, inp: [rows, cols]; mean, rstd (cached for backward): [rows].
+    /// out, inp: [rows, cols]; mean, rstd (cached for backward, f32): [rows].
     #[allow(clippy::too_many_arguments)]
     fn layer_norm(
         &self,
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        weight: Option<&[f32]>,
-        bias: Option<&[f32]>,
+        out: TensorMut<'_>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
+        bias: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -256,88 +356,193 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn layer_norm_backward(
         &self,
-        dinp: &mut [f32],
-        dweight: Option<&mut [f32]>,
-        dbias: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        weight: Option<&[f32]>,
+        dinp: TensorMut<'_>,
+        dweight: Option<TensorMut<'_>>,
+        dbias: Option<TensorMut<'_>>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        mean: TensorRef<'_>,
+        rstd: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
     ) -> Result<()>;
 
-    /// Element-wise activation. out, inp: same length.
-    fn unary(&self, op: Unary, out: &mut [f32], inp: &[f32]) -> Result<()>;
+    /// Element-wise activation. out, inp: same count.
+    fn unary(&self, op: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()>;
 
     /// Backward of [`Backend::unary`]: `dinp = dout * op'(inp)` (overwrites).
-    fn unary_backward(&self, op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()>;
+    fn unary_backward(&self, op: Unary, dinp: TensorMut<'_>, dout: TensorRef<'_>, inp: TensorRef<'_>) -> Result<()>;
+
+    // ---- adaLN ----
+
+    /// `out[b, t, :] = inp[b, t, :] * (1 + scale[b, :]) + shift[b, :]` with
+    /// shift and scale the chunks `which.first` and `which.second` of
+    /// `modulation` [B, chunks * d]. out, inp: [B, T, d].
+    fn modulate(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::modulate`]: overwrites `dinp`, accumulates the
+    /// shift and scale gradients into their chunks of `dmodulation`.
+    #[allow(clippy::too_many_arguments)]
+    fn modulate_backward(
+        &self,
+        dinp: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()>;
+
+    /// The gated residual `x[b, t, :] += gate[b, :] * y[b, t, :]`, gate the chunk
+    /// `which.first` of `modulation` [B, chunks * d]. x, y: [B, T, d].
+    fn gated_residual(
+        &self,
+        x: TensorMut<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::gated_residual`] given `dx` (the gradient flowing
+    /// into the residual stream, which passes through unchanged): overwrites
+    /// `dy = gate * dx` and accumulates `sum_t dx * y` into the gate chunk of
+    /// `dmodulation`.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_residual_backward(
+        &self,
+        dy: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dx: TensorRef<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()>;
+
+    // ---- embeddings ----
+
+    /// Images to patch rows: out: [B, T, C p p]; inp: [B, C, H, W]. Its
+    /// backward is [`Backend::unpatchify`] of the gradient, and vice versa.
+    fn patchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()>;
+
+    /// Patch rows back to images: out: [B, C, H, W]; inp: [B, T, p p C] with
+    /// the channel fastest within a patch position (DiT's final layer).
+    fn unpatchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()>;
+
+    /// DiT's timestep features: `out[b] = [cos(t_b f_i) | sin(t_b f_i)]`,
+    /// `f_i = exp(-ln(max_period) i / half)`, `half = dim / 2` (odd dims pad a 0).
+    /// out: [B, dim]; t: [B] (f32).
+    fn timestep_features(&self, out: TensorMut<'_>, t: TensorRef<'_>, dim: usize, max_period: f32) -> Result<()>;
+
+    // ---- attention ----
 
     /// Scaled dot-product attention, softmax scale `1/sqrt(head_dim)`.
-    /// out: [B, Tq, H, Dh]; probs (cached): [B, H, Tq, Tk]; q: [B, Tq, H, Dh];
-    /// k, v: [B, Tk, Hkv, Dh]; key_mask: [B, Tk], nonzero = attend. A query
-    /// whose keys are all masked gets zero output and zero probabilities.
+    /// out: [B, Tq, H, Dh]; probs (cached for backward when given): [B, H, Tq, Tk];
+    /// q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh]; key_mask: [B, Tk] (u8),
+    /// nonzero = attend. A query whose keys are all masked gets zero output
+    /// (and zero probabilities). Without `probs` no probability matrix is kept.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        key_mask: Option<&[u8]>,
+        out: TensorMut<'_>,
+        probs: Option<TensorMut<'_>>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+        key_mask: Option<TensorRef<'_>>,
         dims: AttnDims,
     ) -> Result<()>;
 
-    /// Backward of [`Backend::attention`]; overwrites dq, dk, dv.
+    /// Backward of [`Backend::attention`] from its cached `probs`; overwrites dq, dk, dv.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        dout: &[f32],
-        probs: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        dq: TensorMut<'_>,
+        dk: TensorMut<'_>,
+        dv: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        probs: TensorRef<'_>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
         dims: AttnDims,
     ) -> Result<()>;
 
-    /// `out[i, :] = inp[idx[i], :]`. out: [idx.len(), cols]; inp: [rows, cols].
-    fn gather_rows(&self, out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Result<()>;
+    // ---- gather, scatter, routing ----
+
+    /// `out[i, :] = inp[idx[i], :]`. out: [idx.len(), cols]; inp: [rows, cols]; idx: u32.
+    fn gather_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, idx: TensorRef<'_>, cols: usize) -> Result<()>;
 
     /// `out[idx[i], :] += scale[i] * inp[i, :]` (scale 1 when absent); the
     /// backward of gather and the MoE combine. Deterministic for repeated indices.
     fn scatter_add_rows(
         &self,
-        out: &mut [f32],
-        inp: &[f32],
-        idx: &[u32],
-        scale: Option<&[f32]>,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        scale: Option<TensorRef<'_>>,
         cols: usize,
     ) -> Result<()>;
 
+    /// `out[i] = <a[idx[i], :], b[i, :]>` (the MoE gate gradient).
+    /// out: [n] (f32); a: [rows, cols]; idx: [n] (u32); b: [n, cols].
+    fn gather_dot(&self, out: TensorMut<'_>, a: TensorRef<'_>, idx: TensorRef<'_>, b: TensorRef<'_>, cols: usize) -> Result<()>;
+
     /// Per row, the `k` largest values in descending order (ties: lower
-    /// column first). idx, val: [rows, k]; inp: [rows, cols].
+    /// column first). idx (u32), val: [rows, k]; inp: [rows, cols].
     fn top_k_rows(
         &self,
-        idx: &mut [u32],
-        val: &mut [f32],
-        inp: &[f32],
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        inp: TensorRef<'_>,
         rows: usize,
         cols: usize,
         k: usize,
     ) -> Result<()>;
 
-    /// One AdamW step on a parameter buffer; `step` counts from 1.
+    /// The router softmax: row softmax over experts in f32 with an exact
+    /// `exp`, bit-identical to [`crate::routing_math::softmax_row`] (the host
+    /// routers' softmax), so device and host routing agree to the bit.
+    /// out, scores: [rows, experts], f32.
+    fn router_softmax(&self, out: TensorMut<'_>, scores: TensorRef<'_>, rows: usize, experts: usize) -> Result<()>;
+
+    /// Expert choice's selection: for each group g of `group_rows` consecutive
+    /// rows of `probs` [groups * group_rows, E] and each expert e, the `k` rows
+    /// with the largest `probs[r, e]`, in descending order (ties: lower row
+    /// first), written expert-major: `idx[e, g, j]` (the global row, u32) and
+    /// `val[e, g, j]` (the value). idx, val: [E, groups, k]; f32 only.
+    #[allow(clippy::too_many_arguments)]
+    fn top_k_tokens(
+        &self,
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        probs: TensorRef<'_>,
+        groups: usize,
+        group_rows: usize,
+        experts: usize,
+        k: usize,
+    ) -> Result<()>;
+
+    // ---- optimiser ----
+
+    /// One AdamW step on a parameter; `step` counts from 1. param may be bf16
+    /// only when the backend keeps an f32 master elsewhere; m, v, grad: f32.
     fn adamw_step(
         &self,
-        param: &mut [f32],
-        grad: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        m: TensorMut<'_>,
+        v: TensorMut<'_>,
         hp: AdamW,
         step: u64,
     ) -> Result<()>;

@@ -1,25 +1,32 @@
 //! The `Expert` trait: the feed-forward function each expert of a MoE layer
 //! applies, computed for all E experts of a layer at once over the
-//! expert-major rows a router dispatched.
+//! expert-major rows a router dispatched, on tensors of a backend.
 
 use crate::backend::Backend;
 use crate::error::Result;
+use crate::param::{Init, Layout};
+use crate::tensor::{Tensor, TensorMut, TensorRef};
 
-/// Name and shape of one parameter tensor of a layer's experts (all E stacked
-/// on the leading axis).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Name, upstream shape, memory layout and initialisation of one parameter
+/// tensor of a layer's experts (all E stacked on the leading axis).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ParamShape {
     /// Parameter name, e.g. `fc1.weight`.
     pub name: String,
-    /// Shape, leading axis = experts.
+    /// Shape on disk, leading axis = experts.
     pub shape: Vec<usize>,
+    /// How the expert wants it held in memory.
+    pub layout: Layout,
+    /// How it starts.
+    pub init: Init,
 }
 
-/// What an expert's forward keeps for its backward: named buffers.
-#[derive(Clone, Debug, Default)]
+/// What an expert's forward keeps for its backward: tensors in an order the
+/// expert defines. Empty after an inference forward.
+#[derive(Debug, Default)]
 pub struct ExpertCache {
-    /// Buffers in an order the expert defines.
-    pub buffers: Vec<Vec<f32>>,
+    /// Cached tensors.
+    pub tensors: Vec<Tensor>,
 }
 
 /// One kind of expert network (GELU MLP, SwiGLU, ...).
@@ -41,32 +48,33 @@ pub trait Expert: Send + Sync {
     fn flops_per_token(&self, d: usize) -> f64;
 
     /// Runs every expert over its rows.
-    /// out: [N, d]; cache: filled for backward; x: [N, d], rows of expert e
-    /// are `offsets[e]..offsets[e + 1]`; params: as `param_shapes`.
+    /// out: [N, d]; cache: filled for backward when given (inference passes
+    /// `None` and keeps nothing); x: [N, d], rows of expert e are
+    /// `offsets[e]..offsets[e + 1]`; params: as `param_shapes`, in their memory layout.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        cache: &mut ExpertCache,
-        x: &[f32],
-        params: &[&[f32]],
+        out: TensorMut<'_>,
+        cache: Option<&mut ExpertCache>,
+        x: TensorRef<'_>,
+        params: &[TensorRef<'_>],
         offsets: &[usize],
         d: usize,
     ) -> Result<()>;
 
     /// Backward: overwrites `dx` [N, d] and accumulates parameter gradients
-    /// into `dparams` (same order and shapes as `params`).
+    /// into `dparams` (same order and memory shapes as `params`).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         backend: &dyn Backend,
-        dx: &mut [f32],
-        dparams: &mut [&mut [f32]],
-        dout: &[f32],
+        dx: TensorMut<'_>,
+        dparams: &mut [TensorMut<'_>],
+        dout: TensorRef<'_>,
         cache: &ExpertCache,
-        x: &[f32],
-        params: &[&[f32]],
+        x: TensorRef<'_>,
+        params: &[TensorRef<'_>],
         offsets: &[usize],
         d: usize,
     ) -> Result<()>;

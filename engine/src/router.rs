@@ -7,8 +7,12 @@
 //! fit. The dispatch is plain data, so it can be split by expert ranges later
 //! (expert parallelism).
 
+use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::routing_stats::RoutingStats;
+use crate::tensor::{Tensor, TensorMut, TensorRef};
+use crate::transfer::BackendExt;
+use crate::DType;
 use serde::{Deserialize, Serialize};
 
 /// Which tokens compete with each other for experts.
@@ -179,7 +183,92 @@ pub struct Routing {
     pub group_size: usize,
 }
 
+/// A routing decision held on a backend: what the MoE layer's gather, experts,
+/// combine and backward read, without a trip to the host.
+#[derive(Debug)]
+pub struct DeviceRouting {
+    /// Experts of the layer (E).
+    pub experts: usize,
+    /// Tokens routed.
+    pub tokens_total: usize,
+    /// `E + 1` slot offsets, on the host: under expert choice they follow from
+    /// the shape alone (static), so reading them costs no transfer.
+    pub offsets: Vec<usize>,
+    /// Token row of each slot: [S] u32.
+    pub tokens: Tensor,
+    /// Gate of each slot: [S] f32.
+    pub gates: Tensor,
+    /// Router probabilities: [T, E] f32.
+    pub probs: Tensor,
+    /// Auxiliary loss, if the router has one.
+    pub aux_loss: Option<f32>,
+    /// Tokens per routing group this call used.
+    pub group_size: usize,
+    /// The host routing, when the router ran on the host (third-party routers):
+    /// its backward reads it.
+    pub host: Option<Routing>,
+}
+
+impl DeviceRouting {
+    /// Slots in all.
+    pub fn slots(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// Uploads a host routing (one upload each for tokens, gates and probs).
+    pub fn upload(backend: &dyn Backend, routing: Routing) -> Result<Self> {
+        let d = &routing.dispatch;
+        let slots = d.slots();
+        Ok(Self {
+            experts: d.experts,
+            tokens_total: d.tokens_total,
+            offsets: d.offsets.clone(),
+            tokens: backend.upload_u32(&[slots], &d.tokens)?,
+            gates: backend.upload_f32(&[slots], &d.gates, DType::F32)?,
+            probs: backend.upload_f32(&[d.tokens_total, d.experts], &routing.probs, DType::F32)?,
+            aux_loss: routing.aux_loss,
+            group_size: routing.group_size,
+            host: Some(routing),
+        })
+    }
+
+    /// The routing on the host (downloads the dispatch and probabilities
+    /// unless the router ran on the host), with its statistics.
+    pub fn to_host(&self, backend: &dyn Backend) -> Result<Routing> {
+        if let Some(r) = &self.host {
+            return Ok(r.clone());
+        }
+        let dispatch = Dispatch {
+            experts: self.experts,
+            tokens_total: self.tokens_total,
+            offsets: self.offsets.clone(),
+            tokens: backend.read_u32(self.tokens.view())?,
+            gates: backend.read_f32(self.gates.view())?,
+        };
+        let probs = backend.read_f32(self.probs.view())?;
+        let stats = RoutingStats::compute(&dispatch, &probs);
+        Ok(Routing {
+            dispatch,
+            probs,
+            aux_loss: self.aux_loss,
+            stats,
+            group_size: self.group_size,
+        })
+    }
+
+    /// The statistics of EC-DIT.md section 2 (a download when routed on the device).
+    pub fn stats(&self, backend: &dyn Backend) -> Result<RoutingStats> {
+        Ok(self.to_host(backend)?.stats)
+    }
+}
+
 /// A routing strategy: scores in, expert-major dispatch out.
+///
+/// [`Router::route`] and [`Router::backward`] are the host reference (and all
+/// a third-party router behind the plugin ABI provides). [`Router::route_on`]
+/// and [`Router::backward_on`] run on a backend; their defaults make one
+/// download and one upload per layer around the host methods, and a router
+/// that can route in device memory overrides them, giving the same bits.
 pub trait Router: Send + Sync {
     /// Registry kind, e.g. `expert-choice`.
     fn kind(&self) -> &str;
@@ -187,12 +276,28 @@ pub trait Router: Send + Sync {
     /// The full spec (kind plus every parameter) that rebuilds this router.
     fn spec(&self) -> serde_json::Value;
 
-    /// Routes `scores` (router logits `[shape.tokens(), shape.experts]`, f32).
+    /// True when one sample's routing can depend on the other samples of its
+    /// batch (routing groups wider than a sample). Guidance then routes the
+    /// conditional and unconditional passes separately. Unknown routers are
+    /// assumed to couple samples.
+    fn couples_samples(&self) -> bool {
+        true
+    }
+
+    /// Checks that this router can route batches of `tokens_per_sample` tokens
+    /// (e.g. a `{"tokens": N}` group must hold whole samples); called when a
+    /// model config is validated, before any forward.
+    fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
+        let _ = tokens_per_sample;
+        Ok(())
+    }
+
+    /// Routes `scores` (router logits `[shape.tokens(), shape.experts]`, f32) on the host.
     /// Errors on non-finite scores or a shape the router's groups cannot split.
     fn route(&self, scores: &[f32], shape: RouteShape) -> Result<Routing>;
 
-    /// Backward from gate gradients (aligned with `routing.dispatch.gates`) and
-    /// the gradient of the auxiliary loss to score gradients `[tokens, experts]`
+    /// Host backward from gate gradients (aligned with `routing.dispatch.gates`)
+    /// and the gradient of the auxiliary loss to score gradients `[tokens, experts]`
     /// (overwritten). The discrete selection is not differentiated.
     fn backward(
         &self,
@@ -202,6 +307,34 @@ pub trait Router: Send + Sync {
         grad_aux: f32,
         grad_scores: &mut [f32],
     ) -> Result<()>;
+
+    /// Routes scores held on `backend`. Default: one download, [`Router::route`],
+    /// one upload.
+    fn route_on(&self, backend: &dyn Backend, scores: TensorRef<'_>, shape: RouteShape) -> Result<DeviceRouting> {
+        let host_scores = backend.read_f32(scores)?;
+        let routing = self.route(&host_scores, shape)?;
+        DeviceRouting::upload(backend, routing)
+    }
+
+    /// Backward on `backend` into `grad_scores` [T, E] (overwritten). Default:
+    /// downloads the scores and gate gradients, runs [`Router::backward`] on
+    /// the host routing, uploads the result.
+    fn backward_on(
+        &self,
+        backend: &dyn Backend,
+        routing: &DeviceRouting,
+        scores: TensorRef<'_>,
+        grad_gates: TensorRef<'_>,
+        grad_aux: f32,
+        grad_scores: TensorMut<'_>,
+    ) -> Result<()> {
+        let host = routing.to_host(backend)?;
+        let scores = backend.read_f32(scores)?;
+        let grad_gates = backend.read_f32(grad_gates)?;
+        let mut out = vec![0.0f32; scores.len()];
+        self.backward(&host, &scores, &grad_gates, grad_aux, &mut out)?;
+        backend.write_f32(grad_scores, &out)
+    }
 }
 
 /// Expert capacity per group: `C = floor(f_c * S / E + 0.5)` clamped to `[1, S]`

@@ -1,0 +1,133 @@
+//! Buffers: memory a backend allocated, as ggml-backend's buffer interface.
+//!
+//! A [`Buffer`] owns one allocation through a backend's [`BufferStorage`]. The
+//! storage says whether its memory is host memory; only then may host code view
+//! it without a transfer ([`crate::TensorRef::host`]). Device memory (and the
+//! transfer-counting test backend's memory) is reachable only through the
+//! backend's `upload` and `download`.
+
+use crate::error::{EngineError, Result};
+use std::alloc::Layout;
+use std::any::Any;
+use std::ptr::NonNull;
+
+/// Alignment of host buffers: a cache line, and what AVX-512 loads like.
+pub const HOST_ALIGN: usize = 64;
+
+/// One allocation of a backend. Implementations free their memory on drop.
+pub trait BufferStorage: Send + Sync + Any {
+    /// Size in bytes.
+    fn len_bytes(&self) -> usize;
+
+    /// The base address when this is host memory that host code may read and
+    /// write directly; `None` for device memory.
+    fn host_ptr(&self) -> Option<NonNull<u8>>;
+
+    /// For the owning backend to recover its concrete storage type.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A buffer: a backend's storage plus the name of the backend that made it
+/// (for errors when a tensor reaches the wrong backend).
+pub struct Buffer {
+    storage: Box<dyn BufferStorage>,
+    backend: &'static str,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("backend", &self.backend)
+            .field("bytes", &self.storage.len_bytes())
+            .field("host", &self.storage.host_ptr().is_some())
+            .finish()
+    }
+}
+
+impl Buffer {
+    /// Wraps a backend's storage.
+    pub fn new(storage: Box<dyn BufferStorage>, backend: &'static str) -> Self {
+        Self { storage, backend }
+    }
+
+    /// The storage, for the backend that owns it.
+    pub fn storage(&self) -> &dyn BufferStorage {
+        self.storage.as_ref()
+    }
+
+    /// The backend that allocated this buffer.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Size in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.storage.len_bytes()
+    }
+
+    /// True when host code may view this memory directly.
+    pub fn is_host(&self) -> bool {
+        self.storage.host_ptr().is_some()
+    }
+
+    /// The concrete storage of backend type `S`, or an error naming both sides.
+    pub fn downcast<S: BufferStorage>(&self, op: &str, backend: &str) -> Result<&S> {
+        self.storage.as_any().downcast_ref::<S>().ok_or_else(|| EngineError::Backend {
+            backend: backend.into(),
+            reason: format!("{op}: a tensor lives in a buffer of backend '{}'", self.backend),
+        })
+    }
+}
+
+/// Zero-initialised, [`HOST_ALIGN`]-aligned host memory: the CPU backend's
+/// buffers, and what other backends stage transfers through.
+pub struct HostStorage {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: the memory is owned exclusively by this value; access is mediated by
+// the tensor views, which follow Rust's borrow rules.
+unsafe impl Send for HostStorage {}
+unsafe impl Sync for HostStorage {}
+
+impl HostStorage {
+    /// `bytes` zeroed bytes, or an error when the allocator refuses.
+    pub fn zeroed(bytes: usize) -> Result<Self> {
+        let too_big = || EngineError::Backend {
+            backend: "host".into(),
+            reason: format!("cannot allocate {bytes} bytes"),
+        };
+        // A zero-sized layout is not allowed for alloc; keep one aligned unit.
+        let layout = Layout::from_size_align(bytes.max(1), HOST_ALIGN).map_err(|_| too_big())?;
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(too_big)?;
+        Ok(Self { ptr, len: bytes, layout })
+    }
+
+    /// The base pointer (valid for `len_bytes` bytes).
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+}
+
+impl Drop for HostStorage {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl BufferStorage for HostStorage {
+    fn len_bytes(&self) -> usize {
+        self.len
+    }
+    fn host_ptr(&self) -> Option<NonNull<u8>> {
+        Some(self.ptr)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
