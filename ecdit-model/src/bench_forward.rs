@@ -10,13 +10,18 @@
 //! products, `(B*T, 4d, d)` and `(B*T, d, 4d)`, at the same thread count.
 //!
 //! Timing: one untimed forward (buffers sized, pool started), then `reps`
-//! inference forwards ([`Model::forward_with`]) into the same reused
-//! buffers, as a sampler runs them; the median is reported.
+//! inference forwards ([`Model::forward`] with [`ForwardOptions::inference`]:
+//! inputs uploaded, output downloaded, no routing statistics) into the same
+//! reused [`ModelActs`], as a sampler runs them; the median is reported.
+//! Weights and activations are stored in the chosen dtype (f32 or bf16).
 
 use crate::config::{Conditioning, ModelConfig};
 use crate::info;
-use crate::model::{Condition, InferenceBuffers, Model, ModelResult, TextInput};
-use ecdit_engine::{AdamW, AttnDims, Backend, EngineError, GemmDims, Registry, Result as EResult, Unary};
+use crate::model::{Condition, ForwardOptions, Model, ModelActs, ModelResult, TextInput};
+use ecdit_engine::{
+    AdamW, AttnDims, Backend, Buffer, DType, EngineError, GemmDims, ModChunks, PatchDims, Registry, Result as EResult,
+    RowDims, TensorMut, TensorRef, Unary,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -38,6 +43,8 @@ pub struct ForwardBenchOptions {
     pub seed: u64,
     /// Time each backend op (adds a little overhead per op call).
     pub profile: bool,
+    /// Storage dtype of weights and activations (f32 or bf16).
+    pub dtype: DType,
 }
 
 impl Default for ForwardBenchOptions {
@@ -50,6 +57,7 @@ impl Default for ForwardBenchOptions {
             peak_reps: 5,
             seed: 0,
             profile: false,
+            dtype: DType::F32,
         }
     }
 }
@@ -81,7 +89,9 @@ pub struct ForwardBenchRecord {
     pub mfu: f64,
     /// The GEMM shapes `(m, n, k)` the peak was measured on.
     pub peak_shapes: Vec<(usize, usize, usize)>,
-    /// f32 weights, bytes (`ecdit info`'s `weights f32`).
+    /// Storage dtype of weights and activations.
+    pub dtype: String,
+    /// Weights in `dtype`, bytes (`ecdit info`'s `weights f32` or `weights bf16`).
     pub weight_bytes: u64,
     /// `ecdit info`'s inference activation estimate at this batch, bytes.
     pub activation_bytes: u64,
@@ -192,21 +202,23 @@ pub fn bench_forward(
         Some(p) => p.clone() as Arc<dyn Backend>,
         None => backend,
     };
-    let model = Model::new(cfg.clone(), registry, model_backend, opts.seed)?;
+    let mut model = Model::new(cfg.clone(), registry, model_backend, opts.seed)?;
+    model.to_dtype(opts.dtype)?;
     let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x5eed);
     let inputs = Inputs::new(cfg, batch, text_len, &mut rng);
     let cond = inputs.condition(cfg, batch, text_len);
 
-    let mut buffers = InferenceBuffers::default();
+    let mut acts = ModelActs::default();
+    let run = ForwardOptions::inference();
     let _span = tracing::info_span!("bench forward", config = %cfg.name, batch, threads).entered();
-    model.forward_with(&mut buffers, &inputs.x, &inputs.t, cond)?;
+    model.forward(&mut acts, &inputs.x, &inputs.t, cond, run)?;
     if let Some(p) = &profiled {
         p.reset();
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let start = Instant::now();
-        model.forward_with(&mut buffers, &inputs.x, &inputs.t, cond)?;
+        model.forward(&mut acts, &inputs.x, &inputs.t, cond, run)?;
         times.push(start.elapsed().as_secs_f64());
     }
     let median = crate::bench_moe::median(&mut times);
@@ -231,9 +243,13 @@ pub fn bench_forward(
         peak_gflops,
         mfu: achieved_gflops / peak_gflops,
         peak_shapes: shapes,
-        weight_bytes: report.weight_bytes_f32,
+        dtype: opts.dtype.to_string(),
+        weight_bytes: match opts.dtype {
+            DType::BF16 => report.weight_bytes_bf16,
+            _ => report.weight_bytes_f32,
+        },
         activation_bytes: report.activation_memory.inference_bytes,
-        buffer_bytes: buffers.bytes() as u64,
+        buffer_bytes: acts.bytes() as u64,
         peak_rss_bytes: peak_rss,
         profile: profiled.map(|p| p.times()).unwrap_or_default(),
     })
@@ -252,10 +268,10 @@ pub struct OpTime {
     pub flops: f64,
 }
 
-/// A [`Backend`] that forwards every op to `inner` and adds up the wall time
-/// of each op, for `ecdit bench forward --profile`. Time outside the backend
-/// (the model's own element-wise loops, routing) is the forward's time minus
-/// the sum.
+/// A [`Backend`] that forwards every op (allocations and transfers included)
+/// to `inner` and adds up the wall time of each, for `ecdit bench forward
+/// --profile`. Time outside the backend (host-side routing of routers without
+/// a device path, bookkeeping) is the forward's time minus the sum.
 pub struct ProfiledBackend {
     inner: Arc<dyn Backend>,
     times: std::sync::Mutex<Vec<OpTime>>,
@@ -314,15 +330,42 @@ impl Backend for ProfiledBackend {
     fn threads(&self) -> usize {
         self.inner.threads()
     }
-    fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> EResult<()> {
+    fn supports(&self, dtype: DType) -> bool {
+        self.inner.supports(dtype)
+    }
+    fn alloc(&self, bytes: usize) -> EResult<Buffer> {
+        self.timed("alloc", 0.0, || self.inner.alloc(bytes))
+    }
+    fn upload(&self, dst: TensorMut<'_>, src: &[u8]) -> EResult<()> {
+        self.timed("upload", 0.0, || self.inner.upload(dst, src))
+    }
+    fn download(&self, dst: &mut [u8], src: TensorRef<'_>) -> EResult<()> {
+        self.timed("download", 0.0, || self.inner.download(dst, src))
+    }
+    fn copy(&self, dst: TensorMut<'_>, src: TensorRef<'_>) -> EResult<()> {
+        self.timed("copy", 0.0, || self.inner.copy(dst, src))
+    }
+    fn fill(&self, dst: TensorMut<'_>, value: f32) -> EResult<()> {
+        self.timed("fill", 0.0, || self.inner.fill(dst, value))
+    }
+    fn gemm(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        alpha: f32,
+        beta: f32,
+    ) -> EResult<()> {
         let op = if dims.m < 16 { "gemm (m < 16)" } else { "gemm" };
-        self.timed(op, dims.flops(), || self.inner.gemm(out, a, b, dims, alpha, beta))
+        self.timed(op, dims.flops(), || self.inner.gemm(out, a, b, bias, dims, alpha, beta))
     }
     fn gemm_batched(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         batch: usize,
         dims: GemmDims,
         alpha: f32,
@@ -334,9 +377,9 @@ impl Backend for ProfiledBackend {
     }
     fn gemm_grouped(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         group_rows: &[usize],
         n: usize,
         k: usize,
@@ -350,22 +393,32 @@ impl Backend for ProfiledBackend {
                 .gemm_grouped(out, a, b, group_rows, n, k, trans_b, alpha, beta)
         })
     }
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> EResult<()> {
-        self.timed("add_bias", 0.0, || self.inner.add_bias(out, bias, rows, cols))
+    fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> EResult<()> {
+        self.timed("add_broadcast", 0.0, || self.inner.add_broadcast(out, inp))
     }
-    fn sum_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> EResult<()> {
+    fn axpby(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> EResult<()> {
+        self.timed("axpby", 0.0, || self.inner.axpby(y, a, x, b))
+    }
+    fn sum_rows(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> EResult<()> {
         self.timed("sum_rows", 0.0, || {
             self.inner.sum_rows(out, inp, rows, cols, accumulate)
         })
     }
-    fn softmax_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> EResult<()> {
+    fn softmax_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize) -> EResult<()> {
         self.timed("softmax_rows", 0.0, || self.inner.softmax_rows(out, inp, rows, cols))
     }
     fn softmax_rows_backward(
         &self,
-        dinp: &mut [f32],
-        dout: &[f32],
-        out: &[f32],
+        dinp: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        out: TensorRef<'_>,
         rows: usize,
         cols: usize,
     ) -> EResult<()> {
@@ -375,12 +428,12 @@ impl Backend for ProfiledBackend {
     }
     fn layer_norm(
         &self,
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        weight: Option<&[f32]>,
-        bias: Option<&[f32]>,
+        out: TensorMut<'_>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
+        bias: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -392,14 +445,14 @@ impl Backend for ProfiledBackend {
     }
     fn layer_norm_backward(
         &self,
-        dinp: &mut [f32],
-        dweight: Option<&mut [f32]>,
-        dbias: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        weight: Option<&[f32]>,
+        dinp: TensorMut<'_>,
+        dweight: Option<TensorMut<'_>>,
+        dbias: Option<TensorMut<'_>>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        mean: TensorRef<'_>,
+        rstd: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
     ) -> EResult<()> {
@@ -408,24 +461,89 @@ impl Backend for ProfiledBackend {
                 .layer_norm_backward(dinp, dweight, dbias, dout, inp, mean, rstd, weight, rows, cols)
         })
     }
-    fn unary(&self, op: Unary, out: &mut [f32], inp: &[f32]) -> EResult<()> {
+    fn unary(&self, op: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> EResult<()> {
         let name = match op {
             Unary::GeluTanh => "unary gelu",
             Unary::Silu => "unary silu",
         };
         self.timed(name, 0.0, || self.inner.unary(op, out, inp))
     }
-    fn unary_backward(&self, op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> EResult<()> {
+    fn unary_backward(&self, op: Unary, dinp: TensorMut<'_>, dout: TensorRef<'_>, inp: TensorRef<'_>) -> EResult<()> {
         self.timed("unary_backward", 0.0, || self.inner.unary_backward(op, dinp, dout, inp))
+    }
+    fn modulate(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> EResult<()> {
+        self.timed("modulate", 0.0, || {
+            self.inner.modulate(out, inp, modulation, which, dims)
+        })
+    }
+    fn modulate_backward(
+        &self,
+        dinp: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> EResult<()> {
+        self.timed("modulate_backward", 0.0, || {
+            self.inner
+                .modulate_backward(dinp, dmodulation, dout, inp, modulation, which, dims)
+        })
+    }
+    fn gated_residual(
+        &self,
+        x: TensorMut<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> EResult<()> {
+        self.timed("gated_residual", 0.0, || {
+            self.inner.gated_residual(x, y, modulation, which, dims)
+        })
+    }
+    fn gated_residual_backward(
+        &self,
+        dy: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dx: TensorRef<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> EResult<()> {
+        self.timed("gated_residual_backward", 0.0, || {
+            self.inner
+                .gated_residual_backward(dy, dmodulation, dx, y, modulation, which, dims)
+        })
+    }
+    fn patchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> EResult<()> {
+        self.timed("patchify", 0.0, || self.inner.patchify(out, inp, dims))
+    }
+    fn unpatchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> EResult<()> {
+        self.timed("unpatchify", 0.0, || self.inner.unpatchify(out, inp, dims))
+    }
+    fn timestep_features(&self, out: TensorMut<'_>, t: TensorRef<'_>, dim: usize, max_period: f32) -> EResult<()> {
+        self.timed("timestep_features", 0.0, || {
+            self.inner.timestep_features(out, t, dim, max_period)
+        })
     }
     fn attention(
         &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        key_mask: Option<&[u8]>,
+        out: TensorMut<'_>,
+        probs: Option<TensorMut<'_>>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+        key_mask: Option<TensorRef<'_>>,
         dims: AttnDims,
     ) -> EResult<()> {
         let flops = 4.0 * (dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim) as f64;
@@ -440,40 +558,50 @@ impl Backend for ProfiledBackend {
     }
     fn attention_backward(
         &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        dout: &[f32],
-        probs: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        dq: TensorMut<'_>,
+        dk: TensorMut<'_>,
+        dv: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        probs: TensorRef<'_>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
         dims: AttnDims,
     ) -> EResult<()> {
         self.timed("attention_backward", 0.0, || {
             self.inner.attention_backward(dq, dk, dv, dout, probs, q, k, v, dims)
         })
     }
-    fn gather_rows(&self, out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> EResult<()> {
+    fn gather_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, idx: TensorRef<'_>, cols: usize) -> EResult<()> {
         self.timed("gather_rows", 0.0, || self.inner.gather_rows(out, inp, idx, cols))
     }
     fn scatter_add_rows(
         &self,
-        out: &mut [f32],
-        inp: &[f32],
-        idx: &[u32],
-        scale: Option<&[f32]>,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        scale: Option<TensorRef<'_>>,
         cols: usize,
     ) -> EResult<()> {
         self.timed("scatter_add_rows", 0.0, || {
             self.inner.scatter_add_rows(out, inp, idx, scale, cols)
         })
     }
+    fn gather_dot(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        b: TensorRef<'_>,
+        cols: usize,
+    ) -> EResult<()> {
+        self.timed("gather_dot", 0.0, || self.inner.gather_dot(out, a, idx, b, cols))
+    }
     fn top_k_rows(
         &self,
-        idx: &mut [u32],
-        val: &mut [f32],
-        inp: &[f32],
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        inp: TensorRef<'_>,
         rows: usize,
         cols: usize,
         k: usize,
@@ -482,12 +610,31 @@ impl Backend for ProfiledBackend {
             self.inner.top_k_rows(idx, val, inp, rows, cols, k)
         })
     }
+    fn router_softmax(&self, out: TensorMut<'_>, scores: TensorRef<'_>, rows: usize, experts: usize) -> EResult<()> {
+        self.timed("router_softmax", 0.0, || {
+            self.inner.router_softmax(out, scores, rows, experts)
+        })
+    }
+    fn top_k_tokens(
+        &self,
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        probs: TensorRef<'_>,
+        groups: usize,
+        group_rows: usize,
+        experts: usize,
+        k: usize,
+    ) -> EResult<()> {
+        self.timed("top_k_tokens", 0.0, || {
+            self.inner.top_k_tokens(idx, val, probs, groups, group_rows, experts, k)
+        })
+    }
     fn adamw_step(
         &self,
-        param: &mut [f32],
-        grad: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        m: TensorMut<'_>,
+        v: TensorMut<'_>,
         hp: AdamW,
         step: u64,
     ) -> EResult<()> {
@@ -533,6 +680,7 @@ mod tests {
             peak_reps: 1,
             seed: 1,
             profile: true,
+            dtype: DType::F32,
         };
         let r = bench_forward(&registry, &cfg, backend, &opts).unwrap();
         assert_eq!(
@@ -549,5 +697,19 @@ mod tests {
         // at most the counted FLOPs (which also count attention).
         let gemm = r.profile.iter().find(|t| t.op == "gemm").expect("gemm profiled");
         assert!(gemm.calls > 0 && gemm.flops > 0.0 && gemm.flops < 2.0 * r.flops_per_image);
+        assert_eq!(r.dtype, "f32");
+        // bf16 storage: same work, half the weight bytes.
+        let backend: Arc<dyn Backend> = Arc::new(ecdit_backend_cpu::CpuBackend::new(1).unwrap());
+        if backend.supports(DType::BF16) {
+            let opts = ForwardBenchOptions {
+                dtype: DType::BF16,
+                profile: false,
+                ..opts
+            };
+            let h = bench_forward(&registry, &cfg, backend, &opts).unwrap();
+            assert_eq!((h.dtype.as_str(), h.flops_per_image), ("bf16", r.flops_per_image));
+            assert_eq!(2 * h.weight_bytes, r.weight_bytes);
+            assert!(h.ms > 0.0 && h.buffer_bytes > 0);
+        }
     }
 }

@@ -4,11 +4,13 @@
 //! The default setting is DiT-S/2 at batch 8: d = 384, 256 tokens per image,
 //! E = 8 GELU experts of width 4d, each router tuned to two experts per token
 //! on average (expert choice f_c = 2, token choice k = 2, expert race k = 2).
-//! The dense FFN of equal FLOPs is a GELU MLP of width 2 x 4d run by the same
-//! expert code on all tokens at once (no router, gather or scatter), so the
-//! ratio is the whole price of routing. The `dense` router is timed as the
-//! MoE layer with one expert of width 2 x 4d, i.e. the dense FFN through the
-//! MoE plumbing.
+//! The dense FFN of equal FLOPs is a GELU MLP of width 2 x 4d on all tokens
+//! at once (no router, gather or scatter): two GEMMs on input-major weights
+//! with the bias fused, as the experts read theirs, so the ratio is the whole
+//! price of routing. The `dense` router is timed as the MoE layer with one
+//! expert of width 2 x 4d holding the very same weights, i.e. the dense FFN
+//! through the MoE plumbing. Weights and activations are stored in the
+//! configured dtype (f32 or bf16) on both sides.
 //!
 //! Each router's runs are interleaved with dense runs after warm-up, in pairs
 //! whose order alternates (MoE dense, dense MoE, ...), so drift in machine
@@ -17,7 +19,10 @@
 //! right after it) and the fastest run of each side, which on a shared,
 //! loaded machine say more than the ratio of two medians.
 
-use ecdit_engine::{Backend, Expert, ExpertCache, HostTensor, MoeCache, MoeLayer, Registry, Result, RouteShape};
+use ecdit_engine::{
+    Backend, BackendExt, DType, EngineError, Expert, GemmDims, Init, Layout, MoeCache, MoeLayer, Param, Registry,
+    Result, RouteShape, Tensor, TensorMut, TensorRef, Unary,
+};
 use ecdit_routers::experts::GeluMlp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -43,6 +48,8 @@ pub struct MoeBenchConfig {
     pub active_experts: f64,
     /// Untimed runs of each side before timing.
     pub warmup: usize,
+    /// Storage dtype of weights and activations (f32 or bf16).
+    pub dtype: DType,
 }
 
 impl Default for MoeBenchConfig {
@@ -56,6 +63,7 @@ impl Default for MoeBenchConfig {
             mlp_ratio: 4.0,
             active_experts: 2.0,
             warmup: 2,
+            dtype: DType::F32,
         }
     }
 }
@@ -86,6 +94,8 @@ pub struct MoeBenchRecord {
     pub tokens: usize,
     /// Backend threads.
     pub threads: usize,
+    /// Storage dtype of weights and activations.
+    pub dtype: String,
 }
 
 /// The routers `ecdit bench moe` times by default.
@@ -118,45 +128,36 @@ pub fn bench_moe_with(
 ) -> Result<Vec<MoeBenchRecord>> {
     let d = cfg.d;
     let tokens = cfg.samples * cfg.tokens_per_sample;
+    let dtype = cfg.dtype;
+    if !dtype.is_float() || !backend.supports(dtype) {
+        return Err(EngineError::param(
+            "bench moe",
+            "dtype",
+            dtype,
+            format!("backend '{}' cannot store float tensors in it", backend.name()),
+        ));
+    }
     let mut rng = StdRng::seed_from_u64(0x0ec0_0d17);
     // x: [T, d], as the layer norm hands it over.
-    let x: Vec<f32> = (0..tokens * d).map(|_| rng.gen_range(-1.7f32..1.7)).collect();
+    let x_host: Vec<f32> = (0..tokens * d).map(|_| rng.gen_range(-1.7f32..1.7)).collect();
+    let x = backend.upload_f32(&[tokens, d], &x_host, dtype)?;
 
     // The dense FFN of equal FLOPs: one GELU MLP active_experts times wider.
     let dense_ratio = cfg.mlp_ratio * cfg.active_experts;
-    let dense = GeluMlp::new(dense_ratio)?;
+    let dense_h = hidden_width(dense_ratio, d);
     // Its matrices are drawn like the experts' (xavier-uniform of one expert's
     // [h, d]), as if two experts were stacked: the GELU's cost in libm depends on
     // the range of its inputs, so a differently scaled dense FFN would do
     // different work per element.
     let expert_h = hidden_width(cfg.mlp_ratio, d);
     let bound = (6.0 / (d + expert_h) as f32).sqrt();
-    let dense_params: Vec<Vec<f32>> = dense
-        .param_shapes(d, 1)
-        .iter()
-        .map(|p| {
-            let n: usize = p.shape.iter().product();
-            match p.shape.len() {
-                3 => (0..n).map(|_| rng.gen_range(-bound..bound)).collect(),
-                _ => vec![0.0; n], // biases start at zero, as in the MoE layers
-            }
-        })
-        .collect();
-    let dense_slices: Vec<&[f32]> = dense_params.iter().map(|p| p.as_slice()).collect();
-    let dense_offsets = [0, tokens];
-    let mut dense_out = vec![0.0f32; tokens * d];
-    let mut dense_cache = ExpertCache::default();
-    let mut run_dense = || {
-        dense.forward(
-            backend,
-            &mut dense_out,
-            &mut dense_cache,
-            &x,
-            &dense_slices,
-            &dense_offsets,
-            d,
-        )
-    };
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
+    // Upstream layout: fc1.weight [h, d], fc2.weight [d, h]; biases start at zero.
+    let dense_values = [draw(dense_h * d), vec![0.0; dense_h], draw(d * dense_h), vec![0.0; d]];
+    let dense = DenseFfn::new(backend, d, dense_h, dtype, &dense_values)?;
+    let mut dense_bufs = dense.buffers(backend, tokens)?;
+    let mut dense_out = backend.zeros(&[tokens, d], dtype)?;
+    let mut run_dense = || dense.forward(backend, dense_out.view_mut(), &mut dense_bufs, x.view());
 
     let mut records = Vec::with_capacity(routers.len());
     for spec in routers {
@@ -169,27 +170,38 @@ pub fn bench_moe_with(
         };
         let expert = registry.expert(&json!({"kind": GeluMlp::KIND, "mlp_ratio": ratio}))?;
         let layer = if kind == "dense" {
-            // The very FFN of the dense side, behind the MoE plumbing.
-            let shapes = expert.param_shapes(d, 1);
-            let params = shapes
-                .iter()
-                .zip(&dense_params)
-                .map(|(s, p)| HostTensor::new(s.shape.clone(), p.clone()))
-                .collect::<Result<Vec<_>>>()?;
-            MoeLayer::new(router, expert, d, 1, HostTensor::zeros(&[d, 1]), params)?
+            // The very FFN of the dense side, behind the MoE plumbing: its
+            // single expert's [1, ...] tensors take the dense tensors as held
+            // in memory (both input-major), copied on the backend.
+            let mut layer = MoeLayer::new(router, expert, d, 1, backend, dtype, "")?;
+            for (p, src) in layer.params.iter_mut().zip(dense.params()) {
+                let (want, got) = (p.memory_shape(), src.memory_shape());
+                if want[1..] != got[..] {
+                    return Err(EngineError::shape(
+                        format!("bench moe: dense expert parameter '{}'", p.name),
+                        format!("{:?} in memory", [&[1], &got[..]].concat()),
+                        format!("{want:?}"),
+                    ));
+                }
+                backend.copy(p.tensor.view_mut(), src.tensor.view())?;
+            }
+            layer
         } else {
-            MoeLayer::new_random(router, expert, d, experts, &mut rng)?
+            MoeLayer::new_random(router, expert, d, experts, backend, dtype, "", &mut rng)?
         };
         let shape = RouteShape {
             samples: cfg.samples,
             tokens_per_sample: cfg.tokens_per_sample,
             experts,
         };
-        let mut out = vec![0.0f32; tokens * d];
+        let mut out = backend.zeros(&[tokens, d], dtype)?;
+        // The cache keeps the layer's buffers between runs, as the dense side keeps its own.
         let mut cache = MoeCache::default();
+        let mut run_moe = || layer.forward(backend, out.view_mut(), Some(&mut cache), x.view(), shape);
 
+        let mut slots = 0;
         for _ in 0..cfg.warmup {
-            layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+            slots = run_moe()?.slots();
             run_dense()?;
         }
         let mut moe_times = Vec::with_capacity(reps.max(1));
@@ -200,7 +212,7 @@ pub fn bench_moe_with(
             let moe_first = rep % 2 == 0;
             if moe_first {
                 let start = Instant::now();
-                layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+                slots = run_moe()?.slots();
                 moe_times.push(start.elapsed().as_secs_f64());
             }
             let start = Instant::now();
@@ -208,7 +220,7 @@ pub fn bench_moe_with(
             dense_times.push(start.elapsed().as_secs_f64());
             if !moe_first {
                 let start = Instant::now();
-                layer.forward_into(backend, &mut out, &mut cache, &x, shape)?;
+                slots = run_moe()?.slots();
                 moe_times.push(start.elapsed().as_secs_f64());
             }
         }
@@ -225,12 +237,102 @@ pub fn bench_moe_with(
             pair_ratio,
             min_ms,
             dense_min_ms,
-            slots_per_token: cache.routing.dispatch.slots() as f64 / tokens.max(1) as f64,
+            slots_per_token: slots as f64 / tokens.max(1) as f64,
             tokens,
             threads: backend.threads(),
+            dtype: dtype.to_string(),
         });
     }
     Ok(records)
+}
+
+/// A dense GELU MLP `d -> h -> d` (DiT's FFN): weights input-major (memory
+/// `[in, out]`, as the experts hold theirs), biases fused into the GEMMs.
+struct DenseFfn {
+    fc1_weight: Param,
+    fc1_bias: Param,
+    fc2_weight: Param,
+    fc2_bias: Param,
+    hidden: usize,
+    d: usize,
+}
+
+/// The dense FFN's hidden activations, before and after the GELU: [T, h] each.
+struct DenseBuffers {
+    pre: Tensor,
+    act: Tensor,
+}
+
+impl DenseFfn {
+    /// An MLP holding `values` (upstream layout: fc1.weight [h, d], fc1.bias,
+    /// fc2.weight [d, h], fc2.bias) in `dtype`.
+    fn new(backend: &dyn Backend, d: usize, hidden: usize, dtype: DType, values: &[Vec<f32>; 4]) -> Result<Self> {
+        let weight = |name: &str, out_f: usize, in_f: usize| {
+            let init = Init::XavierUniform {
+                fan_in: in_f,
+                fan_out: out_f,
+            };
+            Param::new(backend, name, &[out_f, in_f], dtype, Layout::InputMajor, init)
+        };
+        let bias = |name: &str, n: usize| Param::new(backend, name, &[n], dtype, Layout::AsStored, Init::Zeros);
+        let mut ffn = Self {
+            fc1_weight: weight("mlp.fc1.weight", hidden, d)?,
+            fc1_bias: bias("mlp.fc1.bias", hidden)?,
+            fc2_weight: weight("mlp.fc2.weight", d, hidden)?,
+            fc2_bias: bias("mlp.fc2.bias", d)?,
+            hidden,
+            d,
+        };
+        let params = [
+            &mut ffn.fc1_weight,
+            &mut ffn.fc1_bias,
+            &mut ffn.fc2_weight,
+            &mut ffn.fc2_bias,
+        ];
+        for (p, v) in params.into_iter().zip(values) {
+            p.load(backend, v)?;
+        }
+        Ok(ffn)
+    }
+
+    /// The parameters in the experts' order (fc1.weight, fc1.bias, fc2.weight, fc2.bias).
+    fn params(&self) -> [&Param; 4] {
+        [&self.fc1_weight, &self.fc1_bias, &self.fc2_weight, &self.fc2_bias]
+    }
+
+    /// Hidden buffers for `tokens` rows, in the weights' dtype.
+    fn buffers(&self, backend: &dyn Backend, tokens: usize) -> Result<DenseBuffers> {
+        let dtype = self.fc1_weight.dtype();
+        Ok(DenseBuffers {
+            pre: backend.zeros(&[tokens, self.hidden], dtype)?,
+            act: backend.zeros(&[tokens, self.hidden], dtype)?,
+        })
+    }
+
+    /// out [T, d] = fc2(gelu(fc1(x))); x: [T, d].
+    fn forward(
+        &self,
+        backend: &dyn Backend,
+        out: TensorMut<'_>,
+        bufs: &mut DenseBuffers,
+        x: TensorRef<'_>,
+    ) -> Result<()> {
+        let (d, h) = (self.d, self.hidden);
+        let tokens = x.numel() / d;
+        let (w1, b1) = (self.fc1_weight.tensor.view(), self.fc1_bias.tensor.view());
+        let (w2, b2) = (self.fc2_weight.tensor.view(), self.fc2_bias.tensor.view());
+        backend.gemm(
+            bufs.pre.view_mut(),
+            x,
+            w1,
+            Some(b1),
+            GemmDims::nn(tokens, h, d),
+            1.0,
+            0.0,
+        )?;
+        backend.unary(Unary::GeluTanh, bufs.act.view_mut(), bufs.pre.view())?;
+        backend.gemm(out, bufs.act.view(), w2, Some(b2), GemmDims::nn(tokens, d, h), 1.0, 0.0)
+    }
 }
 
 /// One expert's hidden width, as `GeluMlp` computes it.
@@ -260,6 +362,7 @@ mod tests {
             mlp_ratio: 2.0,
             active_experts: 2.0,
             warmup: 1,
+            dtype: DType::F32,
         };
         let recs = bench_moe_with(&registry, &backend, &default_routers(), 3, &cfg).expect("bench");
         let kinds: Vec<&str> = recs.iter().map(|r| r.router.as_str()).collect();
@@ -278,5 +381,23 @@ mod tests {
         assert_eq!(recs[3].slots_per_token, 1.0);
         let err = bench_moe_with(&registry, &backend, &[json!({"kind": "nope"})], 1, &cfg).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+        assert!(recs.iter().all(|r| r.dtype == "f32"));
+        // bf16 weights and activations run the same work.
+        if backend.supports(DType::BF16) {
+            let bf16 = MoeBenchConfig {
+                dtype: DType::BF16,
+                ..cfg.clone()
+            };
+            let recs = bench_moe_with(&registry, &backend, &default_routers(), 1, &bf16).expect("bf16 bench");
+            let slots: Vec<f64> = recs.iter().map(|r| r.slots_per_token).collect();
+            assert_eq!(slots, [2.0, 2.0, 2.0, 1.0]);
+            assert!(recs.iter().all(|r| r.dtype == "bf16" && r.ms > 0.0 && r.dense_ms > 0.0));
+        }
+        let bad = MoeBenchConfig {
+            dtype: DType::U32,
+            ..cfg
+        };
+        let err = bench_moe_with(&registry, &backend, &default_routers(), 1, &bad).unwrap_err();
+        assert!(err.to_string().contains("u32"), "{err}");
     }
 }

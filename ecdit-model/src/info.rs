@@ -305,10 +305,10 @@ pub struct ActivationMemory {
     /// Batch the estimate is for.
     pub batch: usize,
     /// Inference: the live buffers at the most expensive point of a block of
-    /// `Model::forward_with`, plus the residual stream and caption. Counted
-    /// per image, so the attention probabilities and the dense MLP hidden,
-    /// which that forward holds for a group of samples or a chunk of rows
-    /// only, are upper bounds.
+    /// an inference `Model::forward`, plus the residual stream and caption.
+    /// Attention keeps no probabilities there (the backend's attention never
+    /// materialises them); the dense MLP hidden, which that forward holds for
+    /// a chunk of rows only, is counted per image, an upper bound.
     pub inference_bytes: u64,
     /// Training: everything each block caches for its backward, summed over blocks.
     pub training_bytes: u64,
@@ -333,26 +333,28 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
     };
     // Per image, in floats. Persistent: residual stream, caption tokens.
     let persistent = t * d + l * d;
-    // Self-attention: norm, q, k, v, probs, output.
-    let attn = t * d + t * (d + 2 * kv_dim) + heads * t * t + t * d;
-    // Cross-attention: q, k, v over the caption, probs, attention output, projection.
-    let cross = if l > 0 {
-        t * d + 2 * l * kv_dim + heads * t * l + 2 * t * d
+    // Self-attention: norm, q, k, v, output; training also keeps the probabilities.
+    let attn = t * d + t * (d + 2 * kv_dim) + t * d;
+    let attn_probs = heads * t * t;
+    // Cross-attention: q, k, v over the caption, attention output, projection;
+    // training also keeps the probabilities.
+    let (cross, cross_probs) = if l > 0 {
+        (t * d + 2 * l * kv_dim + 2 * t * d, heads * t * l)
     } else {
-        0
+        (0, 0)
     };
     let dense_ffn = t * d + 2 * t * h + t * d;
     let mut inference = persistent + attn.max(cross).max(dense_ffn);
     let mut training = 0u64;
     for i in 0..cfg.depth {
         // Block input, two normalised+modulated inputs, attention, cross-attention.
-        let mut block = 3 * t * d + attn + cross;
+        let mut block = 3 * t * d + attn + attn_probs + cross + cross_probs;
         match &moe {
             Some((moe, act)) if moe.is_moe_block(i) => {
                 let rows = act.expert_rows_per_image.ceil() as u64;
                 // Input, router scores and probabilities, gathered rows, fc1
                 // pre/post GELU, expert outputs, and the combined output
-                // (`MoeLayer::forward_into` writes it while its input is borrowed).
+                // (`MoeLayer::forward` writes it while its input is borrowed).
                 let moe_live = 2 * t * d + 2 * t * moe.experts as u64 + rows * (d + 2 * h + d);
                 inference = inference.max(persistent + moe_live);
                 block += moe_live;

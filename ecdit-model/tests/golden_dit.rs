@@ -4,8 +4,11 @@
 //! and intermediate by name with one `check_tensor` helper.
 
 use ecdit_backend_cpu::CpuBackend;
+use ecdit_engine::DType;
 use ecdit_model::config::ModelConfig;
-use ecdit_model::model::{config_from_metadata, CfgChannels, CfgOptions, Condition, Model, ModelActs};
+use ecdit_model::model::{
+    config_from_metadata, Act, CfgChannels, CfgOptions, Condition, ForwardOptions, Model, ModelActs,
+};
 use ecdit_model::weights::Weights;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
@@ -91,16 +94,9 @@ impl Golden {
     }
 }
 
-#[test]
-fn forward_and_intermediates_match_upstream_dit() {
-    let g = load();
-    let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
-    let mut acts = ModelActs::default();
-    let out = g
-        .model
-        .forward_acts(&mut acts, &x, &t, Condition::Class(&y))
-        .expect("forward");
-    let checks = [
+/// The intermediates the golden file holds, as this model's activations.
+fn intermediates(acts: &ModelActs) -> [(&'static str, &Act); 11] {
+    [
         ("t_freq", &acts.t.freq),
         ("t_emb", &acts.t.emb),
         ("y_emb", &acts.y_emb),
@@ -112,10 +108,29 @@ fn forward_and_intermediates_match_upstream_dit() {
         ("block0.out", &acts.blocks[1].inp),
         ("block1.out", &acts.x),
         ("final_linear_out", &acts.final_layer.out),
-    ];
+    ]
+}
+
+#[test]
+fn forward_and_intermediates_match_upstream_dit() {
+    let g = load();
+    let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
+    let mut acts = ModelActs::default();
+    let out = g
+        .model
+        .forward(
+            &mut acts,
+            &x,
+            &t,
+            Condition::Class(&y),
+            ForwardOptions::training().with_stats(),
+        )
+        .expect("forward");
+    let be = g.model.backend();
     let mut ok = true;
-    for (name, got) in checks {
-        ok &= check_tensor(name, got, &g.f32(&format!("golden.dbg.{name}")));
+    for (name, act) in intermediates(&acts) {
+        let got = act.read(be).expect(name);
+        ok &= check_tensor(name, &got, &g.f32(&format!("golden.dbg.{name}")));
     }
     ok &= check_tensor("out", &out.out, &g.f32("golden.out"));
     // The f64 reference agrees with ours about as well as with upstream's f32.
@@ -123,9 +138,46 @@ fn forward_and_intermediates_match_upstream_dit() {
     assert!(out.routing.is_empty(), "a dense model reports no routing");
     assert!(ok, "golden mismatches (see the table above)");
 
-    // The inference forward (one reused block buffer) gives the same bits.
-    let lean = g.model.forward(&x, &t, Condition::Class(&y)).expect("forward");
+    // The inference forward (one shared block buffer, no attention
+    // probabilities) gives the same bits.
+    let lean = g.model.predict(&x, &t, Condition::Class(&y)).expect("forward");
     assert_eq!(lean.out, out.out);
+}
+
+/// bf16 storage (parameters and activations; f32 accumulation) of the golden
+/// tiny DiT stays within a bf16-sized tolerance of the f32 forward: each
+/// output within `TOL_ABS + TOL_REL * |f32|`, and the whole output within 1%
+/// relative L2 error. bf16 keeps 8 significant bits (relative rounding 2^-9
+/// per stored value), and the two-block forward stores some 20 tensors in a row.
+#[test]
+fn bf16_forward_stays_close_to_f32() {
+    const TOL_ABS: f32 = 0.03;
+    const TOL_REL: f32 = 0.03;
+    let g = load();
+    let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
+    let f32_out = g.model.predict(&x, &t, Condition::Class(&y)).expect("f32 forward").out;
+    let mut model = g.model;
+    model.to_dtype(DType::BF16).expect("bf16 model");
+    assert_eq!(model.dtype(), DType::BF16);
+    assert!(model.params().iter().all(|p| p.dtype() == DType::BF16));
+    let mut acts = ModelActs::default();
+    let bf16_out = model
+        .forward(&mut acts, &x, &t, Condition::Class(&y), ForwardOptions::training())
+        .expect("bf16 forward")
+        .out;
+    assert_eq!(acts.x.view().expect("x").dtype(), DType::BF16, "activations are bf16");
+    assert_eq!(bf16_out.len(), f32_out.len());
+    let mut max_diff = 0.0f32;
+    for (i, (&b, &f)) in bf16_out.iter().zip(&f32_out).enumerate() {
+        let diff = (b - f).abs();
+        max_diff = max_diff.max(diff);
+        assert!(diff <= TOL_ABS + TOL_REL * f.abs(), "out[{i}]: bf16 {b}, f32 {f}");
+    }
+    let norm = |v: &[f32]| v.iter().map(|a| (a * a) as f64).sum::<f64>().sqrt();
+    let err: Vec<f32> = bf16_out.iter().zip(&f32_out).map(|(b, f)| b - f).collect();
+    let rel = norm(&err) / norm(&f32_out);
+    println!("bf16 vs f32: max |diff| {max_diff:.3e}, relative L2 {rel:.3e}");
+    assert!(rel < 0.01, "relative L2 error {rel}");
 }
 
 #[test]
@@ -139,9 +191,11 @@ fn guidance_matches_upstream_forward_with_cfg() {
         channels: CfgChannels::UpstreamFirstThree,
         share_routing_group: false,
     };
+    let mut acts = ModelActs::default();
+    let fwd = ForwardOptions::inference();
     let got = g
         .model
-        .forward_with_cfg(&x, &t, Condition::Class(&y), upstream)
+        .forward_with_cfg(&mut acts, &x, &t, Condition::Class(&y), upstream, fwd)
         .expect("cfg");
     let mut ok = check_tensor("cfg_out", &got.out, &g.f32("golden.cfg_out"));
     let all = CfgOptions {
@@ -150,7 +204,7 @@ fn guidance_matches_upstream_forward_with_cfg() {
     };
     let got_all = g
         .model
-        .forward_with_cfg(&x, &t, Condition::Class(&y), all)
+        .forward_with_cfg(&mut acts, &x, &t, Condition::Class(&y), all, fwd)
         .expect("cfg");
     ok &= check_tensor("cfg_out_all", &got_all.out, &g.f32("golden.cfg_out_all"));
     assert!(ok, "guidance mismatches (see the table above)");
@@ -169,8 +223,8 @@ fn save_and_reload_round_trips_the_golden_model() {
     let reloaded = Model::load(&path, &registry, backend).expect("reload");
     assert_eq!(reloaded.config(), g.model.config());
     let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
-    let a = g.model.forward(&x, &t, Condition::Class(&y)).expect("forward");
-    let b = reloaded.forward(&x, &t, Condition::Class(&y)).expect("forward");
+    let a = g.model.predict(&x, &t, Condition::Class(&y)).expect("forward");
+    let b = reloaded.predict(&x, &t, Condition::Class(&y)).expect("forward");
     assert_eq!(a.out, b.out, "a reloaded model computes the same bits");
     // Every stored name is an upstream name the golden file also holds.
     let names: Vec<String> = g.model.param_shapes().into_iter().map(|(n, _)| n).collect();

@@ -2,9 +2,10 @@
 //! expert-choice routing, grouped-query attention).
 
 use ecdit_backend_cpu::CpuBackend;
+use ecdit_engine::{DType, Init};
 use ecdit_model::config::ModelConfig;
 use ecdit_model::model::{
-    unpatchify, CfgChannels, CfgOptions, Condition, FinalActs, InferenceBuffers, Model, ModelActs, TextInput,
+    patch_dims, Act, CfgChannels, CfgOptions, Condition, FinalActs, ForwardOptions, Model, ModelActs, TextInput,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -35,11 +36,17 @@ fn build(config: ModelConfig) -> Model {
 }
 
 /// Overwrites every dense parameter with small random values, so zero-initialised
-/// adaLN, cross-attention output and final layer all take part.
+/// adaLN, cross-attention output and final layer all take part (MoE layers
+/// keep their xavier draws; the fixed position table stays).
 fn randomise(model: &mut Model, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let be = model.backend_arc().clone();
     for p in model.params_mut() {
-        p.data.iter_mut().for_each(|v| *v = rng.gen_range(-0.2..0.2));
+        if p.init == Init::Fixed || p.name.contains(".moe.") {
+            continue;
+        }
+        let values: Vec<f32> = (0..p.numel()).map(|_| rng.gen_range(-0.2..0.2)).collect();
+        p.load(be.as_ref(), &values).expect("load");
     }
 }
 
@@ -121,7 +128,7 @@ fn ec_forward_is_finite_shaped_and_reports_every_moe_layer() {
     randomise(&mut model, 1);
     let batch = Batch::new(3, 2);
     let out = model
-        .forward(&batch.x, &batch.t, Condition::Text(batch.text()))
+        .predict(&batch.x, &batch.t, Condition::Text(batch.text()))
         .expect("forward");
     assert_eq!(out.out.len(), 3 * 4 * 8 * 8);
     assert!(out.out.iter().all(|v| v.is_finite()));
@@ -147,6 +154,18 @@ fn ec_forward_is_finite_shaped_and_reports_every_moe_layer() {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     assert!(!names.iter().any(|n| n == "blocks.1.mlp.fc1.weight"));
+    // `params()` lists every parameter: MoE routers and experts, and the fixed table last.
+    let params = model.params();
+    assert!(params
+        .iter()
+        .any(|p| p.name == "blocks.3.moe.router.weight" && p.shape == [4, 32]));
+    assert_eq!(params.last().map(|p| p.name.as_str()), Some("pos_embed"));
+    let all: usize = params.iter().map(|p| p.numel()).sum();
+    assert_eq!(
+        model.num_params(),
+        all - 16 * 32,
+        "everything but pos_embed is trainable"
+    );
     assert!(
         names.iter().any(|n| n == "blocks.0.attn.kv.weight"),
         "GQA uses q/kv projections"
@@ -170,7 +189,13 @@ fn ec_config_64_tokens(hidden: usize, heads: usize, depth: usize, input_size: us
 fn forward_with_dispatch(model: &Model, batch: &Batch) -> (Vec<f32>, ModelActs) {
     let mut acts = ModelActs::default();
     let out = model
-        .forward_acts(&mut acts, &batch.x, &batch.t, Condition::Text(batch.text()))
+        .forward(
+            &mut acts,
+            &batch.x,
+            &batch.t,
+            Condition::Text(batch.text()),
+            ForwardOptions::training(),
+        )
         .expect("forward");
     (out.out, acts)
 }
@@ -196,8 +221,16 @@ fn assert_sample_matches(
             got.iter().zip(&alone.0).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
         );
     }
+    let be = model.backend();
     for (block, (bb, ba)) in batched.1.blocks.iter().zip(&alone.1.blocks).enumerate() {
-        let (db, da) = (&bb.moe.routing.dispatch, &ba.moe.routing.dispatch);
+        let (Some(rb), Some(ra)) = (&bb.routing, &ba.routing) else {
+            assert!(bb.routing.is_none() && ba.routing.is_none(), "block {block}");
+            continue;
+        };
+        let (db, da) = (
+            rb.to_host(be).expect("routing").dispatch,
+            ra.to_host(be).expect("routing").dispatch,
+        );
         for e in 0..da.experts {
             let mine: Vec<u32> = db
                 .expert(e)
@@ -225,7 +258,10 @@ fn per_sample_output_is_bit_identical_for_batch_1_and_3() {
     randomise(&mut model, 3);
     let batch = Batch::sized(3, 4, 4 * 16 * 16, TEXT_DIM);
     let batched = forward_with_dispatch(&model, &batch);
-    assert_eq!(batched.1.blocks[1].moe.routing.dispatch.slots(), 3 * 4 * 32);
+    assert_eq!(
+        batched.1.blocks[1].routing.as_ref().expect("MoE block").slots(),
+        3 * 4 * 32
+    );
     for i in 0..3 {
         let alone = forward_with_dispatch(&model, &batch.sample(i));
         assert_sample_matches(&model, &batched, &alone, i, "batch 3 vs 1");
@@ -272,27 +308,52 @@ fn zero_adaln_blocks_are_the_identity() {
     let mut model = build(ec_config(json!("per_sample")));
     // Give the final layer weights so the output is not trivially zero.
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let be = model.backend_arc().clone();
     for p in model.params_mut() {
         if p.name.starts_with("final_layer.") {
-            p.data.iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5));
+            let values: Vec<f32> = (0..p.numel()).map(|_| rng.gen_range(-0.5..0.5)).collect();
+            p.load(be.as_ref(), &values).expect("load");
         }
     }
     let batch = Batch::new(2, 5);
     let mut acts = ModelActs::default();
     let out = model
-        .forward_acts(&mut acts, &batch.x, &batch.t, Condition::Text(batch.text()))
+        .forward(
+            &mut acts,
+            &batch.x,
+            &batch.t,
+            Condition::Text(batch.text()),
+            ForwardOptions::training().with_stats(),
+        )
         .expect("forward");
     // The residual stream leaves the blocks exactly as it entered them.
-    assert_eq!(acts.x, acts.blocks[0].inp);
+    let be = model.backend();
+    let inp = acts.blocks[0].inp.read(be).expect("block input");
+    assert_eq!(acts.x.read(be).expect("x"), inp);
     assert_eq!(out.routing.len(), 2, "MoE layers still route");
     // And the output is the final layer applied to the embedded input.
     let mut fin = FinalActs::default();
     model
         .final_layer
-        .forward(model.backend(), &mut fin, &acts.blocks[0].inp, &acts.silu_c, 2, 16)
+        .forward(
+            be,
+            &mut fin,
+            acts.blocks[0].inp.view().expect("inp"),
+            acts.silu_c.view().expect("silu_c"),
+            2,
+            16,
+            DType::F32,
+        )
         .expect("final layer");
-    let mut want = vec![0.0; out.out.len()];
-    unpatchify(&mut want, &fin.out, 2, 4, 8, 2);
+    let mut img = Act::default();
+    img.ensure(be, &[2, 4, 8, 8], DType::F32).expect("alloc");
+    be.unpatchify(
+        img.view_mut().expect("img"),
+        fin.out.view().expect("final out"),
+        patch_dims(2, 4, 8, 2, true),
+    )
+    .expect("unpatchify");
+    let want = img.read(be).expect("read");
     assert_eq!(out.out, want);
     assert!(want.iter().any(|v| v.abs() > 1e-3));
 }
@@ -311,17 +372,19 @@ fn guidance_keeps_cond_and_uncond_in_separate_routing_groups() {
         channels: CfgChannels::All,
         share_routing_group: false,
     };
+    let fwd = ForwardOptions::inference().with_stats();
+    let mut acts = ModelActs::default();
     let guided = model
-        .forward_with_cfg(&batch.x, &batch.t, Condition::Text(batch.text()), opts)
+        .forward_with_cfg(&mut acts, &batch.x, &batch.t, Condition::Text(batch.text()), opts, fwd)
         .expect("cfg");
     let cond = batch.sample(0);
     let uncond = batch.sample(1);
     let c = model
-        .forward(&cond.x, &cond.t, Condition::Text(cond.text()))
+        .predict(&cond.x, &cond.t, Condition::Text(cond.text()))
         .expect("cond")
         .out;
     let u = model
-        .forward(&uncond.x, &uncond.t, Condition::Text(uncond.text()))
+        .predict(&uncond.x, &uncond.t, Condition::Text(uncond.text()))
         .expect("uncond")
         .out;
     let want: Vec<f32> = u.iter().zip(&c).map(|(u, c)| u + 3.0 * (c - u)).collect();
@@ -331,6 +394,7 @@ fn guidance_keeps_cond_and_uncond_in_separate_routing_groups() {
     // Sharing the group changes the routing, hence the result.
     let shared = model
         .forward_with_cfg(
+            &mut acts,
             &batch.x,
             &batch.t,
             Condition::Text(batch.text()),
@@ -338,10 +402,63 @@ fn guidance_keeps_cond_and_uncond_in_separate_routing_groups() {
                 share_routing_group: true,
                 ..opts
             },
+            fwd,
         )
         .expect("cfg shared");
     assert_eq!(shared.routing.len(), 2);
     assert_ne!(shared.out, guided.out);
+    // Statistics are downloaded only when asked for.
+    let quiet = model
+        .forward_with_cfg(
+            &mut acts,
+            &batch.x,
+            &batch.t,
+            Condition::Text(batch.text()),
+            opts,
+            ForwardOptions::inference(),
+        )
+        .expect("cfg");
+    assert!(quiet.routing.is_empty());
+    assert_eq!(quiet.out, guided.out);
+}
+
+/// Guidance checks the conditions' count before slicing them into halves
+/// (the separate-routing path): too few is an error, not a panic.
+#[test]
+fn guidance_with_too_few_conditions_is_an_error() {
+    let model = build(ec_config(json!("batch")));
+    let batch = Batch::new(2, 7);
+    let one = batch.sample(0);
+    let err = model
+        .forward_with_cfg(
+            &mut ModelActs::default(),
+            &batch.x,
+            &batch.t,
+            Condition::Text(one.text()),
+            CfgOptions::default(),
+            ForwardOptions::inference(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("conditions [2N]"), "{err}");
+}
+
+/// `{"tokens": N}` routing groups that are not whole images fail when the
+/// config is validated (and so when a model is built), not at the first forward.
+#[test]
+fn routing_groups_of_partial_images_fail_at_validation() {
+    for tokens in [0, 24] {
+        let config = ec_config(json!({"tokens": tokens}));
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("moe.router.groups.tokens") && err.contains("16 tokens"),
+            "{err}"
+        );
+        let registry = ecdit_model::registry().expect("registry");
+        let backend = Arc::new(CpuBackend::new(1).expect("cpu backend"));
+        assert!(Model::new(config, &registry, backend, 0).is_err());
+    }
+    assert!(ec_config(json!({"tokens": 32})).validate().is_ok());
 }
 
 #[test]
@@ -350,8 +467,10 @@ fn same_seed_same_model_and_save_load_round_trip() {
     let b = build(ec_config(json!("per_sample")));
     let pa: Vec<_> = a.param_shapes();
     assert_eq!(pa, b.param_shapes());
+    let be = a.backend_arc().clone();
     for (x, y) in a.params().iter().zip(b.params()) {
-        assert_eq!(x.data, y.data, "{}", x.name);
+        let (xd, yd) = (x.to_upstream_f32(be.as_ref()), y.to_upstream_f32(be.as_ref()));
+        assert_eq!(xd.expect("read"), yd.expect("read"), "{}", x.name);
     }
     let mut model = a;
     randomise(&mut model, 8);
@@ -362,33 +481,41 @@ fn same_seed_same_model_and_save_load_round_trip() {
     let back = Model::load(&path, &registry, Arc::new(CpuBackend::new(1).unwrap())).unwrap();
     let batch = Batch::new(2, 10);
     let o1 = model
-        .forward(&batch.x, &batch.t, Condition::Text(batch.text()))
+        .predict(&batch.x, &batch.t, Condition::Text(batch.text()))
         .unwrap();
-    let o2 = back.forward(&batch.x, &batch.t, Condition::Text(batch.text())).unwrap();
+    let o2 = back.predict(&batch.x, &batch.t, Condition::Text(batch.text())).unwrap();
     assert_eq!(o1.out, o2.out, "router transpose and expert tensors survive save/load");
     assert_eq!(model.num_params(), back.num_params());
 }
 
-/// The inference forward ([`Model::forward_with`], which `forward` runs)
-/// keeps nothing for a backward but computes the same ops: its output and
-/// routing are the bits of the caching forward, for a batch whose attention
-/// runs in groups (4 heads on 2 threads: two samples per call) and with
-/// buffers reused across batch sizes.
+/// The inference forward (blocks share one set of buffers, attention keeps
+/// no probabilities) computes the same ops as the training forward: its
+/// output and routing are the bits of the caching forward, with buffers
+/// reused across batch sizes.
 #[test]
 fn inference_forward_has_the_bits_of_the_caching_forward() {
     let registry = ecdit_model::registry().expect("registry");
     let backend = Arc::new(CpuBackend::new(2).expect("cpu backend"));
     let mut model = Model::new(ec_config(json!("per_sample")), &registry, backend, 11).expect("model");
     randomise(&mut model, 21);
-    let mut buffers = InferenceBuffers::default();
+    let mut buffers = ModelActs::default();
     let batch = Batch::new(3, 22);
+    let opts = ForwardOptions::inference().with_stats();
     for b in [batch.samples(0, 3), batch.sample(1), batch.samples(1, 2)] {
         let cond = Condition::Text(b.text());
         let lean = model
-            .forward_with(&mut buffers, &b.x, &b.t, cond)
+            .forward(&mut buffers, &b.x, &b.t, cond, opts)
             .expect("lean forward");
+        assert_eq!(buffers.blocks.len(), 1, "one shared block buffer");
+        assert!(!buffers.blocks[0].attn.probs.is_set(), "no attention probabilities");
         let full = model
-            .forward_acts(&mut ModelActs::default(), &b.x, &b.t, cond)
+            .forward(
+                &mut ModelActs::default(),
+                &b.x,
+                &b.t,
+                cond,
+                ForwardOptions::training().with_stats(),
+            )
             .expect("caching forward");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&lean.out), bits(&full.out), "batch {}", b.n);
@@ -420,47 +547,90 @@ fn inference_buffers_hold_about_the_activation_estimate() {
     let model = Model::new(config.clone(), &registry, backend, 5).expect("model");
     let n = 4;
     let batch = Batch::sized(n, 12, 4 * 32 * 32, TEXT_DIM);
-    let mut buffers = InferenceBuffers::default();
+    let cond = Condition::Text(batch.text());
+    let mut buffers = ModelActs::default();
     model
-        .forward_with(&mut buffers, &batch.x, &batch.t, Condition::Text(batch.text()))
+        .forward(&mut buffers, &batch.x, &batch.t, cond, ForwardOptions::inference())
         .expect("forward");
     let mut acts = ModelActs::default();
     model
-        .forward_into(&mut acts, false, &batch.x, &batch.t, Condition::Text(batch.text()))
+        .forward(&mut acts, &batch.x, &batch.t, cond, ForwardOptions::training())
         .expect("forward");
     let estimate = ecdit_model::info::activation_memory(&registry, &config, n)
         .expect("estimate")
         .inference_bytes as usize;
     let held = buffers.bytes();
-    let block = &acts.blocks[0];
-    let one_block: usize = [
-        &block.inp,
-        &block.ln1,
-        &block.attn_in,
-        &block.attn.q,
-        &block.attn.k,
-        &block.attn.v,
-        &block.attn.probs,
-        &block.attn.att,
-        &block.attn.out,
-        &block.x_attn,
-        &block.x_ffn,
-        &block.ln2,
-        &block.ffn_in,
-        &block.mlp.pre,
-        &block.mlp.act,
-        &block.ffn_out,
-        &block.moe.xs,
-        &block.moe.ys,
-    ]
-    .iter()
-    .map(|v| v.len() * 4)
-    .sum::<usize>()
-        + block.moe.expert.buffers.iter().map(|b| b.len() * 4).sum::<usize>();
+    let one_block = acts.blocks[0].bytes();
     eprintln!("held {held} estimate {estimate} caching one block {one_block}");
     assert!(held <= estimate * 5 / 4, "held {held} B, estimate {estimate} B");
     assert!(
         held < one_block * 2 / 3,
         "held {held} B, caching forward's block {one_block} B"
     );
+}
+
+/// A forward moves only its inputs and its output: on a backend whose
+/// buffers the host cannot see, the inference forward of a text-conditioned
+/// EC model uploads x, t, the text tokens, mask and pooled text (one upload
+/// each) and downloads the prediction once, plus the routing statistics
+/// only when asked for them.
+#[test]
+fn a_forward_transfers_only_its_inputs_and_output() {
+    use ecdit_engine::counting::CountingBackend;
+    let registry = ecdit_model::registry().expect("registry");
+    let cpu = Arc::new(CpuBackend::new(1).expect("cpu backend"));
+    let counting = Arc::new(CountingBackend::new(cpu));
+    let mut model = Model::new(ec_config(json!("per_sample")), &registry, counting.clone(), 11).expect("model");
+    randomise(&mut model, 4);
+    let batch = Batch::new(2, 9);
+    let mut acts = ModelActs::default();
+    let cond = Condition::Text(batch.text());
+    // The first call sizes the buffers; count the second (the steady state).
+    let first = model
+        .forward(&mut acts, &batch.x, &batch.t, cond, ForwardOptions::inference())
+        .expect("forward");
+    counting.reset();
+    let again = model
+        .forward(&mut acts, &batch.x, &batch.t, cond, ForwardOptions::inference())
+        .expect("forward");
+    assert_eq!(first.out, again.out);
+    let moved = counting.transfers();
+    let floats = batch.x.len() + batch.t.len() + batch.tokens.len() + batch.pooled.len();
+    assert_eq!(moved.uploads, 5, "{moved:?}");
+    assert_eq!(
+        moved.uploaded_bytes as usize,
+        4 * floats + batch.mask.len(),
+        "{moved:?}"
+    );
+    assert_eq!(moved.downloads, 1, "{moved:?}");
+    assert_eq!(moved.downloaded_bytes as usize, 4 * again.out.len(), "{moved:?}");
+}
+
+/// A bf16 EC model (router logits and routing stay f32) runs the same
+/// forward: finite, every MoE layer reporting, close to its f32 self.
+#[test]
+fn bf16_ec_model_forward_is_finite_and_close_to_f32() {
+    let mut model = build(ec_config(json!("per_sample")));
+    randomise(&mut model, 31);
+    let batch = Batch::new(2, 32);
+    let cond = Condition::Text(batch.text());
+    let f32_out = model.predict(&batch.x, &batch.t, cond).expect("f32").out;
+    model.to_dtype(DType::BF16).expect("bf16");
+    let out = model.predict(&batch.x, &batch.t, cond).expect("bf16 forward");
+    assert!(out.out.iter().all(|v| v.is_finite()));
+    assert_eq!(out.routing.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 3]);
+    // Loose: bf16 rounding may move a token to another expert.
+    let norm = |v: &[f32]| v.iter().map(|a| (a * a) as f64).sum::<f64>().sqrt();
+    let err: Vec<f32> = out.out.iter().zip(&f32_out).map(|(b, f)| b - f).collect();
+    let rel = norm(&err) / norm(&f32_out);
+    assert!(rel < 0.1, "relative L2 error {rel}");
+    // Saved in bf16, reloaded the same.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bf16.safetensors");
+    model.save(&path).expect("save");
+    let registry = ecdit_model::registry().unwrap();
+    let mut back = Model::load(&path, &registry, Arc::new(CpuBackend::new(1).unwrap())).expect("load");
+    back.to_dtype(DType::BF16).expect("bf16");
+    let again = back.predict(&batch.x, &batch.t, cond).expect("forward");
+    assert_eq!(again.out, out.out);
 }

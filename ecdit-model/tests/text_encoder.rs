@@ -1,18 +1,27 @@
 //! The transformer text encoder on the CPU backend: shapes, finiteness,
-//! padding invariance, determinism.
+//! padding invariance, determinism, bf16 storage, and saving and loading.
 
 use ecdit_backend_cpu::CpuBackend;
+use ecdit_engine::{DType, Params};
 use ecdit_model::text::{TextEncoder, TextEncoderConfig, TransformerTextEncoder};
+use ecdit_model::weights::Weights;
 use std::sync::Arc;
 
-fn encoder(dim: usize, max_tokens: usize, seed: u64) -> TransformerTextEncoder {
-    let backend = Arc::new(CpuBackend::new(1).unwrap());
-    let cfg = TextEncoderConfig {
+fn cfg() -> TextEncoderConfig {
+    TextEncoderConfig {
         layers: 2,
         heads: Some(4),
         ..Default::default()
-    };
-    TransformerTextEncoder::new(backend, cfg, dim, max_tokens, seed).unwrap()
+    }
+}
+
+fn encoder_in(dim: usize, max_tokens: usize, seed: u64, dtype: DType) -> TransformerTextEncoder {
+    let backend = Arc::new(CpuBackend::new(1).unwrap());
+    TransformerTextEncoder::with_dtype(backend, cfg(), dim, max_tokens, seed, dtype).unwrap()
+}
+
+fn encoder(dim: usize, max_tokens: usize, seed: u64) -> TransformerTextEncoder {
+    encoder_in(dim, max_tokens, seed, DType::F32)
 }
 
 #[test]
@@ -95,8 +104,12 @@ fn param_names_are_prefixed_and_sized() {
     let shapes = enc.param_shapes();
     assert!(shapes.iter().all(|(n, _)| n.starts_with("text_encoder.")));
     let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    let held: usize = enc.params.named().iter().map(|b| b.len()).sum();
+    let mut params = Vec::new();
+    enc.collect(&mut params);
+    let held: usize = params.iter().map(|p| p.numel()).sum();
     assert_eq!(total, held);
+    let listed: Vec<(String, Vec<usize>)> = params.iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+    assert_eq!(listed, shapes);
     let v = enc.tokenizer().vocab().len();
     // embeddings + 2 layers x (2 LN + qkv + proj + 2 LN + fc1 + fc2) + final LN
     let per_layer = 4 * 32 + (3 * 32 * 32 + 3 * 32) + (32 * 32 + 32) + (128 * 32 + 128) + (32 * 128 + 32);
@@ -147,8 +160,72 @@ fn encoded_prompts_feed_the_tiny_model() {
     };
     let n = 2 * cfg.in_channels * cfg.input_size * cfg.input_size;
     let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-    let out = model.forward(&x, &[0.5, 0.5], Condition::Text(input)).unwrap();
+    let out = model.predict(&x, &[0.5, 0.5], Condition::Text(input)).unwrap();
     assert_eq!(out.out.len(), n);
     assert!(out.out.iter().all(|v| v.is_finite()));
     assert_eq!(out.routing.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 3]);
+}
+
+#[test]
+fn bf16_weights_encode_close_to_f32() {
+    let prompts = ["a red circle", "two blue stars above a green square"];
+    let full = encoder(32, 16, 9).encode(&prompts).unwrap();
+    let half = encoder_in(32, 16, 9, DType::BF16);
+    assert_eq!(half.dtype(), DType::BF16);
+    let half = half.encode(&prompts).unwrap();
+    assert_eq!(
+        (half.batch, half.len, half.mask.clone()),
+        (full.batch, full.len, full.mask.clone())
+    );
+    // LayerNorm outputs are O(1); bf16 weights keep about 3 significant digits.
+    let max_diff = full
+        .tokens
+        .iter()
+        .zip(&half.tokens)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(max_diff > 0.0 && max_diff < 0.1, "max diff {max_diff}");
+}
+
+#[test]
+fn saved_weights_reload_into_a_fresh_encoder_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = ["three white crosses", ""];
+    for dtype in [DType::F32, DType::BF16] {
+        let path = dir.path().join(format!("te-{dtype}.safetensors"));
+        let a = encoder_in(32, 16, 1, dtype);
+        a.save(&path).unwrap();
+        let w = Weights::open(&path).unwrap();
+        let want = if dtype == DType::BF16 { "BF16" } else { "F32" };
+        assert_eq!(w.dtype("text_encoder.layers.0.attn.qkv.weight").as_deref(), Some(want));
+        // Upstream shape on disk, though memory holds it input-major.
+        assert_eq!(w.shape("text_encoder.layers.0.mlp.fc1.weight"), Some(vec![128, 32]));
+        let mut b = encoder_in(32, 16, 2, dtype);
+        assert_ne!(a.encode(&prompts).unwrap(), b.encode(&prompts).unwrap());
+        b.load_weights(&w).unwrap();
+        w.check_all_used(&[]).unwrap();
+        assert_eq!(a.encode(&prompts).unwrap(), b.encode(&prompts).unwrap(), "{dtype}");
+    }
+    // A bf16 file loads into an f32 encoder exactly (bf16 widens to f32).
+    let w = Weights::open(dir.path().join("te-bf16.safetensors")).unwrap();
+    let mut f = encoder(32, 16, 3);
+    f.load_weights(&w).unwrap();
+    let h = encoder_in(32, 16, 1, DType::BF16);
+    let (mut pf, mut ph) = (Vec::new(), Vec::new());
+    f.collect(&mut pf);
+    h.collect(&mut ph);
+    for (a, b) in pf.iter().zip(&ph) {
+        assert_eq!(
+            a.to_upstream_f32(f.backend()).unwrap(),
+            b.to_upstream_f32(h.backend()).unwrap(),
+            "{}",
+            a.name
+        );
+    }
+    // A file for another width names the tensor and both shapes.
+    let mut wide = encoder(64, 16, 0);
+    let err = wide.load_weights(&w).unwrap_err().to_string();
+    assert!(
+        err.contains("text_encoder.token_embedding.weight") && err.contains("expected"),
+        "{err}"
+    );
 }

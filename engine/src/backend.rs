@@ -176,9 +176,12 @@ pub struct RowDims {
     pub d: usize,
 }
 
-/// Dimensions of patchify: images `[B, C, H, W]` to tokens `[B, (H/p)(W/p), C p p]`
-/// (row-major patch order; within a patch, channel-major then row, column, as a
-/// stride-p convolution reads it).
+/// Dimensions of patchify: images `[B, C, H, W]` to patch rows `[B, T, C p p]`,
+/// `T = (H/p)(W/p)` in row-major patch order. Within a row the elements go
+/// channel-major `(c, pi, qi)` as a stride-p convolution reads them (the patch
+/// embedding), or channel-fastest `(pi, qi, c)` when `channels_fastest` (DiT's
+/// final layer). Patchify and unpatchify with the same dims are inverse
+/// permutations, so each is the other's backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PatchDims {
     /// Samples.
@@ -191,6 +194,8 @@ pub struct PatchDims {
     pub width: usize,
     /// Patch size p (divides height and width).
     pub patch: usize,
+    /// Row element order: `(pi, qi, c)` when true, `(c, pi, qi)` when false.
+    pub channels_fastest: bool,
 }
 
 /// The op set of a compute backend over tensor views of its own buffers.
@@ -281,7 +286,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         check_grouped("gemm_grouped", out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
         let out_len = out.numel();
-        let (mut out, a, b) = (out.reshape(&[out_len])?, a.reshape(&[a.numel()])?, b.reshape(&[b.numel()])?);
+        let (mut out, a, b) = (
+            out.reshape(&[out_len])?,
+            a.reshape(&[a.numel()])?,
+            b.reshape(&[b.numel()])?,
+        );
         let mut r0 = 0;
         for (g, &m) in group_rows.iter().enumerate() {
             if m > 0 {
@@ -319,7 +328,14 @@ pub trait Backend: Send + Sync {
 
     /// Column sums: `out[c] (+)= sum_r inp[r, c]` (bias gradients).
     /// out: [cols]; inp: [rows, cols]. Accumulates into `out` when `accumulate`.
-    fn sum_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize, accumulate: bool) -> Result<()>;
+    fn sum_rows(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()>;
 
     /// Row softmax. out, inp: [rows, cols].
     fn softmax_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize) -> Result<()>;
@@ -432,11 +448,11 @@ pub trait Backend: Send + Sync {
     // ---- embeddings ----
 
     /// Images to patch rows: out: [B, T, C p p]; inp: [B, C, H, W]. Its
-    /// backward is [`Backend::unpatchify`] of the gradient, and vice versa.
+    /// backward is [`Backend::unpatchify`] with the same dims, and vice versa.
     fn patchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()>;
 
-    /// Patch rows back to images: out: [B, C, H, W]; inp: [B, T, p p C] with
-    /// the channel fastest within a patch position (DiT's final layer).
+    /// Patch rows back to images (the inverse of [`Backend::patchify`]):
+    /// out: [B, C, H, W]; inp: [B, T, C p p].
     fn unpatchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()>;
 
     /// DiT's timestep features: `out[b] = [cos(t_b f_i) | sin(t_b f_i)]`,
@@ -496,7 +512,14 @@ pub trait Backend: Send + Sync {
 
     /// `out[i] = <a[idx[i], :], b[i, :]>` (the MoE gate gradient).
     /// out: [n] (f32); a: [rows, cols]; idx: [n] (u32); b: [n, cols].
-    fn gather_dot(&self, out: TensorMut<'_>, a: TensorRef<'_>, idx: TensorRef<'_>, b: TensorRef<'_>, cols: usize) -> Result<()>;
+    fn gather_dot(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        b: TensorRef<'_>,
+        cols: usize,
+    ) -> Result<()>;
 
     /// Per row, the `k` largest values in descending order (ties: lower
     /// column first). idx (u32), val: [rows, k]; inp: [rows, cols].

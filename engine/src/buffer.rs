@@ -72,10 +72,13 @@ impl Buffer {
 
     /// The concrete storage of backend type `S`, or an error naming both sides.
     pub fn downcast<S: BufferStorage>(&self, op: &str, backend: &str) -> Result<&S> {
-        self.storage.as_any().downcast_ref::<S>().ok_or_else(|| EngineError::Backend {
-            backend: backend.into(),
-            reason: format!("{op}: a tensor lives in a buffer of backend '{}'", self.backend),
-        })
+        self.storage
+            .as_any()
+            .downcast_ref::<S>()
+            .ok_or_else(|| EngineError::Backend {
+                backend: backend.into(),
+                reason: format!("{op}: a tensor lives in a buffer of backend '{}'", self.backend),
+            })
     }
 }
 
@@ -104,7 +107,11 @@ impl HostStorage {
         // SAFETY: layout has non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(too_big)?;
-        Ok(Self { ptr, len: bytes, layout })
+        Ok(Self {
+            ptr,
+            len: bytes,
+            layout,
+        })
     }
 
     /// The base pointer (valid for `len_bytes` bytes).

@@ -11,18 +11,21 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "backend-kit")]
+pub mod backend_kit;
 pub mod buffer;
+pub mod counting;
 pub mod dtype;
 pub mod error;
 pub mod expert;
 // PORTING (engine v2): re-enabled by the helpers porting them.
-// pub mod moe;
+pub mod moe;
 pub mod param;
-// pub mod plugin;
+pub mod plugin;
 pub mod registry;
 pub mod router;
-// #[cfg(feature = "router-kit")]
-// pub mod router_kit;
+#[cfg(feature = "router-kit")]
+pub mod router_kit;
 pub mod routing_math;
 pub mod routing_stats;
 pub mod scheduler;
@@ -35,7 +38,7 @@ pub use buffer::{Buffer, BufferStorage, HostStorage};
 pub use dtype::{bf16, DType, Element};
 pub use error::{EngineError, Result};
 pub use expert::{Expert, ExpertCache, ParamShape};
-// pub use moe::{MoeCache, MoeGrads, MoeLayer};
+pub use moe::{MoeCache, MoeGrads, MoeLayer};
 pub use param::{Init, Layout, Param, Params};
 pub use registry::{ComponentInfo, Family, ParamInfo, ParamType, Registry};
 pub use router::{expert_capacity, DeviceRouting, Dispatch, RouteShape, Router, Routing, RoutingGroups};

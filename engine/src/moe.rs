@@ -1,23 +1,29 @@
 //! The MoE feed-forward layer: router weights, a [`Router`], and E experts of
-//! one [`Expert`] kind, with forward and backward side by side.
+//! one [`Expert`] kind, with forward and backward side by side, on tensors of
+//! a backend.
 //!
 //! Forward (T tokens of width d, E experts, S dispatched slots):
 //! ```text
 //! scores = x @ w_router                       // [T, E], f32
-//! routing = router.route(scores)              // expert-major dispatch of S slots
+//! routing = router.route_on(scores)           // expert-major dispatch of S slots
 //! xs[s] = x[token[s]]                         // gather, [S, d]
 //! ys = experts(xs)                            // expert e runs rows offsets[e]..offsets[e+1]
 //! out[token[s]] += gate[s] * ys[s]            // combine; a token no expert chose gets 0
 //! ```
 //! Backward runs the same lines in reverse; the discrete selection is not
-//! differentiated (EC-DIT.md section 2, step 6).
+//! differentiated (EC-DIT.md section 2, step 6). Every line is a backend op:
+//! the host sees only the E + 1 slot offsets (static under expert choice).
 
-use crate::backend::{Backend, GemmDims};
-use crate::error::{check_len, EngineError, Result};
+use crate::backend::{Backend, GemmDims, ModChunks, RowDims};
+use crate::dtype::DType;
+use crate::error::{EngineError, Result};
 use crate::expert::{Expert, ExpertCache};
-use crate::router::{RouteShape, Router, Routing};
-use crate::tensor::HostTensor;
+use crate::param::{Init, Layout, Param, Params};
+use crate::router::{DeviceRouting, RouteShape, Router};
+use crate::tensor::{Tensor, TensorMut, TensorRef};
+use crate::transfer::BackendExt;
 use rand::Rng;
+use std::sync::Arc;
 
 /// One MoE FFN layer: router weights and the stacked parameters of its experts.
 pub struct MoeLayer {
@@ -29,52 +35,63 @@ pub struct MoeLayer {
     pub d: usize,
     /// Experts E.
     pub experts: usize,
-    /// Router weights, no bias: [d, E].
-    pub w_router: HostTensor,
-    /// Expert parameters in `expert.param_shapes(d, E)` order, each [E, ...].
-    pub params: Vec<HostTensor>,
+    /// Router weights, no bias: `router.weight` `[E, d]` on disk (PyTorch
+    /// `Linear`), held input-major `[d, E]` so `scores = x @ w` reads it as stored.
+    pub w_router: Param,
+    /// Expert parameters in `expert.param_shapes(d, E)` order, each `[E, ...]`,
+    /// named `experts.<name>`.
+    pub params: Vec<Param>,
 }
 
-/// What [`MoeLayer::forward`] keeps for [`MoeLayer::backward`], plus the
-/// routing statistics. Reuse one cache across calls of
-/// [`MoeLayer::forward_into`] to avoid reallocating its buffers.
-#[derive(Clone, Debug, Default)]
+/// What [`MoeLayer::forward`] keeps for [`MoeLayer::backward`]. Reuse one
+/// cache across calls: tensors of an unchanged shape are not reallocated.
+#[derive(Debug, Default)]
 pub struct MoeCache {
     /// Shape of the last routed batch.
     pub shape: Option<RouteShape>,
-    /// Router logits: [T, E].
-    pub scores: Vec<f32>,
-    /// Dispatch (S slots), router probabilities [T, E], aux loss, statistics.
-    pub routing: Routing,
+    /// Router logits: [T, E] f32.
+    pub scores: Option<Tensor>,
+    /// The routing of the last forward (also returned by it).
+    pub routing: Option<Arc<DeviceRouting>>,
     /// Gathered expert inputs, expert-major: [S, d].
-    pub xs: Vec<f32>,
+    pub xs: Option<Tensor>,
     /// Expert outputs before gating: [S, d].
-    pub ys: Vec<f32>,
+    pub ys: Option<Tensor>,
     /// The experts' own cache.
     pub expert: ExpertCache,
 }
 
-/// Gradients of one MoE layer; parameter gradients mirror [`MoeLayer`].
-#[derive(Clone, Debug)]
+/// Parameter gradients of one MoE layer, f32 in the parameters' memory shapes;
+/// [`MoeLayer::backward`] accumulates into them.
+#[derive(Debug)]
 pub struct MoeGrads {
-    /// Gradient of the layer input: [T, d].
-    pub dx: Vec<f32>,
     /// Gradient of the router weights: [d, E].
-    pub dw_router: Vec<f32>,
-    /// Gradients of the expert parameters, in `params` order and shapes.
-    pub dparams: Vec<HostTensor>,
+    pub dw_router: Tensor,
+    /// Gradients of the expert parameters, in `params` order and memory shapes.
+    pub dparams: Vec<Tensor>,
+}
+
+/// `prefix.name`, or `name` for an empty prefix.
+fn dotted(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
 }
 
 impl MoeLayer {
-    /// A layer from given weights; errors if a shape disagrees with `d`, `experts`
-    /// and the expert's `param_shapes`.
+    /// A layer with zero weights on `backend`, stored as `dtype`; parameter
+    /// names start with `name_prefix` (e.g. `blocks.1.moe`, or empty).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         router: Box<dyn Router>,
         expert: Box<dyn Expert>,
         d: usize,
         experts: usize,
-        w_router: HostTensor,
-        params: Vec<HostTensor>,
+        backend: &dyn Backend,
+        dtype: DType,
+        name_prefix: &str,
     ) -> Result<Self> {
         if d == 0 || experts == 0 {
             return Err(EngineError::shape(
@@ -83,30 +100,35 @@ impl MoeLayer {
                 format!("d = {d}, experts = {experts}"),
             ));
         }
-        if w_router.shape != [d, experts] {
-            return Err(EngineError::shape(
-                "MoeLayer::new (w_router)",
-                format!("{:?}", [d, experts]),
-                format!("{:?}", w_router.shape),
-            ));
+        if !dtype.is_float() {
+            return Err(EngineError::shape("MoeLayer::new (dtype)", "f32 or bf16", dtype));
         }
-        let shapes = expert.param_shapes(d, experts);
-        if shapes.len() != params.len() {
-            return Err(EngineError::shape(
-                format!("MoeLayer::new ({} params)", expert.kind()),
-                format!("{} tensors", shapes.len()),
-                format!("{} tensors", params.len()),
-            ));
-        }
-        for (want, got) in shapes.iter().zip(&params) {
-            if want.shape != got.shape {
-                return Err(EngineError::shape(
-                    format!("MoeLayer::new ({} param '{}')", expert.kind(), want.name),
-                    format!("{:?}", want.shape),
-                    format!("{:?}", got.shape),
-                ));
-            }
-        }
+        let w_router = Param::new(
+            backend,
+            dotted(name_prefix, "router.weight"),
+            &[experts, d],
+            dtype,
+            Layout::InputMajor,
+            Init::XavierUniform {
+                fan_in: d,
+                fan_out: experts,
+            },
+        )?;
+        let experts_prefix = dotted(name_prefix, "experts");
+        let params = expert
+            .param_shapes(d, experts)
+            .into_iter()
+            .map(|p| {
+                Param::new(
+                    backend,
+                    dotted(&experts_prefix, &p.name),
+                    &p.shape,
+                    dtype,
+                    p.layout,
+                    p.init,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             router,
             expert,
@@ -117,53 +139,72 @@ impl MoeLayer {
         })
     }
 
-    /// A layer with random weights as DiT initialises its linears: router
-    /// weights and every expert matrix (a parameter of rank 3, `[E, out, in]`)
-    /// xavier-uniform per expert, vectors (biases, rank 2) zero.
+    /// A layer with random weights as DiT initialises its linears
+    /// ([`MoeLayer::initialise`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new_random<R: Rng + ?Sized>(
         router: Box<dyn Router>,
         expert: Box<dyn Expert>,
         d: usize,
         experts: usize,
+        backend: &dyn Backend,
+        dtype: DType,
+        name_prefix: &str,
         rng: &mut R,
     ) -> Result<Self> {
-        let w_router = xavier_uniform(rng, &[d, experts], d, experts);
-        let params = expert
-            .param_shapes(d, experts)
-            .iter()
-            .map(|p| match p.shape.as_slice() {
-                &[_, fan_out, fan_in] => xavier_uniform(rng, &p.shape, fan_in, fan_out),
-                _ => HostTensor::zeros(&p.shape),
-            })
-            .collect();
-        Self::new(router, expert, d, experts, w_router, params)
+        let mut layer = Self::new(router, expert, d, experts, backend, dtype, name_prefix)?;
+        layer.initialise(backend, rng)?;
+        Ok(layer)
     }
 
-    /// Expert parameters as slices, in `param_shapes` order.
-    pub fn param_slices(&self) -> Vec<&[f32]> {
-        self.params.iter().map(|p| p.data.as_slice()).collect()
+    /// Draws every weight: the router xavier-uniform, then each expert
+    /// parameter by its `init` (matrices xavier-uniform per expert, biases zero).
+    ///
+    /// The router is drawn in its memory order `[d, E]`, not the on-disk order
+    /// `Param::initialise` uses, because that is the order layers were always
+    /// drawn in: seeded models keep their values.
+    pub fn initialise<R: Rng + ?Sized>(&mut self, backend: &dyn Backend, rng: &mut R) -> Result<()> {
+        let (d, e) = (self.d, self.experts);
+        let a = (6.0 / (d + e) as f64).sqrt() as f32;
+        let w: Vec<f32> = (0..d * e).map(|_| rng.gen_range(-a..=a)).collect();
+        backend.write_f32(self.w_router.tensor.view_mut(), &w)?;
+        for p in &mut self.params {
+            p.initialise(backend, &mut &mut *rng)?;
+        }
+        Ok(())
     }
 
-    /// Forward with fresh buffers. x: [T, d] with `T = shape.tokens()`.
-    /// Returns out: [T, d] and the cache for backward.
-    pub fn forward(&self, backend: &dyn Backend, x: &[f32], shape: RouteShape) -> Result<(Vec<f32>, MoeCache)> {
-        let mut out = vec![0.0; x.len()];
-        let mut cache = MoeCache::default();
-        self.forward_into(backend, &mut out, &mut cache, x, shape)?;
-        Ok((out, cache))
+    /// Zeroed gradients for [`MoeLayer::backward`] to accumulate into.
+    pub fn zero_grads(&self, backend: &dyn Backend) -> Result<MoeGrads> {
+        Ok(MoeGrads {
+            dw_router: self.w_router.zeros_like(backend)?,
+            dparams: self
+                .params
+                .iter()
+                .map(|p| p.zeros_like(backend))
+                .collect::<Result<_>>()?,
+        })
     }
 
-    /// Forward into caller-owned buffers (reused across calls, so a steady
-    /// state allocates only the routing tables).
-    /// out: [T, d] (overwritten); cache: refilled; x: [T, d].
-    pub fn forward_into(
+    /// Expert parameters as views in their memory layout, in `param_shapes` order.
+    pub fn param_views(&self) -> Vec<TensorRef<'_>> {
+        self.params.iter().map(|p| p.tensor.view()).collect()
+    }
+
+    /// Forward. out: [T, d] (overwritten); cache: refilled for backward when
+    /// given, and at inference (`None`) nothing is kept; x: [T, d] with
+    /// `T = shape.tokens()`.
+    ///
+    /// Returns the routing, on the backend: its statistics cost a download
+    /// only when asked for ([`DeviceRouting::stats`]).
+    pub fn forward(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        cache: &mut MoeCache,
-        x: &[f32],
+        mut out: TensorMut<'_>,
+        cache: Option<&mut MoeCache>,
+        x: TensorRef<'_>,
         shape: RouteShape,
-    ) -> Result<()> {
+    ) -> Result<Arc<DeviceRouting>> {
         const OP: &str = "MoeLayer::forward";
         let (d, e_count) = (self.d, self.experts);
         if shape.experts != e_count {
@@ -174,137 +215,245 @@ impl MoeLayer {
             ));
         }
         let t_count = shape.tokens();
-        check_len(OP, "x", x.len(), t_count * d)?;
-        check_len(OP, "out", out.len(), t_count * d)?;
+        x.expect_len(OP, "x [tokens, d]", t_count * d)?;
+        out.expect_len(OP, "out [tokens, d]", t_count * d)?;
+        let act_dtype = x.dtype();
+        let mut cache = cache;
+        if let Some(c) = cache.as_mut() {
+            // A forward that fails half-way must not leave a cache that looks whole.
+            c.shape = None;
+            c.routing = None;
+        }
 
         // scores = x @ w_router   ([T, d] @ [d, E])
-        cache.scores.resize(t_count * e_count, 0.0);
+        let mut scores = reuse(
+            backend,
+            cache.as_mut().and_then(|c| c.scores.take()),
+            &[t_count, e_count],
+            DType::F32,
+        )?;
         backend.gemm(
-            &mut cache.scores,
+            scores.view_mut(),
             x,
-            &self.w_router.data,
+            self.w_router.tensor.view(),
+            None,
             GemmDims::nn(t_count, e_count, d),
             1.0,
             0.0,
         )?;
         // routing = router(scores)
-        cache.routing = self.router.route(&cache.scores, shape)?;
-        cache.shape = Some(shape);
-        let dispatch = &cache.routing.dispatch;
-        let who = format!("router '{}'", self.router.kind());
-        if dispatch.experts != e_count || dispatch.tokens_total != t_count {
-            return Err(EngineError::Other(format!(
-                "{who}: dispatch is for {} experts and {} tokens, expected {e_count} and {t_count}",
-                dispatch.experts, dispatch.tokens_total
-            )));
-        }
-        dispatch.validate(&who)?;
-        let slots = dispatch.slots();
+        let routing = self.router.route_on(backend, scores.view(), shape)?;
+        self.check_routing(&routing, t_count)?;
+        let slots = routing.slots();
 
         // xs[s] = x[token[s]]
-        cache.xs.resize(slots * d, 0.0);
-        backend.gather_rows(&mut cache.xs, x, &dispatch.tokens, d)?;
+        let mut xs = reuse(
+            backend,
+            cache.as_mut().and_then(|c| c.xs.take()),
+            &[slots, d],
+            act_dtype,
+        )?;
+        backend.gather_rows(xs.view_mut(), x, routing.tokens.view(), d)?;
         // ys = experts(xs)
-        cache.ys.resize(slots * d, 0.0);
+        let mut ys = reuse(
+            backend,
+            cache.as_mut().and_then(|c| c.ys.take()),
+            &[slots, d],
+            act_dtype,
+        )?;
         self.expert.forward(
             backend,
-            &mut cache.ys,
-            &mut cache.expert,
-            &cache.xs,
-            &self.param_slices(),
-            &dispatch.offsets,
+            ys.view_mut(),
+            cache.as_mut().map(|c| &mut c.expert),
+            xs.view(),
+            &self.param_views(),
+            &routing.offsets,
             d,
         )?;
         // out[token[s]] += gate[s] * ys[s]
-        out.fill(0.0);
-        backend.scatter_add_rows(out, &cache.ys, &dispatch.tokens, Some(&dispatch.gates), d)?;
+        backend.fill(out.reborrow(), 0.0)?;
+        backend.scatter_add_rows(out, ys.view(), routing.tokens.view(), Some(routing.gates.view()), d)?;
+
+        let routing = Arc::new(routing);
+        if let Some(c) = cache {
+            c.shape = Some(shape);
+            c.scores = Some(scores);
+            c.routing = Some(routing.clone());
+            c.xs = Some(xs);
+            c.ys = Some(ys);
+        }
+        Ok(routing)
+    }
+
+    /// Checks a router's output against the layer; a host routing (a router
+    /// without a device path, e.g. a plugin) is validated in full.
+    fn check_routing(&self, routing: &DeviceRouting, t_count: usize) -> Result<()> {
+        let who = format!("router '{}'", self.router.kind());
+        let e_count = self.experts;
+        if routing.experts != e_count || routing.tokens_total != t_count {
+            return Err(EngineError::Other(format!(
+                "{who}: dispatch is for {} experts and {} tokens, expected {e_count} and {t_count}",
+                routing.experts, routing.tokens_total
+            )));
+        }
+        let offsets = &routing.offsets;
+        if offsets.len() != e_count + 1 || offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
+            return Err(EngineError::Other(format!(
+                "{who}: invalid dispatch: expected {} monotone offsets from 0, got {offsets:?}",
+                e_count + 1
+            )));
+        }
+        let slots = routing.slots();
+        routing
+            .tokens
+            .view()
+            .expect_dtype(&who, "dispatch tokens", DType::U32)?;
+        routing.tokens.view().expect_len(&who, "dispatch tokens", slots)?;
+        routing.gates.view().expect_dtype(&who, "dispatch gates", DType::F32)?;
+        routing.gates.view().expect_len(&who, "dispatch gates", slots)?;
+        if let Some(host) = &routing.host {
+            host.dispatch.validate(&who)?;
+        }
         Ok(())
     }
 
-    /// Backward of [`MoeLayer::forward`]. `grad_aux` is the loss weight of the
-    /// router's auxiliary loss (`d loss / d aux`; 0 when it is not trained on).
-    /// cache: from the forward of `x`; x: [T, d]; dout: [T, d].
+    /// Backward of [`MoeLayer::forward`]. dx: [T, d] (overwritten); grads:
+    /// accumulated into; cache: from the forward of `x`; x, dout: [T, d].
+    /// `grad_aux` is the loss weight of the router's auxiliary loss
+    /// (`d loss / d aux`; 0 when it is not trained on).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         backend: &dyn Backend,
+        mut dx: TensorMut<'_>,
+        grads: &mut MoeGrads,
         cache: &MoeCache,
-        x: &[f32],
-        dout: &[f32],
+        x: TensorRef<'_>,
+        dout: TensorRef<'_>,
         grad_aux: f32,
-    ) -> Result<MoeGrads> {
+    ) -> Result<()> {
         const OP: &str = "MoeLayer::backward";
         let (d, e_count) = (self.d, self.experts);
-        let shape = cache
-            .shape
-            .ok_or_else(|| EngineError::Other(format!("{OP}: the cache holds no forward pass")))?;
+        let no_forward = || EngineError::Other(format!("{OP}: the cache holds no forward pass"));
+        let shape = cache.shape.ok_or_else(no_forward)?;
+        let (Some(scores), Some(routing), Some(xs), Some(ys)) = (&cache.scores, &cache.routing, &cache.xs, &cache.ys)
+        else {
+            return Err(no_forward());
+        };
         let t_count = shape.tokens();
-        check_len(OP, "x", x.len(), t_count * d)?;
-        check_len(OP, "dout", dout.len(), t_count * d)?;
-        let dispatch = &cache.routing.dispatch;
-        let slots = dispatch.slots();
-        check_len(OP, "cache ys", cache.ys.len(), slots * d)?;
+        x.expect_len(OP, "x [tokens, d]", t_count * d)?;
+        dout.expect_len(OP, "dout [tokens, d]", t_count * d)?;
+        dx.expect_len(OP, "dx [tokens, d]", t_count * d)?;
+        grads
+            .dw_router
+            .view()
+            .expect_len(OP, "grads.dw_router [d, E]", d * e_count)?;
+        if grads.dparams.len() != self.params.len() {
+            return Err(EngineError::shape(
+                format!("{OP} (grads.dparams)"),
+                format!("{} tensors", self.params.len()),
+                format!("{} tensors", grads.dparams.len()),
+            ));
+        }
+        let slots = routing.slots();
+        ys.view().expect_len(OP, "cache ys", slots * d)?;
+        let (tokens, gates) = (routing.tokens.view(), routing.gates.view());
 
         // Backward of the combine `out[token[s]] += gate[s] * ys[s]`:
         // grad_gate[s] = <dout[token[s]], ys[s]>, dys[s] = gate[s] * dout[token[s]].
-        let mut grad_gates = vec![0.0f32; slots];
-        let mut dys = vec![0.0f32; slots * d];
-        for (s, (&t, &gate)) in dispatch.tokens.iter().zip(&dispatch.gates).enumerate() {
-            let t = t as usize;
-            let dout_t = &dout[t * d..(t + 1) * d];
-            let ys_s = &cache.ys[s * d..(s + 1) * d];
-            grad_gates[s] = dout_t.iter().zip(ys_s).map(|(a, b)| a * b).sum();
-            for (o, &g) in dys[s * d..(s + 1) * d].iter_mut().zip(dout_t) {
-                *o = gate * g;
-            }
-        }
+        let mut grad_gates = backend.zeros(&[slots], DType::F32)?;
+        backend.gather_dot(grad_gates.view_mut(), dout, tokens, ys.view(), d)?;
+        // dxs first holds dout[token[s]]; the expert backward overwrites it.
+        let mut dxs = backend.zeros(&[slots, d], ys.dtype())?;
+        backend.gather_rows(dxs.view_mut(), dout, tokens, d)?;
+        let mut dys = backend.zeros(&[slots, d], ys.dtype())?;
+        // Rows scaled by their gate: `gated_residual` with one channel, the d
+        // columns as its tokens and the gates as a [S, 1] modulation, is
+        // exactly `dys[s, c] += gates[s] * dxs[s, c]` (dys starts at 0).
+        backend.gated_residual(
+            dys.view_mut(),
+            dxs.view(),
+            gates.reshape(&[slots, 1])?,
+            ModChunks {
+                chunks: 1,
+                first: 0,
+                second: 0,
+            },
+            RowDims {
+                batch: slots,
+                tokens: d,
+                d: 1,
+            },
+        )?;
         // Backward of `ys = experts(xs)`.
-        let mut dparams: Vec<HostTensor> = self.params.iter().map(|p| HostTensor::zeros(&p.shape)).collect();
-        let mut dxs = vec![0.0f32; slots * d];
         {
-            let mut dparam_slices: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.data.as_mut_slice()).collect();
+            let mut dparams: Vec<TensorMut<'_>> = grads.dparams.iter_mut().map(|t| t.view_mut()).collect();
             self.expert.backward(
                 backend,
-                &mut dxs,
-                &mut dparam_slices,
-                &dys,
+                dxs.view_mut(),
+                &mut dparams,
+                dys.view(),
                 &cache.expert,
-                &cache.xs,
-                &self.param_slices(),
-                &dispatch.offsets,
+                xs.view(),
+                &self.param_views(),
+                &routing.offsets,
                 d,
             )?;
         }
         drop(dys);
         // Backward of `routing = router(scores)`: gate (and aux) grads -> logit grads.
-        let mut dscores = vec![0.0f32; t_count * e_count];
-        self.router
-            .backward(&cache.routing, &cache.scores, &grad_gates, grad_aux, &mut dscores)?;
+        let mut dscores = backend.zeros(&[t_count, e_count], DType::F32)?;
+        self.router.backward_on(
+            backend,
+            routing,
+            scores.view(),
+            grad_gates.view(),
+            grad_aux,
+            dscores.view_mut(),
+        )?;
         // Backward of `scores = x @ w_router`.
-        // dw_router = x^T @ dscores   ([d, T] @ [T, E])
-        let mut dw_router = vec![0.0f32; d * e_count];
-        backend.gemm(&mut dw_router, x, &dscores, GemmDims::tn(d, e_count, t_count), 1.0, 0.0)?;
-        // dx = dscores @ w_router^T   ([T, E] @ [E, d])
-        let mut dx = vec![0.0f32; t_count * d];
+        // dw_router += x^T @ dscores   ([d, T] @ [T, E])
         backend.gemm(
-            &mut dx,
-            &dscores,
-            &self.w_router.data,
+            grads.dw_router.view_mut(),
+            x,
+            dscores.view(),
+            None,
+            GemmDims::tn(d, e_count, t_count),
+            1.0,
+            1.0,
+        )?;
+        // dx = dscores @ w_router^T   ([T, E] @ [E, d])
+        backend.gemm(
+            dx.reborrow(),
+            dscores.view(),
+            self.w_router.tensor.view(),
+            None,
             GemmDims::nt(t_count, d, e_count),
             1.0,
             0.0,
         )?;
         // Backward of the gather `xs[s] = x[token[s]]`.
-        backend.scatter_add_rows(&mut dx, &dxs, &dispatch.tokens, None, d)?;
-        Ok(MoeGrads { dx, dw_router, dparams })
+        backend.scatter_add_rows(dx, dxs.view(), tokens, None, d)
     }
 }
 
-/// Xavier-uniform `U(-a, a)`, `a = sqrt(6 / (fan_in + fan_out))`.
-fn xavier_uniform<R: Rng + ?Sized>(rng: &mut R, shape: &[usize], fan_in: usize, fan_out: usize) -> HostTensor {
-    let a = (6.0 / (fan_in + fan_out).max(1) as f64).sqrt() as f32;
-    let n: usize = shape.iter().product();
-    HostTensor {
-        shape: shape.to_vec(),
-        data: (0..n).map(|_| rng.gen_range(-a..=a)).collect(),
+impl Params for MoeLayer {
+    fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
+        out.push(&self.w_router);
+        out.extend(self.params.iter());
+    }
+
+    fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+        out.push(&mut self.w_router);
+        out.extend(self.params.iter_mut());
+    }
+}
+
+/// `old` when it already has `dims` and `dtype` (a cache reused across
+/// steps), else a fresh zeroed tensor. Callers overwrite every element.
+fn reuse(backend: &dyn Backend, old: Option<Tensor>, dims: &[usize], dtype: DType) -> Result<Tensor> {
+    match old {
+        Some(t) if t.shape() == dims && t.dtype() == dtype => Ok(t),
+        _ => backend.zeros(dims, dtype),
     }
 }

@@ -32,6 +32,8 @@ pub enum Init {
     Normal(f32),
     /// All zeros (biases, adaLN modulation, final layer: blocks start as identity).
     Zeros,
+    /// All ones (LayerNorm weights of the text encoder: the norm starts as identity).
+    Ones,
     /// Computed, not drawn, and never trained (the sin-cos position table):
     /// initialisation leaves it as its owner set it.
     Fixed,
@@ -45,6 +47,10 @@ pub enum Layout {
     /// The last two axes swapped: a `[.., out, in]` weight held `[.., in, out]`
     /// (input-major), so `y = x @ W` reads it without repacking.
     InputMajor,
+    /// A fused `[k * out, in]` weight (attention's qkv, kv) held `[k, in, out]`:
+    /// each of the k output chunks input-major and contiguous, so each part
+    /// (q, k, v) is its own plain `x @ W_j` into its own contiguous output.
+    InputMajorChunks(usize),
 }
 
 /// A named parameter tensor.
@@ -73,12 +79,21 @@ impl Param {
         init: Init,
     ) -> Result<Self> {
         let name = name.into();
-        if layout == Layout::InputMajor && shape.len() < 2 {
+        if layout != Layout::AsStored && shape.len() < 2 {
             return Err(EngineError::shape(
                 format!("parameter '{name}'"),
                 "at least 2 dimensions for an input-major layout",
                 format!("{shape:?}"),
             ));
+        }
+        if let Layout::InputMajorChunks(k) = layout {
+            if shape.len() != 2 || k == 0 || !shape[0].is_multiple_of(k) {
+                return Err(EngineError::shape(
+                    format!("parameter '{name}'"),
+                    format!("a [k * out, in] matrix with k = {k}"),
+                    format!("{shape:?}"),
+                ));
+            }
         }
         let tensor = backend.zeros(&memory_shape(shape, layout), dtype)?;
         Ok(Self {
@@ -111,6 +126,7 @@ impl Param {
         let mut data = vec![0.0f32; self.numel()];
         match self.init {
             Init::Zeros => {}
+            Init::Ones => data.fill(1.0),
             Init::Fixed => return Ok(()),
             Init::Normal(std) => {
                 let normal = Normal::new(0.0f32, std).map_err(|e| {
@@ -142,6 +158,10 @@ impl Param {
                 let swapped = swap_last_two(upstream, &self.shape);
                 backend.write_f32(self.tensor.view_mut(), &swapped)
             }
+            Layout::InputMajorChunks(k) => {
+                let swapped = swap_last_two(upstream, &[k, self.shape[0] / k, self.shape[1]]);
+                backend.write_f32(self.tensor.view_mut(), &swapped)
+            }
         }
     }
 
@@ -150,7 +170,7 @@ impl Param {
         let mem = backend.read_f32(self.tensor.view())?;
         Ok(match self.layout {
             Layout::AsStored => mem,
-            Layout::InputMajor => swap_last_two(&mem, &self.memory_shape()),
+            Layout::InputMajor | Layout::InputMajorChunks(_) => swap_last_two(&mem, &self.memory_shape()),
         })
     }
 
@@ -162,9 +182,13 @@ impl Param {
 
 fn memory_shape(shape: &[usize], layout: Layout) -> Vec<usize> {
     let mut s = shape.to_vec();
-    if layout == Layout::InputMajor {
-        let n = s.len();
-        s.swap(n - 2, n - 1);
+    match layout {
+        Layout::AsStored => {}
+        Layout::InputMajor => {
+            let n = s.len();
+            s.swap(n - 2, n - 1);
+        }
+        Layout::InputMajorChunks(k) => s = vec![k, shape[1], shape[0] / k],
     }
     s
 }
@@ -205,5 +229,7 @@ mod tests {
         assert_eq!(t, vec![0., 3., 1., 4., 2., 5., 6., 9., 7., 10., 8., 11.]);
         assert_eq!(swap_last_two(&t, &[2, 3, 2]), data);
         assert_eq!(memory_shape(&[4, 2, 3], Layout::InputMajor), vec![4, 3, 2]);
+        // A fused [3 * 2, 4] weight: three [4, 2] input-major chunks.
+        assert_eq!(memory_shape(&[6, 4], Layout::InputMajorChunks(3)), vec![3, 4, 2]);
     }
 }

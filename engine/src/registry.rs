@@ -266,9 +266,9 @@ impl Registry {
     pub(crate) fn backend_factories(&self) -> Vec<(ComponentInfo, Factory<Box<dyn Backend>>)> {
         self.backends.with_factories()
     }
-    /// Kinds of the registered experts (not exported across the plugin ABI v1).
-    pub(crate) fn expert_kinds(&self) -> Vec<String> {
-        self.experts.entries.keys().cloned().collect()
+    /// Experts with their factories, for the plugin exporter (ABI 2).
+    pub(crate) fn expert_factories(&self) -> Vec<(ComponentInfo, Factory<Box<dyn Expert>>)> {
+        self.experts.with_factories()
     }
 
     /// Everything registered, by family then kind.

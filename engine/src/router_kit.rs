@@ -9,13 +9,19 @@
 //! - respect its expert capacity per routing group, when it declares one;
 //! - be deterministic: the same scores give the same bits, across instances;
 //! - have a backward that matches central finite differences of
-//!   `L = sum_s w_s gate_s + a * aux` wherever the discrete selection does not change.
+//!   `L = sum_s w_s gate_s + a * aux` wherever the discrete selection does not change;
+//! - on a backend ([`check_router_contract_on`]): route with `route_on` to
+//!   the bits of `route` (dispatch, gates, probabilities, aux loss, group
+//!   size), and have a `backward_on` that gives the values of `backward`.
 //!
-//! Use [`check_router_contract`] from a test, or stamp a test out with
-//! [`router_conformance!`](crate::router_conformance).
+//! Use [`check_router_contract`] (or [`check_router_contract_on`]) from a
+//! test, or stamp a test out with [`router_conformance!`](crate::router_conformance).
 
+use crate::backend::Backend;
+use crate::dtype::DType;
 use crate::router::{expert_capacity, RouteShape, Router, Routing};
 use crate::routing_stats::RoutingStats;
+use crate::transfer::BackendExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -69,6 +75,26 @@ impl ContractConfig {
 /// Runs the contract on routers made by `make`; the error describes the first
 /// violation and the (shrunk) case that shows it.
 pub fn check_router_contract(make: impl Fn() -> Box<dyn Router>, config: &ContractConfig) -> Result<(), String> {
+    run_contract(&make, config, None)
+}
+
+/// [`check_router_contract`], and on every case the router's backend path on
+/// `backend` against its host path: `route_on` must give the bits of `route`,
+/// `backward_on` the values of `backward` (to f32 rounding: the backend may
+/// sum in another order).
+pub fn check_router_contract_on(
+    make: impl Fn() -> Box<dyn Router>,
+    config: &ContractConfig,
+    backend: &dyn Backend,
+) -> Result<(), String> {
+    run_contract(&make, config, Some(backend))
+}
+
+fn run_contract(
+    make: &dyn Fn() -> Box<dyn Router>,
+    config: &ContractConfig,
+    backend: Option<&dyn Backend>,
+) -> Result<(), String> {
     let mut proptest_config = Config {
         failure_persistence: None,
         ..Config::default()
@@ -96,7 +122,14 @@ pub fn check_router_contract(make: impl Fn() -> Box<dyn Router>, config: &Contra
         });
     runner
         .run(&strategy, |(shape, scores, weights, aux_weight, pick)| {
-            check_case(&*router, &make, config, shape, &scores, &weights, aux_weight, pick)
+            let case = Case {
+                shape,
+                scores: &scores,
+                weights: &weights,
+                aux_weight,
+                pick,
+            };
+            check_case(&*router, make, config, backend, &case)
         })
         .map_err(|e| format!("router '{}' breaks the router contract: {e}", router.kind()))
 }
@@ -105,21 +138,48 @@ fn fail(msg: String) -> TestCaseError {
     TestCaseError::fail(msg)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One drawn case: a shape, its scores, gate-gradient weights, the aux
+/// weight, and a seed picking the coordinates to probe.
+struct Case<'a> {
+    shape: RouteShape,
+    scores: &'a [f32],
+    weights: &'a [f32],
+    aux_weight: f32,
+    pick: u64,
+}
+
 fn check_case(
     router: &dyn Router,
     make: &dyn Fn() -> Box<dyn Router>,
     config: &ContractConfig,
-    shape: RouteShape,
-    scores: &[f32],
-    weights: &[f32],
-    aux_weight: f32,
-    pick: u64,
+    backend: Option<&dyn Backend>,
+    case: &Case<'_>,
 ) -> Result<(), TestCaseError> {
+    let &Case {
+        shape,
+        scores,
+        weights,
+        aux_weight,
+        pick,
+    } = case;
     let routing = match router.route(scores, shape) {
         Ok(r) => r,
-        // A shape the router's groups cannot split is a clean refusal.
-        Err(crate::EngineError::BadParam { .. }) => return Ok(()),
+        // A shape the router's groups cannot split is a clean refusal, on
+        // the backend too.
+        Err(crate::EngineError::BadParam { .. }) => {
+            if let Some(be) = backend {
+                let t = be
+                    .upload_f32(&[shape.tokens(), shape.experts], scores, DType::F32)
+                    .map_err(|e| fail(e.to_string()))?;
+                if router.route_on(be, t.view(), shape).is_ok() {
+                    return Err(fail(format!(
+                        "route refused {shape:?} but route_on on backend '{}' routed it",
+                        be.name()
+                    )));
+                }
+            }
+            return Ok(());
+        }
         Err(e) => return Err(fail(format!("route failed on {shape:?}: {e}"))),
     };
     check_structure(&routing, shape, config)?;
@@ -131,6 +191,10 @@ fn check_case(
         if !same_bits(&routing, other) {
             return Err(fail(format!("{what} routed the same scores differently")));
         }
+    }
+
+    if let Some(be) = backend {
+        check_on_backend(router, be, case, &routing)?;
     }
 
     if config.fd_coords > 0 {
@@ -198,6 +262,63 @@ fn check_structure(routing: &Routing, shape: RouteShape, config: &ContractConfig
                     "expert {e} took {n} tokens of group {grp}, capacity {cap}"
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// `route_on` against `route` (bit for bit) and `backward_on` against
+/// `backward` (to rounding) on `backend`.
+fn check_on_backend(
+    router: &dyn Router,
+    be: &dyn Backend,
+    case: &Case<'_>,
+    routing: &Routing,
+) -> Result<(), TestCaseError> {
+    let shape = case.shape;
+    let on = |e: crate::EngineError| fail(format!("on backend '{}' with {shape:?}: {e}", be.name()));
+    let scores = be
+        .upload_f32(&[shape.tokens(), shape.experts], case.scores, DType::F32)
+        .map_err(on)?;
+    let device = router.route_on(be, scores.view(), shape).map_err(on)?;
+    let back = device.to_host(be).map_err(on)?;
+    if !same_bits(routing, &back) || back.group_size != routing.group_size {
+        return Err(fail(format!(
+            "route_on on backend '{}' differs from route on {shape:?}:\n  route:    {:?}\n  route_on: {:?}",
+            be.name(),
+            routing.dispatch,
+            back.dispatch
+        )));
+    }
+    if back.stats != routing.stats {
+        return Err(fail(format!(
+            "route_on on backend '{}' reports other statistics than route",
+            be.name()
+        )));
+    }
+
+    let slots = routing.dispatch.slots();
+    if slots > case.weights.len() {
+        return Ok(()); // more slots than weights drawn; as in check_backward
+    }
+    let grad_gates = &case.weights[..slots];
+    let mut want = vec![0.0f32; case.scores.len()];
+    router
+        .backward(routing, case.scores, grad_gates, case.aux_weight, &mut want)
+        .map_err(|e| fail(format!("backward failed: {e}")))?;
+    let gg = be.upload_f32(&[slots], grad_gates, DType::F32).map_err(on)?;
+    let mut grad = be.zeros(&[shape.tokens(), shape.experts], DType::F32).map_err(on)?;
+    router
+        .backward_on(be, &device, scores.view(), gg.view(), case.aux_weight, grad.view_mut())
+        .map_err(on)?;
+    let got = be.read_f32(grad.view()).map_err(on)?;
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let close = (g - w).abs() <= 1e-6 + 1e-4 * w.abs(); // false for NaN too
+        if !close {
+            return Err(fail(format!(
+                "d loss / d score[{i}]: backward_on on backend '{}' gives {g}, backward {w} (shape {shape:?})",
+                be.name()
+            )));
         }
     }
     Ok(())
@@ -306,11 +427,14 @@ fn central_difference(
 }
 
 /// Stamps out a `#[test]` running [`check_router_contract`] on a router built
-/// from a JSON spec by a registry expression.
+/// from a JSON spec by a registry expression; with a trailing `on backend`,
+/// [`check_router_contract_on`] on that backend.
 ///
 /// ```ignore
 /// ecdit_engine::router_conformance!(expert_choice_contract, registry(), {"kind": "expert-choice"},
 ///     ecdit_engine::router_kit::ContractConfig::with_capacity(2.0));
+/// ecdit_engine::router_conformance!(expert_choice_on_cpu, registry(), {"kind": "expert-choice"},
+///     ecdit_engine::router_kit::ContractConfig::with_capacity(2.0), on CpuBackend::new(1).unwrap());
 /// ```
 #[macro_export]
 macro_rules! router_conformance {
@@ -333,6 +457,22 @@ macro_rules! router_conformance {
                     .unwrap_or_else(|e| panic!("cannot build {spec}: {e}"))
             };
             if let Err(e) = $crate::router_kit::check_router_contract(make, &$config) {
+                panic!("{e}");
+            }
+        }
+    };
+    ($name:ident, $registry:expr, $spec:tt, $config:expr, on $backend:expr) => {
+        #[test]
+        fn $name() {
+            let registry = $registry;
+            let backend = $backend;
+            let spec = $crate::router_kit::serde_json::json!($spec);
+            let make = || {
+                registry
+                    .router(&spec)
+                    .unwrap_or_else(|e| panic!("cannot build {spec}: {e}"))
+            };
+            if let Err(e) = $crate::router_kit::check_router_contract_on(make, &$config, &backend) {
                 panic!("{e}");
             }
         }

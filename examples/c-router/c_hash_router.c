@@ -1,5 +1,10 @@
 /*
- * c-hash: a router in plain C against ecdit_plugin.h.
+ * c-hash: a router in plain C against ecdit_plugin.h (ABI 2). The same file
+ * against the frozen ecdit_plugin_v1.h is engine/tests/fixtures/v1_hash_router.c;
+ * both load into an ABI 2 host and route identically. The optional ABI 2
+ * router slots (couples_samples, check_tokens_per_sample) are left NULL, so
+ * their defaults apply: the hash reads global row indices, so a sample's
+ * routing does depend on its batch.
  *
  * Token t goes to exactly one expert, chosen by hashing its row index with a
  * seed (balanced in expectation, blind to the scores); its gate is the router

@@ -7,9 +7,9 @@
 
 mod plugin_common;
 
-use ecdit_engine::{Backend, Family, Registry, RouteShape, RoutingStats};
+use ecdit_engine::{Backend, BackendExt, Family, Init, Registry, RouteShape, Routing, RoutingStats};
 use ecdit_model::config::ModelConfig;
-use ecdit_model::model::{Condition, ForwardOutput, Model, ModelActs, TextInput};
+use ecdit_model::model::{Condition, ForwardOptions, ForwardOutput, Model, ModelActs, TextInput};
 use plugin_common::bits;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -36,7 +36,8 @@ fn cases(default: u32) -> ProptestConfig {
 // ---------------------------------------------------------------------------
 // Registries
 
-/// Which component families come from the shipped plugin libraries.
+/// Which component families come from the shipped plugin libraries (the
+/// routers plugin carries the experts).
 #[derive(Clone, Copy, Debug)]
 struct Swap {
     routers: bool,
@@ -84,10 +85,8 @@ fn swapped_registry(swap: Swap) -> &'static Registry {
         if swap.backend {
             load("ecdit-backend-cpu-plugin");
         }
-        if swap.routers {
-            // Experts are not part of plugin ABI v1: always linked statically.
-            ecdit_routers::experts::register(&mut reg).expect("experts");
-        } else {
+        // The routers plugin brings the experts too (plugin ABI v2 carries them).
+        if !swap.routers {
             ecdit_routers::register(&mut reg).expect("routers");
         }
         if !swap.schedulers {
@@ -102,7 +101,7 @@ fn swapped_registry(swap: Swap) -> &'static Registry {
                 Family::Router => swap.routers,
                 Family::Scheduler => swap.schedulers,
                 Family::Backend => swap.backend,
-                Family::Expert => false,
+                Family::Expert => swap.routers,
             };
             assert_eq!(
                 c.origin != "builtin",
@@ -184,8 +183,14 @@ fn build(config: &ModelConfig, registry: &Registry, seed: u64) -> Model {
         Err(e) => panic!("building {}: {e}", serde_json::to_string(config).unwrap_or_default()),
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let be = model.backend_arc().clone();
     for p in model.params_mut() {
-        p.data.iter_mut().for_each(|v| *v = rng.gen_range(-0.3..0.3));
+        // Dense parameters only: MoE layers keep their draws, pos_embed is fixed.
+        if p.init == Init::Fixed || p.name.contains(".moe.") {
+            continue;
+        }
+        let values: Vec<f32> = (0..p.numel()).map(|_| rng.gen_range(-0.3..0.3)).collect();
+        p.load(be.as_ref(), &values).expect("load a parameter");
     }
     model
 }
@@ -240,10 +245,21 @@ impl Inputs {
 /// The forward, keeping every block's activations (MoE dispatches included).
 fn forward(model: &Model, acts: &mut ModelActs, inputs: &Inputs, t: &[f32]) -> ForwardOutput {
     let config = model.config();
-    match model.forward_acts(acts, &inputs.x, t, inputs.condition(config)) {
+    let opts = ForwardOptions::training().with_stats();
+    match model.forward(acts, &inputs.x, t, inputs.condition(config), opts) {
         Ok(out) => out,
         Err(e) => panic!("forward of {}: {e}", serde_json::to_string(config).unwrap_or_default()),
     }
+}
+
+/// The routing block `i`'s MoE layer kept, on the host (a download).
+fn host_routing(model: &Model, acts: &ModelActs, i: usize) -> Routing {
+    let routing = acts.blocks[i]
+        .moe
+        .routing
+        .as_ref()
+        .expect("a MoE block keeps its routing");
+    routing.to_host(model.backend()).expect("download the routing")
 }
 
 fn moe_blocks(config: &ModelConfig) -> Vec<usize> {
@@ -319,10 +335,10 @@ proptest! {
         prop_assert_eq!(sched_a.spec(), sched_b.spec());
 
         // The first sampling step: times, the network's timestep, the forward, the update.
-        let times = sched_a.sampling_times(steps);
-        prop_assert_eq!(bits(&times), bits(&sched_b.sampling_times(steps)));
-        let t_a = vec![sched_a.model_time(times[0]); batch];
-        let t_b = vec![sched_b.model_time(times[0]); batch];
+        let times = sched_a.sampling_times(steps).expect("static times");
+        prop_assert_eq!(bits(&times), bits(&sched_b.sampling_times(steps).expect("plugin times")));
+        let t_a = vec![sched_a.model_time(times[0]).expect("static model time"); batch];
+        let t_b = vec![sched_b.model_time(times[0]).expect("plugin model time"); batch];
         prop_assert_eq!(bits(&t_a), bits(&t_b));
         let inputs = Inputs::new(batch, seed.wrapping_add(1));
         let (mut acts_a, mut acts_b) = (ModelActs::default(), ModelActs::default());
@@ -338,7 +354,8 @@ proptest! {
         prop_assert_eq!(&indices, &blocks);
         prop_assert_eq!(&out_a.routing, &out_b.routing);
         for &i in &blocks {
-            let (ra, rb) = (&acts_a.blocks[i].moe.routing, &acts_b.blocks[i].moe.routing);
+            let (ra, rb) = (host_routing(&model_a, &acts_a, i), host_routing(&model_b, &acts_b, i));
+            let (ra, rb) = (&ra, &rb);
             prop_assert_eq!(&ra.dispatch.offsets, &rb.dispatch.offsets, "block {}", i);
             prop_assert_eq!(&ra.dispatch.tokens, &rb.dispatch.tokens, "block {}", i);
             prop_assert_eq!(bits(&ra.dispatch.gates), bits(&rb.dispatch.gates), "block {}", i);
@@ -362,6 +379,7 @@ proptest! {
 /// with its router probability as the gate (both examples promise that).
 /// Returns each MoE block's token lists per expert.
 fn check_one_expert_per_token(
+    model: &Model,
     config: &ModelConfig,
     out: &ForwardOutput,
     acts: &ModelActs,
@@ -380,7 +398,11 @@ fn check_one_expert_per_token(
     let mut lists = Vec::new();
     for (i, stats) in &out.routing {
         let cache = &acts.blocks[*i].moe;
-        let r = &cache.routing;
+        let r = &host_routing(model, acts, *i);
+        let scores = model
+            .backend()
+            .read_f32(cache.scores.as_ref().expect("router scores kept").view())
+            .expect("read scores");
         let shape = RouteShape {
             samples: batch,
             tokens_per_sample: TOKENS,
@@ -398,7 +420,7 @@ fn check_one_expert_per_token(
         }
         assert_eq!(r.probs.len(), tokens * experts, "block {i}: probabilities");
         // probs = softmax of the router logits the block computed.
-        for (t, (p_row, s_row)) in r.probs.chunks(experts).zip(cache.scores.chunks(experts)).enumerate() {
+        for (t, (p_row, s_row)) in r.probs.chunks(experts).zip(scores.chunks(experts)).enumerate() {
             let max = s_row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let sum: f32 = s_row.iter().map(|&s| (s - max).exp()).sum();
             for (e, (&p, &s)) in p_row.iter().zip(s_row).enumerate() {
@@ -433,7 +455,11 @@ fn check_one_expert_per_token(
     }
     // The MoE blocks see different inputs, so a score-blind router is the
     // only reason for identical dispatches below.
-    let scores: Vec<_> = blocks.iter().map(|&i| bits(&acts.blocks[i].moe.scores)).collect();
+    let read = |i: usize| {
+        let t = acts.blocks[i].moe.scores.as_ref().expect("router scores kept");
+        model.backend().read_f32(t.view()).expect("read scores")
+    };
+    let scores: Vec<_> = blocks.iter().map(|&i| bits(&read(i))).collect();
     assert!(
         scores.windows(2).all(|w| w[0] != w[1]),
         "two MoE blocks saw the same scores"
@@ -450,7 +476,7 @@ fn third_party_forward(router: Value, experts: usize, batch: usize, seed: u64) -
     let t = vec![0.5; batch];
     let mut acts = ModelActs::default();
     let out = forward(&model, &mut acts, &inputs, &t);
-    let lists = check_one_expert_per_token(&config, &out, &acts, batch);
+    let lists = check_one_expert_per_token(&model, &config, &out, &acts, batch);
     // Deterministic: a second forward gives the same bits.
     let again = forward(&model, &mut ModelActs::default(), &inputs, &t);
     assert_eq!(bits(&out.out), bits(&again.out));

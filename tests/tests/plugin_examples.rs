@@ -27,6 +27,9 @@ fn moe_forward(reg: &Registry, router: &Value) -> RoutingStats {
         reg.expert(&json!("gelu-mlp")).unwrap(),
         d,
         experts,
+        &*backend,
+        DType::F32,
+        "moe",
         &mut rng,
     )
     .unwrap();
@@ -35,16 +38,31 @@ fn moe_forward(reg: &Registry, router: &Value) -> RoutingStats {
         tokens_per_sample: 12,
         experts,
     };
-    let x: Vec<f32> = (0..shape.tokens() * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let (out, cache) = layer.forward(&*backend, &x, shape).unwrap();
-    assert!(out.iter().all(|v| v.is_finite()));
-    assert!(out.iter().any(|&v| v != 0.0), "every token got zero output");
-    let grads = layer.backward(&*backend, &cache, &x, &out, 0.0).unwrap();
+    let n = shape.tokens() * d;
+    let x_host: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let x = backend.upload_f32(&[shape.tokens(), d], &x_host, DType::F32).unwrap();
+    let mut out = backend.zeros(&[shape.tokens(), d], DType::F32).unwrap();
+    let mut cache = MoeCache::default();
+    let routing = layer
+        .forward(&*backend, out.view_mut(), Some(&mut cache), x.view(), shape)
+        .unwrap();
+    let out_host = backend.read_f32(out.view()).unwrap();
+    assert!(out_host.iter().all(|v| v.is_finite()));
+    assert!(out_host.iter().any(|&v| v != 0.0), "every token got zero output");
+    let mut grads = layer.zero_grads(&*backend).unwrap();
+    let mut dx = backend.zeros(&[shape.tokens(), d], DType::F32).unwrap();
+    layer
+        .backward(&*backend, dx.view_mut(), &mut grads, &cache, x.view(), out.view(), 0.0)
+        .unwrap();
     assert!(
-        grads.dw_router.iter().any(|&g| g != 0.0),
+        backend
+            .read_f32(grads.dw_router.view())
+            .unwrap()
+            .iter()
+            .any(|&g| g != 0.0),
         "no gradient reached the router weights"
     );
-    cache.routing.stats
+    routing.stats(&*backend).unwrap()
 }
 
 #[test]

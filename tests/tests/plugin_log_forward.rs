@@ -43,11 +43,11 @@ fn a_rust_plugins_tracing_events_reach_the_host() {
     });
     let lines = lines.lock().unwrap();
     // The routers crate registers experts too; the exporter says at debug
-    // level, inside the plugin, that ABI v1 skips them.
+    // level, inside the plugin, which components it exports over ABI v2.
     assert!(
         lines.iter().any(|l| l.starts_with("DEBUG ecdit_plugin")
             && l.contains("plugin_target=ecdit_engine::plugin::export")
-            && l.contains("skipping")
+            && l.contains("exporting")
             && l.contains("gelu-mlp")),
         "{lines:#?}"
     );

@@ -1,6 +1,9 @@
 //! Property-tested component swaps: every shipped component, loaded from its
-//! cdylib wrapper through the C ABI, gives the same bits as the statically
-//! linked one, on random shapes, specs and inputs.
+//! cdylib wrapper through the C ABI (version 2), gives the same bits as the
+//! statically linked one, on random shapes, specs and inputs: routers (host
+//! code), schedulers (host code and `step_on`), the CPU backend (buffers and
+//! ops through tensor descriptors) and the experts (driving the host's
+//! backend through the lent table), alone and together in a MoE layer.
 
 mod plugin_common;
 
@@ -34,9 +37,19 @@ fn registries() -> &'static Registries {
         ] {
             let info = dynamic.load_plugin(plugin_common::shipped(p)).unwrap();
             assert!(!info.components.is_empty(), "{p} exported nothing");
+            assert_eq!(info.abi_version, plugin::abi::ABI_VERSION, "{p}");
         }
         Registries { stat, dynamic }
     })
+}
+
+/// Cases per property: `PROPTEST_CASES` when set, else `default`.
+fn cases(default: u32) -> ProptestConfig {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    ProptestConfig::with_cases(n)
 }
 
 fn kinds(r: &Registry, family: Family) -> Vec<(String, Vec<ParamInfo>)> {
@@ -47,10 +60,18 @@ fn kinds(r: &Registry, family: Family) -> Vec<(String, Vec<ParamInfo>)> {
         .collect()
 }
 
+/// A MoE layer's forward and backward as bits: out, routing stats, dx,
+/// dW_router, expert parameter gradients.
+type MoeBits = (Vec<u32>, RoutingStats, Vec<u32>, Vec<u32>, Vec<Vec<u32>>);
+
+fn read(b: &dyn Backend, t: TensorRef<'_>) -> Vec<u32> {
+    bits(&b.read_f32(t).unwrap())
+}
+
 #[test]
-fn every_shipped_router_scheduler_and_backend_is_exported_with_its_parameters() {
+fn every_shipped_component_is_exported_with_its_parameters() {
     let r = registries();
-    for family in [Family::Router, Family::Scheduler, Family::Backend] {
+    for family in [Family::Router, Family::Scheduler, Family::Backend, Family::Expert] {
         let s = kinds(&r.stat, family);
         assert!(!s.is_empty(), "no static {family}s");
         assert_eq!(
@@ -80,7 +101,7 @@ fn random_spec(kind: &str, params: &[ParamInfo], rng: &mut impl Rng) -> Value {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(cases(48))]
 
     #[test]
     fn swapping_a_router_for_its_plugin_changes_no_bit(
@@ -100,6 +121,9 @@ proptest! {
             (a, b) => return Err(TestCaseError::fail(format!("{spec}: static {:?} plugin {:?}", a.err(), b.err()))),
         };
         prop_assert_eq!(a.spec(), b.spec());
+        prop_assert_eq!(a.couples_samples(), b.couples_samples());
+        let (ca, cb) = (a.check_tokens_per_sample(tps), b.check_tokens_per_sample(tps));
+        prop_assert_eq!(ca.is_ok(), cb.is_ok(), "{:?} vs {:?}", ca, cb);
         let shape = RouteShape { samples, tokens_per_sample: tps, experts };
         let scores: Vec<f32> = (0..shape.tokens() * experts).map(|_| rng.gen_range(-3.0..3.0)).collect();
         let (ra, rb) = match (a.route(&scores, shape), b.route(&scores, shape)) {
@@ -125,34 +149,52 @@ proptest! {
     }
 
     #[test]
-    fn swapping_router_and_backend_in_a_moe_layer_changes_no_bit(
-        which in 0usize..16, samples in 1usize..3, tps in 1usize..9, experts in 1usize..5, d in 1usize..9,
-        seed in any::<u64>(),
+    fn swapping_router_expert_and_backend_in_a_moe_layer_changes_no_bit(
+        which in 0usize..16, ex in 0usize..4, samples in 1usize..3, tps in 1usize..9, experts in 1usize..5,
+        d in 1usize..9, seed in any::<u64>(),
     ) {
         let r = registries();
         let routers = kinds(&r.stat, Family::Router);
         let (kind, params) = &routers[which % routers.len()];
+        let expert_kinds = kinds(&r.stat, Family::Expert);
+        let expert = json!(expert_kinds[ex % expert_kinds.len()].0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let spec = random_spec(kind, params, &mut rng);
         let (Ok(ra), Ok(rb)) = (r.stat.router(&spec), r.dynamic.router(&spec)) else { return Ok(()) };
-        let expert = json!("gelu-mlp");
         let backend = json!({"kind": "cpu", "threads": 1});
         let (ba, bb) = (r.stat.backend(&backend).unwrap(), r.dynamic.backend(&backend).unwrap());
-        let la = MoeLayer::new_random(ra, r.stat.expert(&expert).unwrap(), d, experts,
-            &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap();
-        let lb = MoeLayer::new_random(rb, r.stat.expert(&expert).unwrap(), d, experts,
-            &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap();
+        let (ea, eb) = (r.stat.expert(&expert).unwrap(), r.dynamic.expert(&expert).unwrap());
+        let new = |router, expert, b: &dyn Backend| {
+            MoeLayer::new_random(router, expert, d, experts, b, DType::F32, "",
+                &mut rand::rngs::StdRng::seed_from_u64(seed))
+        };
+        let (la, lb) = match (new(ra, ea, &*ba), new(rb, eb, &*bb)) {
+            (Ok(la), Ok(lb)) => (la, lb),
+            (Err(_), Err(_)) => return Ok(()),
+            (a, b) => return Err(TestCaseError::fail(format!("{spec}: static {:?} plugin {:?}", a.err(), b.err()))),
+        };
         let shape = RouteShape { samples, tokens_per_sample: tps, experts };
         let x: Vec<f32> = (0..shape.tokens() * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
-        match (la.forward(&*ba, &x, shape), lb.forward(&*bb, &x, shape)) {
-            (Ok((oa, ca)), Ok((ob, cb))) => {
-                prop_assert_eq!(bits(&oa), bits(&ob));
-                prop_assert_eq!(&ca.routing.stats, &cb.routing.stats);
-                let dout: Vec<f32> = (0..x.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
-                let ga = la.backward(&*ba, &ca, &x, &dout, 0.1).unwrap();
-                let gb = lb.backward(&*bb, &cb, &x, &dout, 0.1).unwrap();
-                prop_assert_eq!(bits(&ga.dx), bits(&gb.dx));
-                prop_assert_eq!(bits(&ga.dw_router), bits(&gb.dw_router));
+        let dout: Vec<f32> = (0..x.len()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let run = |l: &MoeLayer, b: &dyn Backend| -> Result<MoeBits> {
+            let (xt, doutt) = (b.upload_f32(&[x.len()], &x, DType::F32)?, b.upload_f32(&[x.len()], &dout, DType::F32)?);
+            let mut out = b.zeros(&[x.len()], DType::F32)?;
+            let mut cache = MoeCache::default();
+            let routing = l.forward(b, out.view_mut(), Some(&mut cache), xt.view(), shape)?;
+            let stats = routing.stats(b)?;
+            let mut dx = b.zeros(&[x.len()], DType::F32)?;
+            let mut grads = l.zero_grads(b)?;
+            l.backward(b, dx.view_mut(), &mut grads, &cache, xt.view(), doutt.view(), 0.1)?;
+            Ok((read(b, out.view()), stats, read(b, dx.view()), read(b, grads.dw_router.view()),
+                grads.dparams.iter().map(|t| read(b, t.view())).collect()))
+        };
+        match (run(&la, &*ba), run(&lb, &*bb)) {
+            (Ok(a), Ok(b)) => {
+                prop_assert_eq!(&a.0, &b.0, "forward");
+                prop_assert_eq!(&a.1, &b.1, "routing stats");
+                prop_assert_eq!(&a.2, &b.2, "dx");
+                prop_assert_eq!(&a.3, &b.3, "dw_router");
+                prop_assert_eq!(&a.4, &b.4, "expert parameter gradients");
             }
             (Err(_), Err(_)) => {}
             (a, b) => return Err(TestCaseError::fail(format!("{spec}: static {:?} plugin {:?}", a.err(), b.err()))),
@@ -181,12 +223,30 @@ proptest! {
         a.target(&mut xa, &x0, &noise, t).unwrap();
         b.target(&mut xb, &x0, &noise, t).unwrap();
         prop_assert_eq!(bits(&xa), bits(&xb));
-        let times = a.sampling_times(n);
-        prop_assert_eq!(bits(&times), bits(&b.sampling_times(n)));
-        prop_assert_eq!(a.model_time(times[1]).to_bits(), b.model_time(times[1]).to_bits());
+        let times = a.sampling_times(n).unwrap();
+        prop_assert_eq!(bits(&times), bits(&b.sampling_times(n).unwrap()));
+        for &t in &times[..2] {
+            match (a.model_time(t), b.model_time(t)) {
+                (Ok(ma), Ok(mb)) => prop_assert_eq!(ma.to_bits(), mb.to_bits()),
+                (Err(ea), Err(eb)) => prop_assert!(eb.to_string().contains(&ea.to_string()), "{ea} vs {eb}"),
+                (ma, mb) => return Err(TestCaseError::fail(format!("{kind} model_time({t}): {ma:?} vs {mb:?}"))),
+            }
+        }
+        let (ea, eb) = (a.sampling_times(0).unwrap_err().to_string(), b.sampling_times(0).unwrap_err().to_string());
+        prop_assert!(eb.contains(&ea), "{ea} vs {eb}");
         a.step(&mut xa, &noise, times[0], times[1]).unwrap();
         b.step(&mut xb, &noise, times[0], times[1]).unwrap();
         prop_assert_eq!(bits(&xa), bits(&xb));
+        // step_on: the static scheduler's device ops on the static backend,
+        // the plugin's host step (the trait default) on the plugin backend.
+        let backend = json!({"kind": "cpu", "threads": 1});
+        let (ba, bb) = (r.stat.backend(&backend).unwrap(), r.dynamic.backend(&backend).unwrap());
+        let mut da = ba.upload_f32(&[n], &x0, DType::F32).unwrap();
+        let mut db = bb.upload_f32(&[n], &x0, DType::F32).unwrap();
+        let (na, nb) = (ba.upload_f32(&[n], &noise, DType::F32).unwrap(), bb.upload_f32(&[n], &noise, DType::F32).unwrap());
+        a.step_on(&*ba, da.view_mut(), na.view(), times[0], times[1]).unwrap();
+        b.step_on(&*bb, db.view_mut(), nb.view(), times[0], times[1]).unwrap();
+        prop_assert_eq!(read(&*ba, da.view()), read(&*bb, db.view()));
     }
 
     #[test]
@@ -197,40 +257,50 @@ proptest! {
         let spec = json!({"kind": "cpu", "threads": 1});
         let (a, b) = (r.stat.backend(&spec).unwrap(), r.dynamic.backend(&spec).unwrap());
         prop_assert_eq!(a.name(), b.name());
+        prop_assert_eq!(a.supports(DType::BF16), b.supports(DType::BF16));
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut rand_vec = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.gen_range(-2.0..2.0)).collect() };
-        let (x, w, bias) = (rand_vec(m * k), rand_vec(n * k), rand_vec(n));
-        // Each op on both backends from identical inputs; outputs compared bit for bit.
-        let (mut oa, mut ob) = (rand_vec(m * n), vec![0.0; m * n]);
-        ob.copy_from_slice(&oa);
-        a.gemm(&mut oa, &x, &w, GemmDims::nt(m, n, k), 0.7, 0.3).unwrap();
-        b.gemm(&mut ob, &x, &w, GemmDims::nt(m, n, k), 0.7, 0.3).unwrap();
-        prop_assert_eq!(bits(&oa), bits(&ob));
-        a.add_bias(&mut oa, &bias, m, n).unwrap();
-        b.add_bias(&mut ob, &bias, m, n).unwrap();
-        prop_assert_eq!(bits(&oa), bits(&ob));
-        let (mut sa, mut sb) = (vec![0.0; m * n], vec![0.0; m * n]);
-        a.softmax_rows(&mut sa, &oa, m, n).unwrap();
-        b.softmax_rows(&mut sb, &ob, m, n).unwrap();
-        prop_assert_eq!(bits(&sa), bits(&sb));
-        let (mut mean_a, mut rstd_a, mut mean_b, mut rstd_b) = (vec![0.0; m], vec![0.0; m], vec![0.0; m], vec![0.0; m]);
-        a.layer_norm(&mut sa, &mut mean_a, &mut rstd_a, &oa, Some(&bias), None, m, n, 1e-6).unwrap();
-        b.layer_norm(&mut sb, &mut mean_b, &mut rstd_b, &ob, Some(&bias), None, m, n, 1e-6).unwrap();
-        prop_assert_eq!(bits(&sa), bits(&sb));
-        prop_assert_eq!(bits(&rstd_a), bits(&rstd_b));
-        let (mut ua, mut ub) = (vec![0.0; m * n], vec![0.0; m * n]);
-        a.unary(Unary::GeluTanh, &mut ua, &oa).unwrap();
-        b.unary(Unary::GeluTanh, &mut ub, &ob).unwrap();
-        prop_assert_eq!(bits(&ua), bits(&ub));
-        let kk = k.min(n);
-        let (mut ia, mut va, mut ib, mut vb) = (vec![0u32; m * kk], vec![0.0; m * kk], vec![0u32; m * kk], vec![0.0; m * kk]);
-        a.top_k_rows(&mut ia, &mut va, &oa, m, n, kk).unwrap();
-        b.top_k_rows(&mut ib, &mut vb, &ob, m, n, kk).unwrap();
-        prop_assert_eq!(&ia, &ib);
-        prop_assert_eq!(bits(&va), bits(&vb));
+        let (x, w, bias, o0) = (rand_vec(m * k), rand_vec(n * k), rand_vec(n), rand_vec(m * n));
+        // The same ops on both backends from identical inputs, compared bit for bit.
+        let both = |be: &dyn Backend| -> Result<Vec<Vec<u32>>> {
+            let (xt, wt, bt) = (be.upload_f32(&[m, k], &x, DType::F32)?, be.upload_f32(&[n, k], &w, DType::F32)?,
+                be.upload_f32(&[n], &bias, DType::F32)?);
+            let mut o = be.upload_f32(&[m, n], &o0, DType::F32)?;
+            let mut res = Vec::new();
+            be.gemm(o.view_mut(), xt.view(), wt.view(), Some(bt.view()), GemmDims::nt(m, n, k), 0.7, 0.3)?;
+            res.push(read(be, o.view()));
+            be.add_broadcast(o.view_mut(), bt.view())?;
+            res.push(read(be, o.view()));
+            let mut s = be.zeros(&[m, n], DType::F32)?;
+            be.softmax_rows(s.view_mut(), o.view(), m, n)?;
+            res.push(read(be, s.view()));
+            let (mut mean, mut rstd) = (be.zeros(&[m], DType::F32)?, be.zeros(&[m], DType::F32)?);
+            be.layer_norm(s.view_mut(), mean.view_mut(), rstd.view_mut(), o.view(), Some(bt.view()), None, m, n, 1e-6)?;
+            res.push(read(be, s.view()));
+            res.push(read(be, rstd.view()));
+            be.unary(Unary::GeluTanh, s.view_mut(), o.view())?;
+            res.push(read(be, s.view()));
+            let kk = k.min(n);
+            let (mut idx, mut val) = (be.zeros(&[m, kk], DType::U32)?, be.zeros(&[m, kk], DType::F32)?);
+            be.top_k_rows(idx.view_mut(), val.view_mut(), o.view(), m, n, kk)?;
+            res.push(be.read_u32(idx.view())?);
+            res.push(read(be, val.view()));
+            // gemm_grouped over two groups of the rows.
+            let groups = [m / 2, m - m / 2];
+            let wg = be.upload_f32(&[2, n, k], &[w.clone(), w.iter().map(|v| -v).collect()].concat(), DType::F32)?;
+            be.gemm_grouped(o.view_mut(), xt.view(), wg.view(), &groups, n, k, true, 1.0, 0.0)?;
+            res.push(read(be, o.view()));
+            Ok(res)
+        };
+        prop_assert_eq!(both(&*a).unwrap(), both(&*b).unwrap());
         // Errors agree too, and name the plugin on the dynamic side.
-        let ea = a.add_bias(&mut oa, &bias[..n - 1], m, n).unwrap_err().to_string();
-        let eb = b.add_bias(&mut ob, &bias[..n - 1], m, n).unwrap_err().to_string();
+        let err = |be: &dyn Backend| {
+            let mut o = be.zeros(&[m, n], DType::F32).unwrap();
+            let (xt, wt) = (be.zeros(&[m, k], DType::F32).unwrap(), be.zeros(&[n, k], DType::F32).unwrap());
+            let wrong = GemmDims::nt(m + 1, n, k);
+            be.gemm(o.view_mut(), xt.view(), wt.view(), None, wrong, 1.0, 0.0).unwrap_err().to_string()
+        };
+        let (ea, eb) = (err(&*a), err(&*b));
         prop_assert!(eb.contains(&ea) && eb.contains("ecdit-backend-cpu-plugin"), "{ea} vs {eb}");
     }
 }

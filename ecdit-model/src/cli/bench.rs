@@ -3,7 +3,13 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use ecdit_engine::DType;
 use std::path::PathBuf;
+
+/// `f32` or `bf16` (also `float32`, `bfloat16`).
+fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    DType::parse_float(s).ok_or_else(|| format!("unknown dtype '{s}' (expected f32 or bf16)"))
+}
 
 /// Arguments of `ecdit bench`.
 #[derive(Args, Debug)]
@@ -38,6 +44,9 @@ pub enum BenchWhat {
         /// Router specs as JSON (repeatable); default: every shipped router.
         #[arg(long)]
         router: Vec<String>,
+        /// Storage dtype of weights and activations: f32 or bf16.
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: DType,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -59,6 +68,9 @@ pub enum BenchWhat {
         /// Text tokens per prompt (random tokens, as benches/reference/forward_torch.py).
         #[arg(long, default_value_t = 16)]
         text_len: usize,
+        /// Storage dtype of the weights: f32 or bf16.
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: DType,
         /// Also print the time spent in each backend op.
         #[arg(long)]
         profile: bool,
@@ -96,6 +108,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             threads,
             reps,
             router,
+            dtype,
             json,
         } => {
             let registry = super::registry(plugins)?;
@@ -108,14 +121,23 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                     .map(|s| serde_json::from_str(s).map_err(|e| anyhow::anyhow!("--router {s:?}: {e}")))
                     .collect::<Result<Vec<_>>>()?
             };
-            let records = ecdit_model::bench_moe::bench_moe(&registry, backend.as_ref(), &routers, reps)?;
+            let cfg = ecdit_model::bench_moe::MoeBenchConfig {
+                dtype,
+                ..Default::default()
+            };
+            let records = ecdit_model::bench_moe::bench_moe_with(&registry, backend.as_ref(), &routers, reps, &cfg)?;
             if json {
                 for r in &records {
                     println!("{}", serde_json::to_string(r)?);
                 }
             } else {
                 println!(
-                    "MoE layer forward: d 384, 8 x 256 tokens, 8 GELU experts of width 4d, {} threads",
+                    "MoE layer forward: d {}, {} x {} tokens, {} GELU experts of width {}d, {dtype}, {} threads",
+                    cfg.d,
+                    cfg.samples,
+                    cfg.tokens_per_sample,
+                    cfg.experts,
+                    cfg.mlp_ratio,
                     backend.threads()
                 );
                 println!("{:<14} {:>10} {:>10} {:>8}", "router", "ms", "dense ms", "ratio");
@@ -130,6 +152,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             threads,
             reps,
             text_len,
+            dtype,
             profile,
             json,
         } => {
@@ -140,6 +163,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                 batch,
                 text_len,
                 reps,
+                dtype,
                 profile,
                 ..Default::default()
             };
@@ -150,8 +174,8 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             } else {
                 let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
                 println!(
-                    "forward {}: batch {}, {} threads, {} text tokens",
-                    r.config, r.batch, r.threads, r.text_len
+                    "forward {}: batch {}, {} threads, {} text tokens, {} weights",
+                    r.config, r.batch, r.threads, r.text_len, r.dtype
                 );
                 println!(
                     "{:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
@@ -184,8 +208,9 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                 }
                 if let Some(rss) = r.peak_rss_bytes {
                     println!(
-                        "peak RSS {:.1} MiB; budget: weights f32 {:.1} MiB + 2 x activation estimate {:.1} MiB = {:.1} MiB",
+                        "peak RSS {:.1} MiB; budget: weights {} {:.1} MiB + 2 x activation estimate {:.1} MiB = {:.1} MiB",
                         mib(rss),
+                        r.dtype,
                         mib(r.weight_bytes),
                         mib(r.activation_bytes),
                         mib(r.weight_bytes + 2 * r.activation_bytes)

@@ -5,16 +5,22 @@
 //! x = x + CrossAttn(x, text)                                   // text-conditioned only
 //! x = x + gate_mlp * F(LN(x) * (1 + scale_mlp) + shift_mlp)    // F: MLP or MoE
 //! ```
+//! One forward serves training and inference. Kept (training), each block
+//! has its own [`BlockActs`] and every tensor a backward reads gets its own
+//! buffer. At inference all blocks share one [`BlockActs`] and two `[B, T, d]`
+//! buffers (`ln1`, `attn_in`) take turns as LN output, modulated input,
+//! attention output and FFN output; attention keeps no probabilities. The
+//! ops, hence the bits, are the same either way.
 
-use super::adaln::{adaln_modulation, gated_residual, ln_modulate, Chunk};
-use super::attention::{attention_group, AttentionActs, SelfAttention};
-use super::buffer::resize;
-use super::cross_attention::{CrossAttention, CrossAttentionActs};
+use super::act::Act;
+use super::adaln::{adaln_modulation, chunks, ln_modulate};
+use super::attention::{AttentionActs, SelfAttention};
+use super::cross_attention::CrossAttention;
 use super::linear::Linear;
-use super::mlp::{chunk_rows, Mlp, MlpActs};
+use super::mlp::{Mlp, MlpActs};
 use super::moe_ffn::MoeFfn;
-use super::param::{Param, Params};
-use ecdit_engine::{Backend, MoeCache, Result, RoutingStats};
+use ecdit_engine::{Backend, DType, DeviceRouting, MoeCache, Param, Params, Result, RowDims, TensorMut, TensorRef};
+use std::sync::Arc;
 
 /// Chunks of a block's modulation, in upstream order.
 const SHIFT_MSA: usize = 0;
@@ -28,6 +34,7 @@ const CHUNKS: usize = 6;
 /// The feed-forward of a block.
 // One per block, so the size difference of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 pub enum Ffn {
     /// `blocks.{i}.mlp`: dense GELU MLP.
     Dense(Mlp),
@@ -36,6 +43,7 @@ pub enum Ffn {
 }
 
 /// `blocks.{i}`.
+#[derive(Debug)]
 pub struct Block {
     /// Block index i.
     pub index: usize,
@@ -53,368 +61,350 @@ pub struct Block {
 #[derive(Clone, Copy, Debug)]
 pub struct TextContext<'a> {
     /// [B, L, d] projected text tokens.
-    pub tokens: &'a [f32],
-    /// [B, L], nonzero = real token.
-    pub mask: &'a [u8],
+    pub tokens: TensorRef<'a>,
+    /// [B, L] u8, nonzero = real token.
+    pub mask: TensorRef<'a>,
     /// L.
     pub len: usize,
 }
 
-/// What a block computes, kept for backward (and reused across blocks in an
-/// inference forward).
-#[derive(Clone, Debug, Default)]
+/// What a block computes. Kept (training): everything a backward reads.
+/// Shared (inference): `inp`, `x_attn`, `x_ffn`, `attn.{att, out, probs}`,
+/// `cross.{q, att, out, probs}`, `ln2*`, `ffn_in` and `ffn_out` stay empty;
+/// `ln1` and `attn_in` serve in turn (see the module docs); `moe` stays
+/// empty (the MoE layer keeps nothing at inference).
+#[derive(Debug, Default)]
 pub struct BlockActs {
     /// [B, T, d] block input.
-    pub inp: Vec<f32>,
+    pub inp: Act,
     /// [B, 6d] modulation chunks.
-    pub modulation: Vec<f32>,
-    /// [B, T, d] LN(inp); mean, rstd: [B*T].
-    pub ln1: Vec<f32>,
-    /// [B*T] LayerNorm 1 means.
-    pub ln1_mean: Vec<f32>,
-    /// [B*T] LayerNorm 1 reciprocal standard deviations.
-    pub ln1_rstd: Vec<f32>,
+    pub modulation: Act,
+    /// [B, T, d] LN(inp).
+    pub ln1: Act,
+    /// [B*T] LayerNorm 1 means (f32).
+    pub ln1_mean: Act,
+    /// [B*T] LayerNorm 1 reciprocal standard deviations (f32).
+    pub ln1_rstd: Act,
     /// [B, T, d] modulated attention input.
-    pub attn_in: Vec<f32>,
+    pub attn_in: Act,
     /// Self-attention internals; `attn.out` [B, T, d] is what gets gated.
     pub attn: AttentionActs,
     /// [B, T, d] residual after self-attention (cross-attention input).
-    pub x_attn: Vec<f32>,
-    /// Cross-attention internals (text-conditioned models).
-    pub cross: CrossAttentionActs,
+    pub x_attn: Act,
+    /// Cross-attention internals (text-conditioned models); `k`, `v` [B, L, kv_dim].
+    pub cross: AttentionActs,
     /// [B, T, d] residual before the FFN.
-    pub x_ffn: Vec<f32>,
-    /// [B, T, d] LN(x_ffn); mean, rstd: [B*T].
-    pub ln2: Vec<f32>,
-    /// [B*T] LayerNorm 2 means.
-    pub ln2_mean: Vec<f32>,
-    /// [B*T] LayerNorm 2 reciprocal standard deviations.
-    pub ln2_rstd: Vec<f32>,
+    pub x_ffn: Act,
+    /// [B, T, d] LN(x_ffn).
+    pub ln2: Act,
+    /// [B*T] LayerNorm 2 means (f32).
+    pub ln2_mean: Act,
+    /// [B*T] LayerNorm 2 reciprocal standard deviations (f32).
+    pub ln2_rstd: Act,
     /// [B, T, d] modulated FFN input (the router sees this too).
-    pub ffn_in: Vec<f32>,
+    pub ffn_in: Act,
     /// Dense MLP internals.
     pub mlp: MlpActs,
-    /// MoE internals (scores, dispatch, statistics, expert caches).
+    /// MoE internals kept for backward (scores, routing, gathered rows, expert hidden).
     pub moe: MoeCache,
     /// [B, T, d] FFN output before gating.
-    pub ffn_out: Vec<f32>,
+    pub ffn_out: Act,
+    /// The routing of the last forward through this buffer (MoE blocks).
+    pub routing: Option<Arc<DeviceRouting>>,
+}
+
+impl BlockActs {
+    /// Bytes held by the activation buffers (MoE caches included).
+    pub fn bytes(&self) -> usize {
+        let acts = [
+            &self.inp,
+            &self.modulation,
+            &self.ln1,
+            &self.ln1_mean,
+            &self.ln1_rstd,
+            &self.attn_in,
+            &self.x_attn,
+            &self.x_ffn,
+            &self.ln2,
+            &self.ln2_mean,
+            &self.ln2_rstd,
+            &self.ffn_in,
+            &self.ffn_out,
+        ]
+        .iter()
+        .map(|a| a.bytes())
+        .sum::<usize>();
+        let tensor_bytes = |t: &Option<ecdit_engine::Tensor>| t.as_ref().map_or(0, |t| t.numel() * t.dtype().size());
+        let moe = [&self.moe.scores, &self.moe.xs, &self.moe.ys]
+            .into_iter()
+            .map(tensor_bytes)
+            .sum::<usize>()
+            + self
+                .moe
+                .expert
+                .tensors
+                .iter()
+                .map(|t| t.numel() * t.dtype().size())
+                .sum::<usize>();
+        acts + self.attn.bytes() + self.cross.bytes() + self.mlp.bytes() + moe
+    }
 }
 
 impl Block {
-    /// Forward one block in place, keeping everything a backward reads.
-    /// acts: filled; x: [B, T, d] residual stream (block input in, output out);
+    /// A block of width `d` (its MoE layer, if any, built by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        backend: &dyn Backend,
+        index: usize,
+        d: usize,
+        heads: usize,
+        kv_heads: usize,
+        text: bool,
+        ffn: Ffn,
+        dtype: DType,
+    ) -> Result<Self> {
+        let prefix = format!("blocks.{index}");
+        Ok(Self {
+            index,
+            adaln: adaln_modulation(backend, &prefix, d, CHUNKS, dtype)?,
+            attn: SelfAttention::new(backend, &format!("{prefix}.attn"), d, heads, kv_heads, dtype)?,
+            cross_attn: text
+                .then(|| CrossAttention::new(backend, &format!("{prefix}.cross_attn"), d, heads, kv_heads, dtype))
+                .transpose()?,
+            ffn,
+        })
+    }
+
+    /// Forward one block in place. acts: this block's own buffers when `keep`
+    /// (everything a backward reads is kept), else the buffers all blocks
+    /// share; x: [B, T, d] residual stream (block input in, output out);
     /// silu_c: [B, d]; text: cross-attention context when the block has one.
-    /// Returns the MoE layer's routing statistics, if it is one.
+    /// Returns the MoE layer's routing, on the backend, if it is one.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         backend: &dyn Backend,
         acts: &mut BlockActs,
-        x: &mut [f32],
-        silu_c: &[f32],
+        keep: bool,
+        mut x: TensorMut<'_>,
+        silu_c: TensorRef<'_>,
         text: Option<TextContext<'_>>,
         batch: usize,
         tokens: usize,
-    ) -> Result<Option<RoutingStats>> {
-        let d = self.attn.dim();
+        dtype: DType,
+    ) -> Result<Option<Arc<DeviceRouting>>> {
+        let (d, kv_dim) = (self.attn.dim(), self.attn.kv_dim());
         let rows = batch * tokens;
-        let ch = |index| Chunk { index, chunks: CHUNKS };
-        for buf in [
-            &mut acts.ln1,
-            &mut acts.attn_in,
-            &mut acts.x_attn,
-            &mut acts.x_ffn,
-            &mut acts.ln2,
-            &mut acts.ffn_in,
-            &mut acts.ffn_out,
-        ] {
-            resize(buf, rows * d);
+        let dims = RowDims { batch, tokens, d };
+        let a = acts;
+        let act = [batch, tokens, d];
+        if keep {
+            a.inp.ensure(backend, &act, dtype)?;
+            backend.copy(a.inp.view_mut()?, x.as_ref())?;
         }
-        for buf in [
-            &mut acts.ln1_mean,
-            &mut acts.ln1_rstd,
-            &mut acts.ln2_mean,
-            &mut acts.ln2_rstd,
-        ] {
-            resize(buf, rows);
-        }
-        resize(&mut acts.modulation, batch * CHUNKS * d);
-        acts.inp.clear();
-        acts.inp.extend_from_slice(x);
 
         // m = adaLN_modulation(SiLU(c))
+        a.modulation.ensure(backend, &[batch, CHUNKS * d], dtype)?;
         self.adaln
-            .forward_per_sample(backend, &mut acts.modulation, silu_c, batch, 1)?;
+            .forward_per_sample(backend, a.modulation.view_mut()?, silu_c, batch, 1, None)?;
+
         // x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
+        a.ln1.ensure(backend, &act, dtype)?;
+        a.attn_in.ensure(backend, &act, dtype)?;
+        a.ln1_mean.ensure(backend, &[rows], DType::F32)?;
+        a.ln1_rstd.ensure(backend, &[rows], DType::F32)?;
         ln_modulate(
             backend,
-            &mut acts.attn_in,
-            Some(&mut acts.ln1),
-            &mut acts.ln1_mean,
-            &mut acts.ln1_rstd,
-            x,
-            &acts.modulation,
-            ch(SHIFT_MSA),
-            ch(SCALE_MSA),
-            batch,
-            tokens,
-            d,
+            a.attn_in.view_mut()?,
+            a.ln1.view_mut()?,
+            a.ln1_mean.view_mut()?,
+            a.ln1_rstd.view_mut()?,
+            x.as_ref(),
+            a.modulation.view()?,
+            chunks(CHUNKS, SHIFT_MSA, SCALE_MSA),
+            dims,
         )?;
-        self.attn
-            .forward(backend, &mut acts.attn, &acts.attn_in, batch, tokens)?;
-        gated_residual(x, &acts.attn.out, &acts.modulation, ch(GATE_MSA), batch, tokens, d);
-        acts.x_attn.copy_from_slice(x);
-        // x = x + CrossAttn(x, text)
-        if let (Some(cross), Some(text)) = (&self.cross_attn, text) {
-            cross.forward(
-                backend,
-                &mut acts.cross,
-                x,
-                text.tokens,
-                text.mask,
-                batch,
-                tokens,
-                text.len,
-            )?;
-            add_in_place(x, &acts.cross.out);
-        }
-        acts.x_ffn.copy_from_slice(x);
-        // x = x + gate_mlp * F(modulate(LN(x), shift_mlp, scale_mlp))
-        ln_modulate(
+        a.attn.q.ensure(backend, &[rows, d], dtype)?;
+        a.attn.k.ensure(backend, &[rows, kv_dim], dtype)?;
+        a.attn.v.ensure(backend, &[rows, kv_dim], dtype)?;
+        self.attn.project(
             backend,
-            &mut acts.ffn_in,
-            Some(&mut acts.ln2),
-            &mut acts.ln2_mean,
-            &mut acts.ln2_rstd,
-            x,
-            &acts.modulation,
-            ch(SHIFT_MLP),
-            ch(SCALE_MLP),
-            batch,
-            tokens,
-            d,
-        )?;
-        let stats = match &self.ffn {
-            Ffn::Dense(mlp) => {
-                mlp.forward(backend, &mut acts.ffn_out, &mut acts.mlp, &acts.ffn_in, batch, tokens)?;
-                None
-            }
-            Ffn::Moe(moe) => {
-                moe.forward(backend, &mut acts.ffn_out, &mut acts.moe, &acts.ffn_in, batch, tokens)?;
-                Some(acts.moe.routing.stats.clone())
-            }
-        };
-        gated_residual(x, &acts.ffn_out, &acts.modulation, ch(GATE_MLP), batch, tokens, d);
-        Ok(stats)
-    }
-
-    /// Inference forward of one block in place: the same ops, so the same
-    /// bits, as [`Block::forward`], in the few buffers of `scratch` (shared
-    /// by every block) and keeping nothing for a backward.
-    /// x: [B, T, d] residual stream (block input in, output out); silu_c: [B, d].
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_inference(
-        &self,
-        backend: &dyn Backend,
-        scratch: &mut BlockScratch,
-        x: &mut [f32],
-        silu_c: &[f32],
-        text: Option<TextContext<'_>>,
-        batch: usize,
-        tokens: usize,
-    ) -> Result<Option<RoutingStats>> {
-        let (d, kv_dim, heads) = (self.attn.dim(), self.attn.kv_dim(), self.attn.heads);
-        let rows = batch * tokens;
-        let ch = |index| Chunk { index, chunks: CHUNKS };
-        let group = attention_group(heads, backend.threads(), batch);
-        let s = scratch;
-        resize(&mut s.modulation, batch * CHUNKS * d);
-        resize(&mut s.mean, rows);
-        resize(&mut s.rstd, rows);
-        resize(&mut s.a, rows * d);
-        grow(&mut s.wide, self.inference_wide_len(batch, tokens, group));
-
-        // m = adaLN_modulation(SiLU(c))
-        self.adaln
-            .forward_per_sample(backend, &mut s.modulation, silu_c, batch, 1)?;
-        // x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa)); a: the
-        // attention input, then (dead after the projections) its output.
-        ln_modulate(
-            backend,
-            &mut s.a,
-            None,
-            &mut s.mean,
-            &mut s.rstd,
-            x,
-            &s.modulation,
-            ch(SHIFT_MSA),
-            ch(SCALE_MSA),
-            batch,
-            tokens,
-            d,
+            a.attn.q.view_mut()?,
+            a.attn.k.view_mut()?,
+            a.attn.v.view_mut()?,
+            a.attn_in.view()?,
+            rows,
         )?;
         {
-            let (q, rest) = s.wide.split_at_mut(rows * d);
-            let (k, rest) = rest.split_at_mut(rows * kv_dim);
-            let (v, rest) = rest.split_at_mut(rows * kv_dim);
-            let (att, rest) = rest.split_at_mut(rows * d);
-            let probs = &mut rest[..group * heads * tokens * tokens];
-            self.attn.project(backend, q, k, v, &s.a, rows)?;
-            self.attn
-                .attend(backend, &mut s.a, att, probs, q, k, v, batch, tokens)?;
+            // Shared: LN1's buffer is free once modulated.
+            let att = if keep { &mut a.attn.att } else { &mut a.ln1 };
+            att.ensure(backend, &act, dtype)?;
+            let probs = if keep {
+                let h = self.attn.heads;
+                a.attn.probs.ensure(backend, &[batch, h, tokens, tokens], dtype)?;
+                Some(a.attn.probs.view_mut()?)
+            } else {
+                None
+            };
+            let (q, k, v) = (a.attn.q.view()?, a.attn.k.view()?, a.attn.v.view()?);
+            backend.attention(att.view_mut()?, probs, q, k, v, None, self.attn.dims(batch, tokens))?;
         }
-        gated_residual(x, &s.a, &s.modulation, ch(GATE_MSA), batch, tokens, d);
+        {
+            // Shared: the modulated input is dead after the projections.
+            let (out, att) = if keep {
+                (&mut a.attn.out, &a.attn.att)
+            } else {
+                (&mut a.attn_in, &a.ln1)
+            };
+            out.ensure(backend, &act, dtype)?;
+            self.attn.proj.forward(backend, out.view_mut()?, att.view()?, rows)?;
+            backend.gated_residual(
+                x.reborrow(),
+                out.view()?,
+                a.modulation.view()?,
+                chunks(CHUNKS, GATE_MSA, 0),
+                dims,
+            )?;
+        }
+        if keep {
+            a.x_attn.ensure(backend, &act, dtype)?;
+            backend.copy(a.x_attn.view_mut()?, x.as_ref())?;
+        }
+
         // x = x + CrossAttn(x, text)
         if let (Some(cross), Some(text)) = (&self.cross_attn, text) {
-            let text_rows = batch * text.len;
-            resize(&mut s.text_k, text_rows * cross.kv_dim());
-            resize(&mut s.text_v, text_rows * cross.kv_dim());
-            // As many samples as fit in the self-attention group's probabilities
-            // (the whole batch for short prompts): fewer, larger calls.
-            let text_group = (group * tokens / text.len.max(1)).clamp(group, batch.max(1));
-            resize(&mut s.text_probs, text_group * heads * tokens * text.len);
-            let (q, rest) = s.wide.split_at_mut(rows * d);
-            let att = &mut rest[..rows * d];
-            cross.project_text(backend, &mut s.text_k, &mut s.text_v, text.tokens, batch, text.len)?;
-            cross.q.forward(backend, q, x, rows)?;
-            cross.attend(
-                backend,
-                &mut s.a,
-                att,
-                &mut s.text_probs,
-                q,
-                &s.text_k,
-                &s.text_v,
-                text.mask,
-                [batch, tokens, text.len],
-            )?;
-            add_in_place(x, &s.a);
+            self.cross_attention(backend, cross, a, keep, x.reborrow(), text, batch, tokens, dtype)?;
         }
+        if keep {
+            a.x_ffn.ensure(backend, &act, dtype)?;
+            backend.copy(a.x_ffn.view_mut()?, x.as_ref())?;
+        }
+
         // x = x + gate_mlp * F(modulate(LN(x), shift_mlp, scale_mlp))
-        ln_modulate(
-            backend,
-            &mut s.a,
-            None,
-            &mut s.mean,
-            &mut s.rstd,
-            x,
-            &s.modulation,
-            ch(SHIFT_MLP),
-            ch(SCALE_MLP),
-            batch,
-            tokens,
-            d,
-        )?;
-        let (out, rest) = s.wide.split_at_mut(rows * d);
-        let stats = match &self.ffn {
+        {
+            let (ln, mean, rstd, ffn_in) = if keep {
+                (&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &mut a.ffn_in)
+            } else {
+                (&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &mut a.attn_in)
+            };
+            ln.ensure(backend, &act, dtype)?;
+            ffn_in.ensure(backend, &act, dtype)?;
+            mean.ensure(backend, &[rows], DType::F32)?;
+            rstd.ensure(backend, &[rows], DType::F32)?;
+            ln_modulate(
+                backend,
+                ffn_in.view_mut()?,
+                ln.view_mut()?,
+                mean.view_mut()?,
+                rstd.view_mut()?,
+                x.as_ref(),
+                a.modulation.view()?,
+                chunks(CHUNKS, SHIFT_MLP, SCALE_MLP),
+                dims,
+            )?;
+        }
+        let (ffn_in, ffn_out) = if keep {
+            (&a.ffn_in, &mut a.ffn_out)
+        } else {
+            (&a.attn_in, &mut a.ln1)
+        };
+        ffn_out.ensure(backend, &act, dtype)?;
+        let routing = match &self.ffn {
             Ffn::Dense(mlp) => {
-                let hidden = chunk_rows(batch, tokens) * mlp.hidden();
-                let (pre, rest) = rest.split_at_mut(hidden);
-                mlp.forward_chunks(backend, out, pre, &mut rest[..hidden], &s.a, batch, tokens)?;
+                mlp.forward(
+                    backend,
+                    ffn_out.view_mut()?,
+                    &mut a.mlp,
+                    keep,
+                    ffn_in.view()?,
+                    batch,
+                    tokens,
+                    dtype,
+                )?;
                 None
             }
             Ffn::Moe(moe) => {
-                moe.forward(backend, out, &mut s.moe, &s.a, batch, tokens)?;
-                Some(s.moe.routing.stats.clone())
+                // Inference keeps nothing: the layer works in its own scratch.
+                let cache = if keep { Some(&mut a.moe) } else { None };
+                let x_rows = ffn_in.view()?.reshape(&[rows, d])?;
+                let out_rows = ffn_out.view_mut()?.reshape(&[rows, d])?;
+                Some(moe.forward(backend, out_rows, cache, x_rows, batch, tokens)?)
             }
         };
-        gated_residual(x, out, &s.modulation, ch(GATE_MLP), batch, tokens, d);
-        Ok(stats)
+        backend.gated_residual(
+            x,
+            ffn_out.view()?,
+            a.modulation.view()?,
+            chunks(CHUNKS, GATE_MLP, 0),
+            dims,
+        )?;
+        a.routing = routing.clone();
+        Ok(routing)
     }
 
-    /// Floats of [`BlockScratch::wide`] this block's inference forward carves
-    /// up: q, k, v, att and the probabilities of a `group` of samples
-    /// (self-attention); q, att (cross-attention); the FFN output plus, dense,
-    /// one chunk of hidden pre- and post-GELU.
-    fn inference_wide_len(&self, batch: usize, tokens: usize, group: usize) -> usize {
-        let (d, kv_dim, rows) = (self.attn.dim(), self.attn.kv_dim(), batch * tokens);
-        let attn = 2 * rows * d + 2 * rows * kv_dim + group * self.attn.heads * tokens * tokens;
-        let ffn = match &self.ffn {
-            Ffn::Dense(mlp) => rows * d + 2 * chunk_rows(batch, tokens) * mlp.hidden(),
-            Ffn::Moe(_) => rows * d,
+    /// `x += proj(attention(q_linear(x), kv_linear(text), mask))`.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_attention(
+        &self,
+        backend: &dyn Backend,
+        cross: &CrossAttention,
+        a: &mut BlockActs,
+        keep: bool,
+        mut x: TensorMut<'_>,
+        text: TextContext<'_>,
+        batch: usize,
+        tokens: usize,
+        dtype: DType,
+    ) -> Result<()> {
+        let d = self.attn.dim();
+        let rows = batch * tokens;
+        let act = [batch, tokens, d];
+        a.cross.k.ensure(backend, &[batch, text.len, cross.kv_dim()], dtype)?;
+        a.cross.v.ensure(backend, &[batch, text.len, cross.kv_dim()], dtype)?;
+        cross.project_text(
+            backend,
+            a.cross.k.view_mut()?,
+            a.cross.v.view_mut()?,
+            text.tokens,
+            batch,
+            text.len,
+        )?;
+        // Shared: self-attention's q, LN1's buffer and the modulated-input
+        // buffer are free here.
+        let (q, att, out) = if keep {
+            (&mut a.cross.q, &mut a.cross.att, &mut a.cross.out)
+        } else {
+            (&mut a.attn.q, &mut a.ln1, &mut a.attn_in)
         };
-        attn.max(ffn)
+        q.ensure(backend, &[rows, d], dtype)?;
+        att.ensure(backend, &act, dtype)?;
+        out.ensure(backend, &act, dtype)?;
+        cross.q.forward(backend, q.view_mut()?, x.as_ref(), rows)?;
+        let probs = if keep {
+            a.cross
+                .probs
+                .ensure(backend, &[batch, cross.heads, tokens, text.len], dtype)?;
+            Some(a.cross.probs.view_mut()?)
+        } else {
+            None
+        };
+        backend.attention(
+            att.view_mut()?,
+            probs,
+            q.view()?,
+            a.cross.k.view()?,
+            a.cross.v.view()?,
+            Some(text.mask),
+            cross.dims(batch, tokens, text.len),
+        )?;
+        cross.proj.forward(backend, out.view_mut()?, att.view()?, rows)?;
+        // x = 1 * out + 1 * x: the plain residual sum.
+        backend.axpby(x.reborrow(), 1.0, out.view()?, 1.0)
     }
-}
 
-/// The buffers of [`Block::forward_inference`], shared by all blocks of a
-/// forward and reused across forwards.
-#[derive(Clone, Debug, Default)]
-pub struct BlockScratch {
-    /// [B, 6d] modulation chunks.
-    pub modulation: Vec<f32>,
-    /// [B*T] LayerNorm means (not read again).
-    pub mean: Vec<f32>,
-    /// [B*T] LayerNorm reciprocal standard deviations (not read again).
-    pub rstd: Vec<f32>,
-    /// [B, T, d] modulated attention input, then the attention output; the
-    /// cross-attention output; the modulated FFN input.
-    pub a: Vec<f32>,
-    /// One allocation for the buffers of one phase: q, k, v, att and the
-    /// [n, H, T, T] probabilities of a group of n samples; or the FFN output
-    /// and one chunk of MLP hidden activations.
-    pub wide: Vec<f32>,
-    /// [B, L, kv_dim] text keys.
-    pub text_k: Vec<f32>,
-    /// [B, L, kv_dim] text values.
-    pub text_v: Vec<f32>,
-    /// [n, H, T, L] cross-attention probabilities of one group.
-    pub text_probs: Vec<f32>,
-    /// The MoE layer's buffers (its routing statistics are read after each block).
-    pub moe: MoeCache,
-}
-
-impl BlockScratch {
-    /// Bytes of the f32 buffers held (allocated capacity).
-    pub fn bytes(&self) -> usize {
-        let moe = &self.moe;
-        let floats = [
-            &self.modulation,
-            &self.mean,
-            &self.rstd,
-            &self.a,
-            &self.wide,
-            &self.text_k,
-            &self.text_v,
-            &self.text_probs,
-            &moe.scores,
-            &moe.xs,
-            &moe.ys,
-            &moe.routing.probs,
-        ]
-        .iter()
-        .map(|b| b.capacity())
-        .sum::<usize>()
-            + moe.expert.buffers.iter().map(Vec::capacity).sum::<usize>();
-        floats * std::mem::size_of::<f32>()
-    }
-}
-
-/// Grows `buf` to at least `len` elements (never shrinks: a scratch buffer
-/// serves the largest user).
-fn grow(buf: &mut Vec<f32>, len: usize) {
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-}
-
-/// x += y, element-wise (the cross-attention residual).
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
-}
-
-impl Params for Block {
-    fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
-        self.adaln.collect(out);
-        self.attn.collect(out);
-        if let Some(c) = &self.cross_attn {
-            c.collect(out);
-        }
-        if let Ffn::Dense(mlp) = &self.ffn {
-            mlp.collect(out);
-        }
-    }
-    fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+    /// Parameters drawn from the model's rng after construction, in the
+    /// order seeded models always drew them (MoE layers draw when built).
+    pub(crate) fn collect_dense_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
         self.adaln.collect_mut(out);
         self.attn.collect_mut(out);
         if let Some(c) = &mut self.cross_attn {
@@ -426,7 +416,27 @@ impl Params for Block {
     }
 }
 
-/// The block's adaLN modulation layer.
-pub(crate) fn block_adaln(index: usize, d: usize) -> Linear {
-    adaln_modulation(&format!("blocks.{index}"), d, CHUNKS)
+impl Params for Block {
+    fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
+        self.adaln.collect(out);
+        self.attn.collect(out);
+        if let Some(c) = &self.cross_attn {
+            c.collect(out);
+        }
+        match &self.ffn {
+            Ffn::Dense(mlp) => mlp.collect(out),
+            Ffn::Moe(moe) => moe.collect(out),
+        }
+    }
+    fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+        self.adaln.collect_mut(out);
+        self.attn.collect_mut(out);
+        if let Some(c) = &mut self.cross_attn {
+            c.collect_mut(out);
+        }
+        match &mut self.ffn {
+            Ffn::Dense(mlp) => mlp.collect_mut(out),
+            Ffn::Moe(moe) => moe.collect_mut(out),
+        }
+    }
 }

@@ -1,14 +1,13 @@
 //! The final layer: adaLN with two chunks (`shift, scale`), LayerNorm without
 //! affine, `Linear(d, p*p*out_channels)`; the model then unpatchifies.
 
-use super::adaln::{adaln_modulation, ln_modulate, Chunk};
-use super::buffer::resize;
+use super::act::Act;
+use super::adaln::{adaln_modulation, chunks, ln_modulate};
 use super::linear::Linear;
-use super::param::{Init, Param, Params};
-use ecdit_engine::{Backend, Result};
+use ecdit_engine::{Backend, DType, Init, Param, Params, Result, RowDims, TensorRef};
 
 /// `final_layer`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct FinalLayer {
     /// `final_layer.adaLN_modulation.1`: [2d, d], zero-initialised.
     pub adaln: Linear,
@@ -17,83 +16,83 @@ pub struct FinalLayer {
 }
 
 /// What the final layer computes, kept for backward.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct FinalActs {
     /// [B, 2d] `shift, scale`.
-    pub modulation: Vec<f32>,
+    pub modulation: Act,
     /// [B, T, d] LN(x).
-    pub ln: Vec<f32>,
-    /// [B*T] LayerNorm means.
-    pub ln_mean: Vec<f32>,
-    /// [B*T] LayerNorm reciprocal standard deviations.
-    pub ln_rstd: Vec<f32>,
+    pub ln: Act,
+    /// [B*T] LayerNorm means (f32).
+    pub ln_mean: Act,
+    /// [B*T] LayerNorm reciprocal standard deviations (f32).
+    pub ln_rstd: Act,
     /// [B, T, d] modulated.
-    pub modulated: Vec<f32>,
+    pub modulated: Act,
     /// [B, T, p*p*out_ch] linear output, index `(pi * p + qi) * out_ch + ch`.
-    pub out: Vec<f32>,
+    pub out: Act,
+}
+
+impl FinalActs {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        [
+            &self.modulation,
+            &self.ln,
+            &self.ln_mean,
+            &self.ln_rstd,
+            &self.modulated,
+            &self.out,
+        ]
+        .iter()
+        .map(|a| a.bytes())
+        .sum()
+    }
 }
 
 impl FinalLayer {
     /// Zero-initialised (DiT).
-    pub fn new(d: usize, patch_out: usize) -> Self {
-        Self {
-            adaln: adaln_modulation("final_layer", d, 2),
-            linear: Linear::new("final_layer.linear", patch_out, d, Init::Zeros),
-        }
+    pub fn new(backend: &dyn Backend, d: usize, patch_out: usize, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            adaln: adaln_modulation(backend, "final_layer", d, 2, dtype)?,
+            linear: Linear::new(backend, "final_layer.linear", patch_out, d, Init::Zeros, dtype)?,
+        })
     }
 
     /// acts: filled (`acts.out` is the result); x: [B, T, d]; silu_c: [B, d].
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         backend: &dyn Backend,
         acts: &mut FinalActs,
-        x: &[f32],
-        silu_c: &[f32],
+        x: TensorRef<'_>,
+        silu_c: TensorRef<'_>,
         batch: usize,
         tokens: usize,
-    ) -> Result<()> {
-        self.forward_into(backend, acts, true, x, silu_c, batch, tokens)
-    }
-
-    /// As [`FinalLayer::forward`]; without `keep_ln`, `acts.ln` stays empty
-    /// (LN is modulated in place in `acts.modulated`, the same bits).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward_into(
-        &self,
-        backend: &dyn Backend,
-        acts: &mut FinalActs,
-        keep_ln: bool,
-        x: &[f32],
-        silu_c: &[f32],
-        batch: usize,
-        tokens: usize,
+        dtype: DType,
     ) -> Result<()> {
         let d = self.adaln.in_dim;
         let rows = batch * tokens;
-        resize(&mut acts.modulation, batch * 2 * d);
-        resize(&mut acts.ln, if keep_ln { rows * d } else { 0 });
-        resize(&mut acts.ln_mean, rows);
-        resize(&mut acts.ln_rstd, rows);
-        resize(&mut acts.modulated, rows * d);
-        resize(&mut acts.out, rows * self.linear.out_dim);
+        acts.modulation.ensure(backend, &[batch, 2 * d], dtype)?;
+        acts.ln.ensure(backend, &[batch, tokens, d], dtype)?;
+        acts.ln_mean.ensure(backend, &[rows], DType::F32)?;
+        acts.ln_rstd.ensure(backend, &[rows], DType::F32)?;
+        acts.modulated.ensure(backend, &[batch, tokens, d], dtype)?;
+        acts.out.ensure(backend, &[batch, tokens, self.linear.out_dim], dtype)?;
         self.adaln
-            .forward_per_sample(backend, &mut acts.modulation, silu_c, batch, 1)?;
-        let ch = |index| Chunk { index, chunks: 2 };
+            .forward_per_sample(backend, acts.modulation.view_mut()?, silu_c, batch, 1, None)?;
         ln_modulate(
             backend,
-            &mut acts.modulated,
-            keep_ln.then_some(acts.ln.as_mut_slice()),
-            &mut acts.ln_mean,
-            &mut acts.ln_rstd,
+            acts.modulated.view_mut()?,
+            acts.ln.view_mut()?,
+            acts.ln_mean.view_mut()?,
+            acts.ln_rstd.view_mut()?,
             x,
-            &acts.modulation,
-            ch(0),
-            ch(1),
-            batch,
-            tokens,
-            d,
+            acts.modulation.view()?,
+            chunks(2, 0, 1),
+            RowDims { batch, tokens, d },
         )?;
-        self.linear.forward(backend, &mut acts.out, &acts.modulated, rows)
+        self.linear
+            .forward(backend, acts.out.view_mut()?, acts.modulated.view()?, rows)
     }
 }
 

@@ -1,11 +1,10 @@
 //! Class embedding: a table with one extra row for the null class (DiT's
 //! `LabelEmbedder`); classifier-free guidance passes the null class id.
 
-use super::param::{Init, Param, Params};
-use ecdit_engine::{Backend, EngineError, Result};
+use ecdit_engine::{Backend, DType, EngineError, Init, Layout, Param, Params, Result, TensorMut, TensorRef};
 
 /// `y_embedder.embedding_table.weight`: [num_classes + 1, d].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct LabelEmbedder {
     /// [num_classes + 1, d]; row `num_classes` is the null class.
     pub table: Param,
@@ -17,16 +16,19 @@ pub struct LabelEmbedder {
 
 impl LabelEmbedder {
     /// Table drawn `N(0, 0.02^2)` (DiT).
-    pub fn new(num_classes: usize, d: usize) -> Self {
-        Self {
+    pub fn new(backend: &dyn Backend, num_classes: usize, d: usize, dtype: DType) -> Result<Self> {
+        Ok(Self {
             table: Param::new(
+                backend,
                 "y_embedder.embedding_table.weight",
                 &[num_classes + 1, d],
+                dtype,
+                Layout::AsStored,
                 Init::Normal(0.02),
-            ),
+            )?,
             num_classes,
             d,
-        }
+        })
     }
 
     /// The null (unconditional) class id.
@@ -34,8 +36,8 @@ impl LabelEmbedder {
         self.num_classes as u32
     }
 
-    /// out: [B, d]; labels: [B] in `0..=num_classes`.
-    pub fn forward(&self, backend: &dyn Backend, out: &mut [f32], labels: &[u32]) -> Result<()> {
+    /// Checks host labels before they are uploaded: each in `0..=num_classes`.
+    pub fn check(&self, labels: &[u32]) -> Result<()> {
         if let Some((i, &bad)) = labels.iter().enumerate().find(|(_, &l)| l as usize > self.num_classes) {
             return Err(EngineError::Other(format!(
                 "class label {bad} at batch index {i} is out of range: the model has {} classes \
@@ -43,7 +45,12 @@ impl LabelEmbedder {
                 self.num_classes, self.num_classes, self.num_classes
             )));
         }
-        backend.gather_rows(out, &self.table.data, labels, self.d)
+        Ok(())
+    }
+
+    /// out: [B, d] = table rows; labels: [B] u32 on the backend (checked).
+    pub fn forward(&self, backend: &dyn Backend, out: TensorMut<'_>, labels: TensorRef<'_>) -> Result<()> {
+        backend.gather_rows(out, self.table.tensor.view(), labels, self.d)
     }
 }
 

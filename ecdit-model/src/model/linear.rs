@@ -1,15 +1,14 @@
-//! `Linear` in the PyTorch layout: `out = inp @ weight^T + bias`.
+//! `Linear`: `out = inp @ W + bias` with the weight held input-major
+//! (`[in, out]` in memory, upstream `[out, in]` on disk), so the product is a
+//! plain NN gemm with the bias fused.
 
-use super::param::{Init, Param, Params};
-use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, EngineError, GemmDims, Result};
-use std::ops::Range;
+use ecdit_engine::{Backend, DType, GemmDims, Init, Layout, Param, Params, Result, TensorMut, TensorRef};
 
 /// A linear layer with bias.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Linear {
-    /// `<prefix>.weight`: [out_dim, in_dim] (stored shape may split `in_dim`,
-    /// as the patch embedding's conv weight [d, C, p, p]).
+    /// `<prefix>.weight`: upstream `[out_dim, in_dim]` (the patch embedding's
+    /// conv weight is `[d, C, p, p]`, held as stored).
     pub weight: Param,
     /// `<prefix>.bias`: [out_dim].
     pub bias: Param,
@@ -17,110 +16,176 @@ pub struct Linear {
     pub in_dim: usize,
     /// Output features.
     pub out_dim: usize,
+    /// Output chunks held as separate input-major blocks (fused qkv: 3, kv: 2).
+    chunks: usize,
 }
 
 impl Linear {
-    /// A layer named `prefix` with weight shape `[out_dim, in_dim]`, bias zero.
-    pub fn new(prefix: &str, out_dim: usize, in_dim: usize, init: Init) -> Self {
-        Self::with_weight_shape(prefix, &[out_dim, in_dim], out_dim, in_dim, init)
+    /// A layer named `prefix` with weight `[out_dim, in_dim]` held input-major, bias zero.
+    pub fn new(
+        backend: &dyn Backend,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        init: Init,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::build(backend, prefix, &[out_dim, in_dim], Layout::InputMajor, 1, init, dtype)
     }
 
     /// Xavier-uniform weight, zero bias (DiT's default for `nn.Linear`).
-    pub fn xavier(prefix: &str, out_dim: usize, in_dim: usize) -> Self {
-        Self::new(
+    pub fn xavier(backend: &dyn Backend, prefix: &str, out_dim: usize, in_dim: usize, dtype: DType) -> Result<Self> {
+        Self::new(backend, prefix, out_dim, in_dim, xavier(in_dim, out_dim), dtype)
+    }
+
+    /// A fused projection of `chunks` equal output parts (qkv, kv): the
+    /// weight `[chunks * part, in]` is held as `chunks` input-major blocks
+    /// `[in, part]`, so each part is its own gemm into its own contiguous
+    /// output (attention reads q, k, v as separate tensors).
+    pub fn fused(
+        backend: &dyn Backend,
+        prefix: &str,
+        chunks: usize,
+        out_dim: usize,
+        in_dim: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let layout = Layout::InputMajorChunks(chunks);
+        Self::build(
+            backend,
             prefix,
-            out_dim,
-            in_dim,
-            Init::XavierUniform {
-                fan_in: in_dim,
-                fan_out: out_dim,
-            },
+            &[out_dim, in_dim],
+            layout,
+            chunks,
+            xavier(in_dim, out_dim),
+            dtype,
         )
     }
 
-    /// A layer whose stored weight shape is `weight_shape` (product `out * in`).
-    pub fn with_weight_shape(prefix: &str, weight_shape: &[usize], out_dim: usize, in_dim: usize, init: Init) -> Self {
-        debug_assert_eq!(weight_shape.iter().product::<usize>(), out_dim * in_dim);
-        Self {
-            weight: Param::new(format!("{prefix}.weight"), weight_shape, init),
-            bias: Param::new(format!("{prefix}.bias"), &[out_dim], Init::Zeros),
+    /// A layer whose upstream weight shape is not `[out, in]` (the patch
+    /// embedding's `[d, C, p, p]`): held as stored, read transposed.
+    pub fn as_stored(
+        backend: &dyn Backend,
+        prefix: &str,
+        weight_shape: &[usize],
+        out_dim: usize,
+        in_dim: usize,
+        init: Init,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::build(backend, prefix, weight_shape, Layout::AsStored, 1, init, dtype).map(|l| Self {
             in_dim,
             out_dim,
-        }
+            ..l
+        })
+    }
+
+    fn build(
+        backend: &dyn Backend,
+        prefix: &str,
+        weight_shape: &[usize],
+        layout: Layout,
+        chunks: usize,
+        init: Init,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (out_dim, in_dim) = (weight_shape[0], weight_shape[1..].iter().product());
+        Ok(Self {
+            weight: Param::new(backend, format!("{prefix}.weight"), weight_shape, dtype, layout, init)?,
+            bias: Param::new(
+                backend,
+                format!("{prefix}.bias"),
+                &[out_dim],
+                dtype,
+                Layout::AsStored,
+                Init::Zeros,
+            )?,
+            in_dim,
+            out_dim,
+            chunks,
+        })
     }
 
     /// out: [rows, out_dim]; inp: [rows, in_dim].
-    pub fn forward(&self, backend: &dyn Backend, out: &mut [f32], inp: &[f32], rows: usize) -> Result<()> {
-        self.forward_features(backend, out, inp, rows, 0..self.out_dim)
+    pub fn forward(&self, backend: &dyn Backend, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize) -> Result<()> {
+        if self.chunks == 1 {
+            let dims = match self.weight.layout {
+                Layout::AsStored => GemmDims::nt(rows, self.out_dim, self.in_dim),
+                _ => GemmDims::nn(rows, self.out_dim, self.in_dim),
+            };
+            return backend.gemm(
+                out,
+                inp,
+                self.weight.tensor.view(),
+                Some(self.bias.tensor.view()),
+                dims,
+                1.0,
+                0.0,
+            );
+        }
+        // A fused layer into one [rows, out_dim] buffer: part by part through a
+        // [rows, chunks, part] view would need strides; callers use `forward_chunk`.
+        Err(ecdit_engine::EngineError::Other(format!(
+            "Linear::forward ({}): a fused projection runs part by part (forward_chunk)",
+            self.weight.name
+        )))
     }
 
-    /// The output features `features` only, from the matching rows of the
-    /// weight: a fused projection (q, k, v) writes each part into its own
-    /// buffer with no splitting copy.
-    /// out: [rows, features.len()]; inp: [rows, in_dim].
-    pub fn forward_features(
+    /// Output part `j` of a fused layer. out: [rows, out_dim / chunks]; inp: [rows, in_dim].
+    pub fn forward_chunk(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        inp: &[f32],
+        j: usize,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
         rows: usize,
-        features: Range<usize>,
     ) -> Result<()> {
-        if features.end > self.out_dim || features.start > features.end {
-            return Err(EngineError::shape(
-                format!("Linear::forward_features ({})", self.weight.name),
-                format!("a feature range inside 0..{}", self.out_dim),
-                format!("{features:?}"),
-            ));
-        }
-        let n = features.len();
-        let weight = &self.weight.data[features.start * self.in_dim..features.end * self.in_dim];
-        backend.gemm(out, inp, weight, GemmDims::nt(rows, n, self.in_dim), 1.0, 0.0)?;
-        backend.add_bias(out, &self.bias.data[features], rows, n)
+        let part = self.out_dim / self.chunks;
+        let w = self.weight.tensor.view().rows(j, 1)?.reshape(&[self.in_dim, part])?;
+        let b = self.bias.tensor.view().flat(j * part, part)?;
+        backend.gemm(out, inp, w, Some(b), GemmDims::nn(rows, part, self.in_dim), 1.0, 0.0)
     }
 
-    /// As [`Linear::forward`], one sample's rows at a time, so each sample's
-    /// output is the same bits whatever the batch size: a GEMM's summation
-    /// order may depend on its row count (the CPU GEMM switches kernels for
-    /// tiny products), and the products of per-sample rows (conditioning
-    /// vectors, text tokens) are tiny. Image-token products stay batched.
-    /// out: [samples * rows_per_sample, out_dim]; inp: [samples * rows_per_sample, in_dim].
+    /// As [`Linear::forward`] (or part `chunk` of a fused layer), one
+    /// sample's rows at a time, so each sample's output is the same bits
+    /// whatever the batch size: a gemm's summation order may depend on its
+    /// row count (the CPU gemm switches kernels for tiny products), and the
+    /// products of per-sample rows (conditioning vectors, text tokens) are
+    /// tiny. Image-token products stay batched.
+    /// out: [samples * rows_per_sample, out]; inp: [samples * rows_per_sample, in_dim].
     pub fn forward_per_sample(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        inp: &[f32],
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
         samples: usize,
         rows_per_sample: usize,
+        chunk: Option<usize>,
     ) -> Result<()> {
-        self.forward_features_per_sample(backend, out, inp, samples, rows_per_sample, 0..self.out_dim)
-    }
-
-    /// [`Linear::forward_features`] one sample's rows at a time (see
-    /// [`Linear::forward_per_sample`]).
-    /// out: [samples * rows_per_sample, features.len()]; inp: [samples * rows_per_sample, in_dim].
-    pub fn forward_features_per_sample(
-        &self,
-        backend: &dyn Backend,
-        out: &mut [f32],
-        inp: &[f32],
-        samples: usize,
-        rows_per_sample: usize,
-        features: Range<usize>,
-    ) -> Result<()> {
+        let n = match chunk {
+            Some(_) => self.out_dim / self.chunks,
+            None => self.out_dim,
+        };
         let rows = samples * rows_per_sample;
-        let n = features.len();
-        check_len("Linear::forward_per_sample", "out", out.len(), rows * n)?;
-        check_len("Linear::forward_per_sample", "inp", inp.len(), rows * self.in_dim)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let (out_rows, in_rows) = (rows_per_sample * n, rows_per_sample * self.in_dim);
-        for (o, x) in out.chunks_mut(out_rows).zip(inp.chunks(in_rows)) {
-            self.forward_features(backend, o, x, rows_per_sample, features.clone())?;
+        out.expect_len("Linear::forward_per_sample", "out", rows * n)?;
+        inp.expect_len("Linear::forward_per_sample", "inp", rows * self.in_dim)?;
+        let mut out = out.reshape(&[rows, n])?;
+        let inp = inp.reshape(&[rows, self.in_dim])?;
+        for s in 0..samples {
+            let o = out.reborrow().rows(s * rows_per_sample, rows_per_sample)?;
+            let x = inp.rows(s * rows_per_sample, rows_per_sample)?;
+            match chunk {
+                Some(j) => self.forward_chunk(backend, j, o, x, rows_per_sample)?,
+                None => self.forward(backend, o, x, rows_per_sample)?,
+            }
         }
         Ok(())
     }
+}
+
+/// Xavier-uniform for a `[fan_out, fan_in]` matrix.
+pub(crate) fn xavier(fan_in: usize, fan_out: usize) -> Init {
+    Init::XavierUniform { fan_in, fan_out }
 }
 
 impl Params for Linear {

@@ -1,14 +1,12 @@
 //! The dense feed-forward: `fc2(GELU_tanh(fc1(x)))` (timm `Mlp` with DiT's
 //! `approx_gelu`). Names `mlp.fc1` [h, d], `mlp.fc2` [d, h].
 
-use super::buffer::resize;
+use super::act::Act;
 use super::linear::Linear;
-use super::param::{Param, Params};
-use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, EngineError, Result, Unary};
+use ecdit_engine::{Backend, DType, Param, Params, Result, TensorMut, TensorRef, Unary};
 
 /// `blocks.{i}.mlp`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct Mlp {
     /// `mlp.fc1`: [h, d].
     pub fc1: Linear,
@@ -16,22 +14,30 @@ pub struct Mlp {
     pub fc2: Linear,
 }
 
-/// What the MLP computes, kept for backward.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What the MLP computes: [B*T, h] each when kept for backward, one chunk
+/// of rows (reused by every chunk) at inference.
+#[derive(Debug, Default)]
 pub struct MlpActs {
-    /// [N, h] before GELU.
-    pub pre: Vec<f32>,
-    /// [N, h] after GELU.
-    pub act: Vec<f32>,
+    /// Before GELU.
+    pub pre: Act,
+    /// After GELU.
+    pub act: Act,
+}
+
+impl MlpActs {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.pre.bytes() + self.act.bytes()
+    }
 }
 
 impl Mlp {
     /// Xavier weights, zero biases.
-    pub fn new(prefix: &str, d: usize, hidden: usize) -> Self {
-        Self {
-            fc1: Linear::xavier(&format!("{prefix}.fc1"), hidden, d),
-            fc2: Linear::xavier(&format!("{prefix}.fc2"), d, hidden),
-        }
+    pub fn new(backend: &dyn Backend, prefix: &str, d: usize, hidden: usize, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::xavier(backend, &format!("{prefix}.fc1"), hidden, d, dtype)?,
+            fc2: Linear::xavier(backend, &format!("{prefix}.fc2"), d, hidden, dtype)?,
+        })
     }
 
     /// Hidden width h.
@@ -39,59 +45,39 @@ impl Mlp {
         self.fc1.out_dim
     }
 
-    /// out: [B*T, d]; acts: filled ([B*T, h] each); x: [B*T, d].
-    pub fn forward(
-        &self,
-        backend: &dyn Backend,
-        out: &mut [f32],
-        acts: &mut MlpActs,
-        x: &[f32],
-        batch: usize,
-        tokens: usize,
-    ) -> Result<()> {
-        let rows = batch * tokens * self.hidden();
-        resize(&mut acts.pre, rows);
-        resize(&mut acts.act, rows);
-        self.forward_chunks(backend, out, &mut acts.pre, &mut acts.act, x, batch, tokens)
-    }
-
     /// The MLP on [`chunk_rows`] rows at a time, so the hidden activations of
     /// a chunk are still in cache for fc2, and an inference forward needs
     /// hidden buffers of one chunk only. Chunks hold whole samples: each
-    /// sample's rows get the same products, so the same bits, whatever the batch.
-    /// out: [B*T, d]; pre, act: [B*T, h] (kept for backward) or at least
-    /// [chunk_rows, h] (reused by every chunk); x: [B*T, d].
+    /// sample's rows get the same products, so the same bits, whatever the
+    /// batch, kept or not.
+    /// out: [B*T, d]; acts: [B*T, h] each when `keep`, else one chunk; x: [B*T, d].
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward_chunks(
+    pub fn forward(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        pre: &mut [f32],
-        act: &mut [f32],
-        x: &[f32],
+        mut out: TensorMut<'_>,
+        acts: &mut MlpActs,
+        keep: bool,
+        x: TensorRef<'_>,
         batch: usize,
         tokens: usize,
+        dtype: DType,
     ) -> Result<()> {
-        const OP: &str = "Mlp::forward";
         let (d, h, rows) = (self.fc1.in_dim, self.hidden(), batch * tokens);
-        check_len(OP, "x", x.len(), rows * d)?;
-        check_len(OP, "out", out.len(), rows * d)?;
-        let chunk = chunk_rows(batch, tokens);
-        let keep = pre.len() >= rows * h && act.len() >= rows * h;
-        if pre.len() < chunk * h || act.len() < chunk * h {
-            return Err(EngineError::shape(
-                format!("{OP} (hidden buffers)"),
-                format!("at least {chunk} x {h} floats each"),
-                format!("{} and {}", pre.len(), act.len()),
-            ));
-        }
-        for r0 in (0..rows).step_by(chunk.max(1)) {
+        let chunk = chunk_rows(batch, tokens).max(1);
+        let held = if keep { rows } else { chunk.min(rows) };
+        acts.pre.ensure(backend, &[held, h], dtype)?;
+        acts.act.ensure(backend, &[held, h], dtype)?;
+        let x = x.reshape(&[rows, d])?;
+        for r0 in (0..rows).step_by(chunk) {
             let m = chunk.min(rows - r0);
-            let at = if keep { r0 * h } else { 0 };
-            let (pre, act) = (&mut pre[at..at + m * h], &mut act[at..at + m * h]);
-            self.fc1.forward(backend, pre, &x[r0 * d..(r0 + m) * d], m)?;
-            backend.unary(Unary::GeluTanh, act, pre)?;
-            self.fc2.forward(backend, &mut out[r0 * d..(r0 + m) * d], act, m)?;
+            let at = if keep { r0 } else { 0 };
+            let pre = acts.pre.view_mut()?.rows(at, m)?;
+            self.fc1.forward(backend, pre, x.rows(r0, m)?, m)?;
+            let pre = acts.pre.view()?.rows(at, m)?;
+            backend.unary(Unary::GeluTanh, acts.act.view_mut()?.rows(at, m)?, pre)?;
+            let o = out.reborrow().reshape(&[rows, d])?.rows(r0, m)?;
+            self.fc2.forward(backend, o, acts.act.view()?.rows(at, m)?, m)?;
         }
         Ok(())
     }

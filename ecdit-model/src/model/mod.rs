@@ -1,6 +1,6 @@
 //! The EC-DiT model: DiT's embeddings, blocks with adaLN-Zero self-attention,
 //! optional text cross-attention and a dense or MoE feed-forward, and DiT's
-//! final layer (EC-DIT.md section 3).
+//! final layer (EC-DIT.md section 3), on the tensors of one backend.
 //!
 //! ```text
 //! x [B, C, H, W] -> patchify -> x_embedder + pos      tokens [B, T, d]
@@ -10,56 +10,73 @@
 //! blocks(tokens, SiLU(c), text) -> final_layer -> unpatchify    out [B, C_out, H, W]
 //! ```
 //!
-//! Parameters live in named structs (one file per layer), each a [`Param`]
-//! with its upstream dotted name; activations in matching `*Acts` structs, so
-//! a backward can read exactly what the forward kept. The inference forward
-//! ([`Model::forward_with`], inference.rs) runs the same ops in a few shared
-//! buffers ([`InferenceBuffers`]) and keeps none of that.
+//! # Public API (engine v2)
+//!
+//! ```text
+//! Model::new(config, &registry, backend: Arc<dyn Backend>, seed) -> ModelResult<Model>   // f32
+//! Model::from_weights(config, &registry, backend, &weights, allow_unused) / Model::load(path, &registry, backend)
+//! model.save(path)                          // upstream names and layouts, each param in its dtype
+//! model.to_dtype(DType::BF16)               // storage dtype of params and activations (f32 default)
+//! model.dtype() / config() / backend() / backend_arc()
+//! model.params() / params_mut()             // EVERY Param: dense, MoE router + experts, pos_embed (Init::Fixed) last
+//!                                           // (the text encoder is its own `Params`; a trainer chains both lists)
+//! model.param_shapes() / num_params()       // (name, on-disk shape); trainable count leaves Fixed out
+//! model.forward(&mut acts, x, t, cond, ForwardOptions { keep, stats }) -> ForwardOutput
+//! model.predict(x, t, cond)                 // forward with fresh buffers, inference, stats on
+//! model.forward_with_cfg(&mut acts, x, t, cond, CfgOptions, ForwardOptions) -> ForwardOutput
+//! ```
+//!
+//! Parameters are engine [`Param`]s (dense Linear weights input-major, fused
+//! qkv/kv as input-major chunks, the patch embedding as stored) listed by the
+//! [`Params`] trait. [`ModelActs`] holds the activations as backend tensors,
+//! reused across calls: a sampler keeps one and calls `forward` every step.
+//! One forward serves training and inference: with `keep` every block keeps
+//! what a backward reads in its own [`BlockActs`]; without it all blocks
+//! share one, attention keeps no probabilities, and the bits are the same.
+//! A forward uploads its inputs once (x, t, labels or text) and downloads its
+//! output once; routing statistics are downloaded only with `stats`.
 
+mod act;
 mod adaln;
 mod attention;
 mod block;
-mod buffer;
 mod cross_attention;
 mod error;
 mod final_layer;
 mod guidance;
-mod inference;
 mod label_embed;
 mod linear;
 mod mlp;
 mod moe_ffn;
-mod param;
 mod patch_embed;
 mod pos_embed;
 mod text_embed;
 mod timestep;
 
-pub use adaln::{gated_residual, modulate, modulate_in_place, Chunk, LN_EPS};
+pub use act::Act;
+pub use adaln::{chunks, LN_EPS};
 pub use attention::{AttentionActs, QkvProjection, SelfAttention};
-pub use block::{Block, BlockActs, BlockScratch, Ffn, TextContext};
-pub use cross_attention::{CrossAttention, CrossAttentionActs};
+pub use block::{Block, BlockActs, Ffn, TextContext};
+pub use cross_attention::CrossAttention;
 pub use error::{ModelError, ModelResult};
 pub use final_layer::{FinalActs, FinalLayer};
 pub use guidance::{CfgChannels, CfgOptions};
-pub use inference::InferenceBuffers;
 pub use label_embed::LabelEmbedder;
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpActs};
 pub use moe_ffn::MoeFfn;
-pub use param::{Init, Param, Params};
-pub use patch_embed::{patchify, unpatchify};
+pub use patch_embed::patch_dims;
 pub use pos_embed::sincos_2d;
 pub use text_embed::{CaptionActs, CaptionEmbedder, PooledActs, PooledEmbedder, TextInput};
-pub use timestep::{timestep_frequencies, TimestepActs, TimestepEmbedder, FREQ_DIM};
+pub use timestep::{TimestepActs, TimestepEmbedder, FREQ_DIM, MAX_PERIOD};
 
 use crate::config::{Conditioning, ModelConfig};
-use crate::weights::{save_safetensors, Weights, WeightsError};
-use buffer::resize;
+use crate::weights::{save_params, Weights, WeightsError};
 use ecdit_engine::error::{check_finite, check_len};
-use ecdit_engine::{Backend, EngineError, Registry, RoutingStats, Unary};
+use ecdit_engine::{
+    Backend, BackendExt, DType, DeviceRouting, EngineError, Init, Layout, Param, Params, Registry, RoutingStats, Unary,
+};
 use rand::SeedableRng;
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -77,18 +94,40 @@ pub enum Condition<'a> {
 }
 
 impl<'a> Condition<'a> {
-    /// Samples `start..start + n`.
-    pub fn slice(&self, start: usize, n: usize) -> Condition<'a> {
+    /// Samples in the condition.
+    pub fn batch(&self) -> usize {
         match self {
-            Condition::Class(labels) => Condition::Class(&labels[start..start + n]),
-            Condition::Text(text) => Condition::Text(text.slice(start, n)),
+            Condition::Class(labels) => labels.len(),
+            Condition::Text(text) => text.batch,
         }
+    }
+
+    /// Samples `start..start + n`; errors (never panics) when they are not all there.
+    pub fn slice(&self, start: usize, n: usize) -> ModelResult<Condition<'a>> {
+        let have = self.batch();
+        if start.checked_add(n).is_none_or(|end| end > have) {
+            return Err(EngineError::shape(
+                "condition slice",
+                format!("samples {start}..{} of the condition", start.saturating_add(n)),
+                format!("{have} samples"),
+            )
+            .into());
+        }
+        Ok(match self {
+            Condition::Class(labels) => Condition::Class(&labels[start..start + n]),
+            Condition::Text(text) => {
+                // The buffers must hold what the header fields say before slicing.
+                text.check(text.dim)?;
+                Condition::Text(text.slice(start, n))
+            }
+        })
     }
 }
 
 /// The conditioning embedders of the model.
 // One per model, so the size difference of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 pub enum CondEmbedder {
     /// `y_embedder.embedding_table`.
     Class(LabelEmbedder),
@@ -104,53 +143,134 @@ pub enum CondEmbedder {
     },
 }
 
+/// What a forward keeps and reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Keep every block's activations for a backward (training). Without it
+    /// the blocks share one set of buffers and attention keeps no probabilities.
+    pub keep: bool,
+    /// Download each MoE layer's routing statistics into [`ForwardOutput::routing`].
+    pub stats: bool,
+}
+
+impl ForwardOptions {
+    /// Inference: nothing kept, no statistics.
+    pub fn inference() -> Self {
+        Self::default()
+    }
+
+    /// Training: everything a backward reads is kept; no statistics.
+    pub fn training() -> Self {
+        Self {
+            keep: true,
+            stats: false,
+        }
+    }
+
+    /// The same, with routing statistics.
+    pub fn with_stats(self) -> Self {
+        Self { stats: true, ..self }
+    }
+}
+
 /// A forward's result.
 #[derive(Clone, Debug)]
 pub struct ForwardOutput {
     /// [B, C_out, H, W].
     pub out: Vec<f32>,
     /// Routing statistics of each MoE layer, `(block index, stats)` in block
-    /// order (guidance with separate routing calls lists the conditional
-    /// pass's layers first, then the unconditional pass's).
+    /// order, when asked for (guidance with separate routing calls lists the
+    /// conditional pass's layers first, then the unconditional pass's).
     pub routing: Vec<(usize, RoutingStats)>,
 }
 
-/// Everything one forward computes, kept for backward (and for locating
-/// mismatches against reference intermediates).
-#[derive(Clone, Debug, Default)]
+/// Activations of a forward as backend tensors, reused across calls. With
+/// [`ForwardOptions::keep`] everything a backward reads is here (one
+/// [`BlockActs`] per block); without, `blocks` holds the one set all blocks
+/// share, and `patch_embed` is not written.
+#[derive(Debug, Default)]
 pub struct ModelActs {
+    /// [B, C, H, W] uploaded input images (f32).
+    pub x_in: Act,
+    /// [B] uploaded timesteps (f32).
+    pub t_in: Act,
+    /// [B] uploaded class labels (u32).
+    pub labels: Act,
+    /// [B, L, text_dim] uploaded text tokens.
+    pub text_tokens: Act,
+    /// [B, L] uploaded text mask (u8).
+    pub text_mask: Act,
+    /// [B, text_dim] uploaded pooled text.
+    pub text_pooled: Act,
     /// [B, T, C*p*p] patches.
-    pub patches: Vec<f32>,
-    /// [B, T, d] patch embedding, before the position table.
-    pub patch_embed: Vec<f32>,
+    pub patches: Act,
+    /// [B, T, d] patch embedding, before the position table (kept only).
+    pub patch_embed: Act,
     /// Timestep embedding internals; `t.emb` [B, d].
     pub t: TimestepActs,
-    /// [B, d] class or pooled-text embedding (zeros for text without pooling).
-    pub y_emb: Vec<f32>,
-    /// Pooled-text embedder internals.
+    /// [B, d] class embedding (class-conditional models).
+    pub y_emb: Act,
+    /// Pooled-text embedder internals; `pooled.emb` is the text term of `c`.
     pub pooled: PooledActs,
     /// Caption projection internals; `caption.out` [B, L, d].
     pub caption: CaptionActs,
     /// [B, d] conditioning vector `t_emb + y_emb`.
-    pub c: Vec<f32>,
+    pub c: Act,
     /// [B, d] SiLU(c), what every adaLN reads.
-    pub silu_c: Vec<f32>,
-    /// Per block (one reused entry when activations are not kept).
+    pub silu_c: Act,
+    /// Per block when kept, else one shared entry.
     pub blocks: Vec<BlockActs>,
-    /// [B, T, d] residual stream after the last block.
-    pub x: Vec<f32>,
+    /// [B, T, d] residual stream (after the last block at the end).
+    pub x: Act,
     /// Final layer internals.
     pub final_layer: FinalActs,
+    /// [B, C_out, H, W] the prediction, on the backend.
+    pub img: Act,
+    /// [2N, C_out, H, W] guidance's separate passes, on the backend.
+    pub guided: Act,
+}
+
+impl ModelActs {
+    /// Bytes of backend memory the activations hold (allocated sizes).
+    pub fn bytes(&self) -> usize {
+        let acts = [
+            &self.x_in,
+            &self.t_in,
+            &self.labels,
+            &self.text_tokens,
+            &self.text_mask,
+            &self.text_pooled,
+            &self.patches,
+            &self.patch_embed,
+            &self.y_emb,
+            &self.c,
+            &self.silu_c,
+            &self.x,
+            &self.img,
+            &self.guided,
+            &self.pooled.hidden,
+            &self.pooled.hidden_act,
+            &self.pooled.emb,
+            &self.caption.hidden,
+            &self.caption.hidden_act,
+            &self.caption.out,
+        ]
+        .iter()
+        .map(|a| a.bytes())
+        .sum::<usize>();
+        acts + self.t.bytes() + self.final_layer.bytes() + self.blocks.iter().map(BlockActs::bytes).sum::<usize>()
+    }
 }
 
 /// The model: config, parameters and the backend it computes on.
 pub struct Model {
     config: ModelConfig,
     backend: Arc<dyn Backend>,
-    /// `x_embedder.proj`: [d, C, p, p] (as [d, C*p*p]).
+    dtype: DType,
+    /// `x_embedder.proj`: [d, C, p, p] (used as [d, C*p*p]).
     pub x_embedder: Linear,
-    /// `pos_embed`: [T, d] fixed sin-cos table (stored [1, T, d]).
-    pub pos_embed: Vec<f32>,
+    /// `pos_embed`: [1, T, d] fixed sin-cos table (`Init::Fixed`).
+    pub pos_embed: Param,
     /// `t_embedder`.
     pub t_embedder: TimestepEmbedder,
     /// `y_embedder` (and `pooled_embedder`).
@@ -161,12 +281,26 @@ pub struct Model {
     pub final_layer: FinalLayer,
 }
 
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config.name)
+            .field("backend", &self.backend.name())
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
 impl Model {
-    /// A freshly initialised model (DiT's `initialize_weights`), deterministic
-    /// in `seed`. Routers and experts come from `registry` by the config's specs.
+    /// A freshly initialised f32 model (DiT's `initialize_weights`),
+    /// deterministic in `seed`. Routers and experts come from `registry` by
+    /// the config's specs; a router that cannot route the config's images
+    /// (e.g. `{"tokens": N}` groups that are not whole images) is an error here.
     pub fn new(config: ModelConfig, registry: &Registry, backend: Arc<dyn Backend>, seed: u64) -> ModelResult<Self> {
         config.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let be = backend.as_ref();
+        let dtype = DType::F32;
         let c = &config;
         let (d, p) = (c.hidden, c.patch_size);
         let text_dim = match c.conditioning {
@@ -175,50 +309,66 @@ impl Model {
         };
         let mut blocks = Vec::with_capacity(c.depth);
         for i in 0..c.depth {
-            let prefix = format!("blocks.{i}");
             let ffn = match &c.moe {
                 Some(moe) if moe.is_moe_block(i) => {
-                    Ffn::Moe(MoeFfn::new(&format!("{prefix}.moe"), d, moe, registry, &mut rng)?)
+                    let layer = MoeFfn::new(be, &format!("blocks.{i}.moe"), d, moe, registry, dtype, &mut rng)?;
+                    layer.layer.router.check_tokens_per_sample(c.tokens())?;
+                    Ffn::Moe(layer)
                 }
-                _ => Ffn::Dense(Mlp::new(&format!("{prefix}.mlp"), d, c.mlp_hidden())),
+                _ => Ffn::Dense(Mlp::new(be, &format!("blocks.{i}.mlp"), d, c.mlp_hidden(), dtype)?),
             };
-            blocks.push(Block {
-                index: i,
-                adaln: block::block_adaln(i, d),
-                attn: SelfAttention::new(&format!("{prefix}.attn"), d, c.heads, c.kv_heads),
-                cross_attn: text_dim
-                    .map(|_| CrossAttention::new(&format!("{prefix}.cross_attn"), d, c.heads, c.kv_heads)),
+            blocks.push(Block::new(
+                be,
+                i,
+                d,
+                c.heads,
+                c.kv_heads,
+                text_dim.is_some(),
                 ffn,
-            });
+                dtype,
+            )?);
         }
         let cond = match c.conditioning {
-            Conditioning::Class { num_classes, .. } => CondEmbedder::Class(LabelEmbedder::new(num_classes, d)),
+            Conditioning::Class { num_classes, .. } => {
+                CondEmbedder::Class(LabelEmbedder::new(be, num_classes, d, dtype)?)
+            }
             Conditioning::Text { text_dim, pooled, .. } => CondEmbedder::Text {
-                caption: CaptionEmbedder::new(d, text_dim),
-                pooled: pooled.then(|| PooledEmbedder::new(d, text_dim)),
+                caption: CaptionEmbedder::new(be, d, text_dim, dtype)?,
+                pooled: pooled
+                    .then(|| PooledEmbedder::new(be, d, text_dim, dtype))
+                    .transpose()?,
                 text_dim,
             },
         };
+        let tokens = c.tokens();
+        let mut pos_embed = Param::new(be, "pos_embed", &[1, tokens, d], dtype, Layout::AsStored, Init::Fixed)?;
+        pos_embed.load(be, &sincos_2d(d, c.input_size / p))?;
         let mut model = Self {
-            x_embedder: patch_embed::patch_embedder(d, c.in_channels, p),
-            pos_embed: sincos_2d(d, c.input_size / p),
-            t_embedder: TimestepEmbedder::new(d),
+            x_embedder: patch_embed::patch_embedder(be, d, c.in_channels, p, dtype)?,
+            pos_embed,
+            t_embedder: TimestepEmbedder::new(be, d, dtype)?,
             cond,
             blocks,
-            final_layer: FinalLayer::new(d, p * p * c.out_channels()),
-            backend,
+            final_layer: FinalLayer::new(be, d, p * p * c.out_channels(), dtype)?,
+            dtype,
+            backend: backend.clone(),
             config,
         };
-        for param in model.params_mut() {
-            param.initialise(&mut rng);
+        // Dense parameters draw after the MoE layers, in this order, as
+        // seeded models always did.
+        let mut dense = Vec::new();
+        model.collect_dense_mut(&mut dense);
+        for param in dense {
+            param.initialise(backend.as_ref(), &mut rng)?;
         }
         Ok(model)
     }
 
     /// A model with `config` whose weights all come from `weights` (upstream
     /// DiT names; see docs/WEIGHTS.md). Errors name any missing, misshapen or
-    /// non-f32 tensor, and list tensors the model did not use unless they
-    /// start with one of `allow_unused`.
+    /// unreadable tensor, and list tensors the model did not use unless they
+    /// start with one of `allow_unused`. `pos_embed` is optional (the fixed
+    /// table); a file's table that differs from it is used, with a warning.
     pub fn from_weights(
         config: ModelConfig,
         registry: &Registry,
@@ -227,22 +377,23 @@ impl Model {
         allow_unused: &[&str],
     ) -> ModelResult<Self> {
         let _span = tracing::info_span!("load weights", path = %weights.path().display()).entered();
-        let mut model = Self::new(config, registry, backend, 0)?;
+        let mut model = Self::new(config, registry, backend.clone(), 0)?;
+        let (t, d, grid) = (
+            model.config.tokens(),
+            model.config.hidden,
+            model.config.input_size / model.config.patch_size,
+        );
         for param in model.params_mut() {
-            param.data = weights.get(&param.name, &param.shape)?;
-        }
-        let root = weights.pp("");
-        for block in &mut model.blocks {
-            if let Ffn::Moe(moe) = &mut block.ffn {
-                moe.load(&root)?;
+            if param.init == Init::Fixed {
+                continue;
             }
+            weights.load_param(backend.as_ref(), param)?;
         }
-        let (t, d) = (model.config.tokens(), model.config.hidden);
         if weights.contains("pos_embed") {
             let table = weights.get("pos_embed", &[1, t, d])?;
             let diff = table
                 .iter()
-                .zip(&model.pos_embed)
+                .zip(&sincos_2d(d, grid))
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             if diff > 1e-5 {
                 tracing::warn!(
@@ -251,7 +402,7 @@ impl Model {
                     weights.path().display()
                 );
             }
-            model.pos_embed = table;
+            model.pos_embed.load(backend.as_ref(), &table)?;
         }
         weights.check_all_used(allow_unused)?;
         Ok(model)
@@ -265,58 +416,65 @@ impl Model {
         Self::from_weights(config, registry, backend, &weights, &[])
     }
 
-    /// Writes every weight under its upstream name, `pos_embed` [1, T, d], and
-    /// the config JSON in the metadata key `config`; atomically (temp + rename).
+    /// Writes every parameter under its upstream name and layout, in its
+    /// dtype (`pos_embed` [1, T, d] included), and the config JSON in the
+    /// metadata key `config`; atomically (temp + rename).
     pub fn save(&self, path: impl AsRef<Path>) -> ModelResult<()> {
         let json = serde_json::to_string(&self.config)
             .map_err(|e| EngineError::Other(format!("cannot serialise the model config: {e}")))?;
-        let tensors = self.named_tensors();
-        let refs: Vec<(String, Vec<usize>, &[f32])> = tensors
-            .iter()
-            .map(|(n, s, d)| (n.clone(), s.clone(), d.as_ref()))
-            .collect();
         let metadata = HashMap::from([
             (CONFIG_KEY.to_string(), json),
             ("format".to_string(), "ecdit".to_string()),
         ]);
-        save_safetensors(path, &refs, metadata)?;
+        save_params(path, self.backend.as_ref(), &self.params(), Vec::new(), metadata)?;
         Ok(())
     }
 
-    /// Every stored tensor `(name, shape)` in file order: trainable parameters
-    /// (dense ones, then each MoE layer's router and experts) and the fixed
-    /// `pos_embed` last. `ecdit info` counts parameters from the same list.
-    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        self.named_tensors().into_iter().map(|(n, s, _)| (n, s)).collect()
-    }
-
-    /// Trainable parameter count (everything in [`Model::param_shapes`] but `pos_embed`).
-    pub fn num_params(&self) -> usize {
-        self.param_shapes()
-            .iter()
-            .filter(|(n, _)| n != "pos_embed")
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
-    }
-
-    fn named_tensors(&self) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
-        let mut out: Vec<_> = self
-            .params()
-            .into_iter()
-            .map(|p| (p.name.clone(), p.shape.clone(), Cow::Borrowed(p.data.as_slice())))
-            .collect();
-        for block in &self.blocks {
-            if let Ffn::Moe(moe) = &block.ffn {
-                out.extend(moe.named_tensors());
-            }
+    /// Converts every parameter to `dtype` (f32 or bf16, where the backend
+    /// supports it); activations follow. bf16 rounds to nearest even.
+    pub fn to_dtype(&mut self, dtype: DType) -> ModelResult<()> {
+        if !dtype.is_float() || !self.backend.supports(dtype) {
+            return Err(EngineError::param(
+                format!("model '{}'", self.config.name),
+                "dtype",
+                dtype,
+                format!("backend '{}' cannot store model tensors in it", self.backend.name()),
+            )
+            .into());
         }
-        let (t, d) = (self.config.tokens(), self.config.hidden);
-        out.push((
-            "pos_embed".into(),
-            vec![1, t, d],
-            Cow::Borrowed(self.pos_embed.as_slice()),
-        ));
-        out
+        if dtype == self.dtype {
+            return Ok(());
+        }
+        let backend = self.backend.clone();
+        for p in self.params_mut() {
+            let values = backend.read_f32(p.tensor.view())?;
+            p.tensor = backend.upload_f32(&p.memory_shape(), &values, dtype)?;
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// Storage dtype of parameters and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every stored tensor `(name, on-disk shape)` in [`Model::params`] order
+    /// (`pos_embed` last). `ecdit info` counts parameters from the same names.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.params()
+            .into_iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect()
+    }
+
+    /// Trainable parameter count (every parameter but the fixed `pos_embed`).
+    pub fn num_params(&self) -> usize {
+        self.params()
+            .iter()
+            .filter(|p| p.init != Init::Fixed)
+            .map(|p| p.numel())
+            .sum()
     }
 
     /// The config.
@@ -329,104 +487,181 @@ impl Model {
         self.backend.as_ref()
     }
 
-    /// Dense parameters in a fixed order (MoE layers hold their own).
+    /// The backend, shared.
+    pub fn backend_arc(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Every parameter, in a fixed order: embeddings, blocks (MoE routers and
+    /// experts in their block), final layer, `pos_embed` (`Init::Fixed`) last.
     pub fn params(&self) -> Vec<&Param> {
         let mut out = Vec::new();
         self.collect(&mut out);
         out
     }
 
-    /// Dense parameters, mutably, in the order of [`Model::params`].
+    /// Every parameter, mutably, in the order of [`Model::params`].
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
         let mut out = Vec::new();
         self.collect_mut(&mut out);
         out
     }
 
+    /// The prediction with fresh buffers: an inference forward with routing
+    /// statistics. A caller that runs many forwards keeps a [`ModelActs`]
+    /// and calls [`Model::forward`].
+    pub fn predict(&self, x: &[f32], t: &[f32], cond: Condition<'_>) -> ModelResult<ForwardOutput> {
+        self.forward(
+            &mut ModelActs::default(),
+            x,
+            t,
+            cond,
+            ForwardOptions::inference().with_stats(),
+        )
+    }
+
     /// The model's prediction for `x` at times `t` under `cond`.
-    /// x: [B, C, H, W]; t: [B]; returns out: [B, C_out, H, W] and routing stats.
-    /// Inference memory: see [`Model::forward_with`] (same bits), whose
-    /// buffers this allocates per call; a sampler should keep them instead.
-    pub fn forward(&self, x: &[f32], t: &[f32], cond: Condition<'_>) -> ModelResult<ForwardOutput> {
-        self.forward_with(&mut InferenceBuffers::default(), x, t, cond)
-    }
-
-    /// As [`Model::forward`], keeping every block's activations in `acts`
-    /// (for backward, or to compare intermediates).
-    pub fn forward_acts(
+    /// acts: reused buffers (kept for backward with `opts.keep`);
+    /// x: [B, C, H, W]; t: [B]; returns out: [B, C_out, H, W] (one download)
+    /// and, with `opts.stats`, each MoE layer's routing statistics.
+    pub fn forward(
         &self,
         acts: &mut ModelActs,
         x: &[f32],
         t: &[f32],
         cond: Condition<'_>,
+        opts: ForwardOptions,
     ) -> ModelResult<ForwardOutput> {
-        self.forward_into(acts, true, x, t, cond)
+        let routings = self.forward_on(acts, x, t, cond, opts.keep)?;
+        let out = self.backend.read_f32(acts.img.view()?)?;
+        Ok(ForwardOutput {
+            out,
+            routing: self.routing_stats(&routings, opts.stats)?,
+        })
     }
 
-    /// The forward into caller-owned activations (reused across calls).
-    /// `keep_blocks`: one `BlockActs` per block, else one shared entry (the
-    /// last block's). Everything a backward reads is kept either way; for
-    /// inference use [`Model::forward_with`], which keeps none of it.
-    pub fn forward_into(
+    /// Downloads the statistics of `routings` when `stats`, else none.
+    fn routing_stats(
+        &self,
+        routings: &[(usize, Arc<DeviceRouting>)],
+        stats: bool,
+    ) -> ModelResult<Vec<(usize, RoutingStats)>> {
+        if !stats {
+            return Ok(Vec::new());
+        }
+        routings
+            .iter()
+            .map(|(i, r)| Ok((*i, r.stats(self.backend.as_ref())?)))
+            .collect()
+    }
+
+    /// The forward on the backend: uploads the inputs, leaves the prediction
+    /// in `acts.img`; returns each MoE block's routing.
+    fn forward_on(
         &self,
         acts: &mut ModelActs,
-        keep_blocks: bool,
         x: &[f32],
         t: &[f32],
         cond: Condition<'_>,
-    ) -> ModelResult<ForwardOutput> {
+        keep: bool,
+    ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
         let c = &self.config;
         let be = self.backend.as_ref();
+        let dtype = self.dtype;
         let (d, p, size) = (c.hidden, c.patch_size, c.input_size);
         let b = self.check_inputs(x, t)?;
         let tokens = c.tokens();
         let rows = b * tokens;
 
-        // tokens = x_embedder(patchify(x)) + pos_embed
-        resize(&mut acts.patch_embed, rows * d);
-        resize(&mut acts.x, rows * d);
-        self.embed_patches(&mut acts.patch_embed, &mut acts.patches, x, b)?;
-        acts.x.copy_from_slice(&acts.patch_embed);
-        self.add_pos_embed(&mut acts.x);
-        // c = t_embedder(t) + y_embedder(cond)
-        let text_ctx = self.embed_condition(
-            CondBuffers {
-                t: &mut acts.t,
-                y_emb: &mut acts.y_emb,
-                pooled: &mut acts.pooled,
-                caption: &mut acts.caption,
-                c: &mut acts.c,
-                silu_c: &mut acts.silu_c,
-            },
-            t,
-            cond,
+        // Inputs, one upload each.
+        acts.x_in.ensure(be, &[b, c.in_channels, size, size], DType::F32)?;
+        be.write_f32(acts.x_in.view_mut()?, x)?;
+        acts.t_in.ensure(be, &[b], DType::F32)?;
+        be.write_f32(acts.t_in.view_mut()?, t)?;
+        let text_len = self.upload_condition(acts, cond, b)?;
+
+        // x = x_embedder(patchify(x)) + pos_embed
+        let patch = c.in_channels * p * p;
+        acts.patches.ensure(be, &[b, tokens, patch], dtype)?;
+        be.patchify(
+            acts.patches.view_mut()?,
+            acts.x_in.view()?,
+            patch_dims(b, c.in_channels, size, p, false),
         )?;
+        acts.x.ensure(be, &[b, tokens, d], dtype)?;
+        if keep {
+            acts.patch_embed.ensure(be, &[b, tokens, d], dtype)?;
+            self.x_embedder
+                .forward(be, acts.patch_embed.view_mut()?, acts.patches.view()?, rows)?;
+            be.copy(acts.x.view_mut()?, acts.patch_embed.view()?)?;
+        } else {
+            self.x_embedder
+                .forward(be, acts.x.view_mut()?, acts.patches.view()?, rows)?;
+        }
+        let table = self.pos_embed.tensor.view().reshape(&[tokens * d])?;
+        be.add_broadcast(acts.x.view_mut()?.reshape(&[rows * d])?, table)?;
+
+        // c = t_embedder(t) + y_embedder(cond); silu_c = SiLU(c)
+        self.embed_condition(acts, b, text_len)?;
 
         // blocks
-        let wanted = if keep_blocks { c.depth } else { 1 };
+        let wanted = if keep { c.depth } else { 1 };
         acts.blocks.resize_with(wanted, BlockActs::default);
         acts.blocks.truncate(wanted);
         let mut routing = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let slot = if keep_blocks { i } else { 0 };
-            let text = text_ctx.map(|(mask, len)| TextContext {
-                tokens: &acts.caption.out,
-                mask,
-                len,
-            });
-            if let Some(stats) =
-                block.forward(be, &mut acts.blocks[slot], &mut acts.x, &acts.silu_c, text, b, tokens)?
-            {
-                routing.push((i, stats));
+            let slot = if keep { i } else { 0 };
+            let text = match text_len {
+                Some(len) => Some(TextContext {
+                    tokens: acts.caption.out.view()?,
+                    mask: acts.text_mask.view()?,
+                    len,
+                }),
+                None => None,
+            };
+            let r = block.forward(
+                be,
+                &mut acts.blocks[slot],
+                keep,
+                acts.x.view_mut()?,
+                acts.silu_c.view()?,
+                text,
+                b,
+                tokens,
+                dtype,
+            )?;
+            if let Some(r) = r {
+                routing.push((i, r));
             }
         }
 
-        // out = unpatchify(final_layer(x, c))
-        self.final_layer
-            .forward(be, &mut acts.final_layer, &acts.x, &acts.silu_c, b, tokens)?;
-        let mut out = vec![0.0; b * c.out_channels() * size * size];
-        unpatchify(&mut out, &acts.final_layer.out, b, c.out_channels(), size, p);
-        Ok(ForwardOutput { out, routing })
+        // out = unpatchify(final_layer(x, c)). At inference the blocks'
+        // [B, T, d] buffers are free and serve the final layer.
+        let shared = !keep;
+        if shared {
+            swap_final_scratch(&mut acts.final_layer, &mut acts.blocks[0]);
+        }
+        let result = self.final_layer.forward(
+            be,
+            &mut acts.final_layer,
+            acts.x.view()?,
+            acts.silu_c.view()?,
+            b,
+            tokens,
+            dtype,
+        );
+        if shared {
+            swap_final_scratch(&mut acts.final_layer, &mut acts.blocks[0]);
+        }
+        result?;
+        let out_ch = c.out_channels();
+        acts.img.ensure(be, &[b, out_ch, size, size], DType::F32)?;
+        be.unpatchify(
+            acts.img.view_mut()?,
+            acts.final_layer.out.view()?,
+            patch_dims(b, out_ch, size, p, true),
+        )?;
+        Ok(routing)
     }
 
     /// Checks x and t; returns the batch size B = t.len().
@@ -444,98 +679,90 @@ impl Model {
         Ok(b)
     }
 
-    /// out: [B, T, d] = x_embedder(patchify(x)); patches: resized scratch; x: [B, C, H, W].
-    fn embed_patches(&self, out: &mut [f32], patches: &mut Vec<f32>, x: &[f32], b: usize) -> ModelResult<()> {
-        let c = &self.config;
-        let (p, ch) = (c.patch_size, c.in_channels);
-        let rows = b * c.tokens();
-        resize(patches, rows * ch * p * p);
-        patchify(patches, x, b, ch, c.input_size, p);
-        self.x_embedder.forward(self.backend.as_ref(), out, patches, rows)?;
-        Ok(())
-    }
-
-    /// x: [B, T, d] += the position table, row by row.
-    fn add_pos_embed(&self, x: &mut [f32]) {
-        let table = self.pos_embed.as_slice();
-        for sample in x.chunks_exact_mut(table.len()) {
-            sample.iter_mut().zip(table).for_each(|(o, p)| *o += p);
+    /// Checks the condition against the model and the batch, and uploads it
+    /// (labels, or text tokens, mask and pooled text). Returns the text length.
+    fn upload_condition(&self, acts: &mut ModelActs, cond: Condition<'_>, b: usize) -> ModelResult<Option<usize>> {
+        let be = self.backend.as_ref();
+        match (&self.cond, cond) {
+            (CondEmbedder::Class(table), Condition::Class(labels)) => {
+                check_len("model forward", "class labels [B]", labels.len(), b)?;
+                table.check(labels)?;
+                acts.labels.ensure(be, &[b], DType::U32)?;
+                be.upload(acts.labels.view_mut()?, bytemuck::cast_slice(labels))?;
+                Ok(None)
+            }
+            (CondEmbedder::Text { text_dim, .. }, Condition::Text(text)) => {
+                text.check(*text_dim)?;
+                check_len("model forward", "text prompts [B]", text.batch, b)?;
+                acts.text_tokens.ensure(be, &[b, text.len, text.dim], self.dtype)?;
+                be.write_f32(acts.text_tokens.view_mut()?, text.tokens)?;
+                acts.text_mask.ensure(be, &[b, text.len], DType::U8)?;
+                be.upload(acts.text_mask.view_mut()?, text.mask)?;
+                acts.text_pooled.ensure(be, &[b, text.dim], self.dtype)?;
+                be.write_f32(acts.text_pooled.view_mut()?, text.pooled)?;
+                Ok(Some(text.len))
+            }
+            (CondEmbedder::Class(_), Condition::Text(_)) => {
+                Err(EngineError::Other("this model is class-conditional; it was given text".into()).into())
+            }
+            (CondEmbedder::Text { .. }, Condition::Class(_)) => {
+                Err(EngineError::Other("this model is text-conditional; it was given class labels".into()).into())
+            }
         }
     }
 
     /// c = t_embedder(t) + y_embedder(cond), silu_c = SiLU(c), and the
-    /// projected caption for text models. Returns the text mask and length
-    /// the blocks' cross-attention reads.
-    fn embed_condition<'c>(
-        &self,
-        buf: CondBuffers<'_>,
-        t: &[f32],
-        cond: Condition<'c>,
-    ) -> ModelResult<Option<(&'c [u8], usize)>> {
+    /// projected caption for text models (inputs already uploaded).
+    fn embed_condition(&self, acts: &mut ModelActs, b: usize, text_len: Option<usize>) -> ModelResult<()> {
         let be = self.backend.as_ref();
-        let (b, d) = (t.len(), self.config.hidden);
-        self.t_embedder.forward(be, buf.t, t)?;
-        resize(buf.y_emb, b * d);
-        let mut text_ctx = None;
-        match (&self.cond, cond) {
-            (CondEmbedder::Class(table), Condition::Class(labels)) => {
-                check_len("model forward", "class labels [B]", labels.len(), b)?;
-                table.forward(be, buf.y_emb, labels)?;
+        let (d, dtype) = (self.config.hidden, self.dtype);
+        self.t_embedder.forward(be, &mut acts.t, acts.t_in.view()?, dtype)?;
+        acts.c.ensure(be, &[b, d], dtype)?;
+        acts.silu_c.ensure(be, &[b, d], dtype)?;
+        be.copy(acts.c.view_mut()?, acts.t.emb.view()?)?;
+        match &self.cond {
+            CondEmbedder::Class(table) => {
+                acts.y_emb.ensure(be, &[b, d], dtype)?;
+                table.forward(be, acts.y_emb.view_mut()?, acts.labels.view()?)?;
+                // c = 1 * y_emb + 1 * t_emb: the plain sum.
+                be.axpby(acts.c.view_mut()?, 1.0, acts.y_emb.view()?, 1.0)?;
             }
-            (
-                CondEmbedder::Text {
-                    caption,
-                    pooled,
-                    text_dim,
-                },
-                Condition::Text(text),
-            ) => {
-                text.check(*text_dim)?;
-                check_len("model forward", "text prompts [B]", text.batch, b)?;
-                caption.forward(be, buf.caption, text.tokens, b, text.len)?;
-                match pooled {
-                    Some(pooled) => {
-                        pooled.forward(be, buf.pooled, text.pooled, b)?;
-                        buf.y_emb.copy_from_slice(&buf.pooled.emb);
-                    }
-                    None => buf.y_emb.fill(0.0),
+            CondEmbedder::Text { caption, pooled, .. } => {
+                let len = text_len.unwrap_or(0);
+                caption.forward(be, &mut acts.caption, acts.text_tokens.view()?, b, len, dtype)?;
+                if let Some(pooled) = pooled {
+                    pooled.forward(be, &mut acts.pooled, acts.text_pooled.view()?, b, dtype)?;
+                    be.axpby(acts.c.view_mut()?, 1.0, acts.pooled.emb.view()?, 1.0)?;
                 }
-                text_ctx = Some((text.mask, text.len));
-            }
-            (CondEmbedder::Class(_), Condition::Text(_)) => {
-                return Err(EngineError::Other("this model is class-conditional; it was given text".into()).into())
-            }
-            (CondEmbedder::Text { .. }, Condition::Class(_)) => {
-                return Err(
-                    EngineError::Other("this model is text-conditional; it was given class labels".into()).into(),
-                )
             }
         }
-        resize(buf.c, b * d);
-        resize(buf.silu_c, b * d);
-        for ((o, te), ye) in buf.c.iter_mut().zip(&buf.t.emb).zip(buf.y_emb.iter()) {
-            *o = te + ye;
+        be.unary(Unary::Silu, acts.silu_c.view_mut()?, acts.c.view()?)?;
+        Ok(())
+    }
+
+    /// Parameters initialised by drawing after construction (all but the MoE
+    /// layers, which draw when built, and the fixed `pos_embed`).
+    fn collect_dense_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+        self.x_embedder.collect_mut(out);
+        self.t_embedder.collect_mut(out);
+        self.cond.collect_mut(out);
+        for block in &mut self.blocks {
+            block.collect_dense_mut(out);
         }
-        be.unary(Unary::Silu, buf.silu_c, buf.c)?;
-        Ok(text_ctx)
+        self.final_layer.collect_mut(out);
     }
 }
 
-/// Where [`Model::embed_condition`] writes (fields of either forward's buffers).
-struct CondBuffers<'a> {
-    t: &'a mut TimestepActs,
-    y_emb: &'a mut Vec<f32>,
-    pooled: &'a mut PooledActs,
-    caption: &'a mut CaptionActs,
-    c: &'a mut Vec<f32>,
-    silu_c: &'a mut Vec<f32>,
+/// Swaps the final layer's two [B, T, d] buffers with the shared block
+/// buffers (inference: the blocks are done with them).
+fn swap_final_scratch(fin: &mut FinalActs, block: &mut BlockActs) {
+    std::mem::swap(&mut fin.ln, &mut block.ln1);
+    std::mem::swap(&mut fin.modulated, &mut block.attn_in);
 }
 
-impl Params for Model {
+impl Params for CondEmbedder {
     fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
-        self.x_embedder.collect(out);
-        self.t_embedder.collect(out);
-        match &self.cond {
+        match self {
             CondEmbedder::Class(table) => table.collect(out),
             CondEmbedder::Text { caption, pooled, .. } => {
                 caption.collect(out);
@@ -544,15 +771,9 @@ impl Params for Model {
                 }
             }
         }
-        for block in &self.blocks {
-            block.collect(out);
-        }
-        self.final_layer.collect(out);
     }
     fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
-        self.x_embedder.collect_mut(out);
-        self.t_embedder.collect_mut(out);
-        match &mut self.cond {
+        match self {
             CondEmbedder::Class(table) => table.collect_mut(out),
             CondEmbedder::Text { caption, pooled, .. } => {
                 caption.collect_mut(out);
@@ -561,10 +782,29 @@ impl Params for Model {
                 }
             }
         }
+    }
+}
+
+impl Params for Model {
+    fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
+        self.x_embedder.collect(out);
+        self.t_embedder.collect(out);
+        self.cond.collect(out);
+        for block in &self.blocks {
+            block.collect(out);
+        }
+        self.final_layer.collect(out);
+        out.push(&self.pos_embed);
+    }
+    fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+        self.x_embedder.collect_mut(out);
+        self.t_embedder.collect_mut(out);
+        self.cond.collect_mut(out);
         for block in &mut self.blocks {
             block.collect_mut(out);
         }
         self.final_layer.collect_mut(out);
+        out.push(&mut self.pos_embed);
     }
 }
 

@@ -1,33 +1,50 @@
-//! A block's MoE feed-forward: the engine's [`MoeLayer`] plus the file names
-//! and layouts of its weights.
-//!
-//! Names: `blocks.{i}.moe.router.weight` [E, d] (PyTorch `Linear` layout; the
-//! layer computes with its transpose [d, E]) and `blocks.{i}.moe.experts.<name>`
-//! for each of the expert kind's stacked parameters (`fc1.weight` [E, d, h] ...).
+//! A block's MoE feed-forward: the engine's [`MoeLayer`] under the block's
+//! names: `blocks.{i}.moe.router.weight` [E, d] (PyTorch `Linear` layout,
+//! held input-major) and `blocks.{i}.moe.experts.<name>` for each of the
+//! expert kind's stacked parameters (`fc1.weight` [E, h, d] ...). Routing
+//! runs on the backend; its statistics are downloaded only when asked.
 
 use crate::config::MoeConfig;
-use crate::weights::{VarBuilder, WeightsResult};
-use ecdit_engine::{Backend, HostTensor, MoeCache, MoeLayer, Registry, Result, RouteShape};
+use ecdit_engine::{
+    Backend, DType, DeviceRouting, MoeCache, MoeLayer, Param, Params, Registry, Result, RouteShape, TensorMut,
+    TensorRef,
+};
 use rand::Rng;
-use std::borrow::Cow;
+use std::sync::Arc;
 
 /// `blocks.{i}.moe`.
 pub struct MoeFfn {
-    /// The layer (router weights stored [d, E]).
+    /// The layer (router weights and stacked expert parameters).
     pub layer: MoeLayer,
-    /// `blocks.{i}.moe`.
-    pub prefix: String,
+}
+
+impl std::fmt::Debug for MoeFfn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoeFfn")
+            .field("router", &self.layer.router.kind())
+            .field("expert", &self.layer.expert.kind())
+            .field("experts", &self.layer.experts)
+            .finish()
+    }
 }
 
 impl MoeFfn {
     /// A layer with the router and expert the config names, weights drawn as
     /// DiT draws its linears (xavier matrices, zero biases).
-    pub fn new(prefix: &str, d: usize, moe: &MoeConfig, registry: &Registry, rng: &mut impl Rng) -> Result<Self> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        backend: &dyn Backend,
+        prefix: &str,
+        d: usize,
+        moe: &MoeConfig,
+        registry: &Registry,
+        dtype: DType,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
         let router = registry.router(&moe.router)?;
         let expert = registry.expert(&moe.expert)?;
         Ok(Self {
-            layer: MoeLayer::new_random(router, expert, d, moe.experts, rng)?,
-            prefix: prefix.to_string(),
+            layer: MoeLayer::new_random(router, expert, d, moe.experts, backend, dtype, prefix, rng)?,
         })
     }
 
@@ -36,68 +53,33 @@ impl MoeFfn {
         self.layer.experts
     }
 
-    /// out: [B*T, d]; cache: refilled; x: [B*T, d] the modulated FFN input
-    /// (the router sees the same input as the experts).
+    /// out: [B*T, d] (overwritten); cache: kept for backward when given;
+    /// x: [B*T, d] the modulated FFN input (the router sees the same input as
+    /// the experts). Returns the routing, on the backend.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        cache: &mut MoeCache,
-        x: &[f32],
+        out: TensorMut<'_>,
+        cache: Option<&mut MoeCache>,
+        x: TensorRef<'_>,
         batch: usize,
         tokens: usize,
-    ) -> Result<()> {
+    ) -> Result<Arc<DeviceRouting>> {
         let shape = RouteShape {
             samples: batch,
             tokens_per_sample: tokens,
             experts: self.layer.experts,
         };
-        self.layer.forward_into(backend, out, cache, x, shape)
-    }
-
-    /// Every tensor as stored in files: (name, shape, data); the router
-    /// transposed to [E, d].
-    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
-        let (d, e) = (self.layer.d, self.layer.experts);
-        let mut out = vec![(
-            format!("{}.router.weight", self.prefix),
-            vec![e, d],
-            Cow::Owned(transpose(&self.layer.w_router.data, d, e)),
-        )];
-        for (shape, t) in self.layer.expert.param_shapes(d, e).iter().zip(&self.layer.params) {
-            out.push((
-                format!("{}.experts.{}", self.prefix, shape.name),
-                t.shape.clone(),
-                Cow::Borrowed(t.data.as_slice()),
-            ));
-        }
-        out
-    }
-
-    /// Replaces every weight with the file's (`vb` is rooted at the file).
-    pub fn load(&mut self, vb: &VarBuilder<'_>) -> WeightsResult<()> {
-        let (d, e) = (self.layer.d, self.layer.experts);
-        let vb = vb.pp(&self.prefix);
-        let router = vb.get(&[e, d], "router.weight")?;
-        self.layer.w_router = HostTensor {
-            shape: vec![d, e],
-            data: transpose(&router, e, d),
-        };
-        let shapes = self.layer.expert.param_shapes(d, e);
-        for (shape, t) in shapes.iter().zip(self.layer.params.iter_mut()) {
-            t.data = vb.pp("experts").get(&shape.shape, &shape.name)?;
-        }
-        Ok(())
+        self.layer.forward(backend, out, cache, x, shape)
     }
 }
 
-/// out: [cols, rows] = inp^T; inp: [rows, cols].
-fn transpose(inp: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = inp[r * cols + c];
-        }
+impl Params for MoeFfn {
+    fn collect<'a>(&'a self, out: &mut Vec<&'a Param>) {
+        self.layer.collect(out);
     }
-    out
+    fn collect_mut<'a>(&'a mut self, out: &mut Vec<&'a mut Param>) {
+        self.layer.collect_mut(out);
+    }
 }

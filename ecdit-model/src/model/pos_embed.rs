@@ -2,7 +2,8 @@
 //!
 //! Channels `[0, d/2)` encode the patch **column**, `[d/2, d)` the **row**; each
 //! half is `[sin | cos]` over `d/4` frequencies `1 / 10000^(i / (d/4))`. Token
-//! `row * grid + col`. Computed in f64 and rounded once, as upstream's numpy.
+//! `row * grid + col`. Computed in f64 and rounded once, as upstream's numpy,
+//! on the host when the model is built (a `Fixed` parameter, never trained).
 
 /// pos: [grid * grid, d]. `d` must be a multiple of 4 (checked by
 /// `ModelConfig::validate`).

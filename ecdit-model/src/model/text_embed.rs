@@ -2,11 +2,10 @@
 //! projection its cross-attention keys come from (PixArt's `y_embedder`), and
 //! the optional pooled-text term of the adaLN conditioning vector.
 
-use super::buffer::resize;
+use super::act::Act;
 use super::linear::Linear;
-use super::param::{Init, Param, Params};
 use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, EngineError, Result, Unary};
+use ecdit_engine::{Backend, DType, EngineError, Init, Param, Params, Result, TensorRef, Unary};
 
 /// A borrowed batch of encoded prompts (the fields of `text::TextBatch`).
 #[derive(Clone, Copy, Debug)]
@@ -51,7 +50,8 @@ impl<'a> TextInput<'a> {
         )
     }
 
-    /// Samples `start..start + n` of the batch.
+    /// Samples `start..start + n` of the batch (checked by the caller:
+    /// `start + n <= batch` and the lengths as [`TextInput::check`]).
     pub fn slice(&self, start: usize, n: usize) -> TextInput<'a> {
         let (l, c) = (self.len, self.dim);
         TextInput {
@@ -80,7 +80,7 @@ impl<'a> From<&'a crate::text::TextBatch> for TextInput<'a> {
 
 /// `y_embedder.y_proj.{fc1,fc2}`: text tokens `[B, L, text_dim] -> [B, L, d]`
 /// through `Linear -> GELU(tanh) -> Linear` (PixArt's caption embedder).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct CaptionEmbedder {
     /// `y_embedder.y_proj.fc1`: [d, text_dim].
     pub fc1: Linear,
@@ -89,50 +89,51 @@ pub struct CaptionEmbedder {
 }
 
 /// What the caption embedder computes, kept for backward.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct CaptionActs {
     /// [B, L, d] before GELU.
-    pub hidden: Vec<f32>,
+    pub hidden: Act,
     /// [B, L, d] after GELU.
-    pub hidden_act: Vec<f32>,
+    pub hidden_act: Act,
     /// [B, L, d] the projected text tokens (cross-attention keys and values read them).
-    pub out: Vec<f32>,
+    pub out: Act,
 }
 
 impl CaptionEmbedder {
     /// Xavier weights, zero biases.
-    pub fn new(d: usize, text_dim: usize) -> Self {
-        Self {
-            fc1: Linear::xavier("y_embedder.y_proj.fc1", d, text_dim),
-            fc2: Linear::xavier("y_embedder.y_proj.fc2", d, d),
-        }
+    pub fn new(backend: &dyn Backend, d: usize, text_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::xavier(backend, "y_embedder.y_proj.fc1", d, text_dim, dtype)?,
+            fc2: Linear::xavier(backend, "y_embedder.y_proj.fc2", d, d, dtype)?,
+        })
     }
 
-    /// acts: filled; tokens: [B, L, text_dim] (one prompt's L tokens at a time,
-    /// see [`Linear::forward_per_sample`]).
+    /// acts: filled; tokens: [B, L, text_dim] on the backend (one prompt's L
+    /// tokens at a time, see [`Linear::forward_per_sample`]).
     pub fn forward(
         &self,
         backend: &dyn Backend,
         acts: &mut CaptionActs,
-        tokens: &[f32],
+        tokens: TensorRef<'_>,
         batch: usize,
         len: usize,
+        dtype: DType,
     ) -> Result<()> {
-        let (d, rows) = (self.fc2.out_dim, batch * len);
-        resize(&mut acts.hidden, rows * d);
-        resize(&mut acts.hidden_act, rows * d);
-        resize(&mut acts.out, rows * d);
+        let d = self.fc2.out_dim;
+        for a in [&mut acts.hidden, &mut acts.hidden_act, &mut acts.out] {
+            a.ensure(backend, &[batch, len, d], dtype)?;
+        }
         self.fc1
-            .forward_per_sample(backend, &mut acts.hidden, tokens, batch, len)?;
-        backend.unary(Unary::GeluTanh, &mut acts.hidden_act, &acts.hidden)?;
+            .forward_per_sample(backend, acts.hidden.view_mut()?, tokens, batch, len, None)?;
+        backend.unary(Unary::GeluTanh, acts.hidden_act.view_mut()?, acts.hidden.view()?)?;
         self.fc2
-            .forward_per_sample(backend, &mut acts.out, &acts.hidden_act, batch, len)
+            .forward_per_sample(backend, acts.out.view_mut()?, acts.hidden_act.view()?, batch, len, None)
     }
 }
 
 /// `pooled_embedder.mlp.{0,2}`: pooled text `[B, text_dim] -> [B, d]` through
 /// `Linear -> SiLU -> Linear` (shaped like the timestep embedder), added to `c`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct PooledEmbedder {
     /// `pooled_embedder.mlp.0`: [d, text_dim].
     pub fc1: Linear,
@@ -141,36 +142,43 @@ pub struct PooledEmbedder {
 }
 
 /// What the pooled embedder computes, kept for backward.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct PooledActs {
     /// [B, d] before SiLU.
-    pub hidden: Vec<f32>,
+    pub hidden: Act,
     /// [B, d] after SiLU.
-    pub hidden_act: Vec<f32>,
+    pub hidden_act: Act,
     /// [B, d] the embedding.
-    pub emb: Vec<f32>,
+    pub emb: Act,
 }
 
 impl PooledEmbedder {
     /// Weights `N(0, 0.02^2)` as the timestep MLP, zero biases.
-    pub fn new(d: usize, text_dim: usize) -> Self {
-        Self {
-            fc1: Linear::new("pooled_embedder.mlp.0", d, text_dim, Init::Normal(0.02)),
-            fc2: Linear::new("pooled_embedder.mlp.2", d, d, Init::Normal(0.02)),
-        }
+    pub fn new(backend: &dyn Backend, d: usize, text_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(backend, "pooled_embedder.mlp.0", d, text_dim, Init::Normal(0.02), dtype)?,
+            fc2: Linear::new(backend, "pooled_embedder.mlp.2", d, d, Init::Normal(0.02), dtype)?,
+        })
     }
 
-    /// acts: filled; pooled: [B, text_dim].
-    pub fn forward(&self, backend: &dyn Backend, acts: &mut PooledActs, pooled: &[f32], batch: usize) -> Result<()> {
+    /// acts: filled; pooled: [B, text_dim] on the backend.
+    pub fn forward(
+        &self,
+        backend: &dyn Backend,
+        acts: &mut PooledActs,
+        pooled: TensorRef<'_>,
+        batch: usize,
+        dtype: DType,
+    ) -> Result<()> {
         let d = self.fc2.out_dim;
-        resize(&mut acts.hidden, batch * d);
-        resize(&mut acts.hidden_act, batch * d);
-        resize(&mut acts.emb, batch * d);
+        for a in [&mut acts.hidden, &mut acts.hidden_act, &mut acts.emb] {
+            a.ensure(backend, &[batch, d], dtype)?;
+        }
         self.fc1
-            .forward_per_sample(backend, &mut acts.hidden, pooled, batch, 1)?;
-        backend.unary(Unary::Silu, &mut acts.hidden_act, &acts.hidden)?;
+            .forward_per_sample(backend, acts.hidden.view_mut()?, pooled, batch, 1, None)?;
+        backend.unary(Unary::Silu, acts.hidden_act.view_mut()?, acts.hidden.view()?)?;
         self.fc2
-            .forward_per_sample(backend, &mut acts.emb, &acts.hidden_act, batch, 1)
+            .forward_per_sample(backend, acts.emb.view_mut()?, acts.hidden_act.view()?, batch, 1, None)
     }
 }
 

@@ -10,7 +10,7 @@ mod encoder;
 mod tokenizer;
 
 pub use encoder::{
-    param_shapes, LayerActs, LayerParams, TextEncoderActs, TextEncoderConfig, TextEncoderParams, TransformerTextEncoder,
+    param_shapes, DeviceTextBatch, LayerParams, TextEncoderConfig, TextEncoderParams, TransformerTextEncoder,
 };
 pub use tokenizer::{Tokenized, Tokenizer, Vocab, BOS, BUILTIN_VOCAB, EOS, PAD, UNK};
 

@@ -57,7 +57,8 @@ fn level_code(level: &Level) -> u32 {
 /// `host` is null or points to a valid [`Host`].
 pub unsafe fn install_forwarder(host: *const Host) {
     let Some(host) = host.as_ref() else { return };
-    let size_ok = host.struct_size as usize >= std::mem::size_of::<Host>();
+    // Only the fields read here need to be present (a longer or shorter host is fine).
+    let size_ok = host.struct_size as usize >= std::mem::offset_of!(Host, max_level) + 4;
     let (Some(log), true) = (host.log, size_ok) else { return };
     let max_level = host.max_level;
     let _ = tracing::subscriber::set_global_default(Forwarder { log, max_level });

@@ -2,20 +2,26 @@
 //!
 //! Rust has no stable ABI, so `Box<dyn Router>` cannot cross a library
 //! boundary built by another compiler. The boundary is C instead:
-//! - [`abi`]: the `#[repr(C)]` descriptor and vtables (mirrored by
-//!   `engine/include/ecdit_plugin.h`);
-//! - [`export`]: the plugin side; [`export_plugin!`](crate::export_plugin) turns a
-//!   crate's `register` function into the C tables, with `catch_unwind` at every
-//!   exported function;
-//! - [`host`]: the host side; [`load`] opens a library, checks versions and
-//!   sizes, and registers adapters that turn the C tables back into
-//!   `Box<dyn Router>`, `Box<dyn Scheduler>` and `Box<dyn Backend>`;
+//! - [`abi`]: the `#[repr(C)]` descriptor and tables of ABI 2 (mirrored by
+//!   `engine/include/ecdit_plugin.h`); [`abi_v1`]: ABI 1, frozen, for reading
+//!   old router and scheduler libraries (`ecdit_plugin_v1.h`);
+//! - [`export`]: the plugin side, one file per component kind;
+//!   [`export_plugin!`](crate::export_plugin) turns a crate's `register`
+//!   function into the C tables, with `catch_unwind` at every exported function;
+//! - [`host`]: the host side, one file per component kind; [`load`] opens a
+//!   library, checks versions and sizes, and registers adapters that turn the
+//!   C tables back into `Box<dyn Router>`, `Box<dyn Scheduler>`,
+//!   `Box<dyn Backend>` and `Box<dyn Expert>`;
 //! - [`log`]: plugin log lines into the host's `tracing`.
 //!
-//! Experts are not part of ABI v1 (an expert drives a host backend, which
-//! would need a reverse vtable); a plugin's experts are skipped with a log line.
+//! Backends cross as buffer handles plus tensor descriptors, so a plugin
+//! backend may keep its memory on a device. Routers and schedulers stay host
+//! code over host buffers (the traits' `route_on` / `step_on` defaults move the
+//! data). Experts cross the other way round too: the host lends the expert its
+//! backend as a table of the same layout ([`abi::BackendRef`]).
 
 pub mod abi;
+pub mod abi_v1;
 pub mod export;
 pub mod host;
 pub mod log;
@@ -23,7 +29,7 @@ pub mod log;
 pub use host::{load, load_dirs, load_env_path, load_in_process, plugin_files, PluginInfo, PLUGIN_PATH_ENV};
 
 use crate::error::{EngineError, Result};
-use abi::{ErrBuf, F32s, F32sMut, U32s, U32sMut, U8s};
+use abi::{ErrBuf, F32s, F32sMut, U32s};
 use std::ffi::{c_char, CStr};
 
 /// Capacity of the error buffers the host lends.
@@ -74,18 +80,6 @@ pub(crate) unsafe fn f32s<'a>(s: F32s, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// An optional read-only buffer (null pointer: absent).
-///
-/// # Safety
-/// As [`f32s`].
-pub(crate) unsafe fn opt_f32s<'a>(s: F32s) -> Option<&'a [f32]> {
-    match (s.ptr.is_null(), s.len) {
-        (true, _) => None,
-        (false, 0) => Some(&[]),
-        (false, n) => Some(std::slice::from_raw_parts(s.ptr, n)),
-    }
-}
-
 /// A required writable buffer.
 ///
 /// # Safety
@@ -95,18 +89,6 @@ pub(crate) unsafe fn f32s_mut<'a>(s: F32sMut, what: &str) -> Result<&'a mut [f32
         (0, _) => Ok(&mut []),
         (n, true) => Err(null_error(what, n)),
         (n, false) => Ok(std::slice::from_raw_parts_mut(s.ptr, n)),
-    }
-}
-
-/// An optional writable buffer.
-///
-/// # Safety
-/// As [`f32s_mut`].
-pub(crate) unsafe fn opt_f32s_mut<'a>(s: F32sMut) -> Option<&'a mut [f32]> {
-    match (s.ptr.is_null(), s.len) {
-        (true, _) => None,
-        (false, 0) => Some(&mut []),
-        (false, n) => Some(std::slice::from_raw_parts_mut(s.ptr, n)),
     }
 }
 
@@ -122,44 +104,12 @@ pub(crate) unsafe fn u32s<'a>(s: U32s, what: &str) -> Result<&'a [u32]> {
     }
 }
 
-/// A required writable u32 buffer.
-///
-/// # Safety
-/// As [`f32s_mut`].
-pub(crate) unsafe fn u32s_mut<'a>(s: U32sMut, what: &str) -> Result<&'a mut [u32]> {
-    match (s.len, s.ptr.is_null()) {
-        (0, _) => Ok(&mut []),
-        (n, true) => Err(null_error(what, n)),
-        (n, false) => Ok(std::slice::from_raw_parts_mut(s.ptr, n)),
-    }
-}
-
-/// An optional byte buffer.
-///
-/// # Safety
-/// As [`f32s`].
-pub(crate) unsafe fn opt_u8s<'a>(s: U8s) -> Option<&'a [u8]> {
-    match (s.ptr.is_null(), s.len) {
-        (true, _) => None,
-        (false, 0) => Some(&[]),
-        (false, n) => Some(std::slice::from_raw_parts(s.ptr, n)),
-    }
-}
-
 /// Borrows a slice as an ABI buffer.
 pub(crate) fn as_f32s(s: &[f32]) -> F32s {
     F32s {
         ptr: s.as_ptr(),
         len: s.len(),
     }
-}
-
-/// Borrows an optional slice as an ABI buffer (null when absent).
-pub(crate) fn as_opt_f32s(s: Option<&[f32]>) -> F32s {
-    s.map(as_f32s).unwrap_or(F32s {
-        ptr: std::ptr::null(),
-        len: 0,
-    })
 }
 
 /// Borrows a mutable slice as an ABI buffer.
@@ -170,10 +120,36 @@ pub(crate) fn as_f32s_mut(s: &mut [f32]) -> F32sMut {
     }
 }
 
-/// Borrows an optional mutable slice as an ABI buffer.
-pub(crate) fn as_opt_f32s_mut(s: Option<&mut [f32]>) -> F32sMut {
-    s.map(as_f32s_mut).unwrap_or(F32sMut {
-        ptr: std::ptr::null_mut(),
-        len: 0,
-    })
+/// Reads a NULL-terminated array of strings (NULL: empty).
+///
+/// # Safety
+/// `p` is null or points to a NULL-terminated array of NUL-terminated strings.
+pub(crate) unsafe fn string_list(p: *const *const c_char) -> Vec<String> {
+    let mut out = Vec::new();
+    if p.is_null() {
+        return out;
+    }
+    let mut i = 0;
+    // A runaway list (no terminator) is a plugin bug; cap it rather than read forever.
+    while i < 4096 {
+        let s = *p.add(i);
+        if s.is_null() {
+            break;
+        }
+        out.extend(cstr(s));
+        i += 1;
+    }
+    out
+}
+
+/// Reads a table of `struct_size` bytes into `T`: fields beyond a shorter table
+/// read as zero (NULL slots, zero counts), bytes beyond a longer one are ignored.
+///
+/// # Safety
+/// `p` points to at least `struct_size` readable bytes; all-zero bytes are a valid `T`.
+pub(crate) unsafe fn read_table<T: Copy>(p: *const std::ffi::c_void, struct_size: usize) -> T {
+    let mut out = std::mem::MaybeUninit::<T>::zeroed();
+    let n = struct_size.min(std::mem::size_of::<T>());
+    std::ptr::copy_nonoverlapping(p as *const u8, out.as_mut_ptr() as *mut u8, n);
+    out.assume_init()
 }

@@ -60,3 +60,22 @@ pub fn bad_plugin(flag: &str, name: &str) -> PathBuf {
     let flags: Vec<&str> = if flag.is_empty() { vec![] } else { vec![flag] };
     compile_c_plugin(&[&src], &flags, name)
 }
+
+/// The version 1 c-hash router (built against the frozen `ecdit_plugin_v1.h`).
+pub fn v1_hash_router() -> PathBuf {
+    let src = engine_dir().join("tests/fixtures/v1_hash_router.c");
+    compile_c_plugin(&[&src], &[], "v1_hash_router")
+}
+
+/// A version 1 library with a backend (must be refused).
+pub fn v1_backend() -> PathBuf {
+    let src = engine_dir().join("tests/fixtures/v1_backend.c");
+    compile_c_plugin(&[&src], &[], "v1_backend")
+}
+
+/// The C backend written against ABI 2, with one `-D` flag (or none).
+pub fn c_backend(flag: &str, name: &str) -> PathBuf {
+    let src = engine_dir().join("tests/fixtures/c_backend.c");
+    let flags: Vec<&str> = if flag.is_empty() { vec![] } else { vec![flag] };
+    compile_c_plugin(&[&src], &flags, name)
+}

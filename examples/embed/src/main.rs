@@ -4,8 +4,9 @@
 //! router of its own (`round-robin`, statically, with plain
 //! `Registry::register_router`), loads any plugin libraries named with
 //! `--plugin <lib>` or found in `$ECDIT_PLUGIN_PATH`, builds a MoE layer from a
-//! JSON config, runs one forward pass on random tokens and prints the routing
-//! statistics as JSON.
+//! JSON config on the configured backend, runs one inference forward pass on
+//! random tokens (uploaded once; the layer computes in the backend's buffers)
+//! and prints the routing statistics as JSON.
 //!
 //! ```text
 //! cargo run -p ecdit-embed-example -- [config.json] [--plugin libfoo.so]...
@@ -163,27 +164,33 @@ fn main() -> Result<()> {
     }
 
     let backend = registry.backend(&config.backend)?;
+    let be = backend.as_ref();
     let router = registry.router(&config.router)?;
     let expert = registry.expert(&config.expert)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let layer = MoeLayer::new_random(router, expert, config.d, config.experts, &mut rng)?;
+    let layer = MoeLayer::new_random(router, expert, config.d, config.experts, be, DType::F32, "", &mut rng)?;
     let shape = RouteShape {
         samples: config.samples,
         tokens_per_sample: config.tokens_per_sample,
         experts: config.experts,
     };
-    let x: Vec<f32> = (0..shape.tokens() * config.d)
-        .map(|_| rng.gen_range(-1.0..1.0))
-        .collect();
-    let (out, cache) = layer.forward(&*backend, &x, shape)?;
+    let (tokens, d) = (shape.tokens(), config.d);
+    let x_host: Vec<f32> = (0..tokens * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    // Tensors live in the backend's buffers: the input goes up once, the
+    // output and the routing statistics come down once each.
+    let x = be.upload_f32(&[tokens, d], &x_host, DType::F32)?;
+    let mut out = be.zeros(&[tokens, d], DType::F32)?;
+    // No cache: an inference forward keeps nothing for a backward.
+    let routing = layer.forward(be, out.view_mut(), None, x.view(), shape)?;
+    let out = be.read_f32(out.view())?;
     let out_norm = (out.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / out.len() as f64).sqrt();
     let report = json!({
         "router": layer.router.spec(),
         "expert": layer.expert.spec(),
         "backend": backend.name(),
-        "tokens": shape.tokens(),
+        "tokens": tokens,
         "output_rms": out_norm,
-        "stats": cache.routing.stats,
+        "stats": routing.stats(be)?,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

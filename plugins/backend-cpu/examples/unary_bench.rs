@@ -6,7 +6,7 @@
 //! ```
 
 use ecdit_backend_cpu::CpuBackend;
-use ecdit_engine::{Backend, Unary};
+use ecdit_engine::{Backend, BackendExt, DType, Unary};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,14 +14,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let be = CpuBackend::new(threads)?;
     let n = 2048 * 1536;
     let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2000) as f32 / 250.0 - 4.0).collect();
-    let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let x = be.upload_f32(&[n], &x, DType::F32)?;
+    let (mut y, mut dx) = (be.zeros(&[n], DType::F32)?, be.zeros(&[n], DType::F32)?);
     for (name, op) in [("gelu", Unary::GeluTanh), ("silu", Unary::Silu)] {
         for backward in [false, true] {
             let mut run = || {
                 if backward {
-                    be.unary_backward(op, &mut dx, &x, &x)
+                    be.unary_backward(op, dx.view_mut(), x.view(), x.view())
                 } else {
-                    be.unary(op, &mut y, &x)
+                    be.unary(op, y.view_mut(), x.view())
                 }
             };
             run()?;

@@ -1,8 +1,20 @@
 //! [`CpuBackend`]: the [`Backend`] op set on the CPU, on a thread pool it owns.
+//!
+//! Buffers are zeroed, aligned host memory ([`HostStorage`]), so every op
+//! takes host slices of its views (`slices.rs`: bf16 widened to f32 and
+//! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
 use crate::ops;
-use ecdit_engine::error::{EngineError, Result};
-use ecdit_engine::{AdamW, AttnDims, Backend, GemmDims, Unary};
+use crate::slices::{
+    bytes, bytes_mut, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output, output_opt,
+};
+use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
+use ecdit_engine::error::{check_len, EngineError, Result};
+use ecdit_engine::{
+    AdamW, AttnDims, Backend, Buffer, DType, GemmDims, HostStorage, ModChunks, PatchDims, RowDims, TensorMut,
+    TensorRef, Unary,
+};
+use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 /// The CPU backend. It owns a rayon pool of `threads` threads and runs every
@@ -47,6 +59,22 @@ impl CpuBackend {
     }
 }
 
+/// Elements per parallel task of the memory ops (fill, dtype conversion).
+const MEM_TASK_ELEMS: usize = 1 << 15;
+
+/// Errors unless a transfer's host side has the view's byte count.
+fn check_bytes(op: &str, host: usize, view: usize) -> Result<()> {
+    if host == view {
+        Ok(())
+    } else {
+        Err(EngineError::shape(
+            format!("{op} (host bytes)"),
+            format!("{view} bytes"),
+            format!("{host} bytes"),
+        ))
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &str {
         "cpu"
@@ -56,30 +84,124 @@ impl Backend for CpuBackend {
         self.threads
     }
 
-    fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> Result<()> {
-        self.pool
-            .install(|| ops::gemm::gemm(out, a, b, dims, alpha, beta, self.threads))
+    fn supports(&self, _dtype: DType) -> bool {
+        true
+    }
+
+    // ---- memory ----
+
+    fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        Ok(Buffer::new(Box::new(HostStorage::zeroed(bytes)?), "cpu"))
+    }
+
+    fn upload(&self, dst: TensorMut<'_>, src: &[u8]) -> Result<()> {
+        check_bytes("upload", src.len(), dst.byte_len())?;
+        bytes_mut(dst)?.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, dst: &mut [u8], src: TensorRef<'_>) -> Result<()> {
+        check_bytes("download", dst.len(), src.byte_len())?;
+        dst.copy_from_slice(bytes(src)?);
+        Ok(())
+    }
+
+    fn copy(&self, dst: TensorMut<'_>, src: TensorRef<'_>) -> Result<()> {
+        const OP: &str = "copy";
+        check_len(OP, "src", src.numel(), dst.numel())?;
+        self.pool.install(|| match (dst.dtype(), src.dtype()) {
+            (d, s) if d == s => {
+                bytes_mut(dst)?.copy_from_slice(bytes(src)?);
+                Ok(())
+            }
+            (DType::F32, DType::BF16) => {
+                let (d, s) = (dst.host_mut::<f32>()?, src.host::<bf16>()?);
+                d.par_chunks_mut(MEM_TASK_ELEMS)
+                    .zip(s.par_chunks(MEM_TASK_ELEMS))
+                    .for_each(|(d, s)| bf16_to_f32(d, s));
+                Ok(())
+            }
+            (DType::BF16, DType::F32) => {
+                let (d, s) = (dst.host_mut::<bf16>()?, src.host::<f32>()?);
+                d.par_chunks_mut(MEM_TASK_ELEMS)
+                    .zip(s.par_chunks(MEM_TASK_ELEMS))
+                    .for_each(|(d, s)| f32_to_bf16(d, s));
+                Ok(())
+            }
+            (d, s) => Err(EngineError::shape(
+                format!("{OP} (dtype)"),
+                format!("the same dtype, or f32 and bf16 ({d} from {s})"),
+                s,
+            )),
+        })
+    }
+
+    fn fill(&self, dst: TensorMut<'_>, value: f32) -> Result<()> {
+        self.pool.install(|| match dst.dtype() {
+            DType::F32 => {
+                dst.host_mut::<f32>()?
+                    .par_chunks_mut(MEM_TASK_ELEMS)
+                    .for_each(|d| d.fill(value));
+                Ok(())
+            }
+            DType::BF16 => {
+                let v = bf16::from_f32(value);
+                dst.host_mut::<bf16>()?
+                    .par_chunks_mut(MEM_TASK_ELEMS)
+                    .for_each(|d| d.fill(v));
+                Ok(())
+            }
+            other => Err(EngineError::shape("fill (dst dtype)", "f32 or bf16", other)),
+        })
+    }
+
+    // ---- matrix products ----
+
+    fn gemm(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "gemm";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, beta != 0.0)?;
+            let (a, b, bias) = (input(OP, "a", a)?, input(OP, "b", b)?, input_opt(OP, "bias", bias)?);
+            ops::gemm::gemm(&mut o, &a, &b, bias.as_deref(), dims, alpha, beta, self.threads)?;
+            o.finish();
+            Ok(())
+        })
     }
 
     fn gemm_batched(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         batch: usize,
         dims: GemmDims,
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::gemm::gemm_batched(out, a, b, batch, dims, alpha, beta, self.threads))
+        const OP: &str = "gemm_batched";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, beta != 0.0)?;
+            let (a, b) = (input(OP, "a", a)?, input(OP, "b", b)?);
+            ops::gemm::gemm_batched(&mut o, &a, &b, batch, dims, alpha, beta, self.threads)?;
+            o.finish();
+            Ok(())
+        })
     }
 
     fn gemm_grouped(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         group_rows: &[usize],
         n: usize,
         k: usize,
@@ -87,146 +209,476 @@ impl Backend for CpuBackend {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::gemm::gemm_grouped(out, a, b, group_rows, n, k, trans_b, alpha, beta, self.threads))
+        const OP: &str = "gemm_grouped";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, beta != 0.0)?;
+            let (a, b) = (input(OP, "a", a)?, input(OP, "b", b)?);
+            ops::gemm::gemm_grouped(&mut o, &a, &b, group_rows, n, k, trans_b, alpha, beta, self.threads)?;
+            o.finish();
+            Ok(())
+        })
     }
 
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> Result<()> {
-        self.pool.install(|| ops::bias::add_bias(out, bias, rows, cols))
+    // ---- element-wise and row ops ----
+
+    fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
+        const OP: &str = "add_broadcast";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, true)?;
+            ops::bias::add_broadcast(&mut o, &input(OP, "inp", inp)?)?;
+            o.finish();
+            Ok(())
+        })
     }
 
-    fn sum_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> Result<()> {
-        self.pool
-            .install(|| ops::bias::sum_rows(out, inp, rows, cols, accumulate))
+    fn axpby(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> Result<()> {
+        const OP: &str = "axpby";
+        self.pool.install(|| {
+            let mut yo = output(OP, "y", y, true)?;
+            ops::axpby::axpby(&mut yo, a, &input(OP, "x", x)?, b)?;
+            yo.finish();
+            Ok(())
+        })
     }
 
-    fn softmax_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> Result<()> {
-        self.pool.install(|| ops::softmax::softmax_rows(out, inp, rows, cols))
+    fn sum_rows(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        const OP: &str = "sum_rows";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, accumulate)?;
+            ops::bias::sum_rows(&mut o, &input(OP, "inp", inp)?, rows, cols, accumulate)?;
+            o.finish();
+            Ok(())
+        })
+    }
+
+    fn softmax_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize) -> Result<()> {
+        const OP: &str = "softmax_rows";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            ops::softmax::softmax_rows(&mut o, &input(OP, "inp", inp)?, rows, cols)?;
+            o.finish();
+            Ok(())
+        })
     }
 
     fn softmax_rows_backward(
         &self,
-        dinp: &mut [f32],
-        dout: &[f32],
-        out: &[f32],
+        dinp: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        out: TensorRef<'_>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::softmax::softmax_rows_backward(dinp, dout, out, rows, cols))
+        const OP: &str = "softmax_rows_backward";
+        self.pool.install(|| {
+            let mut di = output(OP, "dinp", dinp, false)?;
+            let (dout, out) = (input(OP, "dout", dout)?, input(OP, "out", out)?);
+            ops::softmax::softmax_rows_backward(&mut di, &dout, &out, rows, cols)?;
+            di.finish();
+            Ok(())
+        })
     }
 
     fn layer_norm(
         &self,
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        weight: Option<&[f32]>,
-        bias: Option<&[f32]>,
+        out: TensorMut<'_>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
+        bias: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::norm::layer_norm(out, mean, rstd, inp, weight, bias, rows, cols, eps))
+        const OP: &str = "layer_norm";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            let (mut mu, mut rs) = (output(OP, "mean", mean, false)?, output(OP, "rstd", rstd, false)?);
+            let inp = input(OP, "inp", inp)?;
+            let (w, b) = (input_opt(OP, "weight", weight)?, input_opt(OP, "bias", bias)?);
+            ops::norm::layer_norm(
+                &mut o,
+                &mut mu,
+                &mut rs,
+                &inp,
+                w.as_deref(),
+                b.as_deref(),
+                rows,
+                cols,
+                eps,
+            )?;
+            o.finish();
+            mu.finish();
+            rs.finish();
+            Ok(())
+        })
     }
 
     fn layer_norm_backward(
         &self,
-        dinp: &mut [f32],
-        dweight: Option<&mut [f32]>,
-        dbias: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        weight: Option<&[f32]>,
+        dinp: TensorMut<'_>,
+        dweight: Option<TensorMut<'_>>,
+        dbias: Option<TensorMut<'_>>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        mean: TensorRef<'_>,
+        rstd: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::norm::layer_norm_backward(dinp, dweight, dbias, dout, inp, mean, rstd, weight, rows, cols))
+        const OP: &str = "layer_norm_backward";
+        self.pool.install(|| {
+            let mut di = output(OP, "dinp", dinp, false)?;
+            let mut dw = output_opt(OP, "dweight", dweight, true)?;
+            let mut db = output_opt(OP, "dbias", dbias, true)?;
+            let (dout, inp) = (input(OP, "dout", dout)?, input(OP, "inp", inp)?);
+            let (mean, rstd) = (input(OP, "mean", mean)?, input(OP, "rstd", rstd)?);
+            let w = input_opt(OP, "weight", weight)?;
+            ops::norm::layer_norm_backward(
+                &mut di,
+                dw.as_deref_mut(),
+                db.as_deref_mut(),
+                &dout,
+                &inp,
+                &mean,
+                &rstd,
+                w.as_deref(),
+                rows,
+                cols,
+            )?;
+            di.finish();
+            dw.into_iter().chain(db).for_each(|o| o.finish());
+            Ok(())
+        })
     }
 
-    fn unary(&self, op: Unary, out: &mut [f32], inp: &[f32]) -> Result<()> {
-        self.pool.install(|| ops::activation::unary(op, out, inp))
+    fn unary(&self, op: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
+        const OP: &str = "unary";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            ops::activation::unary(op, &mut o, &input(OP, "inp", inp)?)?;
+            o.finish();
+            Ok(())
+        })
     }
 
-    fn unary_backward(&self, op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()> {
-        self.pool
-            .install(|| ops::activation::unary_backward(op, dinp, dout, inp))
+    fn unary_backward(&self, op: Unary, dinp: TensorMut<'_>, dout: TensorRef<'_>, inp: TensorRef<'_>) -> Result<()> {
+        const OP: &str = "unary_backward";
+        self.pool.install(|| {
+            let mut di = output(OP, "dinp", dinp, false)?;
+            let (dout, inp) = (input(OP, "dout", dout)?, input(OP, "inp", inp)?);
+            ops::activation::unary_backward(op, &mut di, &dout, &inp)?;
+            di.finish();
+            Ok(())
+        })
     }
+
+    // ---- adaLN ----
+
+    fn modulate(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        const OP: &str = "modulate";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            let (inp, m) = (input(OP, "inp", inp)?, input(OP, "modulation", modulation)?);
+            ops::adaln::modulate(&mut o, &inp, &m, which, dims)?;
+            o.finish();
+            Ok(())
+        })
+    }
+
+    fn modulate_backward(
+        &self,
+        dinp: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        const OP: &str = "modulate_backward";
+        self.pool.install(|| {
+            let mut di = output(OP, "dinp", dinp, false)?;
+            let mut dm = output(OP, "dmodulation", dmodulation, true)?;
+            let (dout, inp) = (input(OP, "dout", dout)?, input(OP, "inp", inp)?);
+            let m = input(OP, "modulation", modulation)?;
+            ops::adaln::modulate_backward(&mut di, &mut dm, &dout, &inp, &m, which, dims)?;
+            di.finish();
+            dm.finish();
+            Ok(())
+        })
+    }
+
+    fn gated_residual(
+        &self,
+        x: TensorMut<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        const OP: &str = "gated_residual";
+        self.pool.install(|| {
+            let mut xo = output(OP, "x", x, true)?;
+            let (y, m) = (input(OP, "y", y)?, input(OP, "modulation", modulation)?);
+            ops::adaln::gated_residual(&mut xo, &y, &m, which, dims)?;
+            xo.finish();
+            Ok(())
+        })
+    }
+
+    fn gated_residual_backward(
+        &self,
+        dy: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dx: TensorRef<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        const OP: &str = "gated_residual_backward";
+        self.pool.install(|| {
+            let mut dyo = output(OP, "dy", dy, false)?;
+            let mut dm = output(OP, "dmodulation", dmodulation, true)?;
+            let (dx, y) = (input(OP, "dx", dx)?, input(OP, "y", y)?);
+            let m = input(OP, "modulation", modulation)?;
+            ops::adaln::gated_residual_backward(&mut dyo, &mut dm, &dx, &y, &m, which, dims)?;
+            dyo.finish();
+            dm.finish();
+            Ok(())
+        })
+    }
+
+    // ---- embeddings ----
+
+    fn patchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()> {
+        const OP: &str = "patchify";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            ops::patch::patchify(&mut o, &input(OP, "inp", inp)?, dims)?;
+            o.finish();
+            Ok(())
+        })
+    }
+
+    fn unpatchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()> {
+        const OP: &str = "unpatchify";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            ops::patch::unpatchify(&mut o, &input(OP, "inp", inp)?, dims)?;
+            o.finish();
+            Ok(())
+        })
+    }
+
+    fn timestep_features(&self, out: TensorMut<'_>, t: TensorRef<'_>, dim: usize, max_period: f32) -> Result<()> {
+        const OP: &str = "timestep_features";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            ops::timestep::timestep_features(&mut o, &input(OP, "t", t)?, dim, max_period)?;
+            o.finish();
+            Ok(())
+        })
+    }
+
+    // ---- attention ----
 
     fn attention(
         &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        key_mask: Option<&[u8]>,
+        out: TensorMut<'_>,
+        probs: Option<TensorMut<'_>>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+        key_mask: Option<TensorRef<'_>>,
         dims: AttnDims,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::attention::attention(out, probs, q, k, v, key_mask, dims, self.threads))
+        const OP: &str = "attention";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            let mut p = output_opt(OP, "probs", probs, false)?;
+            let (q, k, v) = (input(OP, "q", q)?, input(OP, "k", k)?, input(OP, "v", v)?);
+            let key_mask = key_mask.map(|m| mask(OP, "key_mask", m)).transpose()?;
+            match p.as_deref_mut() {
+                Some(p) => ops::attention::attention(&mut o, p, &q, &k, &v, key_mask, dims, self.threads)?,
+                None => ops::attention::attention_inference(&mut o, &q, &k, &v, key_mask, dims, self.threads)?,
+            }
+            o.finish();
+            if let Some(p) = p {
+                p.finish();
+            }
+            Ok(())
+        })
     }
 
     fn attention_backward(
         &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        dout: &[f32],
-        probs: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        dq: TensorMut<'_>,
+        dk: TensorMut<'_>,
+        dv: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        probs: TensorRef<'_>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
         dims: AttnDims,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::attention::attention_backward(dq, dk, dv, dout, probs, q, k, v, dims, self.threads))
+        const OP: &str = "attention_backward";
+        self.pool.install(|| {
+            let mut dqo = output(OP, "dq", dq, false)?;
+            let mut dko = output(OP, "dk", dk, false)?;
+            let mut dvo = output(OP, "dv", dv, false)?;
+            let (dout, probs) = (input(OP, "dout", dout)?, input(OP, "probs", probs)?);
+            let (q, k, v) = (input(OP, "q", q)?, input(OP, "k", k)?, input(OP, "v", v)?);
+            ops::attention::attention_backward(
+                &mut dqo,
+                &mut dko,
+                &mut dvo,
+                &dout,
+                &probs,
+                &q,
+                &k,
+                &v,
+                dims,
+                self.threads,
+            )?;
+            dqo.finish();
+            dko.finish();
+            dvo.finish();
+            Ok(())
+        })
     }
 
-    fn gather_rows(&self, out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Result<()> {
-        self.pool.install(|| ops::gather::gather_rows(out, inp, idx, cols))
+    // ---- gather, scatter, routing ----
+
+    fn gather_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, idx: TensorRef<'_>, cols: usize) -> Result<()> {
+        const OP: &str = "gather_rows";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            let (inp, idx) = (input(OP, "inp", inp)?, indices(OP, "idx", idx)?);
+            ops::gather::gather_rows(&mut o, &inp, idx, cols)?;
+            o.finish();
+            Ok(())
+        })
     }
 
     fn scatter_add_rows(
         &self,
-        out: &mut [f32],
-        inp: &[f32],
-        idx: &[u32],
-        scale: Option<&[f32]>,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        scale: Option<TensorRef<'_>>,
         cols: usize,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::gather::scatter_add_rows(out, inp, idx, scale, cols))
+        const OP: &str = "scatter_add_rows";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, true)?;
+            let (inp, idx) = (input(OP, "inp", inp)?, indices(OP, "idx", idx)?);
+            let scale = input_opt(OP, "scale", scale)?;
+            ops::gather::scatter_add_rows(&mut o, &inp, idx, scale.as_deref(), cols)?;
+            o.finish();
+            Ok(())
+        })
+    }
+
+    fn gather_dot(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        b: TensorRef<'_>,
+        cols: usize,
+    ) -> Result<()> {
+        const OP: &str = "gather_dot";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            let (a, idx, b) = (input(OP, "a", a)?, indices(OP, "idx", idx)?, input(OP, "b", b)?);
+            ops::gather::gather_dot(&mut o, &a, idx, &b, cols)?;
+            o.finish();
+            Ok(())
+        })
     }
 
     fn top_k_rows(
         &self,
-        idx: &mut [u32],
-        val: &mut [f32],
-        inp: &[f32],
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        inp: TensorRef<'_>,
         rows: usize,
         cols: usize,
         k: usize,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::topk::top_k_rows(idx, val, inp, rows, cols, k))
+        const OP: &str = "top_k_rows";
+        self.pool.install(|| {
+            let idx = indices_mut(OP, "idx", idx)?;
+            let mut v = output(OP, "val", val, false)?;
+            ops::topk::top_k_rows(idx, &mut v, &input(OP, "inp", inp)?, rows, cols, k)?;
+            v.finish();
+            Ok(())
+        })
     }
+
+    fn router_softmax(&self, out: TensorMut<'_>, scores: TensorRef<'_>, rows: usize, experts: usize) -> Result<()> {
+        const OP: &str = "router_softmax";
+        self.pool.install(|| {
+            let o = f32_output(OP, "out", out)?;
+            ops::router::router_softmax(o, f32_input(OP, "scores", scores)?, rows, experts)
+        })
+    }
+
+    fn top_k_tokens(
+        &self,
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        probs: TensorRef<'_>,
+        groups: usize,
+        group_rows: usize,
+        experts: usize,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "top_k_tokens";
+        self.pool.install(|| {
+            let (idx, val) = (indices_mut(OP, "idx", idx)?, f32_output(OP, "val", val)?);
+            let probs = f32_input(OP, "probs", probs)?;
+            ops::topk::top_k_tokens(idx, val, probs, groups, group_rows, experts, k)
+        })
+    }
+
+    // ---- optimiser ----
 
     fn adamw_step(
         &self,
-        param: &mut [f32],
-        grad: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        m: TensorMut<'_>,
+        v: TensorMut<'_>,
         hp: AdamW,
         step: u64,
     ) -> Result<()> {
-        self.pool
-            .install(|| ops::optim::adamw_step(param, grad, m, v, hp, step))
+        const OP: &str = "adamw_step";
+        // f32 only: rounding a bf16 parameter after every step would drop
+        // small updates, and this backend keeps no f32 master copy.
+        self.pool.install(|| {
+            let p = f32_output(OP, "param", param)?;
+            let (m, v) = (f32_output(OP, "m", m)?, f32_output(OP, "v", v)?);
+            ops::optim::adamw_step(p, f32_input(OP, "grad", grad)?, m, v, hp, step)
+        })
     }
 }

@@ -5,7 +5,7 @@
 //! [`MIN_REP_SECONDS`], so tiny shapes are not lost in timer noise.
 
 use crate::CpuBackend;
-use ecdit_engine::{Backend, GemmDims, Result};
+use ecdit_engine::{Backend, BackendExt, DType, GemmDims, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -58,9 +58,11 @@ pub fn bench_gemm(shapes: &[(usize, usize, usize)], threads: &[usize], reps: usi
         for &(m, n, k) in shapes {
             let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            let mut out = vec![0.0f32; m * n];
+            let a = backend.upload_f32(&[m, k], &a, DType::F32)?;
+            let b = backend.upload_f32(&[k, n], &b, DType::F32)?;
+            let mut out = backend.zeros(&[m, n], DType::F32)?;
             let dims = GemmDims::nn(m, n, k);
-            let mut run = || backend.gemm(&mut out, &a, &b, dims, 1.0, 0.0);
+            let mut run = || backend.gemm(out.view_mut(), a.view(), b.view(), None, dims, 1.0, 0.0);
             // Warm up (pool threads, caches) and size one repetition.
             run()?;
             let start = Instant::now();

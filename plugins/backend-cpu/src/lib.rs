@@ -1,29 +1,39 @@
 //! # ecdit-backend-cpu
 //!
-//! The CPU backend: every op of [`ecdit_engine::Backend`] in f32 on the CPU,
-//! with the matrix products on the `gemm` crate (runtime SIMD dispatch,
-//! AVX-512 where the CPU has it) and row-wise ops split over a rayon pool the
-//! backend owns. One file per op family under `ops/`.
+//! The CPU backend: every op of [`ecdit_engine::Backend`] on the CPU, with
+//! the matrix products on the `gemm` crate (runtime SIMD dispatch, AVX-512
+//! where the CPU has it) and row-wise ops split over a rayon pool the backend
+//! owns. One file per op family under `ops/`.
 //!
 //! ## Design
+//! - Buffers are zeroed, 64-byte aligned host memory, so ops take host slices
+//!   of their tensor views and `upload`/`download` are plain copies.
+//! - bf16 storage: every float op accepts f32 or bf16 tensors; bf16 inputs
+//!   are widened to f32, the f32 kernel runs, and bf16 outputs are rounded
+//!   once (nearest even). Router math and the optimiser are f32 only.
 //! - One level of parallelism: [`CpuBackend`] owns a pool of `threads` threads
 //!   and runs each op inside it; the GEMM and the row-wise ops both use that
 //!   pool, and nothing nests a second pool.
 //! - Determinism: for a given thread count results are the same bits run to
 //!   run; row-wise ops, reductions and scatter-add give the same bits for any
 //!   thread count (tests check this, and check it for the GEMM too).
-//! - Attention is built from strided GEMMs per (sample, head) that read the
-//!   interleaved `[B, T, H, Dh]` layout in place, plus a masked row softmax.
+//! - Attention is built from strided GEMMs that read the interleaved
+//!   `[B, T, H, Dh]` layout in place, plus a masked row softmax: per (sample,
+//!   head) when training keeps the probabilities, per block of query rows
+//!   with a small per-thread scratch at inference (no probability matrix).
+//! - The router ops call the host routers' own arithmetic
+//!   (`ecdit_engine::routing_math`), so device and host routing agree to the bit.
 //! - GELU, SiLU and softmax use a polynomial `exp` (Cephes' `expf`, a few
 //!   ulp) compiled for AVX-512, AVX2+FMA and the baseline and picked at run
 //!   time, instead of scalar libm `tanhf`/`expf` calls (about 10x faster
 //!   GELU); all paths give the same bits.
-//! - [`bench`] times the GEMM on the DiT-S/2 shapes for `ecdit bench gemm`.
+//! - [`bench`](mod@bench) times the GEMM on the DiT-S/2 shapes for `ecdit bench gemm`.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod bench;
 mod ops;
+mod slices;
 
 pub use backend::CpuBackend;
 
@@ -41,7 +51,8 @@ pub fn component_info() -> ComponentInfo {
     ComponentInfo {
         family: Family::Backend,
         kind: KIND.into(),
-        description: "f32 on the CPU: gemm crate (AVX2/AVX-512) plus rayon over rows, one thread pool".into(),
+        description:
+            "f32 (and bf16 storage) on the CPU: gemm crate (AVX2/AVX-512) plus rayon over rows, one thread pool".into(),
         params: vec![ParamInfo::new(
             "threads",
             ParamType::Int,

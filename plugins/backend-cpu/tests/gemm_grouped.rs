@@ -6,7 +6,10 @@ mod common;
 
 use common::*;
 use ecdit_backend_cpu::CpuBackend;
-use ecdit_engine::{AdamW, AttnDims, Backend, EngineError, GemmDims, Result, Unary};
+use ecdit_engine::{
+    AdamW, AttnDims, Backend, Buffer, DType, EngineError, GemmDims, ModChunks, PatchDims, Result, RowDims, TensorMut,
+    TensorRef, Unary,
+};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 
@@ -21,14 +24,41 @@ impl Backend for DefaultGrouped<'_> {
     fn threads(&self) -> usize {
         self.0.threads()
     }
-    fn gemm(&self, out: &mut [f32], a: &[f32], b: &[f32], dims: GemmDims, alpha: f32, beta: f32) -> Result<()> {
-        self.0.gemm(out, a, b, dims, alpha, beta)
+    fn supports(&self, dtype: DType) -> bool {
+        self.0.supports(dtype)
+    }
+    fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        self.0.alloc(bytes)
+    }
+    fn upload(&self, dst: TensorMut<'_>, src: &[u8]) -> Result<()> {
+        self.0.upload(dst, src)
+    }
+    fn download(&self, dst: &mut [u8], src: TensorRef<'_>) -> Result<()> {
+        self.0.download(dst, src)
+    }
+    fn copy(&self, dst: TensorMut<'_>, src: TensorRef<'_>) -> Result<()> {
+        self.0.copy(dst, src)
+    }
+    fn fill(&self, dst: TensorMut<'_>, value: f32) -> Result<()> {
+        self.0.fill(dst, value)
+    }
+    fn gemm(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.0.gemm(out, a, b, bias, dims, alpha, beta)
     }
     fn gemm_batched(
         &self,
-        out: &mut [f32],
-        a: &[f32],
-        b: &[f32],
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
         batch: usize,
         dims: GemmDims,
         alpha: f32,
@@ -36,20 +66,30 @@ impl Backend for DefaultGrouped<'_> {
     ) -> Result<()> {
         self.0.gemm_batched(out, a, b, batch, dims, alpha, beta)
     }
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> Result<()> {
-        self.0.add_bias(out, bias, rows, cols)
+    fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
+        self.0.add_broadcast(out, inp)
     }
-    fn sum_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+    fn axpby(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> Result<()> {
+        self.0.axpby(y, a, x, b)
+    }
+    fn sum_rows(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         self.0.sum_rows(out, inp, rows, cols, accumulate)
     }
-    fn softmax_rows(&self, out: &mut [f32], inp: &[f32], rows: usize, cols: usize) -> Result<()> {
+    fn softmax_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize, cols: usize) -> Result<()> {
         self.0.softmax_rows(out, inp, rows, cols)
     }
     fn softmax_rows_backward(
         &self,
-        dinp: &mut [f32],
-        dout: &[f32],
-        out: &[f32],
+        dinp: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        out: TensorRef<'_>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
@@ -57,12 +97,12 @@ impl Backend for DefaultGrouped<'_> {
     }
     fn layer_norm(
         &self,
-        out: &mut [f32],
-        mean: &mut [f32],
-        rstd: &mut [f32],
-        inp: &[f32],
-        weight: Option<&[f32]>,
-        bias: Option<&[f32]>,
+        out: TensorMut<'_>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
+        bias: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
         eps: f32,
@@ -71,82 +111,162 @@ impl Backend for DefaultGrouped<'_> {
     }
     fn layer_norm_backward(
         &self,
-        dinp: &mut [f32],
-        dweight: Option<&mut [f32]>,
-        dbias: Option<&mut [f32]>,
-        dout: &[f32],
-        inp: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        weight: Option<&[f32]>,
+        dinp: TensorMut<'_>,
+        dweight: Option<TensorMut<'_>>,
+        dbias: Option<TensorMut<'_>>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        mean: TensorRef<'_>,
+        rstd: TensorRef<'_>,
+        weight: Option<TensorRef<'_>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
         self.0
             .layer_norm_backward(dinp, dweight, dbias, dout, inp, mean, rstd, weight, rows, cols)
     }
-    fn unary(&self, op: Unary, out: &mut [f32], inp: &[f32]) -> Result<()> {
+    fn unary(&self, op: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         self.0.unary(op, out, inp)
     }
-    fn unary_backward(&self, op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()> {
+    fn unary_backward(&self, op: Unary, dinp: TensorMut<'_>, dout: TensorRef<'_>, inp: TensorRef<'_>) -> Result<()> {
         self.0.unary_backward(op, dinp, dout, inp)
+    }
+    fn modulate(
+        &self,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        self.0.modulate(out, inp, modulation, which, dims)
+    }
+    fn modulate_backward(
+        &self,
+        dinp: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        self.0
+            .modulate_backward(dinp, dmodulation, dout, inp, modulation, which, dims)
+    }
+    fn gated_residual(
+        &self,
+        x: TensorMut<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        self.0.gated_residual(x, y, modulation, which, dims)
+    }
+    fn gated_residual_backward(
+        &self,
+        dy: TensorMut<'_>,
+        dmodulation: TensorMut<'_>,
+        dx: TensorRef<'_>,
+        y: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+    ) -> Result<()> {
+        self.0
+            .gated_residual_backward(dy, dmodulation, dx, y, modulation, which, dims)
+    }
+    fn patchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()> {
+        self.0.patchify(out, inp, dims)
+    }
+    fn unpatchify(&self, out: TensorMut<'_>, inp: TensorRef<'_>, dims: PatchDims) -> Result<()> {
+        self.0.unpatchify(out, inp, dims)
+    }
+    fn timestep_features(&self, out: TensorMut<'_>, t: TensorRef<'_>, dim: usize, max_period: f32) -> Result<()> {
+        self.0.timestep_features(out, t, dim, max_period)
     }
     fn attention(
         &self,
-        out: &mut [f32],
-        probs: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        key_mask: Option<&[u8]>,
+        out: TensorMut<'_>,
+        probs: Option<TensorMut<'_>>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+        key_mask: Option<TensorRef<'_>>,
         dims: AttnDims,
     ) -> Result<()> {
         self.0.attention(out, probs, q, k, v, key_mask, dims)
     }
     fn attention_backward(
         &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        dout: &[f32],
-        probs: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        dq: TensorMut<'_>,
+        dk: TensorMut<'_>,
+        dv: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        probs: TensorRef<'_>,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
         dims: AttnDims,
     ) -> Result<()> {
         self.0.attention_backward(dq, dk, dv, dout, probs, q, k, v, dims)
     }
-    fn gather_rows(&self, out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Result<()> {
+    fn gather_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, idx: TensorRef<'_>, cols: usize) -> Result<()> {
         self.0.gather_rows(out, inp, idx, cols)
     }
     fn scatter_add_rows(
         &self,
-        out: &mut [f32],
-        inp: &[f32],
-        idx: &[u32],
-        scale: Option<&[f32]>,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        scale: Option<TensorRef<'_>>,
         cols: usize,
     ) -> Result<()> {
         self.0.scatter_add_rows(out, inp, idx, scale, cols)
     }
+    fn gather_dot(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        idx: TensorRef<'_>,
+        b: TensorRef<'_>,
+        cols: usize,
+    ) -> Result<()> {
+        self.0.gather_dot(out, a, idx, b, cols)
+    }
     fn top_k_rows(
         &self,
-        idx: &mut [u32],
-        val: &mut [f32],
-        inp: &[f32],
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        inp: TensorRef<'_>,
         rows: usize,
         cols: usize,
         k: usize,
     ) -> Result<()> {
         self.0.top_k_rows(idx, val, inp, rows, cols, k)
     }
+    fn router_softmax(&self, out: TensorMut<'_>, scores: TensorRef<'_>, rows: usize, experts: usize) -> Result<()> {
+        self.0.router_softmax(out, scores, rows, experts)
+    }
+    fn top_k_tokens(
+        &self,
+        idx: TensorMut<'_>,
+        val: TensorMut<'_>,
+        probs: TensorRef<'_>,
+        groups: usize,
+        group_rows: usize,
+        experts: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.0.top_k_tokens(idx, val, probs, groups, group_rows, experts, k)
+    }
     fn adamw_step(
         &self,
-        param: &mut [f32],
-        grad: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        m: TensorMut<'_>,
+        v: TensorMut<'_>,
         hp: AdamW,
         step: u64,
     ) -> Result<()> {
@@ -174,7 +294,7 @@ fn grouped(
     beta: f32,
 ) -> Vec<f32> {
     let mut out = out0.to_vec();
-    be.gemm_grouped(&mut out, a, b, groups, n, k, trans_b, alpha, beta)
+    be.gemm_grouped_h(&mut out, a, b, groups, n, k, trans_b, alpha, beta)
         .expect("gemm_grouped");
     out
 }
@@ -276,26 +396,28 @@ fn grouped_gemm_wrong_lengths_are_errors_naming_the_buffer() {
         Err(EngineError::Shape { op, .. }) => assert!(op.contains(needle), "error names '{op}', wanted '{needle}'"),
         other => panic!("expected a shape error naming {needle}, got {other:?}"),
     };
-    assert!(be.gemm_grouped(&mut out, &a, &b, &[2, 4], 3, 4, true, 1.0, 0.0).is_ok());
+    assert!(be
+        .gemm_grouped_h(&mut out, &a, &b, &[2, 4], 3, 4, true, 1.0, 0.0)
+        .is_ok());
     err(
-        be.gemm_grouped(&mut out, &a, &b, &[2, 3], 3, 4, true, 1.0, 0.0),
+        be.gemm_grouped_h(&mut out, &a, &b, &[2, 3], 3, 4, true, 1.0, 0.0),
         "gemm_grouped (out)",
     );
     err(
-        be.gemm_grouped(&mut out, &a[..20], &b, &[2, 4], 3, 4, true, 1.0, 0.0),
+        be.gemm_grouped_h(&mut out, &a[..20], &b, &[2, 4], 3, 4, true, 1.0, 0.0),
         "gemm_grouped (a)",
     );
     err(
-        be.gemm_grouped(&mut out, &a, &b, &[2, 4, 0], 3, 4, true, 1.0, 0.0),
+        be.gemm_grouped_h(&mut out, &a, &b, &[2, 4, 0], 3, 4, true, 1.0, 0.0),
         "gemm_grouped (b)",
     );
     err(
-        be.gemm_grouped(&mut out, &a, &b, &[usize::MAX, 4], 3, 4, true, 1.0, 0.0),
+        be.gemm_grouped_h(&mut out, &a, &b, &[usize::MAX, 4], 3, 4, true, 1.0, 0.0),
         "gemm_grouped",
     );
     // The default loop checks the same way.
     err(
-        DefaultGrouped(be).gemm_grouped(&mut out, &a, &b, &[2, 4, 0], 3, 4, true, 1.0, 0.0),
+        DefaultGrouped(be).gemm_grouped_h(&mut out, &a, &b, &[2, 4, 0], 3, 4, true, 1.0, 0.0),
         "gemm_grouped (b)",
     );
 }

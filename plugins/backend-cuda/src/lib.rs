@@ -1,7 +1,8 @@
 //! # ecdit-backend-cuda
 //!
 //! The CUDA backend (`cuda`): cuBLAS for the products and NVRTC-compiled kernels for
-//! the element-wise, softmax, gather/scatter and optimiser ops, through `cudarc`.
+//! every other op (element-wise, rows, adaLN, embeddings, attention, gather/scatter,
+//! top-k, optimiser), through `cudarc`.
 //!
 //! ## Design
 //! - **Builds anywhere.** cudarc is used with dynamic loading: nothing from CUDA is
@@ -10,17 +11,27 @@
 //!   [probes](probe) the driver (and then cuBLAS and NVRTC) first and returns
 //!   `backend cuda: no CUDA driver found (tried libcuda.so.1, libcuda.so: ...)`; any
 //!   panic left inside cudarc is caught and returned as an error too.
-//! - **Host slices in, host slices out.** The `Backend` trait takes host memory, so each
-//!   op copies to the device and back. Device-resident buffers are future work.
-//! - **Not yet on the GPU** (they return `op X not yet implemented on cuda`):
-//!   `layer_norm`, `layer_norm_backward`, `attention`, `attention_backward`, `top_k_rows`.
-//!   The `bf16` dtype is declared but refused for the same reason.
+//! - **Device-resident.** [`Backend::alloc`] gives device memory (a cudarc slice,
+//!   [`storage::CudaStorage`]); `upload` / `download` are the only transfers, and
+//!   ops take views as device address plus byte offset, all queued on one stream.
+//!   Index checks of gather/scatter download the (small) index tensor once.
+//! - **Parity first.** Kernels (`kernels/*.cu`) are the plainest deterministic
+//!   versions; where the CPU backend's bits are the reference (axpby, adaLN,
+//!   layer norm, gather-dot, top-k) they round every operation as it does.
+//! - **Not yet on the GPU**: `router_softmax` (it returns `op router_softmax is not
+//!   implemented on the CUDA backend yet`: bit-identity with the host routers needs
+//!   the host's exact `exp` on the device). Float tensors are f32 only (bf16 storage
+//!   is refused, as is `dtype: bf16`; `copy` converts between the two).
 #![warn(missing_docs)]
 
 pub mod backend;
+mod device;
 pub mod gemm;
 pub mod kernels;
+mod memory;
+mod ops;
 pub mod probe;
+pub mod storage;
 
 pub use backend::CudaBackend;
 pub use probe::{probe_driver, DRIVER_LIBRARIES};

@@ -1,10 +1,11 @@
 //! The GELU MLP and SwiGLU experts on the real CPU backend: forward against a
 //! plain per-row reference, backward against central finite differences,
-//! experts computed together equal experts computed one by one, and bad input
-//! errors instead of panicking.
+//! experts computed together equal experts computed one by one, inference
+//! (no cache) equals training and keeps nothing, and bad input errors
+//! instead of panicking.
 
 use ecdit_backend_cpu::CpuBackend;
-use ecdit_engine::{Backend, Expert, ExpertCache, Registry};
+use ecdit_engine::{Backend, BackendExt, DType, Expert, ExpertCache, Init, Layout, Registry, Tensor, TensorRef};
 use ecdit_routers::experts::{GeluMlp, SwiGlu};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -27,8 +28,103 @@ fn random_params(expert: &dyn Expert, d: usize, experts: usize, rng: &mut StdRng
         .collect()
 }
 
-fn slices(params: &[Vec<f32>]) -> Vec<&[f32]> {
-    params.iter().map(|p| p.as_slice()).collect()
+/// Host data as an f32 tensor of `be`.
+fn up(be: &dyn Backend, data: &[f32]) -> Tensor {
+    be.upload_f32(&[data.len()], data, DType::F32).expect("upload")
+}
+
+fn read(be: &dyn Backend, t: &Tensor) -> Vec<f32> {
+    be.read_f32(t.view()).expect("download")
+}
+
+/// The expert's parameters on `be`, in their (stored = memory) shapes.
+fn param_tensors(expert: &dyn Expert, be: &dyn Backend, params: &[Vec<f32>], d: usize) -> Vec<Tensor> {
+    let experts = offsets_experts(expert, params, d);
+    expert
+        .param_shapes(d, experts)
+        .iter()
+        .zip(params)
+        .map(|(s, p)| be.upload_f32(&s.shape, p, DType::F32).expect("upload param"))
+        .collect()
+}
+
+/// E from the length of the first parameter (the shapes are per expert).
+fn offsets_experts(expert: &dyn Expert, params: &[Vec<f32>], d: usize) -> usize {
+    let per: usize = expert.param_shapes(d, 1)[0].shape.iter().product();
+    params[0].len() / per
+}
+
+fn views(ts: &[Tensor]) -> Vec<TensorRef<'_>> {
+    ts.iter().map(|t| t.view()).collect()
+}
+
+/// A training forward on host data: the output and the cache.
+fn forward(
+    expert: &dyn Expert,
+    be: &dyn Backend,
+    x: &[f32],
+    params: &[Vec<f32>],
+    offsets: &[usize],
+    d: usize,
+) -> (Vec<f32>, ExpertCache) {
+    let mut cache = ExpertCache::default();
+    let out = forward_with(expert, be, x, params, offsets, d, Some(&mut cache)).expect("forward");
+    (out, cache)
+}
+
+/// A forward on host data with an optional cache.
+fn forward_with(
+    expert: &dyn Expert,
+    be: &dyn Backend,
+    x: &[f32],
+    params: &[Vec<f32>],
+    offsets: &[usize],
+    d: usize,
+    cache: Option<&mut ExpertCache>,
+) -> ecdit_engine::Result<Vec<f32>> {
+    let p = param_tensors(expert, be, params, d);
+    let xt = up(be, x);
+    let mut out = be.zeros(&[x.len()], DType::F32)?;
+    expert.forward(be, out.view_mut(), cache, xt.view(), &views(&p), offsets, d)?;
+    Ok(read(be, &out))
+}
+
+/// A backward on host data: dx and the parameter gradients accumulated onto `seed`.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    expert: &dyn Expert,
+    be: &dyn Backend,
+    dout: &[f32],
+    cache: &ExpertCache,
+    x: &[f32],
+    params: &[Vec<f32>],
+    offsets: &[usize],
+    d: usize,
+    seed: &[Vec<f32>],
+) -> ecdit_engine::Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let p = param_tensors(expert, be, params, d);
+    let mut dp = param_tensors(expert, be, seed, d);
+    let (xt, doutt) = (up(be, x), up(be, dout));
+    let mut dx = be.zeros(&[x.len()], DType::F32)?;
+    {
+        let mut dpv: Vec<_> = dp.iter_mut().map(|t| t.view_mut()).collect();
+        expert.backward(
+            be,
+            dx.view_mut(),
+            &mut dpv,
+            doutt.view(),
+            cache,
+            xt.view(),
+            &views(&p),
+            offsets,
+            d,
+        )?;
+    }
+    Ok((read(be, &dx), dp.iter().map(|t| read(be, t)).collect()))
+}
+
+fn zeros_like(params: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    params.iter().map(|p| vec![0.0; p.len()]).collect()
 }
 
 fn gelu_tanh(x: f64) -> f64 {
@@ -94,11 +190,7 @@ fn forward_matches_a_per_row_reference_with_an_empty_expert() {
         let h = expert.hidden(d);
         let params = random_params(expert.as_ref(), d, 3, &mut rng);
         let x = random(&mut rng, 7 * d, 1.0);
-        let mut out = vec![f32::NAN; 7 * d];
-        let mut cache = ExpertCache::default();
-        expert
-            .forward(&be, &mut out, &mut cache, &x, &slices(&params), &offsets, d)
-            .expect("forward");
+        let (out, _) = forward(expert.as_ref(), &be, &x, &params, &offsets, d);
         let want = reference(expert.kind(), &params, &x, &offsets, d, h);
         for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
             assert!(
@@ -121,11 +213,7 @@ fn loss(
     d: usize,
     r: &[f32],
 ) -> f64 {
-    let mut out = vec![0.0; x.len()];
-    let mut cache = ExpertCache::default();
-    expert
-        .forward(be, &mut out, &mut cache, x, &slices(params), offsets, d)
-        .expect("forward");
+    let (out, _) = forward(expert, be, x, params, offsets, d);
     out.iter().zip(r).map(|(&o, &r)| o as f64 * r as f64).sum()
 }
 
@@ -150,21 +238,10 @@ fn backward_matches_finite_differences() {
         let mut x = random(&mut rng, 9 * d, 1.0);
         let r = random(&mut rng, 9 * d, 1.0);
 
-        let mut out = vec![0.0; 9 * d];
-        let mut cache = ExpertCache::default();
-        expert
-            .forward(&be, &mut out, &mut cache, &x, &slices(&params), &offsets, d)
-            .expect("forward");
-        let mut dx = vec![f32::NAN; 9 * d];
+        let (_, cache) = forward(expert, &be, &x, &params, &offsets, d);
         // dparams start non-zero: backward must accumulate into them.
         let seed: Vec<Vec<f32>> = params.iter().map(|p| vec![0.25; p.len()]).collect();
-        let mut dparams = seed.clone();
-        {
-            let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
-            expert
-                .backward(&be, &mut dx, &mut dp, &r, &cache, &x, &slices(&params), &offsets, d)
-                .expect("backward");
-        }
+        let (dx, dparams) = backward(expert, &be, &r, &cache, &x, &params, &offsets, d, &seed).expect("backward");
 
         for i in 0..x.len() {
             let keep = x[i];
@@ -217,29 +294,16 @@ proptest! {
             let params = random_params(expert, d, e_count, &mut rng);
             let x = random(&mut rng, n * d, 1.0);
             let dout = random(&mut rng, n * d, 1.0);
-            let mut out = vec![0.0; n * d];
-            let mut cache = ExpertCache::default();
-            expert.forward(&be, &mut out, &mut cache, &x, &slices(&params), &offsets, d).expect("forward");
-            let mut dx = vec![0.0; n * d];
-            let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-            {
-                let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
-                expert.backward(&be, &mut dx, &mut dp, &dout, &cache, &x, &slices(&params), &offsets, d).expect("backward");
-            }
+            let (out, cache) = forward(expert, &be, &x, &params, &offsets, d);
+            let (dx, dparams) = backward(expert, &be, &dout, &cache, &x, &params, &offsets, d, &zeros_like(&params)).expect("backward");
             for e in 0..e_count {
                 let (r0, r1) = (offsets[e], offsets[e + 1]);
                 let per: Vec<usize> = params.iter().map(|p| p.len() / e_count).collect();
                 let own: Vec<Vec<f32>> = params.iter().zip(&per).map(|(p, &k)| p[e * k..(e + 1) * k].to_vec()).collect();
                 let one = [0, r1 - r0];
-                let mut out1 = vec![0.0; (r1 - r0) * d];
-                let mut cache1 = ExpertCache::default();
-                expert.forward(&be, &mut out1, &mut cache1, &x[r0 * d..r1 * d], &slices(&own), &one, d).expect("forward");
-                let mut dx1 = vec![0.0; (r1 - r0) * d];
-                let mut dp1: Vec<Vec<f32>> = own.iter().map(|p| vec![0.0; p.len()]).collect();
-                {
-                    let mut dp: Vec<&mut [f32]> = dp1.iter_mut().map(|p| p.as_mut_slice()).collect();
-                    expert.backward(&be, &mut dx1, &mut dp, &dout[r0 * d..r1 * d], &cache1, &x[r0 * d..r1 * d], &slices(&own), &one, d).expect("backward");
-                }
+                let x1 = &x[r0 * d..r1 * d];
+                let (out1, cache1) = forward(expert, &be, x1, &own, &one, d);
+                let (dx1, dp1) = backward(expert, &be, &dout[r0 * d..r1 * d], &cache1, x1, &own, &one, d, &zeros_like(&own)).expect("backward");
                 prop_assert_eq!(&out[r0 * d..r1 * d], &out1[..]);
                 prop_assert_eq!(&dx[r0 * d..r1 * d], &dx1[..]);
                 for (p, k) in per.iter().enumerate() {
@@ -272,6 +336,24 @@ fn registry_builds_both_kinds_and_round_trips_specs() {
         ("fc2.bias", vec![3, 4]),
     ];
     assert_eq!(shapes, want.map(|(n, s)| (n.to_string(), s)).to_vec());
+    // Stored input-major on disk already (docs/WEIGHTS.md): held as stored;
+    // matrices start xavier-uniform per expert, biases at zero.
+    let layouts: Vec<(Layout, Init)> = gelu
+        .param_shapes(4, 3)
+        .into_iter()
+        .map(|p| (p.layout, p.init))
+        .collect();
+    let xavier = Init::XavierUniform { fan_in: 4, fan_out: 16 };
+    let back = Init::XavierUniform { fan_in: 16, fan_out: 4 };
+    assert_eq!(
+        layouts,
+        [
+            (Layout::AsStored, xavier),
+            (Layout::AsStored, Init::Zeros),
+            (Layout::AsStored, back),
+            (Layout::AsStored, Init::Zeros)
+        ]
+    );
     let names: Vec<String> = swiglu.param_shapes(4, 3).into_iter().map(|p| p.name).collect();
     assert_eq!(names, ["w1", "w3", "w2"]);
 
@@ -298,47 +380,82 @@ fn bad_buffers_are_errors_not_panics() {
         let expert = expert.as_ref();
         let params = random_params(expert, d, 2, &mut rng);
         let x = random(&mut rng, 5 * d, 1.0);
-        let mut out = vec![0.0; 5 * d];
-        let mut cache = ExpertCache::default();
-        let p = slices(&params);
+        let run = |offsets: &[usize], params: &[Vec<f32>]| {
+            let mut cache = ExpertCache::default();
+            forward_with(expert, &be, &x, params, offsets, d, Some(&mut cache))
+                .unwrap_err()
+                .to_string()
+        };
         // offsets end past the rows of x
-        let err = expert
-            .forward(&be, &mut out, &mut cache, &x, &p, &[0, 2, 6], d)
-            .unwrap_err()
-            .to_string();
+        let err = run(&[0, 2, 6], &params);
         assert!(err.contains("x"), "{err}");
         // offsets not monotone
-        let err = expert
-            .forward(&be, &mut out, &mut cache, &x, &p, &[0, 4, 3], d)
-            .unwrap_err()
-            .to_string();
+        let err = run(&[0, 4, 3], &params);
         assert!(err.contains("offsets"), "{err}");
         // parameters for 3 experts with offsets for 2
         let p3 = random_params(expert, d, 3, &mut rng);
-        let err = expert
-            .forward(&be, &mut out, &mut cache, &x, &slices(&p3), &[0, 2, 5], d)
-            .unwrap_err()
-            .to_string();
+        let err = run(&[0, 2, 5], &p3);
         assert!(err.contains("params[0]"), "{err}");
-        // backward without a forward
-        let mut dx = vec![0.0; 5 * d];
-        let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-        let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
-        let err = expert
-            .backward(
-                &be,
-                &mut dx,
-                &mut dp,
-                &out,
-                &ExpertCache::default(),
-                &x,
-                &p,
-                &[0, 2, 5],
-                d,
-            )
-            .unwrap_err()
-            .to_string();
+        // backward without a training forward: an inference forward keeps nothing
+        let mut cache = ExpertCache::default();
+        forward_with(expert, &be, &x, &params, &[0, 2, 5], d, None).expect("inference forward");
+        let err = backward(
+            expert,
+            &be,
+            &x,
+            &cache,
+            &x,
+            &params,
+            &[0, 2, 5],
+            d,
+            &zeros_like(&params),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("cache"), "{err}");
+        // a cache from another dispatch
+        forward_with(expert, &be, &x[..3 * d], &params, &[0, 1, 3], d, Some(&mut cache)).expect("forward");
+        let err = backward(
+            expert,
+            &be,
+            &x,
+            &cache,
+            &x,
+            &params,
+            &[0, 2, 5],
+            d,
+            &zeros_like(&params),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cache"), "{err}");
+    }
+}
+
+#[test]
+fn inference_keeps_nothing_and_equals_training_bit_for_bit() {
+    let be = backend();
+    let mut rng = StdRng::seed_from_u64(31);
+    let d = 8;
+    // Several slices (4100 rows exceed one), an empty expert, and a reused cache.
+    let offsets = [0, 4100, 4100, 4700, 4703];
+    for expert in experts_under_test() {
+        let expert = expert.as_ref();
+        let params = random_params(expert, d, 4, &mut rng);
+        let x = random(&mut rng, 4703 * d, 1.0);
+        let (train, _) = forward(expert, &be, &x, &params, &offsets, d);
+        let infer = forward_with(expert, &be, &x, &params, &offsets, d, None).expect("inference forward");
+        assert!(train == infer, "{}: inference differs from training", expert.kind());
+        // A cache refilled by a second, smaller forward holds that forward only.
+        let mut cache = ExpertCache::default();
+        forward_with(expert, &be, &x, &params, &offsets, d, Some(&mut cache)).expect("forward");
+        let small = [0, 3, 3, 5, 6];
+        let again = forward_with(expert, &be, &x[..6 * d], &params, &small, d, Some(&mut cache)).expect("forward");
+        let (fresh, fresh_cache) = forward(expert, &be, &x[..6 * d], &params, &small, d);
+        assert_eq!(again, fresh);
+        let h = expert.hidden(d);
+        assert!(cache.tensors.iter().all(|t| t.numel() == 6 * h));
+        assert_eq!(cache.tensors.len(), fresh_cache.tensors.len());
     }
 }
 
@@ -353,11 +470,7 @@ fn experts_with_more_rows_than_one_forward_block_are_exact() {
         let h = expert.hidden(d);
         let params = random_params(expert.as_ref(), d, 2, &mut rng);
         let x = random(&mut rng, 1103 * d, 1.0);
-        let mut out = vec![f32::NAN; 1103 * d];
-        let mut cache = ExpertCache::default();
-        expert
-            .forward(&be, &mut out, &mut cache, &x, &slices(&params), &offsets, d)
-            .expect("forward");
+        let (out, _) = forward(expert.as_ref(), &be, &x, &params, &offsets, d);
         let want = reference(expert.kind(), &params, &x, &offsets, d, h);
         for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
             assert!(
@@ -370,18 +483,11 @@ fn experts_with_more_rows_than_one_forward_block_are_exact() {
         let dout = random(&mut rng, 1103 * d, 1.0);
         let grads = |rows: std::ops::Range<usize>, offsets: &[usize]| {
             let (x, dout) = (&x[rows.start * d..rows.end * d], &dout[rows.start * d..rows.end * d]);
-            let mut out = vec![0.0; x.len()];
-            let mut cache = ExpertCache::default();
-            expert
-                .forward(&be, &mut out, &mut cache, x, &slices(&params), offsets, d)
-                .expect("forward");
-            let mut dx = vec![0.0; x.len()];
-            let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-            let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
-            expert
-                .backward(&be, &mut dx, &mut dp, dout, &cache, x, &slices(&params), offsets, d)
-                .expect("backward");
-            dx
+            let expert = expert.as_ref();
+            let (_, cache) = forward(expert, &be, x, &params, offsets, d);
+            backward(expert, &be, dout, &cache, x, &params, offsets, d, &zeros_like(&params))
+                .expect("backward")
+                .0
         };
         let whole = grads(0..1100, &[0, 1100, 1100]);
         let mut halves = grads(0..600, &[0, 600, 600]);
@@ -416,17 +522,20 @@ fn uneven_experts_on_two_threads_match_the_reference_and_one_thread_bit_for_bit(
         let x = random(&mut rng, n * d, 1.0);
         let dout = random(&mut rng, n * d, 1.0);
         let run = |be: &CpuBackend| {
-            let mut out = vec![f32::NAN; n * d];
-            let mut cache = ExpertCache::default();
-            expert
-                .forward(be, &mut out, &mut cache, &x, &slices(&params), &offsets, d)
-                .expect("forward");
-            let mut dx = vec![f32::NAN; n * d];
-            let mut dparams: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-            let mut dp: Vec<&mut [f32]> = dparams.iter_mut().map(|p| p.as_mut_slice()).collect();
-            expert
-                .backward(be, &mut dx, &mut dp, &dout, &cache, &x, &slices(&params), &offsets, d)
-                .expect("backward");
+            let expert = expert.as_ref();
+            let (out, cache) = forward(expert, be, &x, &params, &offsets, d);
+            let (dx, dparams) = backward(
+                expert,
+                be,
+                &dout,
+                &cache,
+                &x,
+                &params,
+                &offsets,
+                d,
+                &zeros_like(&params),
+            )
+            .expect("backward");
             (out, dx, dparams)
         };
         let (out2, dx2, dp2) = run(&be2);

@@ -211,3 +211,83 @@ fn empty_batch_routes_to_nothing() {
     assert_eq!(r.dispatch.offsets, vec![0; 4]);
     assert_eq!(r.dispatch.slots(), 0);
 }
+
+#[test]
+fn only_groups_wider_than_a_sample_couple_samples() {
+    let reg = registry();
+    for (spec, couples) in [
+        (json!("expert-choice"), false),
+        (json!({"kind": "expert-choice", "groups": "batch"}), true),
+        (json!({"kind": "expert-choice", "groups": {"tokens": 512}}), true),
+        (json!({"kind": "token-choice", "groups": "per_sample"}), false),
+        (json!({"kind": "token-choice", "groups": "batch"}), true),
+        (json!("expert-race"), false),
+        (json!({"kind": "expert-race", "groups": {"tokens": 64}}), true),
+        (json!("dense"), false),
+    ] {
+        assert_eq!(reg.router(&spec).unwrap().couples_samples(), couples, "{spec}");
+    }
+}
+
+#[test]
+fn token_groups_are_checked_against_the_sample_length_at_config_time() {
+    let reg = registry();
+    for kind in ["expert-choice", "token-choice", "expert-race"] {
+        let router = reg.router(&json!({"kind": kind, "groups": {"tokens": 300}})).unwrap();
+        let e = router.check_tokens_per_sample(256).unwrap_err().to_string();
+        assert_names(&e, &["groups.tokens", "300", "256"]);
+        router.check_tokens_per_sample(100).unwrap();
+        assert!(router.check_tokens_per_sample(0).is_err(), "{kind}");
+        for groups in [json!("per_sample"), json!("batch")] {
+            let router = reg.router(&json!({"kind": kind, "groups": groups})).unwrap();
+            router.check_tokens_per_sample(7).unwrap();
+        }
+    }
+    reg.router(&json!("dense")).unwrap().check_tokens_per_sample(7).unwrap();
+}
+
+#[test]
+fn routing_on_a_backend_refuses_bad_input_too() {
+    use ecdit_backend_cpu::CpuBackend;
+    use ecdit_engine::{BackendExt, DType};
+    let be = CpuBackend::new(1).unwrap();
+    let reg = registry();
+    let route_on_err = |router: &dyn Router, scores: &[f32], shape: RouteShape| {
+        let t = be.upload_f32(&[scores.len()], scores, DType::F32).unwrap();
+        match router.route_on(&be, t.view(), shape) {
+            Ok(_) => panic!("{} routed bad input on the backend", router.kind()),
+            Err(e) => e.to_string(),
+        }
+    };
+    let ec = reg.router(&json!("expert-choice")).unwrap();
+    assert_names(
+        &route_on_err(ec.as_ref(), &[0.0; 7], shape(1, 4, 2)),
+        &["scores", "8", "7"],
+    );
+    assert_names(
+        &route_on_err(ec.as_ref(), &[], shape(1, 4, 0)),
+        &["experts", "0 experts"],
+    );
+    let grouped = reg
+        .router(&json!({"kind": "expert-choice", "groups": {"tokens": 300}}))
+        .unwrap();
+    let e = route_on_err(grouped.as_ref(), &vec![0.0; 512 * 2], shape(2, 256, 2));
+    assert_names(&e, &["groups.tokens", "300", "256"]);
+    let dense = reg.router(&json!("dense")).unwrap();
+    assert_names(
+        &route_on_err(dense.as_ref(), &[0.0; 8], shape(1, 4, 2)),
+        &["dense", "1 expert", "2 experts"],
+    );
+    // Indices are not scores.
+    let idx = be.upload_u32(&[8], &[0; 8]).unwrap();
+    let e = ec.route_on(&be, idx.view(), shape(1, 4, 2)).unwrap_err().to_string();
+    assert_names(&e, &["scores", "f32", "u32"]);
+    // An empty batch routes to nothing on the backend as on the host.
+    let empty = be.zeros(&[0], DType::F32).unwrap();
+    for router in [&ec, &dense] {
+        let experts = if router.kind() == "dense" { 1 } else { 3 };
+        let r = router.route_on(&be, empty.view(), shape(0, 4, experts)).unwrap();
+        assert_eq!(r.offsets, vec![0; experts + 1]);
+        assert_eq!(r.slots(), 0);
+    }
+}

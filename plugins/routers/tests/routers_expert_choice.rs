@@ -207,3 +207,34 @@ fn token_groups_route_like_their_samples_batched() {
     // C = round(2 * 10 / 3) = 7 per group, two groups.
     assert_eq!(grouped.dispatch.expert(0).0.len(), 14);
 }
+
+proptest! {
+    // On the CPU backend, `route_on` (router softmax + top_k_tokens, the
+    // dispatch never leaving the device) gives the host routing bit for bit,
+    // ties included (scores on a coarse grid tie often).
+    #[test]
+    fn route_on_the_cpu_backend_equals_route_bit_for_bit(
+        (shape, scores) in batch(4, 24, 8),
+        coarse in any::<bool>(),
+        f_c in 0.05f64..6.0,
+        groups in groups(),
+    ) {
+        use ecdit_backend_cpu::CpuBackend;
+        use ecdit_engine::{BackendExt, DType};
+        let scores: Vec<f32> = if coarse { scores.iter().map(|s| s.round()).collect() } else { scores };
+        let be = CpuBackend::new(1).unwrap();
+        let router = ExpertChoiceRouter::new(f_c, groups).unwrap();
+        let host = router.route(&scores, shape).unwrap();
+        let t = be.upload_f32(&[scores.len()], &scores, DType::F32).unwrap();
+        let device = router.route_on(&be, t.view(), shape).unwrap();
+        prop_assert!(device.host.is_none(), "routed on the host");
+        let back = device.to_host(&be).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(&back.dispatch.offsets, &host.dispatch.offsets);
+        prop_assert_eq!(&back.dispatch.tokens, &host.dispatch.tokens);
+        prop_assert_eq!(bits(&back.dispatch.gates), bits(&host.dispatch.gates));
+        prop_assert_eq!(bits(&back.probs), bits(&host.probs));
+        prop_assert_eq!(back.group_size, host.group_size);
+        prop_assert_eq!(back.stats, host.stats);
+    }
+}

@@ -7,19 +7,27 @@
 //! - sampling (DDIM, deterministic): from `t` to `t_next`,
 //!   `x0_pred = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t)`,
 //!   `x = sqrt(ab_next) x0_pred + sqrt(1 - ab_next) eps`; a `t_next < 0` is the final step
-//!   to data (`ab_next = 1`, so `x = x0_pred`).
+//!   to data (`ab_next = 1`, so `x = x0_pred`). The step is linear in `x` and `eps`, so it
+//!   runs as `x = c_x x + c_eps eps` with the two coefficients computed once in f64
+//!   ([`Ddpm::ddim_coefficients`]) and the per-element arithmetic in f32: the host
+//!   [`Scheduler::step`] and the backend [`Scheduler::step_on`] (one `axpby`) give the
+//!   same bits.
 //!
 //! Learned sigma: DiT predicts `[eps, sigma]` as `2C` channels per sample. The split is
 //! the caller's job (it knows the `[B, 2C, H, W]` layout, so it can hand over the first
 //! `C` channels of each sample); [`Scheduler::step`] takes the epsilon part only, the same
-//! length as `x`. DDIM with eta = 0 never reads the variance.
+//! length as `x`, and so does [`Scheduler::step_on`]: its `model_out` is the view of the
+//! epsilon channels the caller passes (for one sample, `out.rows(b, 1)` of `[B, 2C, H, W]`
+//! narrowed to its first `C H W` elements; a batch's epsilon halves are not contiguous,
+//! so step per sample or copy them into one `[B, C, H, W]` tensor first). DDIM with
+//! eta = 0 never reads the variance.
 //!
 //! The network sees the integer timestep itself (`model_time(t) = t`).
 
-use crate::buffers::{check_number, check_same_len};
+use crate::buffers::{check_float_views, check_number, check_same_len, check_steps};
 use ecdit_engine::error::check_finite;
 use ecdit_engine::spec::get;
-use ecdit_engine::{EngineError, ParamInfo, ParamType, Result, Scheduler};
+use ecdit_engine::{Backend, EngineError, ParamInfo, ParamType, Result, Scheduler, TensorMut, TensorRef};
 use rand::Rng;
 use serde_json::{json, Map, Value};
 
@@ -195,6 +203,20 @@ impl Ddpm {
         }
         Ok(self.alphas_cumprod[t as usize])
     }
+
+    /// The DDIM step from `t` to `t_next` as `x_next = c_x x + c_eps eps`:
+    /// returns `(c_x, c_eps)`, computed in f64 and rounded once to f32.
+    /// `c_x = sqrt(ab_next / ab)`, `c_eps = sqrt(1 - ab_next) - c_x sqrt(1 - ab)`
+    /// (expanding `x0_pred` in the DDIM update).
+    pub fn ddim_coefficients(&self, op: &str, t: f32, t_next: f32) -> Result<(f32, f32)> {
+        let ab = self.alpha_bar(op, "t", t, false)?;
+        let ab_next = self.alpha_bar(op, "t_next", t_next, true)?;
+        let (sqrt_ab, sqrt_1m_ab) = (ab.sqrt(), (1.0 - ab).sqrt());
+        let (sqrt_ab_next, sqrt_1m_ab_next) = (ab_next.sqrt(), (1.0 - ab_next).sqrt());
+        let c_x = sqrt_ab_next / sqrt_ab;
+        let c_eps = sqrt_1m_ab_next - c_x * sqrt_1m_ab;
+        Ok((c_x as f32, c_eps as f32))
+    }
 }
 
 impl Scheduler for Ddpm {
@@ -241,17 +263,17 @@ impl Scheduler for Ddpm {
         Ok(())
     }
 
-    fn model_time(&self, t: f32) -> f32 {
-        t
+    /// The integer timestep itself; an error unless `t` is one of `0..T`.
+    fn model_time(&self, t: f32) -> Result<f32> {
+        self.alpha_bar("model_time", "t", t, false)?;
+        Ok(t)
     }
 
     /// `steps` decreasing timesteps (see [`TimestepSpacing`]) then `-1` (the final step
-    /// to data). More steps than T repeat timesteps; a repeated step is a no-op.
-    fn sampling_times(&self, steps: usize) -> Vec<f32> {
+    /// to data). `steps` must be in `1..=T`: more would repeat timesteps.
+    fn sampling_times(&self, steps: usize) -> Result<Vec<f32>> {
         let t_count = self.train_steps();
-        if steps == 0 {
-            return vec![(t_count - 1) as f32];
-        }
+        check_steps(COMPONENT, steps, Some(t_count))?;
         let mut times: Vec<f32> = (0..steps)
             .rev()
             .map(|i| match self.spacing {
@@ -263,23 +285,36 @@ impl Scheduler for Ddpm {
             })
             .collect();
         times.push(-1.0);
-        times
+        Ok(times)
     }
 
     // x, model_out (epsilon part only, see the module docs): [n]
     fn step(&self, x: &mut [f32], model_out: &[f32], t: f32, t_next: f32) -> Result<()> {
         check_same_len("step", &[("x", x.len()), ("model_out (epsilon)", model_out.len())])?;
-        let ab = self.alpha_bar("step", "t", t, false)?;
-        let ab_next = self.alpha_bar("step", "t_next", t_next, true)?;
+        let (c_x, c_eps) = self.ddim_coefficients("step", t, t_next)?;
         check_finite("ddpm step: model_out (epsilon)", model_out)?;
-        let (sqrt_ab, sqrt_1m_ab) = (ab.sqrt(), (1.0 - ab).sqrt());
-        let (sqrt_ab_next, sqrt_1m_ab_next) = (ab_next.sqrt(), (1.0 - ab_next).sqrt());
+        // `c_eps * eps + c_x * x` in f32: the arithmetic of `axpby(x, c_eps, eps, c_x)`.
         for (x, &eps) in x.iter_mut().zip(model_out) {
-            let eps = eps as f64;
-            let x0_pred = (*x as f64 - sqrt_1m_ab * eps) / sqrt_ab;
-            *x = (sqrt_ab_next * x0_pred + sqrt_1m_ab_next * eps) as f32;
+            *x = c_eps * eps + c_x * *x;
         }
         Ok(())
+    }
+
+    /// [`Scheduler::step`] as one `axpby` on the backend (the same bits on f32
+    /// tensors). `model_out` is the epsilon view the caller passes (see the
+    /// module docs on learned sigma); it is not scanned for NaN here, which
+    /// would be a download per step.
+    fn step_on(
+        &self,
+        backend: &dyn Backend,
+        x: TensorMut<'_>,
+        model_out: TensorRef<'_>,
+        t: f32,
+        t_next: f32,
+    ) -> Result<()> {
+        check_float_views("step_on", &x, &model_out, "model_out (epsilon)")?;
+        let (c_x, c_eps) = self.ddim_coefficients("step_on", t, t_next)?;
+        backend.axpby(x, c_eps, model_out, c_x)
     }
 }
 
@@ -303,14 +338,14 @@ mod tests {
     #[test]
     fn spacings_match_dit_and_diffusers() {
         let ddpm = Ddpm::default();
-        let t = ddpm.sampling_times(50);
+        let t = ddpm.sampling_times(50).unwrap();
         assert_eq!(t.len(), 51);
         assert_eq!(&t[..3], &[980.0, 960.0, 940.0]);
         assert_eq!(&t[48..], &[20.0, 0.0, -1.0]);
         let trailing = Ddpm::new(1000, 1e-4, 0.02, TimestepSpacing::Trailing).unwrap();
         // diffusers: np.round(np.arange(1000, 0, -1000/3)) - 1 = [999, 666, 332]
-        assert_eq!(trailing.sampling_times(3), vec![999.0, 666.0, 332.0, -1.0]);
-        assert_eq!(ddpm.sampling_times(3), vec![666.0, 333.0, 0.0, -1.0]);
+        assert_eq!(trailing.sampling_times(3).unwrap(), vec![999.0, 666.0, 332.0, -1.0]);
+        assert_eq!(ddpm.sampling_times(3).unwrap(), vec![666.0, 333.0, 0.0, -1.0]);
     }
 
     #[test]
@@ -354,5 +389,40 @@ mod tests {
         assert!(e.contains("epsilon") && e.contains("4 elements"), "{e}");
         let e = ddpm.step(&mut x, &[0.0; 2], -1.0, 0.0).unwrap_err().to_string();
         assert!(e.contains("timestep t = -1"), "{e}");
+    }
+
+    #[test]
+    fn times_outside_the_process_and_bad_step_counts_are_errors() {
+        let ddpm = Ddpm::default();
+        assert_eq!(ddpm.model_time(999.0).unwrap(), 999.0);
+        for t in [-1.0f32, 1000.0, 2.5, f32::NAN] {
+            let e = ddpm.model_time(t).unwrap_err().to_string();
+            assert!(
+                e.contains("model_time") && e.contains(&format!("t = {t}")) && e.contains("0..=999"),
+                "{e}"
+            );
+        }
+        let e = ddpm.sampling_times(0).unwrap_err().to_string();
+        assert!(e.contains("ddpm") && e.contains("steps = 0"), "{e}");
+        let e = ddpm.sampling_times(1001).unwrap_err().to_string();
+        assert!(e.contains("steps = 1001") && e.contains("1000 timesteps"), "{e}");
+        assert_eq!(ddpm.sampling_times(1000).unwrap().len(), 1001);
+    }
+
+    #[test]
+    fn coefficients_expand_the_ddim_update() {
+        let ddpm = Ddpm::default();
+        let ac = ddpm.alphas_cumprod();
+        let (c_x, c_eps) = ddpm.ddim_coefficients("t", 500.0, 250.0).unwrap();
+        let (x, eps) = (0.3f64, -1.2f64);
+        let x0_pred = (x - (1.0 - ac[500]).sqrt() * eps) / ac[500].sqrt();
+        let want = ac[250].sqrt() * x0_pred + (1.0 - ac[250]).sqrt() * eps;
+        let got = c_x as f64 * x + c_eps as f64 * eps;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // The final step to data: x0_pred itself.
+        let (c_x, c_eps) = ddpm.ddim_coefficients("t", 0.0, -1.0).unwrap();
+        assert_eq!(c_x, (1.0 / ac[0].sqrt()) as f32);
+        let want = -(1.0 - ac[0]).sqrt() / ac[0].sqrt();
+        assert!((c_eps as f64 - want).abs() <= 1e-7 * want.abs(), "{c_eps} vs {want}");
     }
 }

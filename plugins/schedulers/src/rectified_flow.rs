@@ -6,15 +6,15 @@
 //! - training times: logit-normal, `t = sigmoid(logit_mean + logit_std * u)`, `u ~ N(0, 1)`;
 //! - sampling: `t` from 1 to 0 in `steps` equal steps, each time optionally bent by the
 //!   SD3 shift `t' = shift t / (1 + (shift - 1) t)` (shift > 1 spends more steps near noise);
-//!   Euler step `x += (t_next - t) v`.
+//!   Euler step `x += (t_next - t) v` (on a backend: one `axpby`, the same bits).
 //!
 //! The network sees `t * time_scale`: DiT-style timestep embedders were built for
 //! integer DDPM timesteps in 0..1000, so the default scale is 1000.
 
-use crate::buffers::{check_number, check_same_len};
+use crate::buffers::{check_float_views, check_number, check_same_len, check_steps};
 use ecdit_engine::error::check_finite;
 use ecdit_engine::spec::get;
-use ecdit_engine::{EngineError, ParamInfo, ParamType, Result, Scheduler};
+use ecdit_engine::{Backend, EngineError, ParamInfo, ParamType, Result, Scheduler, TensorMut, TensorRef};
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Map, Value};
 
@@ -171,23 +171,23 @@ impl Scheduler for RectifiedFlow {
         Ok(())
     }
 
-    fn model_time(&self, t: f32) -> f32 {
-        (t as f64 * self.time_scale) as f32
+    fn model_time(&self, t: f32) -> Result<f32> {
+        check_time("model_time", "t", t)?;
+        Ok((t as f64 * self.time_scale) as f32)
     }
 
-    /// `steps + 1` times, 1 (noise) first, 0 (data) last, strictly decreasing.
-    fn sampling_times(&self, steps: usize) -> Vec<f32> {
-        if steps == 0 {
-            return vec![1.0];
-        }
-        (0..=steps)
+    /// `steps + 1` times, 1 (noise) first, 0 (data) last, strictly decreasing;
+    /// `steps == 0` is an error.
+    fn sampling_times(&self, steps: usize) -> Result<Vec<f32>> {
+        check_steps(COMPONENT, steps, None)?;
+        Ok((0..=steps)
             .map(|i| match i {
                 // Pinned so rounding in the shift never moves the endpoints.
                 0 => 1.0,
                 i if i == steps => 0.0,
                 i => self.shift_time((steps - i) as f64 / steps as f64) as f32,
             })
-            .collect()
+            .collect())
     }
 
     // x, model_out (velocity): [n]
@@ -197,10 +197,28 @@ impl Scheduler for RectifiedFlow {
         check_time("step", "t_next", t_next)?;
         check_finite("rectified-flow step: model_out (velocity)", model_out)?;
         let dt = t_next - t;
+        // `dt * v + x`: the f32 arithmetic of `axpby(x, dt, v, 1)` in `step_on`.
         for (x, &v) in x.iter_mut().zip(model_out) {
             *x += dt * v;
         }
         Ok(())
+    }
+
+    /// [`Scheduler::step`] as one `axpby` on the backend (the same bits on f32
+    /// tensors). The velocity is not scanned for NaN here: that would be a
+    /// download per step.
+    fn step_on(
+        &self,
+        backend: &dyn Backend,
+        x: TensorMut<'_>,
+        model_out: TensorRef<'_>,
+        t: f32,
+        t_next: f32,
+    ) -> Result<()> {
+        check_float_views("step_on", &x, &model_out, "model_out (velocity)")?;
+        check_time("step_on", "t", t)?;
+        check_time("step_on", "t_next", t_next)?;
+        backend.axpby(x, t_next - t, model_out, 1.0)
     }
 }
 
@@ -215,7 +233,7 @@ mod tests {
         assert_eq!(flow.shift_time(1.0), 1.0);
         // 3 * 0.5 / (1 + 2 * 0.5) = 0.75
         assert!((flow.shift_time(0.5) - 0.75).abs() < 1e-12);
-        let times = flow.sampling_times(2);
+        let times = flow.sampling_times(2).unwrap();
         assert_eq!(times, vec![1.0, 0.75, 0.0]);
     }
 
@@ -265,9 +283,21 @@ mod tests {
     #[test]
     fn model_time_scales_and_target_is_velocity() {
         let flow = RectifiedFlow::default();
-        assert_eq!(flow.model_time(0.25), 250.0);
+        assert_eq!(flow.model_time(0.25).unwrap(), 250.0);
         let mut v = vec![0.0; 2];
         flow.target(&mut v, &[1.0, -2.0], &[0.5, 3.0], 0.3).unwrap();
         assert_eq!(v, vec![-0.5, 5.0]);
+    }
+
+    #[test]
+    fn times_outside_the_process_and_zero_steps_are_errors() {
+        let flow = RectifiedFlow::default();
+        for t in [-0.5f32, 1.5, f32::NAN, f32::INFINITY] {
+            let e = flow.model_time(t).unwrap_err().to_string();
+            assert!(e.contains("model_time") && e.contains(&format!("t = {t}")), "{e}");
+        }
+        assert_eq!(flow.model_time(1.0).unwrap(), 1000.0);
+        let e = flow.sampling_times(0).unwrap_err().to_string();
+        assert!(e.contains("rectified-flow") && e.contains("steps = 0"), "{e}");
     }
 }

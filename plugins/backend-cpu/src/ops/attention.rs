@@ -5,6 +5,10 @@
 //! interleaved inside a token, so one head of one sample is a strided
 //! `[T, Dh]` matrix (row stride `H * Dh`) that the GEMM reads in place, with
 //! no transposing copies. Query head `h` reads kv head `h / (H / Hkv)`.
+//!
+//! Inference ([`attention_inference`]) works per block of query rows with a
+//! small scratch and keeps no probabilities; training ([`attention`]) writes
+//! the probabilities its backward reads.
 
 use super::gemm::{gemm_shared, gemm_strided, parallelism, SharedMut, Strided};
 use super::numel;
@@ -124,6 +128,83 @@ pub fn attention(
         // out = P V: [Tq, Dh]
         unsafe { gemm_shared(op, out_shared, qv, p, att, v, kv, 1.0, 0.0, par) }
     })
+}
+
+/// Scores one inference task may hold: a block of query rows times all keys
+/// (256 KiB, about an L2's worth), instead of the whole `[Tq, Tk]` per head.
+const INFER_SCRATCH_ELEMS: usize = 1 << 16;
+
+/// Query rows per inference task: as many as fit the scratch, between 8 and
+/// 128. A function of the dims only (never the thread count), so the
+/// results are the same bits on any pool.
+fn query_block(tq: usize, tk: usize) -> usize {
+    (INFER_SCRATCH_ELEMS / tk.max(1)).clamp(8, 128).min(tq.max(1))
+}
+
+/// [`attention`] without probabilities (inference): one task per (sample,
+/// head, block of query rows) computes the block's scores into a per-thread
+/// scratch, softmaxes them and multiplies by V; the `[B, H, Tq, Tk]`
+/// probability matrix never exists.
+/// out, q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh]; key_mask: [B, Tk].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_inference(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: Option<&[u8]>,
+    d: AttnDims,
+    threads: usize,
+) -> Result<()> {
+    let op = "attention";
+    let n = lens(op, &d)?;
+    check_len(op, "out", out.len(), n.q)?;
+    check_len(op, "q", q.len(), n.q)?;
+    check_len(op, "k", k.len(), n.kv)?;
+    check_len(op, "v", v.len(), n.kv)?;
+    if let Some(mask) = key_mask {
+        check_len(op, "key_mask", mask.len(), n.mask)?;
+    }
+    if n.probs == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let (tq, tk, group) = (d.q_len, d.kv_len, d.heads / d.kv_heads);
+    let qb = query_block(tq, tk);
+    let blocks = tq.div_ceil(qb);
+    let out_shared = SharedMut::new(out);
+    let task = |i: usize, par: Parallelism, scratch: &mut Vec<f32>| -> Result<()> {
+        let (bh, blk) = (i / blocks, i % blocks);
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        let (r0, rows) = (blk * qb, qb.min(tq - blk * qb));
+        let full = q_view(&d, b, h);
+        let qv = Strided {
+            offset: full.offset + r0 * full.rs,
+            rows,
+            ..full
+        };
+        let kv = kv_view(&d, b, h / group);
+        scratch.resize(rows * tk, 0.0);
+        let att = Strided::row_major(0, rows, tk);
+        // S = scale * Q K^T: [rows, Tk]
+        gemm_strided(op, scratch, att, q, qv, k, kv.t(), scale(&d), 0.0, par)?;
+        let mask = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
+        for row in scratch.chunks_exact_mut(tk) {
+            softmax_row_masked(row, mask);
+        }
+        // SAFETY: task `i` alone writes these query rows of head `h` in
+        // sample `b`; `out` outlives the loop.
+        unsafe { gemm_shared(op, out_shared, qv, scratch, att, v, kv, 1.0, 0.0, par) }
+    };
+    let tasks = d.batch * d.heads * blocks;
+    if threads > 1 && tasks >= threads {
+        (0..tasks)
+            .into_par_iter()
+            .try_for_each_init(Vec::new, |scratch, i| task(i, Parallelism::None, scratch))
+    } else {
+        let mut scratch = Vec::new();
+        (0..tasks).try_for_each(|i| task(i, parallelism(threads), &mut scratch))
+    }
 }
 
 /// Backward of [`attention`]; overwrites dq, dk, dv.

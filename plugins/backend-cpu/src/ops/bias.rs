@@ -1,26 +1,34 @@
-//! Bias add and its backward, the column sum.
+//! Broadcast add (bias, position table) and the bias backward, the column sum.
 
 use super::{numel, rows_per_task, PAR_MIN_ELEMS};
-use ecdit_engine::error::{check_len, Result};
+use ecdit_engine::error::{check_len, EngineError, Result};
 use rayon::prelude::*;
 
-/// `out[r, c] += bias[c]`.
-/// out: [rows, cols]; bias: [cols].
-pub fn add_bias(out: &mut [f32], bias: &[f32], rows: usize, cols: usize) -> Result<()> {
-    check_len("add_bias", "out", out.len(), numel("add_bias", &[rows, cols])?)?;
-    check_len("add_bias", "bias", bias.len(), cols)?;
+/// `out[i] += inp[i % inp.len()]`: a bias over rows, or a position table
+/// over samples. out: [n * len]; inp: [len].
+pub fn add_broadcast(out: &mut [f32], inp: &[f32]) -> Result<()> {
+    let op = "add_broadcast";
+    let cols = inp.len();
     if out.is_empty() {
         return Ok(());
     }
+    if cols == 0 || !out.len().is_multiple_of(cols) {
+        return Err(EngineError::shape(
+            format!("{op} (out)"),
+            format!("a multiple of inp's {cols} elements"),
+            format!("{} elements", out.len()),
+        ));
+    }
+    let rows = out.len() / cols;
     out.par_chunks_mut(rows_per_task(rows, cols) * cols).for_each(|chunk| {
         for row in chunk.chunks_exact_mut(cols) {
-            row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+            row.iter_mut().zip(inp).for_each(|(o, b)| *o += b);
         }
     });
     Ok(())
 }
 
-/// Backward of [`add_bias`]: `out[c] (+)= sum_r inp[r, c]`.
+/// Backward of a bias [`add_broadcast`]: `out[c] (+)= sum_r inp[r, c]`.
 /// out: [cols]; inp: [rows, cols].
 ///
 /// Threads split the columns, and every column is summed over the rows in

@@ -98,3 +98,29 @@ pub fn scatter_add_rows(out: &mut [f32], inp: &[f32], idx: &[u32], scale: Option
     });
     Ok(())
 }
+
+/// `out[i] = <a[idx[i], :], b[i, :]>`, summed over the columns in order (the
+/// MoE gate gradient: the combine's output gradient against each expert row).
+/// out: [n]; a: [rows, cols]; idx: [n]; b: [n, cols].
+pub fn gather_dot(out: &mut [f32], a: &[f32], idx: &[u32], b: &[f32], cols: usize) -> Result<()> {
+    let op = "gather_dot";
+    check_len(op, "idx", idx.len(), out.len())?;
+    check_len(op, "b", b.len(), numel(op, &[idx.len(), cols])?)?;
+    let rows = rows_of(op, "a", a.len(), cols)?;
+    if cols == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    check_indices(op, idx, rows)?;
+    let task_rows = rows_per_task(idx.len(), cols);
+    out.par_chunks_mut(task_rows)
+        .zip(idx.par_chunks(task_rows))
+        .zip(b.par_chunks(task_rows * cols))
+        .for_each(|((out, idx), b)| {
+            for ((o, &i), b) in out.iter_mut().zip(idx).zip(b.chunks_exact(cols)) {
+                let a = &a[i as usize * cols..][..cols];
+                *o = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            }
+        });
+    Ok(())
+}

@@ -6,7 +6,8 @@
 //! so the two scalars swap at the call. Its `Parallelism::Rayon(n)` splits work
 //! on rayon's current pool, which is the backend's pool inside `install`.
 
-use super::numel;
+use super::bias::add_broadcast;
+use super::{numel, rows_per_task};
 use ecdit_engine::backend::check_grouped;
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::GemmDims;
@@ -241,18 +242,42 @@ fn operand_views(dims: GemmDims, a_off: usize, b_off: usize) -> (Strided, Stride
     (a, b)
 }
 
-/// `out = alpha * op(a) @ op(b) + beta * out`.
+/// `out = alpha * op(a) @ op(b) + beta * out (+ bias)`, the bias `[n]` added
+/// to every row after the product (not scaled by alpha).
 /// out: [m, n]; a: [m, k] or [k, m] (trans_a); b: [k, n] or [n, k] (trans_b).
+///
+/// With `beta == 0` the bias is fused: `out` starts as the bias rows and the
+/// product accumulates onto them (`beta = 1`), one pass over `out` instead of
+/// two. Otherwise the bias is added after the product. Either way the result
+/// equals a product followed by a bias add up to one rounding.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm(
     out: &mut [f32],
     a: &[f32],
     b: &[f32],
+    bias: Option<&[f32]>,
     dims: GemmDims,
     alpha: f32,
     beta: f32,
     threads: usize,
 ) -> Result<()> {
-    gemm_blocks("gemm", out, a, b, 1, dims, alpha, beta, threads)
+    const OP: &str = "gemm";
+    let Some(bias) = bias else {
+        return gemm_blocks(OP, out, a, b, 1, dims, alpha, beta, threads);
+    };
+    check_blocks(OP, out.len(), a.len(), b.len(), 1, dims)?;
+    check_len(OP, "bias", bias.len(), dims.n)?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    if beta == 0.0 {
+        out.par_chunks_mut(rows_per_task(dims.m, dims.n) * dims.n)
+            .for_each(|rows| rows.chunks_exact_mut(dims.n).for_each(|r| r.copy_from_slice(bias)));
+        gemm_blocks(OP, out, a, b, 1, dims, alpha, 1.0, threads)
+    } else {
+        gemm_blocks(OP, out, a, b, 1, dims, alpha, beta, threads)?;
+        add_broadcast(out, bias)
+    }
 }
 
 /// `batch` independent products over contiguous blocks of `out`, `a`, `b`.
@@ -271,6 +296,14 @@ pub fn gemm_batched(
     gemm_blocks("gemm_batched", out, a, b, batch, dims, alpha, beta, threads)
 }
 
+/// Checks the buffer lengths of `batch` products of `dims`.
+fn check_blocks(op: &str, out: usize, a: usize, b: usize, batch: usize, dims: GemmDims) -> Result<()> {
+    let GemmDims { m, n, k, .. } = dims;
+    check_len(op, "out", out, numel(op, &[batch, m, n])?)?;
+    check_len(op, "a", a, numel(op, &[batch, m, k])?)?;
+    check_len(op, "b", b, numel(op, &[batch, k, n])?)
+}
+
 /// [`gemm_batched`] with the op name its errors carry.
 #[allow(clippy::too_many_arguments)]
 fn gemm_blocks(
@@ -285,15 +318,8 @@ fn gemm_blocks(
     threads: usize,
 ) -> Result<()> {
     let GemmDims { m, n, k, .. } = dims;
-    let (out_len, a_len, b_len) = (
-        numel(op, &[batch, m, n])?,
-        numel(op, &[batch, m, k])?,
-        numel(op, &[batch, k, n])?,
-    );
-    check_len(op, "out", out.len(), out_len)?;
-    check_len(op, "a", a.len(), a_len)?;
-    check_len(op, "b", b.len(), b_len)?;
-    if out_len == 0 {
+    check_blocks(op, out.len(), a.len(), b.len(), batch, dims)?;
+    if out.is_empty() {
         return Ok(());
     }
     let (mn, mk, kn) = (m * n, m * k, k * n);

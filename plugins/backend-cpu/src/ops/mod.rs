@@ -1,20 +1,26 @@
 //! The CPU op families, one file each, forward and backward side by side.
 //!
-//! Every op takes plain row-major f32 slices in the llm.c argument order
+//! Every op takes plain row-major f32 slices (the backend hands them out of
+//! tensor views, widening bf16 storage, see `slices.rs`) in the llm.c argument order
 //! (outputs, caches, inputs, weights, dimensions), checks the buffer lengths
 //! first and returns an error on a mismatch. Ops that split work over rows use
 //! rayon's *current* pool, so they run on the backend's pool when called inside
 //! `pool.install` (one level of parallelism) and sequentially elsewhere.
 
 pub mod activation;
+pub mod adaln;
 pub mod attention;
+pub mod axpby;
 pub mod bias;
 pub(crate) mod exp;
 pub mod gather;
 pub mod gemm;
 pub mod norm;
 pub mod optim;
+pub mod patch;
+pub mod router;
 pub mod softmax;
+pub mod timestep;
 pub mod topk;
 
 use ecdit_engine::error::{EngineError, Result};

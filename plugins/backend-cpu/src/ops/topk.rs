@@ -1,7 +1,9 @@
-//! Per-row top-k (expert-choice routing picks each expert's tokens with it).
+//! Top-k selections: per row (`top_k_rows`), and expert choice's per-(group,
+//! expert) selection over rows (`top_k_tokens`).
 
 use super::numel;
 use ecdit_engine::error::{check_len, EngineError, Result};
+use ecdit_engine::routing_math::{key_index, key_value, rank_key, select_best};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 
@@ -51,6 +53,63 @@ pub fn top_k_rows(idx: &mut [u32], val: &mut [f32], inp: &[f32], rows: usize, co
             for ((i, v), &(bv, bi)) in idx.iter_mut().zip(val.iter_mut()).zip(best.iter()) {
                 *i = bi;
                 *v = bv;
+            }
+        });
+    Ok(())
+}
+
+/// Expert choice's selection: for each group `g` of `group_rows` consecutive
+/// rows of `probs` and each expert `e`, the `k` rows with the largest
+/// `probs[r, e]`, best first (ties: lower row first), expert-major:
+/// `idx[e, g, j]` the global row, `val[e, g, j]` its value.
+/// idx, val: [E, groups, k]; probs: [groups * group_rows, E].
+///
+/// The ranking is the host router's (`routing_math::rank_key` keys, a
+/// `select_best` partial sort, then the chosen keys sorted), so the result is
+/// bit-identical to host expert-choice routing. One task per expert.
+pub fn top_k_tokens(
+    idx: &mut [u32],
+    val: &mut [f32],
+    probs: &[f32],
+    groups: usize,
+    group_rows: usize,
+    experts: usize,
+    k: usize,
+) -> Result<()> {
+    let op = "top_k_tokens";
+    let rows = numel(op, &[groups, group_rows])?;
+    check_len(op, "probs", probs.len(), numel(op, &[rows, experts])?)?;
+    let out_len = numel(op, &[experts, groups, k])?;
+    check_len(op, "idx", idx.len(), out_len)?;
+    check_len(op, "val", val.len(), out_len)?;
+    if k > group_rows {
+        return Err(EngineError::shape(
+            op,
+            format!("k <= group_rows = {group_rows}"),
+            format!("k = {k}"),
+        ));
+    }
+    if u32::try_from(rows).is_err() {
+        return Err(EngineError::shape(op, "rows that fit in u32", rows));
+    }
+    if out_len == 0 {
+        return Ok(());
+    }
+    idx.par_chunks_mut(groups * k)
+        .zip(val.par_chunks_mut(groups * k))
+        .enumerate()
+        .for_each_init(Vec::new, |column, (e, (idx, val))| {
+            for (g, (idx, val)) in idx.chunks_exact_mut(k).zip(val.chunks_exact_mut(k)).enumerate() {
+                column.clear();
+                column
+                    .extend((g * group_rows..(g + 1) * group_rows).map(|r| rank_key(probs[r * experts + e], r as u32)));
+                select_best(column, k);
+                let chosen = &mut column[..k];
+                chosen.sort_unstable();
+                for ((i, v), &key) in idx.iter_mut().zip(val.iter_mut()).zip(chosen.iter()) {
+                    *i = key_index(key);
+                    *v = key_value(key);
+                }
             }
         });
     Ok(())

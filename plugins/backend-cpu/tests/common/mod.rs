@@ -1,6 +1,10 @@
 //! Helpers shared by the CPU backend's integration tests.
 #![allow(dead_code)]
 
+pub mod host_ops;
+#[allow(unused_imports)]
+pub use host_ops::*;
+
 use ecdit_backend_cpu::CpuBackend;
 use proptest::test_runner::TestCaseError;
 use rand::rngs::StdRng;

@@ -3,10 +3,11 @@
 
 use super::{
     add_group_bias, check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows,
-    experts_with_rows, forward_slices, hidden_width, reuse,
+    experts_with_rows, forward_slices, hidden_width, stacked_shapes, Hidden,
 };
-use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
+use ecdit_engine::{
+    Backend, BackendExt, Expert, ExpertCache, GemmDims, ParamShape, Result, TensorMut, TensorRef, Unary,
+};
 use serde_json::json;
 
 /// DiT's MLP `d -> h -> d` (timm `Mlp` with `approx_gelu`), `h = floor(mlp_ratio * d)`.
@@ -21,8 +22,8 @@ use serde_json::json;
 /// experts hold E/k times the weights of a dense FFN, so that packing was the
 /// MoE layer's main overhead over dense (docs/PERFORMANCE.md).
 ///
-/// Cache (per dispatched row): `buffers[0]` = fc1 output before GELU [N, h],
-/// `buffers[1]` = after GELU [N, h].
+/// Training cache (per dispatched row): `tensors[0]` = fc1 output before
+/// GELU [N, h], `tensors[1]` = after GELU [N, h]. Inference keeps nothing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GeluMlp {
     mlp_ratio: f64,
@@ -64,14 +65,7 @@ impl Expert for GeluMlp {
 
     fn param_shapes(&self, d: usize, experts: usize) -> Vec<ParamShape> {
         let names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"];
-        names
-            .iter()
-            .zip(Self::shapes(d, self.hidden(d), experts))
-            .map(|(name, shape)| ParamShape {
-                name: name.to_string(),
-                shape,
-            })
-            .collect()
+        stacked_shapes(&names, Self::shapes(d, self.hidden(d), experts))
     }
 
     fn flops_per_token(&self, d: usize) -> f64 {
@@ -83,42 +77,44 @@ impl Expert for GeluMlp {
     fn forward(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        cache: &mut ExpertCache,
-        x: &[f32],
-        params: &[&[f32]],
+        out: TensorMut<'_>,
+        cache: Option<&mut ExpertCache>,
+        x: TensorRef<'_>,
+        params: &[TensorRef<'_>],
         offsets: &[usize],
         d: usize,
     ) -> Result<()> {
         const OP: &str = "gelu-mlp forward";
         let h = self.hidden(d);
         let experts = expert_count(offsets);
-        let (_, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
-        check_len(OP, "out", out.len(), n * d)?;
-        let &[w1, b1, w2, b2] = params else {
+        let (n, x, params) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
+        out.expect_len(OP, "out", n * d)?;
+        let mut out = out.reshape(&[n, d])?;
+        let &[w1, b1, w2, b2] = params.as_slice() else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        cache.buffers.resize_with(2, Vec::new);
-        let (pre_buf, act_buf) = cache.buffers.split_at_mut(1);
-        let pre = reuse(&mut pre_buf[0], n * h);
-        let act = reuse(&mut act_buf[0], n * h);
+        let mut hidden = Hidden::new(backend, cache, 2, n, h, offsets, x.dtype())?;
 
         // Per slice of whole experts, run the whole MLP while the slice's
         // hidden activations are still in cache; each projection is one
         // grouped GEMM over the slice's experts.
         for (e0, e1, r0, r1, groups) in forward_slices(offsets) {
-            let (pre_s, act_s) = (&mut pre[r0 * h..r1 * h], &mut act[r0 * h..r1 * h]);
+            let (m, experts_s) = (r1 - r0, e1 - e0);
+            let mut views = hidden.slice(r0, m)?.into_iter();
+            let (Some(mut pre), Some(mut act)) = (views.next(), views.next()) else {
+                unreachable!("two hidden regions")
+            };
             // pre = x @ fc1.weight[e] + fc1.bias[e]   ([m_e, d] @ [d, h] per expert)
-            let w1_s = &w1[e0 * h * d..e1 * h * d];
-            backend.gemm_grouped(pre_s, &x[r0 * d..r1 * d], w1_s, &groups, h, d, false, 1.0, 0.0)?;
-            add_group_bias(backend, pre_s, &b1[e0 * h..e1 * h], &groups, h)?;
+            let w1_s = w1.rows(e0, experts_s)?;
+            backend.gemm_grouped(pre.reborrow(), x.rows(r0, m)?, w1_s, &groups, h, d, false, 1.0, 0.0)?;
+            add_group_bias(backend, pre.reborrow(), b1.rows(e0, experts_s)?, &groups, h)?;
             // act = gelu(pre)
-            backend.unary(Unary::GeluTanh, act_s, pre_s)?;
+            backend.unary(Unary::GeluTanh, act.reborrow(), pre.as_ref())?;
             // out = act @ fc2.weight[e] + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
-            let out_s = &mut out[r0 * d..r1 * d];
-            let w2_s = &w2[e0 * d * h..e1 * d * h];
-            backend.gemm_grouped(out_s, act_s, w2_s, &groups, d, h, false, 1.0, 0.0)?;
-            add_group_bias(backend, out_s, &b2[e0 * d..e1 * d], &groups, d)?;
+            let mut out_s = out.reborrow().rows(r0, m)?;
+            let w2_s = w2.rows(e0, experts_s)?;
+            backend.gemm_grouped(out_s.reborrow(), act.as_ref(), w2_s, &groups, d, h, false, 1.0, 0.0)?;
+            add_group_bias(backend, out_s, b2.rows(e0, experts_s)?, &groups, d)?;
         }
         Ok(())
     }
@@ -127,12 +123,12 @@ impl Expert for GeluMlp {
     fn backward(
         &self,
         backend: &dyn Backend,
-        dx: &mut [f32],
-        dparams: &mut [&mut [f32]],
-        dout: &[f32],
+        dx: TensorMut<'_>,
+        dparams: &mut [TensorMut<'_>],
+        dout: TensorRef<'_>,
         cache: &ExpertCache,
-        x: &[f32],
-        params: &[&[f32]],
+        x: TensorRef<'_>,
+        params: &[TensorRef<'_>],
         offsets: &[usize],
         d: usize,
     ) -> Result<()> {
@@ -140,55 +136,55 @@ impl Expert for GeluMlp {
         let h = self.hidden(d);
         let experts = expert_count(offsets);
         let shapes = Self::shapes(d, h, experts);
-        let (_, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
-        check_len(OP, "dx", dx.len(), n * d)?;
-        check_len(OP, "dout", dout.len(), n * d)?;
-        let [pre, act] = check_cache(OP, cache, ["pre-activation", "activation"], n * h)?;
-        let &[w1, _b1, w2, _b2] = params else {
+        let (n, x, params) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
+        dx.expect_len(OP, "dx", n * d)?;
+        dout.expect_len(OP, "dout", n * d)?;
+        let (dx, dout) = (dx.reshape(&[n, d])?, dout.reshape(&[n, d])?);
+        let [pre, act] = check_cache(OP, cache, ["pre-activation", "activation"], n, h)?;
+        let &[w1, _b1, w2, _b2] = params.as_slice() else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        let [dw1, db1, dw2, db2] = check_grads(OP, dparams, &shapes)?;
+        let [mut dw1, mut db1, mut dw2, mut db2] = check_grads(OP, dparams, &shapes)?;
 
         let groups = expert_rows(offsets);
         // Backward of `out = act @ fc2.weight + fc2.bias`.
         // dact = dout @ fc2.weight[e]^T   ([m_e, d] @ [d, h] per expert)
-        let mut dact = vec![0.0f32; n * h];
-        backend.gemm_grouped(&mut dact, dout, w2, &groups, h, d, true, 1.0, 0.0)?;
-        for (e, r0, r1) in experts_with_rows(offsets) {
-            let m = r1 - r0;
-            let dout_e = &dout[r0 * d..r1 * d];
+        let mut dact = backend.zeros(&[n, h], dout.dtype())?;
+        backend.gemm_grouped(dact.view_mut(), dout, w2, &groups, h, d, true, 1.0, 0.0)?;
+        for (e, r0, m) in experts_with_rows(offsets) {
+            let dout_e = dout.rows(r0, m)?;
             // dfc2.weight += act^T @ dout   ([h, m] @ [m, d])
             backend.gemm(
-                &mut dw2[e * d * h..(e + 1) * d * h],
-                &act[r0 * h..r1 * h],
+                dw2.reborrow().rows(e, 1)?.reshape(&[h, d])?,
+                act.rows(r0, m)?,
                 dout_e,
+                None,
                 GemmDims::tn(h, d, m),
                 1.0,
                 1.0,
             )?;
-            backend.sum_rows(&mut db2[e * d..(e + 1) * d], dout_e, m, d, true)?;
+            backend.sum_rows(db2.reborrow().rows(e, 1)?.reshape(&[d])?, dout_e, m, d, true)?;
         }
         // Backward of `act = gelu(pre)`.
-        let mut dpre = vec![0.0f32; n * h];
-        backend.unary_backward(Unary::GeluTanh, &mut dpre, &dact, pre)?;
+        let mut dpre = backend.zeros(&[n, h], dout.dtype())?;
+        backend.unary_backward(Unary::GeluTanh, dpre.view_mut(), dact.view(), pre)?;
         drop(dact);
         // Backward of `pre = x @ fc1.weight + fc1.bias`.
-        for (e, r0, r1) in experts_with_rows(offsets) {
-            let m = r1 - r0;
-            let dpre_e = &dpre[r0 * h..r1 * h];
+        for (e, r0, m) in experts_with_rows(offsets) {
+            let dpre_e = dpre.view().rows(r0, m)?;
             // dfc1.weight += x^T @ dpre   ([d, m] @ [m, h])
             backend.gemm(
-                &mut dw1[e * h * d..(e + 1) * h * d],
-                &x[r0 * d..r1 * d],
+                dw1.reborrow().rows(e, 1)?.reshape(&[d, h])?,
+                x.rows(r0, m)?,
                 dpre_e,
+                None,
                 GemmDims::tn(d, h, m),
                 1.0,
                 1.0,
             )?;
-            backend.sum_rows(&mut db1[e * h..(e + 1) * h], dpre_e, m, h, true)?;
+            backend.sum_rows(db1.reborrow().rows(e, 1)?.reshape(&[h])?, dpre_e, m, h, true)?;
         }
         // dx = dpre @ fc1.weight[e]^T   ([m_e, h] @ [h, d] per expert)
-        backend.gemm_grouped(dx, &dpre, w1, &groups, d, h, true, 1.0, 0.0)?;
-        Ok(())
+        backend.gemm_grouped(dx, dpre.view(), w1, &groups, d, h, true, 1.0, 0.0)
     }
 }

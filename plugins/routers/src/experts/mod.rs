@@ -14,8 +14,10 @@ mod swiglu;
 pub use gelu_mlp::GeluMlp;
 pub use swiglu::SwiGlu;
 
-use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, ComponentInfo, EngineError, ExpertCache, Family, ParamInfo, ParamType, Registry, Result};
+use ecdit_engine::{
+    Backend, BackendExt, ComponentInfo, DType, EngineError, ExpertCache, Family, Init, Layout, ParamInfo, ParamShape,
+    ParamType, Registry, Result, Tensor, TensorMut, TensorRef,
+};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -75,17 +77,39 @@ fn hidden_width(mlp_ratio: f64, d: usize) -> usize {
     ((mlp_ratio * d as f64) as usize).max(1)
 }
 
+/// The `ParamShape`s of stacked expert tensors: matrices `[E, in, out]`
+/// (input-major on disk and in memory, as docs/WEIGHTS.md lists them) start
+/// xavier-uniform per expert, vectors `[E, n]` (biases) at zero.
+fn stacked_shapes(names: &[&str], shapes: Vec<Vec<usize>>) -> Vec<ParamShape> {
+    names
+        .iter()
+        .zip(shapes)
+        .map(|(name, shape)| {
+            let init = match shape.as_slice() {
+                &[_, fan_in, fan_out] => Init::XavierUniform { fan_in, fan_out },
+                _ => Init::Zeros,
+            };
+            ParamShape {
+                name: name.to_string(),
+                shape,
+                layout: Layout::AsStored,
+                init,
+            }
+        })
+        .collect()
+}
+
 /// Checks the inputs every expert forward/backward shares and returns the
-/// number of experts E and the number of dispatched rows N.
+/// number of dispatched rows N, x as [N, d] and the parameters in `shapes`.
 /// x: [N, d]; offsets: [E + 1], monotone from 0; params: as `shapes`.
-fn check_dispatch(
+fn check_dispatch<'a>(
     op: &str,
-    x: &[f32],
-    params: &[&[f32]],
+    x: TensorRef<'a>,
+    params: &[TensorRef<'a>],
     shapes: &[Vec<usize>],
     offsets: &[usize],
     d: usize,
-) -> Result<(usize, usize)> {
+) -> Result<(usize, TensorRef<'a>, Vec<TensorRef<'a>>)> {
     if offsets.len() < 2 || offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
         return Err(EngineError::shape(
             format!("{op} (offsets)"),
@@ -93,9 +117,8 @@ fn check_dispatch(
             format!("{offsets:?}"),
         ));
     }
-    let experts = offsets.len() - 1;
-    let rows = offsets[experts];
-    check_len(op, "x", x.len(), rows * d)?;
+    let rows = offsets[offsets.len() - 1];
+    x.expect_len(op, "x", rows * d)?;
     if params.len() != shapes.len() {
         return Err(EngineError::shape(
             format!("{op} (params)"),
@@ -103,10 +126,16 @@ fn check_dispatch(
             format!("{} tensors", params.len()),
         ));
     }
-    for (i, (p, s)) in params.iter().zip(shapes).enumerate() {
-        check_len(op, &format!("params[{i}] {s:?}"), p.len(), s.iter().product())?;
-    }
-    Ok((experts, rows))
+    let params = params
+        .iter()
+        .zip(shapes)
+        .enumerate()
+        .map(|(i, (p, s))| {
+            p.expect_len(op, &format!("params[{i}] {s:?}"), s.iter().product())?;
+            p.reshape(s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((rows, x.reshape(&[rows, d])?, params))
 }
 
 /// Number of experts E of a dispatch whose `offsets` hold E + 1 entries.
@@ -119,68 +148,129 @@ fn expert_rows(offsets: &[usize]) -> Vec<usize> {
     offsets.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
-/// The experts that hold rows, as `(e, r0, r1)` with rows `r0..r1`; backward
-/// works expert by expert and skips the empty ones.
+/// The experts that hold rows, as `(e, r0, m)` with rows `r0..r0 + m`;
+/// backward works expert by expert and skips the empty ones.
 fn experts_with_rows(offsets: &[usize]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     offsets
         .windows(2)
         .enumerate()
         .filter(|(_, w)| w[1] > w[0])
-        .map(|(e, w)| (e, w[0], w[1]))
+        .map(|(e, w)| (e, w[0], w[1] - w[0]))
 }
 
-/// Checks the forward cache handed to backward: exactly `K` buffers, named
-/// `names` in errors, each `len` long.
+/// Checks the forward cache handed to backward: exactly `K` tensors, named
+/// `names` in errors, each `[rows, cols]`.
 fn check_cache<'c, const K: usize>(
     op: &str,
     cache: &'c ExpertCache,
     names: [&str; K],
-    len: usize,
-) -> Result<&'c [Vec<f32>; K]> {
-    let buffers: &[Vec<f32>; K] = cache.buffers.as_slice().try_into().map_err(|_| {
-        EngineError::shape(
+    rows: usize,
+    cols: usize,
+) -> Result<[TensorRef<'c>; K]> {
+    if cache.tensors.len() != K {
+        return Err(EngineError::shape(
             format!("{op} (cache)"),
-            format!("{K} buffers from forward"),
-            format!("{} buffers", cache.buffers.len()),
-        )
-    })?;
-    for (name, buf) in names.iter().zip(buffers) {
-        check_len(op, &format!("cache {name}"), buf.len(), len)?;
+            format!("{K} tensors from a training forward"),
+            format!("{} tensors", cache.tensors.len()),
+        ));
     }
-    Ok(buffers)
+    let mut views = Vec::with_capacity(K);
+    for (name, t) in names.iter().zip(&cache.tensors) {
+        t.view().expect_len(op, &format!("cache {name}"), rows * cols)?;
+        views.push(t.view().reshape(&[rows, cols])?);
+    }
+    views
+        .try_into()
+        .map_err(|_| EngineError::Other(format!("{op}: cache views")))
 }
 
 /// Checks the parameter gradients handed to backward: exactly `K` tensors,
-/// each as long as its shape in `shapes`.
-fn check_grads<'g, 'p, const K: usize>(
+/// each as long as its shape in `shapes`; returns them reshaped so.
+fn check_grads<'g, const K: usize>(
     op: &str,
-    dparams: &'g mut [&'p mut [f32]],
+    dparams: &'g mut [TensorMut<'_>],
     shapes: &[Vec<usize>],
-) -> Result<&'g mut [&'p mut [f32]; K]> {
-    let count = dparams.len();
-    let grads: &mut [&mut [f32]; K] = dparams.try_into().map_err(|_| {
-        EngineError::shape(
+) -> Result<[TensorMut<'g>; K]> {
+    if dparams.len() != K {
+        return Err(EngineError::shape(
             format!("{op} (dparams)"),
             format!("{K} tensors"),
-            format!("{count} tensors"),
-        )
-    })?;
-    for (i, (grad, shape)) in grads.iter().zip(shapes).enumerate() {
-        check_len(
-            op,
-            &format!("dparams[{i}] {shape:?}"),
-            grad.len(),
-            shape.iter().product(),
-        )?;
+            format!("{} tensors", dparams.len()),
+        ));
     }
-    Ok(grads)
+    let mut grads = Vec::with_capacity(K);
+    for (i, (grad, shape)) in dparams.iter_mut().zip(shapes).enumerate() {
+        grad.expect_len(op, &format!("dparams[{i}] {shape:?}"), shape.iter().product())?;
+        grads.push(grad.reborrow().reshape(shape)?);
+    }
+    grads
+        .try_into()
+        .map_err(|_| EngineError::Other(format!("{op}: gradient views")))
 }
 
-/// Makes `buf` exactly `len` long, reusing its allocation (forward caches are
-/// refilled every step; reallocating them costs page faults).
-fn reuse(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    buf.resize(len, 0.0);
-    &mut buf[..]
+/// Where a forward writes its hidden activations: into the backward cache
+/// (`K` tensors [N, h], refilled in place when the shape is unchanged), or at
+/// inference into one scratch tensor of `K` regions sized for the largest
+/// slice, reused slice after slice, so nothing is kept.
+enum Hidden<'c> {
+    Cache(&'c mut ExpertCache),
+    Scratch { tensor: Tensor, rows: usize },
+}
+
+impl<'c> Hidden<'c> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        backend: &dyn Backend,
+        cache: Option<&'c mut ExpertCache>,
+        k: usize,
+        n: usize,
+        h: usize,
+        offsets: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        match cache {
+            Some(cache) => {
+                cache.tensors.truncate(k);
+                for t in cache.tensors.iter_mut() {
+                    if t.shape() != [n, h] || t.dtype() != dtype {
+                        *t = backend.zeros(&[n, h], dtype)?;
+                    }
+                }
+                while cache.tensors.len() < k {
+                    cache.tensors.push(backend.zeros(&[n, h], dtype)?);
+                }
+                Ok(Hidden::Cache(cache))
+            }
+            None => {
+                let rows = forward_slices(offsets)
+                    .map(|(.., r0, r1, _)| r1 - r0)
+                    .max()
+                    .unwrap_or(0);
+                Ok(Hidden::Scratch {
+                    tensor: backend.zeros(&[k * rows, h], dtype)?,
+                    rows,
+                })
+            }
+        }
+    }
+
+    /// The hidden views of rows `r0..r0 + m`, one per region.
+    fn slice(&mut self, r0: usize, m: usize) -> Result<Vec<TensorMut<'_>>> {
+        match self {
+            Hidden::Cache(cache) => cache.tensors.iter_mut().map(|t| t.view_mut().rows(r0, m)).collect(),
+            Hidden::Scratch { tensor, rows } => {
+                let k = tensor.shape()[0] / (*rows).max(1);
+                let mut rest = tensor.view_mut();
+                let mut views = Vec::with_capacity(k);
+                for _ in 0..k {
+                    let (region, tail) = rest.split_rows(*rows)?;
+                    views.push(region.rows(0, m)?);
+                    rest = tail;
+                }
+                Ok(views)
+            }
+        }
+    }
 }
 
 /// Rows per forward slice. A slice is a run of whole consecutive experts
@@ -227,26 +317,15 @@ fn forward_slices(offsets: &[usize]) -> impl Iterator<Item = (usize, usize, usiz
 /// out: [sum(group_rows), cols]; bias: [G, cols].
 fn add_group_bias(
     backend: &dyn Backend,
-    out: &mut [f32],
-    bias: &[f32],
+    mut out: TensorMut<'_>,
+    bias: TensorRef<'_>,
     group_rows: &[usize],
     cols: usize,
 ) -> Result<()> {
-    let out_rows = out.len() / cols.max(1);
     let mut r0 = 0;
     for (g, &m) in group_rows.iter().enumerate() {
         if m > 0 {
-            let bias_g = bias.get(g * cols..(g + 1) * cols).ok_or_else(|| {
-                EngineError::shape(
-                    "add_group_bias (bias)",
-                    format!("{} groups", group_rows.len()),
-                    bias.len() / cols.max(1),
-                )
-            })?;
-            let out_g = out
-                .get_mut(r0 * cols..(r0 + m) * cols)
-                .ok_or_else(|| EngineError::shape("add_group_bias (out)", format!("{} rows", r0 + m), out_rows))?;
-            backend.add_bias(out_g, bias_g, m, cols)?;
+            backend.add_broadcast(out.reborrow().rows(r0, m)?, bias.rows(g, 1)?.reshape(&[cols])?)?;
         }
         r0 += m;
     }

@@ -3,11 +3,33 @@
 
 use super::{
     check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, experts_with_rows,
-    forward_slices, hidden_width, reuse,
+    forward_slices, hidden_width, stacked_shapes, Hidden,
 };
-use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, Expert, ExpertCache, GemmDims, ParamShape, Result, Unary};
+use ecdit_engine::{
+    Backend, BackendExt, Expert, ExpertCache, GemmDims, ModChunks, ParamShape, Result, RowDims, TensorMut, TensorRef,
+    Unary,
+};
 use serde_json::json;
+
+/// The element-wise product `g = s * b` of two [rows, h] tensors is the
+/// backend's `gated_residual` with one token per row and `b` as a
+/// one-chunk modulation: `g[r, :] += b[r, :] * s[r, :]` on a zeroed `g`
+/// (exact: `0 + b s` rounds once, like `s * b`). Its backward gives both
+/// factors' gradients in one op.
+const PRODUCT: ModChunks = ModChunks {
+    chunks: 1,
+    first: 0,
+    second: 0,
+};
+
+/// [`PRODUCT`]'s dimensions for `rows` rows of width `h`.
+fn product_dims(rows: usize, h: usize) -> RowDims {
+    RowDims {
+        batch: rows,
+        tokens: 1,
+        d: h,
+    }
+}
 
 /// DiT-MoE's `MoeMLP`: `w2(silu(w1 x) * w3 x)`, no biases.
 ///
@@ -22,8 +44,9 @@ use serde_json::json;
 /// - `w3` (`up_proj`): [E, d, h]
 /// - `w2` (`down_proj`): [E, h, d]
 ///
-/// Cache (per dispatched row, each [N, h]): `buffers[0]` = w1 x,
-/// `buffers[1]` = w3 x, `buffers[2]` = silu(w1 x), `buffers[3]` = the product.
+/// Training cache (per dispatched row, each [N, h]): `tensors[0]` = w1 x,
+/// `tensors[1]` = w3 x, `tensors[2]` = silu(w1 x), `tensors[3]` = the
+/// product. Inference keeps nothing (the product reuses w1 x's scratch).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SwiGlu {
     mlp_ratio: f64,
@@ -59,14 +82,7 @@ impl Expert for SwiGlu {
     }
 
     fn param_shapes(&self, d: usize, experts: usize) -> Vec<ParamShape> {
-        ["w1", "w3", "w2"]
-            .iter()
-            .zip(Self::shapes(d, self.hidden(d), experts))
-            .map(|(name, shape)| ParamShape {
-                name: name.to_string(),
-                shape,
-            })
-            .collect()
+        stacked_shapes(&["w1", "w3", "w2"], Self::shapes(d, self.hidden(d), experts))
     }
 
     fn flops_per_token(&self, d: usize) -> f64 {
@@ -78,44 +94,80 @@ impl Expert for SwiGlu {
     fn forward(
         &self,
         backend: &dyn Backend,
-        out: &mut [f32],
-        cache: &mut ExpertCache,
-        x: &[f32],
-        params: &[&[f32]],
+        out: TensorMut<'_>,
+        cache: Option<&mut ExpertCache>,
+        x: TensorRef<'_>,
+        params: &[TensorRef<'_>],
         offsets: &[usize],
         d: usize,
     ) -> Result<()> {
         const OP: &str = "swiglu forward";
         let h = self.hidden(d);
         let experts = expert_count(offsets);
-        let (_, n) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
-        check_len(OP, "out", out.len(), n * d)?;
-        let &[w1, w3, w2] = params else {
+        let (n, x, params) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
+        out.expect_len(OP, "out", n * d)?;
+        let mut out = out.reshape(&[n, d])?;
+        let &[w1, w3, w2] = params.as_slice() else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        cache.buffers.resize_with(4, Vec::new);
-        let [a, b, s, g] = cache.buffers.as_mut_slice() else {
-            unreachable!("resized to 4 just above")
-        };
-        let (a, b, s, g) = (reuse(a, n * h), reuse(b, n * h), reuse(s, n * h), reuse(g, n * h));
+        // Training keeps a, b, s and g; inference writes g over a (dead by then).
+        let regions = if cache.is_some() { 4 } else { 3 };
+        let mut hidden = Hidden::new(backend, cache, regions, n, h, offsets, x.dtype())?;
 
         // Per slice of whole experts, run the whole network while the
         // slice's hidden activations are still in cache; each projection is
         // one grouped GEMM over the slice's experts.
         for (e0, e1, r0, r1, groups) in forward_slices(offsets) {
-            let (x_s, hid, w) = (&x[r0 * d..r1 * d], r0 * h..r1 * h, e0 * h * d..e1 * h * d);
-            let (a_s, b_s) = (&mut a[hid.clone()], &mut b[hid.clone()]);
-            let (s_s, g_s) = (&mut s[hid.clone()], &mut g[hid]);
+            let (m, experts_s) = (r1 - r0, e1 - e0);
+            let x_s = x.rows(r0, m)?;
+            let mut views = hidden.slice(r0, m)?.into_iter();
+            let (Some(mut a), Some(mut b), Some(mut s)) = (views.next(), views.next(), views.next()) else {
+                unreachable!("at least three hidden regions")
+            };
             // a = x @ w1[e], b = x @ w3[e]   ([m_e, d] @ [d, h] per expert)
-            backend.gemm_grouped(a_s, x_s, &w1[w.clone()], &groups, h, d, false, 1.0, 0.0)?;
-            backend.gemm_grouped(b_s, x_s, &w3[w.clone()], &groups, h, d, false, 1.0, 0.0)?;
+            backend.gemm_grouped(
+                a.reborrow(),
+                x_s,
+                w1.rows(e0, experts_s)?,
+                &groups,
+                h,
+                d,
+                false,
+                1.0,
+                0.0,
+            )?;
+            backend.gemm_grouped(
+                b.reborrow(),
+                x_s,
+                w3.rows(e0, experts_s)?,
+                &groups,
+                h,
+                d,
+                false,
+                1.0,
+                0.0,
+            )?;
             // s = silu(a); g = s * b
-            backend.unary(Unary::Silu, s_s, a_s)?;
-            for ((g, &s), &b) in g_s.iter_mut().zip(s_s.iter()).zip(b_s.iter()) {
-                *g = s * b;
-            }
+            backend.unary(Unary::Silu, s.reborrow(), a.as_ref())?;
+            let mut g = match views.next() {
+                Some(g) => g,
+                None => a,
+            };
+            backend.fill(g.reborrow(), 0.0)?;
+            backend.gated_residual(g.reborrow(), s.as_ref(), b.as_ref(), PRODUCT, product_dims(m, h))?;
             // out = g @ w2[e]   ([m_e, h] @ [h, d] per expert)
-            backend.gemm_grouped(&mut out[r0 * d..r1 * d], g_s, &w2[w], &groups, d, h, false, 1.0, 0.0)?;
+            let out_s = out.reborrow().rows(r0, m)?;
+            backend.gemm_grouped(
+                out_s,
+                g.as_ref(),
+                w2.rows(e0, experts_s)?,
+                &groups,
+                d,
+                h,
+                false,
+                1.0,
+                0.0,
+            )?;
         }
         Ok(())
     }
@@ -124,12 +176,12 @@ impl Expert for SwiGlu {
     fn backward(
         &self,
         backend: &dyn Backend,
-        dx: &mut [f32],
-        dparams: &mut [&mut [f32]],
-        dout: &[f32],
+        dx: TensorMut<'_>,
+        dparams: &mut [TensorMut<'_>],
+        dout: TensorRef<'_>,
         cache: &ExpertCache,
-        x: &[f32],
-        params: &[&[f32]],
+        x: TensorRef<'_>,
+        params: &[TensorRef<'_>],
         offsets: &[usize],
         d: usize,
     ) -> Result<()> {
@@ -137,57 +189,61 @@ impl Expert for SwiGlu {
         let h = self.hidden(d);
         let experts = expert_count(offsets);
         let shapes = Self::shapes(d, h, experts);
-        let (_, n) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
-        check_len(OP, "dx", dx.len(), n * d)?;
-        check_len(OP, "dout", dout.len(), n * d)?;
-        let [a, b, s, g] = check_cache(OP, cache, ["w1 x", "w3 x", "silu", "product"], n * h)?;
-        let &[w1, w3, w2] = params else {
+        let (n, x, params) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
+        dx.expect_len(OP, "dx", n * d)?;
+        dout.expect_len(OP, "dout", n * d)?;
+        let (mut dx, dout) = (dx.reshape(&[n, d])?, dout.reshape(&[n, d])?);
+        let [a, b, s, g] = check_cache(OP, cache, ["w1 x", "w3 x", "silu", "product"], n, h)?;
+        let &[w1, w3, w2] = params.as_slice() else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        let [dw1, dw3, dw2] = check_grads(OP, dparams, &shapes)?;
+        let [mut dw1, mut dw3, mut dw2] = check_grads(OP, dparams, &shapes)?;
 
         let groups = expert_rows(offsets);
         // Backward of `out = g @ w2`.
         // dg = dout @ w2[e]^T   ([m_e, d] @ [d, h] per expert)
-        let mut dg = vec![0.0f32; n * h];
-        backend.gemm_grouped(&mut dg, dout, w2, &groups, h, d, true, 1.0, 0.0)?;
-        for (e, r0, r1) in experts_with_rows(offsets) {
-            let m = r1 - r0;
+        let mut dg = backend.zeros(&[n, h], dout.dtype())?;
+        backend.gemm_grouped(dg.view_mut(), dout, w2, &groups, h, d, true, 1.0, 0.0)?;
+        for (e, r0, m) in experts_with_rows(offsets) {
             // dw2 += g^T @ dout   ([h, m] @ [m, d])
-            let w = e * d * h..(e + 1) * d * h;
             backend.gemm(
-                &mut dw2[w],
-                &g[r0 * h..r1 * h],
-                &dout[r0 * d..r1 * d],
+                dw2.reborrow().rows(e, 1)?.reshape(&[h, d])?,
+                g.rows(r0, m)?,
+                dout.rows(r0, m)?,
+                None,
                 GemmDims::tn(h, d, m),
                 1.0,
                 1.0,
             )?;
         }
         // Backward of `g = s * b`: ds = dg * b, db = dg * s.
-        let mut ds = vec![0.0f32; n * h];
-        let mut db = vec![0.0f32; n * h];
-        for i in 0..n * h {
-            ds[i] = dg[i] * b[i];
-            db[i] = dg[i] * s[i];
-        }
+        let mut ds = backend.zeros(&[n, h], dout.dtype())?;
+        let mut db = backend.zeros(&[n, h], dout.dtype())?;
+        backend.gated_residual_backward(
+            ds.view_mut(),
+            db.view_mut(),
+            dg.view(),
+            s,
+            b,
+            PRODUCT,
+            product_dims(n, h),
+        )?;
         // Backward of `s = silu(a)`; dg is free, reuse it as da.
-        let da = &mut dg;
-        backend.unary_backward(Unary::Silu, da, &ds, a)?;
+        let mut da = dg;
+        backend.unary_backward(Unary::Silu, da.view_mut(), ds.view(), a)?;
         drop(ds);
         // Backward of `a = x @ w1` and `b = x @ w3`.
-        for (e, r0, r1) in experts_with_rows(offsets) {
-            let m = r1 - r0;
-            let x_e = &x[r0 * d..r1 * d];
-            let (da_e, db_e) = (&da[r0 * h..r1 * h], &db[r0 * h..r1 * h]);
-            let w = e * h * d..(e + 1) * h * d;
+        for (e, r0, m) in experts_with_rows(offsets) {
+            let x_e = x.rows(r0, m)?;
             // dw1 += x^T @ da, dw3 += x^T @ db   ([d, m] @ [m, h])
-            backend.gemm(&mut dw1[w.clone()], x_e, da_e, GemmDims::tn(d, h, m), 1.0, 1.0)?;
-            backend.gemm(&mut dw3[w], x_e, db_e, GemmDims::tn(d, h, m), 1.0, 1.0)?;
+            let dims = GemmDims::tn(d, h, m);
+            let dw1_e = dw1.reborrow().rows(e, 1)?.reshape(&[d, h])?;
+            backend.gemm(dw1_e, x_e, da.view().rows(r0, m)?, None, dims, 1.0, 1.0)?;
+            let dw3_e = dw3.reborrow().rows(e, 1)?.reshape(&[d, h])?;
+            backend.gemm(dw3_e, x_e, db.view().rows(r0, m)?, None, dims, 1.0, 1.0)?;
         }
         // dx = da @ w1[e]^T + db @ w3[e]^T   ([m_e, h] @ [h, d] per expert)
-        backend.gemm_grouped(dx, da, w1, &groups, d, h, true, 1.0, 0.0)?;
-        backend.gemm_grouped(dx, &db, w3, &groups, d, h, true, 1.0, 1.0)?;
-        Ok(())
+        backend.gemm_grouped(dx.reborrow(), da.view(), w1, &groups, d, h, true, 1.0, 0.0)?;
+        backend.gemm_grouped(dx, db.view(), w3, &groups, d, h, true, 1.0, 1.0)
     }
 }

@@ -1,9 +1,14 @@
-//! Pieces every router shares: input checks, the row softmax with its
-//! backward, the ranking order with its tie rule, and parameter reading.
+//! Pieces every router shares: input checks (host and device), empty
+//! routings, the group check of a config, and parameter reading. The row
+//! softmax and the ranking order live in `ecdit_engine::routing_math`, which
+//! the backends share so that device and host routing agree to the bit.
 
 use ecdit_engine::error::{check_finite, check_len};
 use ecdit_engine::spec::get;
-use ecdit_engine::{Dispatch, EngineError, Result, RouteShape, Routing, RoutingGroups, RoutingStats};
+use ecdit_engine::{
+    Backend, BackendExt, DType, DeviceRouting, Dispatch, EngineError, Result, RouteShape, Routing, RoutingGroups,
+    RoutingStats, TensorRef,
+};
 use serde_json::{Map, Value};
 
 /// `router 'kind'`, the component name used in every error.
@@ -38,6 +43,83 @@ pub(crate) fn check_scores(kind: &str, scores: &[f32], shape: RouteShape) -> Res
         shape.tokens() * shape.experts,
     )?;
     check_finite("router scores", scores)
+}
+
+/// Checks the scores of one `route_on` call: as [`check_scores`], but on a
+/// view of f32 scores, without reading them (finiteness would cost a download;
+/// non-finite scores make non-finite outputs, which the caller's output checks see).
+pub(crate) fn check_scores_on(kind: &str, scores: TensorRef<'_>, shape: RouteShape) -> Result<()> {
+    let op = component(kind);
+    if shape.experts == 0 {
+        return Err(EngineError::shape(
+            format!("{op} (experts)"),
+            "at least 1 expert",
+            "0 experts",
+        ));
+    }
+    let elements = shape.tokens().saturating_mul(shape.experts);
+    if elements > u32::MAX as usize {
+        return Err(EngineError::shape(
+            format!("{op} (scores)"),
+            format!("at most {} scores", u32::MAX),
+            format!("{} tokens x {} experts", shape.tokens(), shape.experts),
+        ));
+    }
+    scores.expect_dtype(&op, "scores", DType::F32)?;
+    scores.expect_len(&op, "scores [tokens, experts]", elements)
+}
+
+/// Checks the views handed to `backward_on` against the routing they belong to.
+pub(crate) fn check_backward_on(
+    kind: &str,
+    routing: &DeviceRouting,
+    scores: TensorRef<'_>,
+    grad_gates: TensorRef<'_>,
+    grad_scores: TensorRef<'_>,
+) -> Result<()> {
+    let op = format!("{} backward", component(kind));
+    let n = routing.tokens_total * routing.experts;
+    scores.expect_len(&op, "scores [tokens, experts]", n)?;
+    grad_scores.expect_len(&op, "grad_scores [tokens, experts]", n)?;
+    grad_scores.expect_dtype(&op, "grad_scores", DType::F32)?;
+    routing
+        .probs
+        .view()
+        .expect_len(&op, "routing.probs [tokens, experts]", n)?;
+    check_len(&op, "dispatch offsets", routing.offsets.len(), routing.experts + 1)?;
+    grad_gates.expect_dtype(&op, "grad_gates", DType::F32)?;
+    grad_gates.expect_len(&op, "grad_gates [slots]", routing.slots())
+}
+
+/// The device routing of an empty batch, made without a transfer.
+pub(crate) fn empty_device_routing(backend: &dyn Backend, experts: usize) -> Result<DeviceRouting> {
+    Ok(DeviceRouting {
+        experts,
+        tokens_total: 0,
+        offsets: vec![0; experts + 1],
+        tokens: backend.zeros(&[0], DType::U32)?,
+        gates: backend.zeros(&[0], DType::F32)?,
+        probs: backend.zeros(&[0, experts], DType::F32)?,
+        aux_loss: None,
+        group_size: 0,
+        host: None,
+    })
+}
+
+/// The config-time check of `Router::check_tokens_per_sample`: a
+/// `{"tokens": N}` group must hold whole samples (the first check of
+/// [`RoutingGroups::group_size`]); other groups fit any sample length.
+pub(crate) fn check_groups_fit(groups: RoutingGroups, tokens_per_sample: usize) -> Result<()> {
+    match groups {
+        RoutingGroups::Tokens(n) => groups
+            .group_size(RouteShape {
+                samples: n / tokens_per_sample.max(1),
+                tokens_per_sample,
+                experts: 1,
+            })
+            .map(|_| ()),
+        RoutingGroups::PerSample | RoutingGroups::Batch => Ok(()),
+    }
 }
 
 /// Checks the buffers handed to `backward` against the routing they belong to.
@@ -97,61 +179,6 @@ pub(crate) fn routing_without_aux(dispatch: Dispatch, probs: Vec<f32>, group_siz
     }
 }
 
-/// Row softmax in f32, max-subtracted.
-// probs: [N, E] out; scores: [N, E]
-pub(crate) fn softmax_rows(probs: &mut [f32], scores: &[f32], experts: usize) {
-    for (p_row, x_row) in probs.chunks_exact_mut(experts).zip(scores.chunks_exact(experts)) {
-        let max = x_row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for (p, &x) in p_row.iter_mut().zip(x_row) {
-            *p = (x - max).exp();
-            sum += *p;
-        }
-        let inv = 1.0 / sum;
-        p_row.iter_mut().for_each(|p| *p *= inv);
-    }
-}
-
-/// Backward of [`softmax_rows`], in place: `grad` holds dL/dprobs on entry and
-/// dL/dscores on exit, `dx_j = p_j * (dp_j - sum_k p_k dp_k)`.
-// grad: [N, E] in/out; probs: [N, E]
-pub(crate) fn softmax_rows_backward(grad: &mut [f32], probs: &[f32], experts: usize) {
-    for (g_row, p_row) in grad.chunks_exact_mut(experts).zip(probs.chunks_exact(experts)) {
-        let dot: f32 = g_row.iter().zip(p_row).map(|(g, p)| g * p).sum();
-        for (g, &p) in g_row.iter_mut().zip(p_row) {
-            *g = p * (*g - dot);
-        }
-    }
-}
-
-/// Packs a candidate into one integer whose ascending order is the ranking
-/// order: larger value first, ties to the lower index. Integer keys make the
-/// selection a plain `u64` partial sort, several times faster than comparing
-/// `(f32, u32)` pairs. `value` must be >= 0 (a probability or a sigmoid): the
-/// bit patterns of non-negative floats order like the floats (`+ 0.0` turns a
-/// stray `-0.0` into `+0.0`).
-pub(crate) fn rank_key(value: f32, index: u32) -> u64 {
-    ((!(value + 0.0).to_bits() as u64) << 32) | index as u64
-}
-
-/// The index packed by [`rank_key`].
-pub(crate) fn key_index(key: u64) -> u32 {
-    key as u32
-}
-
-/// The value packed by [`rank_key`].
-pub(crate) fn key_value(key: u64) -> f32 {
-    f32::from_bits(!((key >> 32) as u32))
-}
-
-/// Moves the `take` best keys (smallest, see [`rank_key`]) to the front,
-/// unordered; `O(len)` instead of a full sort.
-pub(crate) fn select_best(keys: &mut [u64], take: usize) {
-    if take > 0 && take < keys.len() {
-        keys.select_nth_unstable(take - 1);
-    }
-}
-
 /// Reads `groups` and refuses `{"tokens": 0}` at build time.
 pub(crate) fn read_groups(kind: &str, params: &Map<String, Value>) -> Result<RoutingGroups> {
     let groups: RoutingGroups = get(&component(kind), params, "groups")?;
@@ -194,25 +221,7 @@ pub(crate) fn groups_json(groups: RoutingGroups) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn rank_keys_order_by_value_then_index() {
-        let mut keys = [
-            rank_key(0.25, 3),
-            rank_key(1.0, 7),
-            rank_key(0.0, 0),
-            rank_key(0.25, 1),
-            rank_key(-0.0, 2),
-            rank_key(1e-30, 9),
-        ];
-        keys.sort_unstable();
-        let order: Vec<(f32, u32)> = keys.iter().map(|&k| (key_value(k), key_index(k))).collect();
-        assert_eq!(
-            order,
-            vec![(1.0, 7), (0.25, 1), (0.25, 3), (1e-30, 9), (0.0, 0), (0.0, 2)]
-        );
-    }
+    use ecdit_engine::routing_math::{softmax_rows, softmax_rows_backward};
 
     #[test]
     fn softmax_backward_matches_the_jacobian() {

@@ -1,8 +1,13 @@
 //! The "no routing" baseline: a MoE layer with one expert and this router is
 //! exactly a dense FFN.
 
-use super::common::{check_backward, check_scores, component, empty_routing};
-use ecdit_engine::{ComponentInfo, Dispatch, EngineError, Family, Result, RouteShape, Router, Routing, RoutingStats};
+use super::common::{
+    check_backward, check_backward_on, check_scores, check_scores_on, component, empty_device_routing, empty_routing,
+};
+use ecdit_engine::{
+    Backend, BackendExt, ComponentInfo, DType, DeviceRouting, Dispatch, EngineError, Family, Result, RouteShape,
+    Router, Routing, RoutingStats, TensorMut, TensorRef,
+};
 use serde_json::{json, Value};
 
 /// Every token goes to expert 0 with gate 1. The layer must have exactly one
@@ -36,15 +41,13 @@ impl Router for DenseRouter {
         json!({ "kind": Self::KIND })
     }
 
+    fn couples_samples(&self) -> bool {
+        false
+    }
+
     // scores: [N, 1]
     fn route(&self, scores: &[f32], shape: RouteShape) -> Result<Routing> {
-        if shape.experts != 1 {
-            return Err(EngineError::shape(
-                format!("{} (experts)", component(Self::KIND)),
-                "a layer with exactly 1 expert",
-                format!("{} experts", shape.experts),
-            ));
-        }
+        check_one_expert(shape)?;
         check_scores(Self::KIND, scores, shape)?;
         let n = shape.tokens();
         if n == 0 {
@@ -80,6 +83,68 @@ impl Router for DenseRouter {
         grad_scores.fill(0.0);
         Ok(())
     }
+
+    // The same routing on the backend, without a transfer: the softmax over
+    // one expert is exactly 1, and expert choice's selection taking all
+    // `tokens_per_sample` rows of each sample (all tied at 1) lists them in
+    // row order: tokens 0..N with gate 1.
+    fn route_on(&self, backend: &dyn Backend, scores: TensorRef<'_>, shape: RouteShape) -> Result<DeviceRouting> {
+        check_one_expert(shape)?;
+        check_scores_on(Self::KIND, scores, shape)?;
+        let (n, tps) = (shape.tokens(), shape.tokens_per_sample);
+        if n == 0 {
+            return empty_device_routing(backend, 1);
+        }
+        let mut probs = backend.zeros(&[n, 1], DType::F32)?;
+        backend.router_softmax(probs.view_mut(), scores, n, 1)?;
+        let mut tokens = backend.zeros(&[n], DType::U32)?;
+        let mut gates = backend.zeros(&[n], DType::F32)?;
+        backend.top_k_tokens(
+            tokens.view_mut(),
+            gates.view_mut(),
+            probs.view(),
+            shape.samples,
+            tps,
+            1,
+            tps,
+        )?;
+        Ok(DeviceRouting {
+            experts: 1,
+            tokens_total: n,
+            offsets: vec![0, n],
+            tokens,
+            gates,
+            probs,
+            aux_loss: None,
+            group_size: n,
+            host: None,
+        })
+    }
+
+    fn backward_on(
+        &self,
+        backend: &dyn Backend,
+        routing: &DeviceRouting,
+        scores: TensorRef<'_>,
+        grad_gates: TensorRef<'_>,
+        _grad_aux: f32,
+        grad_scores: TensorMut<'_>,
+    ) -> Result<()> {
+        check_backward_on(Self::KIND, routing, scores, grad_gates, grad_scores.as_ref())?;
+        backend.fill(grad_scores, 0.0)
+    }
+}
+
+/// The dense router serves exactly one expert.
+fn check_one_expert(shape: RouteShape) -> Result<()> {
+    if shape.experts != 1 {
+        return Err(EngineError::shape(
+            format!("{} (experts)", component(DenseRouter::KIND)),
+            "a layer with exactly 1 expert",
+            format!("{} experts", shape.experts),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! C tokens of each routing group that it scores highest.
 
 use super::common::{
-    check_backward, check_positive, check_scores, dispatch_with_capacity, empty_routing, groups_json, key_index,
-    key_value, rank_key, read_groups, read_positive, routing_without_aux, select_best, softmax_rows,
-    softmax_rows_backward,
+    check_backward, check_backward_on, check_groups_fit, check_positive, check_scores, check_scores_on,
+    dispatch_with_capacity, empty_device_routing, empty_routing, groups_json, read_groups, read_positive,
+    routing_without_aux,
 };
+use ecdit_engine::routing_math::{key_index, key_value, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::{
-    expert_capacity, ComponentInfo, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing, RoutingGroups,
+    expert_capacity, Backend, BackendExt, ComponentInfo, DType, DeviceRouting, Family, GemmDims, ParamInfo, ParamType,
+    Result, RouteShape, Router, Routing, RoutingGroups, TensorMut, TensorRef,
 };
 use serde_json::{json, Map, Value};
 
@@ -82,6 +84,14 @@ impl Router for ExpertChoiceRouter {
         })
     }
 
+    fn couples_samples(&self) -> bool {
+        self.groups != RoutingGroups::PerSample
+    }
+
+    fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
+        check_groups_fit(self.groups, tokens_per_sample)
+    }
+
     // scores: [N, E] with N = samples * tokens_per_sample
     fn route(&self, scores: &[f32], shape: RouteShape) -> Result<Routing> {
         check_scores(Self::KIND, scores, shape)?;
@@ -137,6 +147,105 @@ impl Router for ExpertChoiceRouter {
         }
         softmax_rows_backward(grad_scores, &routing.probs, d.experts);
         Ok(())
+    }
+
+    // The same routing on the backend: `router_softmax` is bit-identical to
+    // the host softmax and `top_k_tokens` ranks with the host's tie rule, and
+    // its expert-major [E, groups, C] output is the dispatch itself, so the
+    // offsets `e * groups * C` follow from the shape without a transfer.
+    fn route_on(&self, backend: &dyn Backend, scores: TensorRef<'_>, shape: RouteShape) -> Result<DeviceRouting> {
+        check_scores_on(Self::KIND, scores, shape)?;
+        let (n, e_count) = (shape.tokens(), shape.experts);
+        if n == 0 {
+            return empty_device_routing(backend, e_count);
+        }
+        let s = self.groups.group_size(shape)?;
+        let n_groups = n / s;
+        let c = expert_capacity(self.capacity_factor, s, e_count);
+
+        let mut probs = backend.zeros(&[n, e_count], DType::F32)?;
+        backend.router_softmax(probs.view_mut(), scores, n, e_count)?;
+        let slots = e_count * n_groups * c;
+        let mut tokens = backend.zeros(&[e_count, n_groups, c], DType::U32)?;
+        let mut gates = backend.zeros(&[e_count, n_groups, c], DType::F32)?;
+        backend.top_k_tokens(
+            tokens.view_mut(),
+            gates.view_mut(),
+            probs.view(),
+            n_groups,
+            s,
+            e_count,
+            c,
+        )?;
+        tokens.reshape(&[slots])?;
+        gates.reshape(&[slots])?;
+        Ok(DeviceRouting {
+            experts: e_count,
+            tokens_total: n,
+            offsets: (0..=e_count).map(|e| e * n_groups * c).collect(),
+            tokens,
+            gates,
+            probs,
+            aux_loss: None,
+            group_size: s,
+            host: None,
+        })
+    }
+
+    // As `backward`, on the backend. dL/dprobs[t, e] is grad_gates scattered
+    // to (token, expert); a scatter writes whole rows, so each expert's
+    // gradients go to its own row of an expert-major [E, T] buffer, and one
+    // product with the identity turns that into [T, E] (exact: each output
+    // is one value times 1 plus zeros).
+    fn backward_on(
+        &self,
+        backend: &dyn Backend,
+        routing: &DeviceRouting,
+        scores: TensorRef<'_>,
+        grad_gates: TensorRef<'_>,
+        _grad_aux: f32,
+        mut grad_scores: TensorMut<'_>,
+    ) -> Result<()> {
+        check_backward_on(Self::KIND, routing, scores, grad_gates, grad_scores.as_ref())?;
+        let (n, e_count) = (routing.tokens_total, routing.experts);
+        if n == 0 {
+            return Ok(());
+        }
+        let mut by_expert = backend.zeros(&[e_count, n], DType::F32)?; // [E, T]
+        for e in 0..e_count {
+            let (r0, r1) = (routing.offsets[e], routing.offsets[e + 1]);
+            if r1 > r0 {
+                backend.scatter_add_rows(
+                    by_expert.view_mut().rows(e, 1)?.reshape(&[n, 1])?,
+                    grad_gates.flat(r0, r1 - r0)?.reshape(&[r1 - r0, 1])?,
+                    routing.tokens.view().flat(r0, r1 - r0)?,
+                    None,
+                    1,
+                )?;
+            }
+        }
+        let mut identity = backend.zeros(&[e_count, e_count], DType::F32)?;
+        for e in 0..e_count {
+            backend.fill(identity.view_mut().flat(e * (e_count + 1), 1)?, 1.0)?;
+        }
+        // grad_probs = by_expert^T @ I   ([T, E] from [E, T])
+        let mut grad_probs = backend.zeros(&[n, e_count], DType::F32)?;
+        backend.gemm(
+            grad_probs.view_mut(),
+            by_expert.view(),
+            identity.view(),
+            None,
+            GemmDims::tn(n, e_count, e_count),
+            1.0,
+            0.0,
+        )?;
+        backend.softmax_rows_backward(
+            grad_scores.reborrow(),
+            grad_probs.view(),
+            routing.probs.view(),
+            n,
+            e_count,
+        )
     }
 }
 

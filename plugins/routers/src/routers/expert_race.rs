@@ -2,10 +2,10 @@
 //! over a group's whole `[tokens x experts]` score set.
 
 use super::common::{
-    check_backward, check_positive, check_scores, component, dispatch_with_capacity, empty_routing, groups_json,
-    key_index, rank_key, read_groups, read_positive, routing_without_aux, select_best, softmax_rows,
-    softmax_rows_backward,
+    check_backward, check_groups_fit, check_positive, check_scores, component, dispatch_with_capacity, empty_routing,
+    groups_json, read_groups, read_positive, routing_without_aux,
 };
+use ecdit_engine::routing_math::{key_index, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::spec::get;
 use ecdit_engine::{
     ComponentInfo, EngineError, Family, ParamInfo, ParamType, Result, RouteShape, Router, Routing, RoutingGroups,
@@ -128,6 +128,14 @@ impl Router for ExpertRaceRouter {
             "score_fn": self.score_fn.name(),
             "groups": groups_json(self.groups),
         })
+    }
+
+    fn couples_samples(&self) -> bool {
+        self.groups != RoutingGroups::PerSample
+    }
+
+    fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
+        check_groups_fit(self.groups, tokens_per_sample)
     }
 
     // scores: [N, E] with N = samples * tokens_per_sample

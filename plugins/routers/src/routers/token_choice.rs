@@ -2,9 +2,9 @@
 //! compared against: each token takes its k best experts.
 
 use super::common::{
-    check_backward, check_scores, component, empty_routing, groups_json, key_index, rank_key, read_groups, select_best,
-    softmax_rows, softmax_rows_backward,
+    check_backward, check_groups_fit, check_scores, component, empty_routing, groups_json, read_groups,
 };
+use ecdit_engine::routing_math::{key_index, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::spec::get;
 use ecdit_engine::{
     expert_capacity, ComponentInfo, Dispatch, EngineError, Family, ParamInfo, ParamType, Result, RouteShape, Router,
@@ -206,6 +206,14 @@ impl Router for TokenChoiceRouter {
             "aux_loss_coef": self.aux_loss_coef,
             "groups": groups_json(self.groups),
         })
+    }
+
+    fn couples_samples(&self) -> bool {
+        self.groups != RoutingGroups::PerSample
+    }
+
+    fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
+        check_groups_fit(self.groups, tokens_per_sample)
     }
 
     // scores: [N, E] with N = samples * tokens_per_sample
