@@ -197,7 +197,7 @@ pub fn bench_moe_with(
         let mut out = backend.zeros(&[tokens, d], dtype)?;
         // The cache keeps the layer's buffers between runs, as the dense side keeps its own.
         let mut cache = MoeCache::default();
-        let mut run_moe = || layer.forward(backend, out.view_mut(), Some(&mut cache), x.view(), shape);
+        let mut run_moe = || layer.forward(backend, out.view_mut(), &mut cache, true, x.view(), shape);
 
         let mut slots = 0;
         for _ in 0..cfg.warmup {

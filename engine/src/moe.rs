@@ -43,8 +43,9 @@ pub struct MoeLayer {
     pub params: Vec<Param>,
 }
 
-/// What [`MoeLayer::forward`] keeps for [`MoeLayer::backward`]. Reuse one
-/// cache across calls: tensors of an unchanged shape are not reallocated.
+/// The tensors of [`MoeLayer::forward`]: what [`MoeLayer::backward`] reads
+/// after a forward with `keep`, and scratch otherwise. Reuse one cache across
+/// calls: tensors of an unchanged shape are not reallocated.
 #[derive(Debug, Default)]
 pub struct MoeCache {
     /// Shape of the last routed batch.
@@ -191,9 +192,11 @@ impl MoeLayer {
         self.params.iter().map(|p| p.tensor.view()).collect()
     }
 
-    /// Forward. out: [T, d] (overwritten); cache: refilled for backward when
-    /// given, and at inference (`None`) nothing is kept; x: [T, d] with
-    /// `T = shape.tokens()`.
+    /// Forward. out: [T, d] (overwritten); cache: its tensors are reused from
+    /// call to call (a forward allocates only its routing tables); keep: the
+    /// cache is valid for [`MoeLayer::backward`] afterwards, and the experts
+    /// keep their hidden activations; without it (inference) the experts keep
+    /// nothing and backward refuses the cache; x: [T, d] with `T = shape.tokens()`.
     ///
     /// Returns the routing, on the backend: its statistics cost a download
     /// only when asked for ([`DeviceRouting::stats`]).
@@ -201,7 +204,8 @@ impl MoeLayer {
         &self,
         backend: &dyn Backend,
         mut out: TensorMut<'_>,
-        cache: Option<&mut MoeCache>,
+        cache: &mut MoeCache,
+        keep: bool,
         x: TensorRef<'_>,
         shape: RouteShape,
     ) -> Result<Arc<DeviceRouting>> {
@@ -218,20 +222,12 @@ impl MoeLayer {
         x.expect_len(OP, "x [tokens, d]", t_count * d)?;
         out.expect_len(OP, "out [tokens, d]", t_count * d)?;
         let act_dtype = x.dtype();
-        let mut cache = cache;
-        if let Some(c) = cache.as_mut() {
-            // A forward that fails half-way must not leave a cache that looks whole.
-            c.shape = None;
-            c.routing = None;
-        }
+        // A forward that fails half-way must not leave a cache that looks whole.
+        cache.shape = None;
+        cache.routing = None;
 
         // scores = x @ w_router   ([T, d] @ [d, E])
-        let mut scores = reuse(
-            backend,
-            cache.as_mut().and_then(|c| c.scores.take()),
-            &[t_count, e_count],
-            DType::F32,
-        )?;
+        let mut scores = reuse(backend, cache.scores.take(), &[t_count, e_count], DType::F32)?;
         backend.gemm(
             scores.view_mut(),
             x,
@@ -247,24 +243,14 @@ impl MoeLayer {
         let slots = routing.slots();
 
         // xs[s] = x[token[s]]
-        let mut xs = reuse(
-            backend,
-            cache.as_mut().and_then(|c| c.xs.take()),
-            &[slots, d],
-            act_dtype,
-        )?;
+        let mut xs = reuse(backend, cache.xs.take(), &[slots, d], act_dtype)?;
         backend.gather_rows(xs.view_mut(), x, routing.tokens.view(), d)?;
         // ys = experts(xs)
-        let mut ys = reuse(
-            backend,
-            cache.as_mut().and_then(|c| c.ys.take()),
-            &[slots, d],
-            act_dtype,
-        )?;
+        let mut ys = reuse(backend, cache.ys.take(), &[slots, d], act_dtype)?;
         self.expert.forward(
             backend,
             ys.view_mut(),
-            cache.as_mut().map(|c| &mut c.expert),
+            keep.then_some(&mut cache.expert),
             xs.view(),
             &self.param_views(),
             &routing.offsets,
@@ -275,13 +261,15 @@ impl MoeLayer {
         backend.scatter_add_rows(out, ys.view(), routing.tokens.view(), Some(routing.gates.view()), d)?;
 
         let routing = Arc::new(routing);
-        if let Some(c) = cache {
-            c.shape = Some(shape);
-            c.scores = Some(scores);
-            c.routing = Some(routing.clone());
-            c.xs = Some(xs);
-            c.ys = Some(ys);
+        if keep {
+            cache.shape = Some(shape);
+            cache.routing = Some(routing.clone());
+        } else {
+            cache.expert.tensors.clear();
         }
+        cache.scores = Some(scores);
+        cache.xs = Some(xs);
+        cache.ys = Some(ys);
         Ok(routing)
     }
 

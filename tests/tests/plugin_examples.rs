@@ -44,7 +44,7 @@ fn moe_forward(reg: &Registry, router: &Value) -> RoutingStats {
     let mut out = backend.zeros(&[shape.tokens(), d], DType::F32).unwrap();
     let mut cache = MoeCache::default();
     let routing = layer
-        .forward(&*backend, out.view_mut(), Some(&mut cache), x.view(), shape)
+        .forward(&*backend, out.view_mut(), &mut cache, true, x.view(), shape)
         .unwrap();
     let out_host = backend.read_f32(out.view()).unwrap();
     assert!(out_host.iter().all(|v| v.is_finite()));

@@ -180,7 +180,7 @@ proptest! {
             let (xt, doutt) = (b.upload_f32(&[x.len()], &x, DType::F32)?, b.upload_f32(&[x.len()], &dout, DType::F32)?);
             let mut out = b.zeros(&[x.len()], DType::F32)?;
             let mut cache = MoeCache::default();
-            let routing = l.forward(b, out.view_mut(), Some(&mut cache), xt.view(), shape)?;
+            let routing = l.forward(b, out.view_mut(), &mut cache, true, xt.view(), shape)?;
             let stats = routing.stats(b)?;
             let mut dx = b.zeros(&[x.len()], DType::F32)?;
             let mut grads = l.zero_grads(b)?;

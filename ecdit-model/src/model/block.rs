@@ -324,11 +324,11 @@ impl Block {
                 None
             }
             Ffn::Moe(moe) => {
-                // Inference keeps nothing: the layer works in its own scratch.
-                let cache = if keep { Some(&mut a.moe) } else { None };
+                // Inference keeps nothing for a backward, but reuses the
+                // cache's tensors (shared by every block) as scratch.
                 let x_rows = ffn_in.view()?.reshape(&[rows, d])?;
                 let out_rows = ffn_out.view_mut()?.reshape(&[rows, d])?;
-                Some(moe.forward(backend, out_rows, cache, x_rows, batch, tokens)?)
+                Some(moe.forward(backend, out_rows, &mut a.moe, keep, x_rows, batch, tokens)?)
             }
         };
         backend.gated_residual(

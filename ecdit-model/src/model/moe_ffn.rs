@@ -53,7 +53,8 @@ impl MoeFfn {
         self.layer.experts
     }
 
-    /// out: [B*T, d] (overwritten); cache: kept for backward when given;
+    /// out: [B*T, d] (overwritten); cache: reused across calls, valid for
+    /// backward after a forward with `keep`;
     /// x: [B*T, d] the modulated FFN input (the router sees the same input as
     /// the experts). Returns the routing, on the backend.
     #[allow(clippy::too_many_arguments)]
@@ -61,7 +62,8 @@ impl MoeFfn {
         &self,
         backend: &dyn Backend,
         out: TensorMut<'_>,
-        cache: Option<&mut MoeCache>,
+        cache: &mut MoeCache,
+        keep: bool,
         x: TensorRef<'_>,
         batch: usize,
         tokens: usize,
@@ -71,7 +73,7 @@ impl MoeFfn {
             tokens_per_sample: tokens,
             experts: self.layer.experts,
         };
-        self.layer.forward(backend, out, cache, x, shape)
+        self.layer.forward(backend, out, cache, keep, x, shape)
     }
 }
 

@@ -180,8 +180,8 @@ fn main() -> Result<()> {
     // output and the routing statistics come down once each.
     let x = be.upload_f32(&[tokens, d], &x_host, DType::F32)?;
     let mut out = be.zeros(&[tokens, d], DType::F32)?;
-    // No cache: an inference forward keeps nothing for a backward.
-    let routing = layer.forward(be, out.view_mut(), None, x.view(), shape)?;
+    // An inference forward (keep = false) keeps nothing for a backward.
+    let routing = layer.forward(be, out.view_mut(), &mut MoeCache::default(), false, x.view(), shape)?;
     let out = be.read_f32(out.view())?;
     let out_norm = (out.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / out.len() as f64).sqrt();
     let report = json!({

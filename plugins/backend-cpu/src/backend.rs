@@ -5,17 +5,18 @@
 //! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
 use crate::ops;
+use crate::pool::BufferPool;
 use crate::slices::{
     bytes, bytes_mut, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output, output_opt,
 };
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::{
-    AdamW, AttnDims, Backend, Buffer, DType, GemmDims, HostStorage, ModChunks, PatchDims, RowDims, TensorMut,
-    TensorRef, Unary,
+    AdamW, AttnDims, Backend, Buffer, DType, GemmDims, ModChunks, PatchDims, RowDims, TensorMut, TensorRef, Unary,
 };
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::sync::Arc;
 
 /// The CPU backend. It owns a rayon pool of `threads` threads and runs every
 /// op inside it: row-wise ops split rows over the pool and the GEMM splits its
@@ -23,6 +24,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 pub struct CpuBackend {
     pool: ThreadPool,
     threads: usize,
+    buffers: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -48,7 +50,11 @@ impl CpuBackend {
                 backend: "cpu".into(),
                 reason: format!("cannot start a pool of {threads} threads: {e}"),
             })?;
-        Ok(Self { pool, threads })
+        Ok(Self {
+            pool,
+            threads,
+            buffers: Arc::default(),
+        })
     }
 
     /// Runs `f` on this backend's pool, so rayon work inside it (a model's own
@@ -91,7 +97,7 @@ impl Backend for CpuBackend {
     // ---- memory ----
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
-        Ok(Buffer::new(Box::new(HostStorage::zeroed(bytes)?), "cpu"))
+        Ok(Buffer::new(Box::new(self.buffers.alloc(bytes)?), "cpu"))
     }
 
     fn upload(&self, dst: TensorMut<'_>, src: &[u8]) -> Result<()> {

@@ -33,6 +33,7 @@
 pub mod backend;
 pub mod bench;
 mod ops;
+mod pool;
 mod slices;
 
 pub use backend::CpuBackend;

@@ -79,7 +79,7 @@ fn forward(
     let xt = be.upload_f32(&[x.len()], x, DType::F32)?;
     let mut out = be.zeros(&[s.tokens() * l.d], DType::F32)?;
     let mut cache = MoeCache::default();
-    let routing = l.forward(be, out.view_mut(), Some(&mut cache), xt.view(), s)?;
+    let routing = l.forward(be, out.view_mut(), &mut cache, true, xt.view(), s)?;
     let routing = routing.to_host(be)?;
     Ok((read(be, &out), cache, routing))
 }
@@ -389,7 +389,7 @@ fn a_reused_cache_gives_the_same_result_as_a_fresh_one() {
             let mut out = be
                 .upload_f32(&[x.len()], &vec![f32::NAN; x.len()], DType::F32)
                 .expect("upload");
-            l.forward(&be, out.view_mut(), Some(&mut cache), xt.view(), s)
+            l.forward(&be, out.view_mut(), &mut cache, true, xt.view(), s)
                 .expect("forward");
             let (fresh, fresh_cache, _) = forward(&l, &be, &x, s).expect("forward");
             assert_eq!(read(&be, &out), fresh, "{expert}");
@@ -421,7 +421,7 @@ fn inference_keeps_nothing_and_equals_training() {
             let xt = be.upload_f32(&[x.len()], &x, DType::F32).expect("upload");
             let mut out = be.zeros(&[x.len()], DType::F32).expect("alloc");
             let routing = l
-                .forward(&be, out.view_mut(), None, xt.view(), s)
+                .forward(&be, out.view_mut(), &mut MoeCache::default(), false, xt.view(), s)
                 .expect("inference forward");
             assert!(read(&be, &out) == train, "{router} {expert}: inference differs");
             assert_eq!(
@@ -452,10 +452,10 @@ fn expert_choice_layers_route_and_train_without_transfers() {
         let mut grads = l.zero_grads(&be).expect("grads");
         let mut cache = MoeCache::default();
         be.reset();
-        l.forward(&be, out.view_mut(), None, xt.view(), s)
+        l.forward(&be, out.view_mut(), &mut MoeCache::default(), false, xt.view(), s)
             .expect("inference forward");
         let routing = l
-            .forward(&be, out.view_mut(), Some(&mut cache), xt.view(), s)
+            .forward(&be, out.view_mut(), &mut cache, true, xt.view(), s)
             .expect("forward");
         l.backward(&be, dx.view_mut(), &mut grads, &cache, xt.view(), dout.view(), 0.0)
             .expect("backward");
