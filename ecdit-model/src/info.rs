@@ -304,11 +304,11 @@ pub fn flops_per_image(registry: &Registry, cfg: &ModelConfig) -> Result<FlopBre
 pub struct ActivationMemory {
     /// Batch the estimate is for.
     pub batch: usize,
-    /// Inference: the live buffers at the most expensive point of a block of
-    /// an inference `Model::forward`, plus the residual stream and caption.
-    /// Attention keeps no probabilities there (the backend's attention never
-    /// materialises them); the dense MLP hidden, which that forward holds for
-    /// a chunk of rows only, is counted per image, an upper bound.
+    /// Inference: the buffers an inference `Model::forward` holds. Every
+    /// block reuses one set, so they do not grow with depth; the set holds each
+    /// phase's buffers at once (attention, cross-attention, the dense MLP and
+    /// the MoE working set) so that a steady state allocates nothing. Attention
+    /// keeps no probabilities (the backend's attention never materialises them).
     pub inference_bytes: u64,
     /// Training: everything each block caches for its backward, summed over blocks.
     pub training_bytes: u64,
@@ -344,7 +344,11 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
         (0, 0)
     };
     let dense_ffn = t * d + 2 * t * h + t * d;
-    let mut inference = persistent + attn.max(cross).max(dense_ffn);
+    // The shared block buffers: input, two norms and modulated inputs,
+    // residuals after attention and cross-attention, the FFN output.
+    let block_io = 8 * t * d;
+    let mut inference = persistent + block_io + attn + cross;
+    let (mut any_dense, mut moe_set) = (false, 0u64);
     let mut training = 0u64;
     for i in 0..cfg.depth {
         // Block input, two normalised+modulated inputs, attention, cross-attention.
@@ -356,17 +360,28 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
                 // pre/post GELU, expert outputs, and the combined output
                 // (`MoeLayer::forward` writes it while its input is borrowed).
                 let moe_live = 2 * t * d + 2 * t * moe.experts as u64 + rows * (d + 2 * h + d);
-                inference = inference.max(persistent + moe_live);
+                moe_set = moe_set.max(moe_live);
                 block += moe_live;
             }
-            _ => block += dense_ffn,
+            _ => {
+                any_dense = true;
+                block += dense_ffn;
+            }
         }
         training += block;
     }
+    inference += moe_set;
     let bytes = |floats: u64| floats * batch as u64 * 4;
+    // The dense MLP's input and output per image; its hidden buffers hold one
+    // chunk of rows whatever the batch.
+    let dense_inference = if any_dense {
+        bytes(2 * t * d) + 4 * 2 * h * crate::model::chunk_rows(batch, t as usize) as u64
+    } else {
+        0
+    };
     Ok(ActivationMemory {
         batch,
-        inference_bytes: bytes(inference),
+        inference_bytes: bytes(inference) + dense_inference,
         training_bytes: bytes(training),
     })
 }

@@ -196,7 +196,9 @@ fn activation_memory_scales_with_batch() {
     let registry = ecdit_model::registry().unwrap();
     let a = report(&registry, &cfg, 1).unwrap().activation_memory;
     let b = report(&registry, &cfg, 8).unwrap().activation_memory;
-    assert_eq!(b.inference_bytes, 8 * a.inference_bytes);
+    // Inference grows with the batch, but less than linearly: the dense MLP's
+    // hidden buffers hold one chunk of rows whatever the batch.
+    assert!(b.inference_bytes > a.inference_bytes && b.inference_bytes < 8 * a.inference_bytes);
     assert_eq!(b.training_bytes, 8 * a.training_bytes);
 }
 

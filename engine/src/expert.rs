@@ -22,7 +22,8 @@ pub struct ParamShape {
 }
 
 /// What an expert's forward keeps for its backward: tensors in an order the
-/// expert defines. Empty after an inference forward.
+/// expert defines. After a forward without `keep` it holds only scratch that
+/// the next forward reuses (no backward may read it).
 #[derive(Debug, Default)]
 pub struct ExpertCache {
     /// Cached tensors.
@@ -48,15 +49,17 @@ pub trait Expert: Send + Sync {
     fn flops_per_token(&self, d: usize) -> f64;
 
     /// Runs every expert over its rows.
-    /// out: [N, d]; cache: filled for backward when given (inference passes
-    /// `None` and keeps nothing); x: [N, d], rows of expert e are
-    /// `offsets[e]..offsets[e + 1]`; params: as `param_shapes`, in their memory layout.
+    /// out: [N, d]; cache: refilled for backward with `keep`, otherwise used
+    /// as scratch reused from call to call (inference keeps no activations);
+    /// x: [N, d], rows of expert e are `offsets[e]..offsets[e + 1]`; params:
+    /// as `param_shapes`, in their memory layout.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         backend: &dyn Backend,
         out: TensorMut<'_>,
-        cache: Option<&mut ExpertCache>,
+        cache: &mut ExpertCache,
+        keep: bool,
         x: TensorRef<'_>,
         params: &[TensorRef<'_>],
         offsets: &[usize],

@@ -250,7 +250,8 @@ impl MoeLayer {
         self.expert.forward(
             backend,
             ys.view_mut(),
-            keep.then_some(&mut cache.expert),
+            &mut cache.expert,
+            keep,
             xs.view(),
             &self.param_views(),
             &routing.offsets,
@@ -264,8 +265,6 @@ impl MoeLayer {
         if keep {
             cache.shape = Some(shape);
             cache.routing = Some(routing.clone());
-        } else {
-            cache.expert.tensors.clear();
         }
         cache.scores = Some(scores);
         cache.xs = Some(xs);

@@ -1163,7 +1163,8 @@ impl Expert for TestLinear {
         &self,
         backend: &dyn Backend,
         mut out: TensorMut<'_>,
-        cache: Option<&mut ExpertCache>,
+        cache: &mut ExpertCache,
+        keep: bool,
         x: TensorRef<'_>,
         params: &[TensorRef<'_>],
         offsets: &[usize],
@@ -1187,10 +1188,10 @@ impl Expert for TestLinear {
                 )?;
             }
         }
-        if let Some(cache) = cache {
+        if keep {
             let mut copy = backend.zeros(x.shape(), x.dtype())?;
             backend.copy(copy.view_mut(), x)?;
-            cache.tensors.push(copy);
+            cache.tensors = vec![copy];
         }
         Ok(())
     }
@@ -1277,7 +1278,8 @@ fn run_expert(expert: &dyn Expert, backend: &dyn Backend, seed: u64) -> (Vec<u32
         .forward(
             backend,
             out.view_mut(),
-            Some(&mut cache),
+            &mut cache,
+            true,
             x.view(),
             &[w.view()],
             &offsets,
@@ -1289,7 +1291,8 @@ fn run_expert(expert: &dyn Expert, backend: &dyn Backend, seed: u64) -> (Vec<u32
         .forward(
             backend,
             out_inference.view_mut(),
-            None,
+            &mut ExpertCache::default(),
+            false,
             x.view(),
             &[w.view()],
             &offsets,
@@ -1366,7 +1369,8 @@ fn an_expert_panic_is_an_error_naming_the_plugin() {
         .forward(
             &backend,
             out.view_mut(),
-            Some(&mut cache),
+            &mut cache,
+            true,
             x.view(),
             &[w.view()],
             &[0, 1],

@@ -63,6 +63,7 @@ pub use final_layer::{FinalActs, FinalLayer};
 pub use guidance::{CfgChannels, CfgOptions};
 pub use label_embed::LabelEmbedder;
 pub use linear::Linear;
+pub(crate) use mlp::chunk_rows;
 pub use mlp::{Mlp, MlpActs};
 pub use moe_ffn::MoeFfn;
 pub use patch_embed::patch_dims;

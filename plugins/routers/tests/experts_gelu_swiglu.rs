@@ -85,7 +85,10 @@ fn forward_with(
     let p = param_tensors(expert, be, params, d);
     let xt = up(be, x);
     let mut out = be.zeros(&[x.len()], DType::F32)?;
-    expert.forward(be, out.view_mut(), cache, xt.view(), &views(&p), offsets, d)?;
+    let keep = cache.is_some();
+    let mut scratch = ExpertCache::default();
+    let cache = cache.unwrap_or(&mut scratch);
+    expert.forward(be, out.view_mut(), cache, keep, xt.view(), &views(&p), offsets, d)?;
     Ok(read(be, &out))
 }
 

@@ -168,13 +168,13 @@ unsafe extern "C" fn expert_forward(
             .collect::<Result<Vec<_>>>()?;
         let (out_v, x_v, offs) = (view_mut(&out_b, out)?, view(&x_b, x)?, offsets(offs, n_offsets)?);
         let Some(sink) = cache.as_ref() else {
-            return expert.forward(&be, out_v, None, x_v, &param_v, offs, d);
+            return expert.forward(&be, out_v, &mut ExpertCache::default(), false, x_v, &param_v, offs, d);
         };
         let push = sink
             .push
             .ok_or_else(|| EngineError::Other("the cache sink has a null push".into()))?;
         let mut c = ExpertCache::default();
-        expert.forward(&be, out_v, Some(&mut c), x_v, &param_v, offs, d)?;
+        expert.forward(&be, out_v, &mut c, true, x_v, &param_v, offs, d)?;
         for t in c.tensors {
             be.hand_over(t, |desc| {
                 let mut call = Call::new();

@@ -237,7 +237,8 @@ impl Expert for PluginExpert {
         &self,
         backend: &dyn Backend,
         out: TensorMut<'_>,
-        cache: Option<&mut ExpertCache>,
+        cache: &mut ExpertCache,
+        keep: bool,
         x: TensorRef<'_>,
         params: &[TensorRef<'_>],
         offsets: &[usize],
@@ -256,7 +257,8 @@ impl Expert for PluginExpert {
             ctx: &mut sink as *mut Sink as *mut c_void,
             push: Some(sink_push),
         };
-        let sink_ptr = if cache.is_some() {
+        // Without `keep` the plugin gets no sink and keeps its scratch to itself.
+        let sink_ptr = if keep {
             &abi_sink as *const TensorSink
         } else {
             std::ptr::null()
@@ -280,7 +282,8 @@ impl Expert for PluginExpert {
             )
         };
         call.check(status, &self.plugin, self.what("forward"))?;
-        if let Some(cache) = cache {
+        if keep {
+            cache.tensors.clear();
             cache.tensors.append(&mut sink.tensors);
         }
         Ok(())

@@ -78,7 +78,8 @@ impl Expert for GeluMlp {
         &self,
         backend: &dyn Backend,
         out: TensorMut<'_>,
-        cache: Option<&mut ExpertCache>,
+        cache: &mut ExpertCache,
+        keep: bool,
         x: TensorRef<'_>,
         params: &[TensorRef<'_>],
         offsets: &[usize],
@@ -93,7 +94,7 @@ impl Expert for GeluMlp {
         let &[w1, b1, w2, b2] = params.as_slice() else {
             unreachable!("check_dispatch checked the parameter count")
         };
-        let mut hidden = Hidden::new(backend, cache, 2, n, h, offsets, x.dtype())?;
+        let mut hidden = Hidden::new(backend, cache, keep, 2, n, h, offsets, x.dtype())?;
 
         // Per slice of whole experts, run the whole MLP while the slice's
         // hidden activations are still in cache; each projection is one

@@ -211,46 +211,49 @@ fn check_grads<'g, const K: usize>(
 /// Where a forward writes its hidden activations: into the backward cache
 /// (`K` tensors [N, h], refilled in place when the shape is unchanged), or at
 /// inference into one scratch tensor of `K` regions sized for the largest
-/// slice, reused slice after slice, so nothing is kept.
+/// slice, reused slice after slice and kept in the cache for the next call
+/// (so a steady state allocates nothing), holding no activations.
 enum Hidden<'c> {
     Cache(&'c mut ExpertCache),
-    Scratch { tensor: Tensor, rows: usize },
+    Scratch { tensor: &'c mut Tensor, rows: usize },
 }
 
 impl<'c> Hidden<'c> {
     #[allow(clippy::too_many_arguments)]
     fn new(
         backend: &dyn Backend,
-        cache: Option<&'c mut ExpertCache>,
+        cache: &'c mut ExpertCache,
+        keep: bool,
         k: usize,
         n: usize,
         h: usize,
         offsets: &[usize],
         dtype: DType,
     ) -> Result<Self> {
-        match cache {
-            Some(cache) => {
-                cache.tensors.truncate(k);
-                for t in cache.tensors.iter_mut() {
-                    if t.shape() != [n, h] || t.dtype() != dtype {
-                        *t = backend.zeros(&[n, h], dtype)?;
-                    }
+        if keep {
+            cache.tensors.truncate(k);
+            for t in cache.tensors.iter_mut() {
+                if t.shape() != [n, h] || t.dtype() != dtype {
+                    *t = backend.zeros(&[n, h], dtype)?;
                 }
-                while cache.tensors.len() < k {
-                    cache.tensors.push(backend.zeros(&[n, h], dtype)?);
-                }
-                Ok(Hidden::Cache(cache))
             }
-            None => {
-                let rows = forward_slices(offsets)
-                    .map(|(.., r0, r1, _)| r1 - r0)
-                    .max()
-                    .unwrap_or(0);
-                Ok(Hidden::Scratch {
-                    tensor: backend.zeros(&[k * rows, h], dtype)?,
-                    rows,
-                })
+            while cache.tensors.len() < k {
+                cache.tensors.push(backend.zeros(&[n, h], dtype)?);
             }
+            Ok(Hidden::Cache(cache))
+        } else {
+            let rows = forward_slices(offsets)
+                .map(|(.., r0, r1, _)| r1 - r0)
+                .max()
+                .unwrap_or(0);
+            let fits = matches!(cache.tensors.as_slice(), [t] if t.shape() == [k * rows, h] && t.dtype() == dtype);
+            if !fits {
+                cache.tensors = vec![backend.zeros(&[k * rows, h], dtype)?];
+            }
+            Ok(Hidden::Scratch {
+                tensor: &mut cache.tensors[0],
+                rows,
+            })
         }
     }
 

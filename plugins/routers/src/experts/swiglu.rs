@@ -95,7 +95,8 @@ impl Expert for SwiGlu {
         &self,
         backend: &dyn Backend,
         out: TensorMut<'_>,
-        cache: Option<&mut ExpertCache>,
+        cache: &mut ExpertCache,
+        keep: bool,
         x: TensorRef<'_>,
         params: &[TensorRef<'_>],
         offsets: &[usize],
@@ -111,8 +112,8 @@ impl Expert for SwiGlu {
             unreachable!("check_dispatch checked the parameter count")
         };
         // Training keeps a, b, s and g; inference writes g over a (dead by then).
-        let regions = if cache.is_some() { 4 } else { 3 };
-        let mut hidden = Hidden::new(backend, cache, regions, n, h, offsets, x.dtype())?;
+        let regions = if keep { 4 } else { 3 };
+        let mut hidden = Hidden::new(backend, cache, keep, regions, n, h, offsets, x.dtype())?;
 
         // Per slice of whole experts, run the whole network while the
         // slice's hidden activations are still in cache; each projection is
