@@ -235,17 +235,14 @@ impl ModelConfig {
             if moe.every == 0 {
                 return bad("moe.every", &moe.every, "must be at least 1".into());
             }
-            // `{"tokens": N}` routing groups must hold whole images; found here,
-            // not at the first forward (the router checks it again when built).
-            let groups = moe.router.get("groups").cloned();
-            if let Some(Ok(ecdit_engine::RoutingGroups::Tokens(n))) = groups.map(serde_json::from_value) {
-                let tokens = self.tokens();
-                if n == 0 || !n.is_multiple_of(tokens) {
-                    return bad(
-                        "moe.router.groups.tokens",
-                        &n,
-                        format!("a routing group must be a whole number of images of {tokens} tokens"),
-                    );
+            // `{"tokens": N}` routing groups must hold whole images: found
+            // here, not at the first forward. (Plugin routers with groups of
+            // their own are checked by `Router::check_tokens_per_sample` when
+            // the model is built.)
+            let groups = moe.router.get("groups").cloned().map(serde_json::from_value);
+            if let Some(Ok(groups @ ecdit_engine::RoutingGroups::Tokens(n))) = groups {
+                if let Err(e) = groups.check_fits(self.tokens()) {
+                    return bad("moe.router.groups.tokens", &n, e.to_string());
                 }
             }
         }

@@ -391,6 +391,19 @@ fn guidance_keeps_cond_and_uncond_in_separate_routing_groups() {
     assert_eq!(&guided.out[..per], &want[..]);
     assert_eq!(&guided.out[per..], &want[..]);
     assert_eq!(guided.routing.len(), 4, "two routing calls per MoE layer");
+    // The two separate passes share one set of activations, so keeping them
+    // for a backward is refused rather than silently keeping the second.
+    let err = model
+        .forward_with_cfg(
+            &mut ModelActs::default(),
+            &batch.x,
+            &batch.t,
+            Condition::Text(batch.text()),
+            opts,
+            ForwardOptions::training(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("keep"), "{err}");
     // Sharing the group changes the routing, hence the result.
     let shared = model
         .forward_with_cfg(
@@ -629,6 +642,10 @@ fn bf16_ec_model_forward_is_finite_and_close_to_f32() {
     let cond = Condition::Text(batch.text());
     let f32_out = model.predict(&batch.x, &batch.t, cond).expect("f32").out;
     model.to_dtype(DType::BF16).expect("bf16");
+    for p in model.params() {
+        let want = if p.name.ends_with("moe.router.weight") { DType::F32 } else { DType::BF16 };
+        assert_eq!(p.dtype(), want, "{}: router weights stay f32, the rest is bf16", p.name);
+    }
     let out = model.predict(&batch.x, &batch.t, cond).expect("bf16 forward");
     assert!(out.out.iter().all(|v| v.is_finite()));
     assert_eq!(out.routing.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 3]);
@@ -637,13 +654,13 @@ fn bf16_ec_model_forward_is_finite_and_close_to_f32() {
     let err: Vec<f32> = out.out.iter().zip(&f32_out).map(|(b, f)| b - f).collect();
     let rel = norm(&err) / norm(&f32_out);
     assert!(rel < 0.1, "relative L2 error {rel}");
-    // Saved in bf16, reloaded the same.
+    // Saved in bf16, reloaded as a bf16 model with the same bits.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bf16.safetensors");
     model.save(&path).expect("save");
     let registry = ecdit_model::registry().unwrap();
-    let mut back = Model::load(&path, &registry, Arc::new(CpuBackend::new(1).unwrap())).expect("load");
-    back.to_dtype(DType::BF16).expect("bf16");
+    let back = Model::load(&path, &registry, Arc::new(CpuBackend::new(1).unwrap())).expect("load");
+    assert_eq!(back.dtype(), DType::BF16);
     let again = back.predict(&batch.x, &batch.t, cond).expect("forward");
     assert_eq!(again.out, out.out);
 }

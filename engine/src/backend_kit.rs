@@ -790,7 +790,7 @@ pub fn check_backend_ops(under_test: &dyn Backend, reference: &dyn Backend) -> F
 }
 
 /// Checks every backward op of `backend` against central differences of its
-/// forward (f32, step 1e-2, at up to 6 coordinates per input).
+/// forward (f32, step 1e-2, at about 6 evenly spaced coordinates per input).
 pub fn check_backward_ops(backend: &dyn Backend) -> Failures {
     let mut failures = Vec::new();
     for case in grad_cases() {
@@ -835,7 +835,7 @@ fn check_grad_case(b: &dyn Backend, case: &GradCase, failures: &mut Failures) ->
     };
     let h = 1e-2f32;
     for (i, x) in host.iter().enumerate() {
-        let step = (x.len() / 6).max(1);
+        let step = x.len().div_ceil(6).max(1);
         for j in (0..x.len()).step_by(step) {
             let mut plus = host.clone();
             plus[i][j] += h;
@@ -854,9 +854,10 @@ fn check_grad_case(b: &dyn Backend, case: &GradCase, failures: &mut Failures) ->
     Ok(())
 }
 
-/// Stamps out the conformance tests for one backend: `backend_conformance!(name, || make())`
-/// where `make()` gives a `Box<dyn Backend>` or any `Backend`; the reference is
-/// the second expression.
+/// Stamps out the conformance tests for one backend:
+/// `backend_conformance!(name, make, reference)` where `make` and `reference`
+/// are expressions giving a smart pointer to a backend (`Box`, `Arc`), e.g.
+/// `backend_conformance!(cpu, Arc::new(CpuBackend::new(2)?), Arc::new(CpuBackend::new(1)?))`.
 #[macro_export]
 macro_rules! backend_conformance {
     ($name:ident, $make:expr, $reference:expr) => {

@@ -18,7 +18,6 @@ pub mod counting;
 pub mod dtype;
 pub mod error;
 pub mod expert;
-// PORTING (engine v2): re-enabled by the helpers porting them.
 pub mod moe;
 pub mod param;
 pub mod plugin;

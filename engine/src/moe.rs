@@ -104,11 +104,12 @@ impl MoeLayer {
         if !dtype.is_float() {
             return Err(EngineError::shape("MoeLayer::new (dtype)", "f32 or bf16", dtype));
         }
+        // Router math stays f32 whatever the experts' dtype (EC-DIT.md section 6).
         let w_router = Param::new(
             backend,
             dotted(name_prefix, "router.weight"),
             &[experts, d],
-            dtype,
+            DType::F32,
             Layout::InputMajor,
             Init::XavierUniform {
                 fan_in: d,

@@ -198,6 +198,9 @@ fn swap_last_two(data: &[f32], shape: &[usize]) -> Vec<f32> {
     let n = shape.len();
     let (r, c) = (shape[n - 2], shape[n - 1]);
     let mut out = vec![0.0f32; data.len()];
+    if r * c == 0 {
+        return out; // nothing to move (and `chunks_exact(0)` would panic)
+    }
     for (src, dst) in data.chunks_exact(r * c).zip(out.chunks_exact_mut(r * c)) {
         for i in 0..r {
             for j in 0..c {

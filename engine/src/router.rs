@@ -31,6 +31,22 @@ pub enum RoutingGroups {
 }
 
 impl RoutingGroups {
+    /// Checks that these groups can split batches of samples of
+    /// `tokens_per_sample` tokens (a `{"tokens": N}` group must hold whole
+    /// samples), before any batch is routed.
+    pub fn check_fits(&self, tokens_per_sample: usize) -> Result<()> {
+        match *self {
+            RoutingGroups::Tokens(n) => self
+                .group_size(RouteShape {
+                    samples: n / tokens_per_sample.max(1),
+                    tokens_per_sample,
+                    experts: 1,
+                })
+                .map(|_| ()),
+            RoutingGroups::PerSample | RoutingGroups::Batch => Ok(()),
+        }
+    }
+
     /// Tokens per group for a batch of `samples` x `tokens_per_sample`.
     /// Errors when `Tokens(n)` is not a whole number of samples or does not
     /// divide the batch.
@@ -267,7 +283,8 @@ impl DeviceRouting {
 /// [`Router::route`] and [`Router::backward`] are the host reference (and all
 /// a third-party router behind the plugin ABI provides). [`Router::route_on`]
 /// and [`Router::backward_on`] run on a backend; their defaults make one
-/// download and one upload per layer around the host methods, and a router
+/// download (the scores) and one upload of the result (tokens, gates and
+/// probabilities) per layer around the host methods, and a router
 /// that can route in device memory overrides them, giving the same bits.
 pub trait Router: Send + Sync {
     /// Registry kind, e.g. `expert-choice`.
@@ -308,8 +325,8 @@ pub trait Router: Send + Sync {
         grad_scores: &mut [f32],
     ) -> Result<()>;
 
-    /// Routes scores held on `backend`. Default: one download, [`Router::route`],
-    /// one upload.
+    /// Routes scores held on `backend`. Default: downloads the scores, runs
+    /// [`Router::route`], uploads its tokens, gates and probabilities.
     fn route_on(&self, backend: &dyn Backend, scores: TensorRef<'_>, shape: RouteShape) -> Result<DeviceRouting> {
         let host_scores = backend.read_f32(scores)?;
         let routing = self.route(&host_scores, shape)?;

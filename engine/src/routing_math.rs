@@ -39,8 +39,12 @@ pub fn softmax_rows_backward(grad: &mut [f32], probs: &[f32], experts: usize) {
 /// selection a plain `u64` partial sort, several times faster than comparing
 /// `(f32, u32)` pairs. `value` must be >= 0 (a probability or a sigmoid): the
 /// bit patterns of non-negative floats order like the floats (`+ 0.0` turns a
-/// stray `-0.0` into `+0.0`).
+/// stray `-0.0` into `+0.0`). NaN ranks last, below every number, so a
+/// backend that routes without checking its scores never prefers it.
 pub fn rank_key(value: f32, index: u32) -> u64 {
+    if value.is_nan() {
+        return (u32::MAX as u64) << 32 | index as u64;
+    }
     ((!(value + 0.0).to_bits() as u64) << 32) | index as u64
 }
 

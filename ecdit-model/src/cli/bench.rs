@@ -44,7 +44,7 @@ pub enum BenchWhat {
         /// Router specs as JSON (repeatable); default: every shipped router.
         #[arg(long)]
         router: Vec<String>,
-        /// Storage dtype of weights and activations: f32 or bf16.
+        /// Storage dtype of weights and activations (router weights stay f32): f32 or bf16.
         #[arg(long, default_value = "f32", value_parser = parse_dtype)]
         dtype: DType,
         /// One JSON object per line.
@@ -68,7 +68,7 @@ pub enum BenchWhat {
         /// Text tokens per prompt (random tokens, as benches/reference/forward_torch.py).
         #[arg(long, default_value_t = 16)]
         text_len: usize,
-        /// Storage dtype of the weights: f32 or bf16.
+        /// Storage dtype of weights and activations (router weights stay f32): f32 or bf16.
         #[arg(long, default_value = "f32", value_parser = parse_dtype)]
         dtype: DType,
         /// Also print the time spent in each backend op.

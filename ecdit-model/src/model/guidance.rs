@@ -82,6 +82,15 @@ impl Model {
         let per_out = out_ch * c.input_size * c.input_size;
 
         let routing = if self.needs_separate_routing() && !cfg.share_routing_group {
+            // Two forwards into one set of activations: the second would
+            // overwrite what the first kept, so no backward could use them.
+            if opts.keep {
+                return err(
+                    "forward_with_cfg: routing the two passes separately keeps no activations for a backward; \
+                     run it without `keep`"
+                        .to_string(),
+                );
+            }
             // Two forwards; each prediction is copied into `guided` on the backend.
             let (cond_half, uncond_half) = (cond.slice(0, n)?, cond.slice(n, n)?);
             acts.guided

@@ -47,9 +47,11 @@ impl Mlp {
 
     /// The MLP on [`chunk_rows`] rows at a time, so the hidden activations of
     /// a chunk are still in cache for fc2, and an inference forward needs
-    /// hidden buffers of one chunk only. Chunks hold whole samples: each
-    /// sample's rows get the same products, so the same bits, whatever the
-    /// batch, kept or not.
+    /// hidden buffers of one chunk only. Chunks hold whole samples, and the
+    /// chunk grows with the batch (up to [`chunk_rows`]), so a sample's bits do
+    /// not depend on the batch only because the backend's GEMM gives each row
+    /// the same bits whatever the row count (the CPU backend keeps products of
+    /// at least 64 rows on one kernel path for this; see its `ops/gemm.rs`).
     /// out: [B*T, d]; acts: [B*T, h] each when `keep`, else one chunk; x: [B*T, d].
     #[allow(clippy::too_many_arguments)]
     pub fn forward(

@@ -85,6 +85,9 @@ use std::sync::Arc;
 /// Metadata key holding the model config (JSON) in saved files.
 pub const CONFIG_KEY: &str = "config";
 
+/// Metadata key holding the model's storage dtype (`f32` or `bf16`) in saved files.
+pub const DTYPE_KEY: &str = "dtype";
+
 /// How the model is conditioned, per sample.
 #[derive(Clone, Copy, Debug)]
 pub enum Condition<'a> {
@@ -414,7 +417,17 @@ impl Model {
     pub fn load(path: impl AsRef<Path>, registry: &Registry, backend: Arc<dyn Backend>) -> ModelResult<Self> {
         let weights = Weights::open(path)?;
         let config = config_from_metadata(&weights)?;
-        Self::from_weights(config, registry, backend, &weights, &[])
+        let mut model = Self::from_weights(config, registry, backend, &weights, &[])?;
+        // A model saved in bf16 comes back in bf16 (files without the key are f32).
+        if let Some(name) = weights.metadata(DTYPE_KEY) {
+            let dtype = DType::parse_float(name).ok_or_else(|| WeightsError::Metadata {
+                path: weights.path().to_path_buf(),
+                key: DTYPE_KEY.into(),
+                reason: format!("'{name}' is not a model dtype (f32 or bf16)"),
+            })?;
+            model.to_dtype(dtype)?;
+        }
+        Ok(model)
     }
 
     /// Writes every parameter under its upstream name and layout, in its
@@ -425,6 +438,7 @@ impl Model {
             .map_err(|e| EngineError::Other(format!("cannot serialise the model config: {e}")))?;
         let metadata = HashMap::from([
             (CONFIG_KEY.to_string(), json),
+            (DTYPE_KEY.to_string(), self.dtype.name().to_string()),
             ("format".to_string(), "ecdit".to_string()),
         ]);
         save_params(path, self.backend.as_ref(), &self.params(), Vec::new(), metadata)?;
@@ -447,7 +461,20 @@ impl Model {
             return Ok(());
         }
         let backend = self.backend.clone();
+        // Router weights stay f32: router math is f32 whatever the model's
+        // dtype (EC-DIT.md section 6).
+        let routers: Vec<String> = self
+            .blocks
+            .iter()
+            .filter_map(|b| match &b.ffn {
+                Ffn::Moe(moe) => Some(moe.layer.w_router.name.clone()),
+                Ffn::Dense(_) => None,
+            })
+            .collect();
         for p in self.params_mut() {
+            if routers.contains(&p.name) {
+                continue;
+            }
             let values = backend.read_f32(p.tensor.view())?;
             p.tensor = backend.upload_f32(&p.memory_shape(), &values, dtype)?;
         }

@@ -1,7 +1,7 @@
 //! A block's MoE feed-forward: the engine's [`MoeLayer`] under the block's
 //! names: `blocks.{i}.moe.router.weight` [E, d] (PyTorch `Linear` layout,
 //! held input-major) and `blocks.{i}.moe.experts.<name>` for each of the
-//! expert kind's stacked parameters (`fc1.weight` [E, h, d] ...). Routing
+//! expert kind's stacked parameters (`fc1.weight` [E, d, h] input-major ...). Routing
 //! runs on the backend; its statistics are downloaded only when asked.
 
 use crate::config::MoeConfig;

@@ -130,21 +130,29 @@ pub fn attention(
     })
 }
 
-/// Scores one inference task may hold: a block of query rows times all keys
-/// (256 KiB, about an L2's worth), instead of the whole `[Tq, Tk]` per head.
-const INFER_SCRATCH_ELEMS: usize = 1 << 16;
+/// Query rows per inference block, at least: the `gemm` crate takes other
+/// kernel paths (with other bits) for products of fewer than 64 rows, so
+/// every block keeps at least 128 rows (or all of them), and each row gets the
+/// bits of the one-product `[Tq, Tk]` scores the caching forward computes.
+const MIN_BLOCK_ROWS: usize = 128;
 
-/// Query rows per inference task: as many as fit the scratch, between 8 and
-/// 128. A function of the dims only (never the thread count), so the
-/// results are the same bits on any pool.
-fn query_block(tq: usize, tk: usize) -> usize {
-    (INFER_SCRATCH_ELEMS / tk.max(1)).clamp(8, 128).min(tq.max(1))
+/// Query blocks per (sample, head): `Tq / 128` even blocks of 128 to 255
+/// rows (one block when `Tq < 256`). A function of the dims only (never the
+/// thread count), so the results are the same bits on any pool.
+fn query_blocks(tq: usize) -> usize {
+    (tq / MIN_BLOCK_ROWS).max(1)
+}
+
+/// Rows `r0..r0 + rows` of block `blk` of `blocks` over `tq` query rows.
+fn block_rows(tq: usize, blocks: usize, blk: usize) -> (usize, usize) {
+    let (r0, r1) = (blk * tq / blocks, (blk + 1) * tq / blocks);
+    (r0, r1 - r0)
 }
 
 /// [`attention`] without probabilities (inference): one task per (sample,
 /// head, block of query rows) computes the block's scores into a per-thread
-/// scratch, softmaxes them and multiplies by V; the `[B, H, Tq, Tk]`
-/// probability matrix never exists.
+/// scratch (`[<256, Tk]`), softmaxes them and multiplies by V; the
+/// `[B, H, Tq, Tk]` probability matrix never exists.
 /// out, q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh]; key_mask: [B, Tk].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_inference(
@@ -170,13 +178,12 @@ pub fn attention_inference(
         return Ok(());
     }
     let (tq, tk, group) = (d.q_len, d.kv_len, d.heads / d.kv_heads);
-    let qb = query_block(tq, tk);
-    let blocks = tq.div_ceil(qb);
+    let blocks = query_blocks(tq);
     let out_shared = SharedMut::new(out);
     let task = |i: usize, par: Parallelism, scratch: &mut Vec<f32>| -> Result<()> {
         let (bh, blk) = (i / blocks, i % blocks);
         let (b, h) = (bh / d.heads, bh % d.heads);
-        let (r0, rows) = (blk * qb, qb.min(tq - blk * qb));
+        let (r0, rows) = block_rows(tq, blocks, blk);
         let full = q_view(&d, b, h);
         let qv = Strided {
             offset: full.offset + r0 * full.rs,
@@ -273,4 +280,50 @@ pub fn attention_backward(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn blocks_cover_the_rows_and_never_run_short() {
+        for tq in [1, 63, 127, 128, 255, 256, 300, 1000, 4097] {
+            let blocks = query_blocks(tq);
+            let mut next = 0;
+            for blk in 0..blocks {
+                let (r0, rows) = block_rows(tq, blocks, blk);
+                assert_eq!(r0, next, "tq {tq}");
+                assert!(rows >= MIN_BLOCK_ROWS.min(tq) && rows < 2 * MIN_BLOCK_ROWS, "tq {tq}: {rows}");
+                next += rows;
+            }
+            assert_eq!(next, tq);
+        }
+    }
+
+    /// Long sequences, where blocks are a fraction of the queries: the
+    /// inference path keeps the bits of the caching one.
+    #[test]
+    fn inference_has_the_bits_of_the_caching_attention_on_long_sequences() {
+        let d = AttnDims {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            q_len: 300,
+            kv_len: 1100,
+            head_dim: 16,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let q = rand(d.batch * d.q_len * d.heads * d.head_dim);
+        let k = rand(d.batch * d.kv_len * d.kv_heads * d.head_dim);
+        let v = rand(k.len());
+        let mut keep = vec![0.0; q.len()];
+        let mut probs = vec![0.0; d.batch * d.heads * d.q_len * d.kv_len];
+        attention(&mut keep, &mut probs, &q, &k, &v, None, d, 1).unwrap();
+        let mut lean = vec![0.0; q.len()];
+        attention_inference(&mut lean, &q, &k, &v, None, d, 1).unwrap();
+        assert!(keep == lean, "inference attention differs from the caching one");
+    }
 }

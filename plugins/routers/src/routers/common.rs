@@ -106,22 +106,6 @@ pub(crate) fn empty_device_routing(backend: &dyn Backend, experts: usize) -> Res
     })
 }
 
-/// The config-time check of `Router::check_tokens_per_sample`: a
-/// `{"tokens": N}` group must hold whole samples (the first check of
-/// [`RoutingGroups::group_size`]); other groups fit any sample length.
-pub(crate) fn check_groups_fit(groups: RoutingGroups, tokens_per_sample: usize) -> Result<()> {
-    match groups {
-        RoutingGroups::Tokens(n) => groups
-            .group_size(RouteShape {
-                samples: n / tokens_per_sample.max(1),
-                tokens_per_sample,
-                experts: 1,
-            })
-            .map(|_| ()),
-        RoutingGroups::PerSample | RoutingGroups::Batch => Ok(()),
-    }
-}
-
 /// Checks the buffers handed to `backward` against the routing they belong to.
 pub(crate) fn check_backward(
     kind: &str,

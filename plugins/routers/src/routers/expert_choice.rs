@@ -2,7 +2,7 @@
 //! C tokens of each routing group that it scores highest.
 
 use super::common::{
-    check_backward, check_backward_on, check_groups_fit, check_positive, check_scores, check_scores_on,
+    check_backward, check_backward_on, check_positive, check_scores, check_scores_on,
     dispatch_with_capacity, empty_device_routing, empty_routing, groups_json, read_groups, read_positive,
     routing_without_aux,
 };
@@ -89,7 +89,7 @@ impl Router for ExpertChoiceRouter {
     }
 
     fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
-        check_groups_fit(self.groups, tokens_per_sample)
+        self.groups.check_fits(tokens_per_sample)
     }
 
     // scores: [N, E] with N = samples * tokens_per_sample

@@ -2,7 +2,7 @@
 //! over a group's whole `[tokens x experts]` score set.
 
 use super::common::{
-    check_backward, check_groups_fit, check_positive, check_scores, component, dispatch_with_capacity, empty_routing,
+    check_backward, check_positive, check_scores, component, dispatch_with_capacity, empty_routing,
     groups_json, read_groups, read_positive, routing_without_aux,
 };
 use ecdit_engine::routing_math::{key_index, rank_key, select_best, softmax_rows, softmax_rows_backward};
@@ -135,7 +135,7 @@ impl Router for ExpertRaceRouter {
     }
 
     fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
-        check_groups_fit(self.groups, tokens_per_sample)
+        self.groups.check_fits(tokens_per_sample)
     }
 
     // scores: [N, E] with N = samples * tokens_per_sample

@@ -2,7 +2,7 @@
 //! compared against: each token takes its k best experts.
 
 use super::common::{
-    check_backward, check_groups_fit, check_scores, component, empty_routing, groups_json, read_groups,
+    check_backward, check_scores, component, empty_routing, groups_json, read_groups,
 };
 use ecdit_engine::routing_math::{key_index, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::spec::get;
@@ -213,7 +213,7 @@ impl Router for TokenChoiceRouter {
     }
 
     fn check_tokens_per_sample(&self, tokens_per_sample: usize) -> Result<()> {
-        check_groups_fit(self.groups, tokens_per_sample)
+        self.groups.check_fits(tokens_per_sample)
     }
 
     // scores: [N, E] with N = samples * tokens_per_sample
