@@ -2,7 +2,7 @@
 //! expert-choice routing, grouped-query attention).
 
 use ecdit_backend_cpu::CpuBackend;
-use ecdit_engine::{DType, Init};
+use ecdit_engine::{BackendExt, DType, Init};
 use ecdit_model::config::ModelConfig;
 use ecdit_model::model::{
     patch_dims, Act, CfgChannels, CfgOptions, Condition, FinalActs, ForwardOptions, Model, ModelActs, TextInput,
@@ -632,6 +632,76 @@ fn a_forward_transfers_only_its_inputs_and_output() {
     assert_eq!(moved.downloaded_bytes as usize, 4 * again.out.len(), "{moved:?}");
 }
 
+/// A sampling step keeps the image on the backend: the model reads `x` where
+/// it lies and the scheduler steps it in place there, so a step uploads only
+/// its small inputs (t, the text condition) and downloads nothing; routing
+/// statistics cost one download of tokens, gates and probabilities per MoE
+/// layer, only when asked for. The steps give the bits of the host path.
+#[test]
+fn a_sampling_step_moves_only_its_inputs() {
+    use ecdit_engine::counting::CountingBackend;
+    let registry = ecdit_model::registry().expect("registry");
+    let cpu = Arc::new(CpuBackend::new(1).expect("cpu backend"));
+    let counting = Arc::new(CountingBackend::new(cpu));
+    let mut model = Model::new(ec_config(json!("per_sample")), &registry, counting.clone(), 11).expect("model");
+    randomise(&mut model, 4);
+    let scheduler = registry.scheduler(&json!("rectified-flow")).expect("scheduler");
+    let batch = Batch::new(2, 9);
+    let cond = Condition::Text(batch.text());
+    let times = scheduler.sampling_times(3).expect("times");
+    let mut x = counting.upload_f32(&[batch.x.len()], &batch.x, DType::F32).expect("x");
+    let mut acts = ModelActs::default();
+    let mut host_x = batch.x.clone();
+    for (step, w) in times.windows(2).enumerate() {
+        let t = vec![scheduler.model_time(w[0]).expect("model time"); 2];
+        counting.reset();
+        let stats = ForwardOptions {
+            stats: step == 1,
+            ..ForwardOptions::inference()
+        };
+        let routing = model
+            .forward_device(&mut acts, x.view(), &t, cond, stats)
+            .expect("forward");
+        scheduler
+            .step_on(
+                counting.as_ref(),
+                x.view_mut(),
+                acts.prediction().expect("prediction"),
+                w[0],
+                w[1],
+            )
+            .expect("step");
+        let moved = counting.transfers();
+        let text_bytes = 4 * (batch.tokens.len() + batch.pooled.len()) + batch.mask.len();
+        assert_eq!(moved.uploads, 4, "step {step}: t, tokens, mask, pooled: {moved:?}");
+        assert_eq!(
+            moved.uploaded_bytes as usize,
+            4 * t.len() + text_bytes,
+            "step {step}: {moved:?}"
+        );
+        if step == 1 {
+            assert_eq!(routing.len(), 2);
+            assert_eq!(moved.downloads, 3 * 2, "step {step}: one set per MoE layer: {moved:?}");
+        } else {
+            assert!(routing.is_empty());
+            assert_eq!(moved.downloads, 0, "step {step}: {moved:?}");
+        }
+        // The same step through host slices.
+        let v = model
+            .forward(
+                &mut ModelActs::default(),
+                &host_x,
+                &t,
+                cond,
+                ForwardOptions::inference(),
+            )
+            .expect("host forward")
+            .out;
+        scheduler.step(&mut host_x, &v, w[0], w[1]).expect("host step");
+    }
+    assert_eq!(counting.read_f32(x.view()).expect("x"), host_x);
+}
+
 /// A bf16 EC model (router logits and routing stay f32) runs the same
 /// forward: finite, every MoE layer reporting, close to its f32 self.
 #[test]
@@ -643,7 +713,11 @@ fn bf16_ec_model_forward_is_finite_and_close_to_f32() {
     let f32_out = model.predict(&batch.x, &batch.t, cond).expect("f32").out;
     model.to_dtype(DType::BF16).expect("bf16");
     for p in model.params() {
-        let want = if p.name.ends_with("moe.router.weight") { DType::F32 } else { DType::BF16 };
+        let want = if p.name.ends_with("moe.router.weight") {
+            DType::F32
+        } else {
+            DType::BF16
+        };
         assert_eq!(p.dtype(), want, "{}: router weights stay f32, the rest is bf16", p.name);
     }
     let out = model.predict(&batch.x, &batch.t, cond).expect("bf16 forward");

@@ -75,7 +75,8 @@ use crate::config::{Conditioning, ModelConfig};
 use crate::weights::{save_params, Weights, WeightsError};
 use ecdit_engine::error::{check_finite, check_len};
 use ecdit_engine::{
-    Backend, BackendExt, DType, DeviceRouting, EngineError, Init, Layout, Param, Params, Registry, RoutingStats, Unary,
+    Backend, BackendExt, DType, DeviceRouting, EngineError, Init, Layout, Param, Params, Registry, RoutingStats,
+    TensorRef, Unary,
 };
 use rand::SeedableRng;
 use std::collections::HashMap;
@@ -235,6 +236,11 @@ pub struct ModelActs {
 }
 
 impl ModelActs {
+    /// The last forward's prediction [B, C_out, H, W], on the backend.
+    pub fn prediction(&self) -> Result<TensorRef<'_>, EngineError> {
+        self.img.view()
+    }
+
     /// Bytes of backend memory the activations hold (allocated sizes).
     pub fn bytes(&self) -> usize {
         let acts = [
@@ -583,6 +589,35 @@ impl Model {
             .collect()
     }
 
+    /// The forward of an image already on the backend (a sampler keeps its
+    /// `x` there from step to step): x: [B, C, H, W] on this model's backend;
+    /// t: [B] and the condition are uploaded; the prediction stays on the
+    /// backend in [`ModelActs::prediction`]. Returns each MoE layer's routing
+    /// statistics with `opts.stats`. No download otherwise.
+    pub fn forward_device(
+        &self,
+        acts: &mut ModelActs,
+        x: TensorRef<'_>,
+        t: &[f32],
+        cond: Condition<'_>,
+        opts: ForwardOptions,
+    ) -> ModelResult<Vec<(usize, RoutingStats)>> {
+        let c = &self.config;
+        let be = self.backend.as_ref();
+        let b = t.len();
+        x.expect_len(
+            "model forward",
+            "x [B, C, H, W] with B = t.len()",
+            b * c.in_channels * c.input_size * c.input_size,
+        )?;
+        check_finite("model forward: timesteps t", t)?;
+        acts.x_in
+            .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
+        be.copy(acts.x_in.view_mut()?, x)?;
+        let routings = self.forward_inputs(acts, t, cond, opts.keep)?;
+        self.routing_stats(&routings, opts.stats)
+    }
+
     /// The forward on the backend: uploads the inputs, leaves the prediction
     /// in `acts.img`; returns each MoE block's routing.
     fn forward_on(
@@ -595,15 +630,31 @@ impl Model {
     ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
         let c = &self.config;
         let be = self.backend.as_ref();
+        let b = self.check_inputs(x, t)?;
+        acts.x_in
+            .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
+        be.write_f32(acts.x_in.view_mut()?, x)?;
+        self.forward_inputs(acts, t, cond, keep)
+    }
+
+    /// The forward from `acts.x_in` (the image, on the backend) and the host
+    /// `t` and condition (uploaded here); leaves the prediction in `acts.img`.
+    fn forward_inputs(
+        &self,
+        acts: &mut ModelActs,
+        t: &[f32],
+        cond: Condition<'_>,
+        keep: bool,
+    ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
+        let c = &self.config;
+        let be = self.backend.as_ref();
         let dtype = self.dtype;
         let (d, p, size) = (c.hidden, c.patch_size, c.input_size);
-        let b = self.check_inputs(x, t)?;
+        let b = t.len();
         let tokens = c.tokens();
         let rows = b * tokens;
 
-        // Inputs, one upload each.
-        acts.x_in.ensure(be, &[b, c.in_channels, size, size], DType::F32)?;
-        be.write_f32(acts.x_in.view_mut()?, x)?;
+        // Inputs, one upload each (the image is already in `acts.x_in`).
         acts.t_in.ensure(be, &[b], DType::F32)?;
         be.write_f32(acts.t_in.view_mut()?, t)?;
         let text_len = self.upload_condition(acts, cond, b)?;
