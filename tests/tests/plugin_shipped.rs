@@ -43,6 +43,14 @@ fn registries() -> &'static Registries {
     })
 }
 
+// The op-conformance suite through ABI v2: every op of the CPU backend loaded
+// as a plugin (tensors crossing as buffer handles) against the static build.
+ecdit_engine::backend_conformance!(
+    cpu_backend_plugin,
+    registries().dynamic.backend(&json!({"kind": "cpu", "threads": 2})).unwrap(),
+    registries().stat.backend(&json!({"kind": "cpu", "threads": 1})).unwrap()
+);
+
 /// Cases per property: `PROPTEST_CASES` when set, else `default`.
 fn cases(default: u32) -> ProptestConfig {
     let n = std::env::var("PROPTEST_CASES")
