@@ -35,7 +35,15 @@
  *  - routers and schedulers work on host buffers (ecdit_f32s...): an optional
  *    buffer is a NULL pointer; a zero-length buffer may have any pointer;
  *  - backends and experts work on tensors (ecdit_tensor) naming a buffer handle
- *    of the backend that allocated it; an optional tensor is a NULL pointer;
+ *    of the backend instance that allocated it (buffers of another instance,
+ *    even of the same table, are refused); an optional tensor is a NULL pointer;
+ *  - no in-place ops: within one backend call, a tensor the op writes must not
+ *    share a byte with any other tensor of the call (views of disjoint parts of
+ *    one buffer are fine), nor with the host memory of upload/download; the
+ *    host's lent backend refuses such a call ("in-place ops are not supported:
+ *    out and inp overlap");
+ *  - a count the plugin hands over (tables of one family, tensors of one call)
+ *    is at most 4096;
  *  - instance handles may be called from several threads at once;
  *  - never let an exception or longjmp cross the boundary.
  *
@@ -268,10 +276,14 @@ typedef struct ecdit_backend_vtable {
     uint32_t (*supports)(void *h, uint32_t dtype); /* optional; default: f32, u32, u8 */
     /* Allocates bytes zeroed bytes; *out is the buffer handle. */
     int32_t (*alloc)(void *h, size_t bytes, void **out, ecdit_err *err);
-    void (*buffer_free)(void *buffer); /* may run after destroy */
+    /* May run after destroy. On the lent backend it frees only a buffer that
+     * backend allocated and nobody freed or pushed; a freed handle is dead. */
+    void (*buffer_free)(void *buffer);
     /* Optional: the base address when the buffer is host memory the host may
-     * read and write directly (stable). Default: NULL, not host memory. */
+     * read and write directly (stable, aligned to 64 bytes; an address not
+     * aligned to 64 is taken as NULL). Default: NULL, not host memory. */
     void *(*buffer_host_ptr)(void *buffer);
+    /* len is the view's byte length (the host checks it before calling). */
     int32_t (*upload)(void *h, ecdit_t dst, const void *src, size_t len, ecdit_err *err);
     int32_t (*download)(void *h, void *dst, size_t len, ecdit_t src, ecdit_err *err);
     int32_t (*copy)(void *h, ecdit_t dst, ecdit_t src, ecdit_err *err);
@@ -336,8 +348,10 @@ typedef struct ecdit_backend_ref {
 } ecdit_backend_ref;
 
 /* Where forward hands the tensors it caches: push gives the host a buffer the
- * expert allocated through the lent backend during this call (offset 0); the
- * host owns it from then on. */
+ * expert allocated through the lent backend during this call (offset 0, not
+ * freed, not pushed before); the host owns it from then on. push is valid only
+ * during the forward call that received the sink (from any thread); never
+ * keep the sink past it. */
 typedef struct ecdit_tensor_sink {
     void *ctx;
     int32_t (*push)(void *ctx, ecdit_t tensor, ecdit_err *err);
@@ -359,7 +373,7 @@ typedef struct ecdit_expert_vtable {
      * "input_major" or {"input_major_chunks": k}; init "zeros", "ones", "fixed",
      * {"normal": std} or {"xavier_uniform": [fan_in, fan_out]}. Writes at most
      * cap bytes (no NUL) and the full length to *len; the host calls again with a
-     * larger buffer when *len > cap. */
+     * larger buffer when *len > cap (at most 16 MiB; longer is an error). */
     int32_t (*param_shapes)(void *h, size_t d, size_t experts, char *out, size_t cap, size_t *len, ecdit_err *err);
     /* cache NULL: inference, keep nothing. offsets: n_offsets = E + 1 row offsets. */
     int32_t (*forward)(void *h, const ecdit_backend_ref *backend, ecdit_t out, const ecdit_tensor_sink *cache,

@@ -153,6 +153,54 @@ pub fn check_grouped(
     Ok(rows)
 }
 
+/// The body of [`Backend::gemm_grouped`]'s default: one [`Backend::gemm`] per
+/// non-empty group. Public so an implementation that overrides the method
+/// (a plugin table without the slot) can still fall back to it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_grouped_by_gemm<B: Backend + ?Sized>(
+    be: &B,
+    out: TensorMut<'_>,
+    a: TensorRef<'_>,
+    b: TensorRef<'_>,
+    group_rows: &[usize],
+    n: usize,
+    k: usize,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    check_grouped("gemm_grouped", out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
+    let out_len = out.numel();
+    let (mut out, a, b) = (
+        out.reshape(&[out_len])?,
+        a.reshape(&[a.numel()])?,
+        b.reshape(&[b.numel()])?,
+    );
+    let mut r0 = 0;
+    for (g, &m) in group_rows.iter().enumerate() {
+        if m > 0 {
+            let dims = GemmDims {
+                m,
+                n,
+                k,
+                trans_a: false,
+                trans_b,
+            };
+            be.gemm(
+                out.reborrow().flat(r0 * n, m * n)?,
+                a.flat(r0 * k, m * k)?,
+                b.flat(g * n * k, n * k)?,
+                None,
+                dims,
+                alpha,
+                beta,
+            )?;
+            r0 += m;
+        }
+    }
+    Ok(())
+}
+
 /// Which chunks of an adaLN modulation `[B, chunks * d]` an op reads
 /// (upstream order: `shift, scale, gate, ...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,36 +332,7 @@ pub trait Backend: Send + Sync {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        check_grouped("gemm_grouped", out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
-        let out_len = out.numel();
-        let (mut out, a, b) = (
-            out.reshape(&[out_len])?,
-            a.reshape(&[a.numel()])?,
-            b.reshape(&[b.numel()])?,
-        );
-        let mut r0 = 0;
-        for (g, &m) in group_rows.iter().enumerate() {
-            if m > 0 {
-                let dims = GemmDims {
-                    m,
-                    n,
-                    k,
-                    trans_a: false,
-                    trans_b,
-                };
-                self.gemm(
-                    out.reborrow().flat(r0 * n, m * n)?,
-                    a.flat(r0 * k, m * k)?,
-                    b.flat(g * n * k, n * k)?,
-                    None,
-                    dims,
-                    alpha,
-                    beta,
-                )?;
-                r0 += m;
-            }
-        }
-        Ok(())
+        gemm_grouped_by_gemm(self, out, a, b, group_rows, n, k, trans_b, alpha, beta)
     }
 
     // ---- element-wise and row ops ----

@@ -1511,3 +1511,191 @@ fn a_v1_descriptor_with_a_backend_is_refused_whole_naming_both_versions() {
     );
     assert!(reg.list().is_empty(), "its routers are refused too");
 }
+
+// ------------------------------------------------------------------ misbehaving C experts
+
+use ecdit_engine::plugin::abi::{BackendRef, ErrBuf, ExpertVtable, TensorDesc, TensorSink, UNARY_SILU};
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+type ForwardFn = unsafe extern "C" fn(
+    *mut c_void,
+    *const BackendRef,
+    *const TensorDesc,
+    *const TensorSink,
+    *const TensorDesc,
+    *const TensorDesc,
+    usize,
+    *const usize,
+    usize,
+    usize,
+    *mut ErrBuf,
+) -> i32;
+
+/// The exported `test-linear` forward, for wrappers that call it with bad arguments.
+static LINEAR_FORWARD: OnceLock<ForwardFn> = OnceLock::new();
+
+/// `test-linear` exported, its table rewritten by `edit`: what a C expert
+/// breaking the rules would hand the host.
+fn edited_expert(edit: impl FnOnce(&mut ExpertVtable)) -> &'static PluginDesc {
+    let exported: &'static Exported =
+        Box::leak(Box::new(Exported::new("bad-expert", "0.0.1", register_linear).unwrap()));
+    // SAFETY: the descriptor lives forever (leaked); tables are copied, not mutated.
+    let mut desc = unsafe { *exported.descriptor() };
+    let mut table = unsafe { **desc.experts };
+    let _ = LINEAR_FORWARD.set(table.forward.unwrap());
+    edit(&mut table);
+    let table: &'static ExpertVtable = Box::leak(Box::new(table));
+    let list: &'static [*const ExpertVtable] = Box::leak(vec![table as *const ExpertVtable].into_boxed_slice());
+    desc.experts = list.as_ptr();
+    Box::leak(Box::new(desc))
+}
+
+/// Runs forward (keeping a cache) of the edited expert on `[2, 2]` tensors;
+/// returns the error and proves the host's tensors survived.
+fn forward_error(edit: impl FnOnce(&mut ExpertVtable)) -> String {
+    let mut reg = Registry::new();
+    unsafe { register_descriptor(&mut reg, edited_expert(edit), "bad-expert") }.unwrap();
+    let e = reg.expert(&json!("test-linear")).unwrap();
+    let backend = TestBackend;
+    let x = backend.upload_f32(&[2, 2], &[1.0, 2.0, 3.0, 4.0], DType::F32).unwrap();
+    let w = backend.zeros(&[1, 2, 2], DType::F32).unwrap();
+    let mut out = backend.zeros(&[2, 2], DType::F32).unwrap();
+    let mut cache = ExpertCache::default();
+    let err = e
+        .forward(
+            &backend,
+            out.view_mut(),
+            &mut cache,
+            true,
+            x.view(),
+            &[w.view()],
+            &[0, 2],
+            2,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(cache.tensors.is_empty());
+    assert_eq!(backend.read_f32(x.view()).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    err
+}
+
+/// Copies row 0 of `out` into row 1 (disjoint views of one buffer: fine),
+/// then runs silu on `out` in place (refused).
+unsafe extern "C" fn forward_in_place(
+    _: *mut c_void,
+    backend: *const BackendRef,
+    out: *const TensorDesc,
+    _: *const TensorSink,
+    _: *const TensorDesc,
+    _: *const TensorDesc,
+    _: usize,
+    _: *const usize,
+    _: usize,
+    _: usize,
+    err: *mut ErrBuf,
+) -> i32 {
+    let (vt, h) = (&*(*backend).vtable, (*backend).handle);
+    let mut rows = [*out, *out];
+    rows[0].dims[0] = 1;
+    rows[1].dims[0] = 1;
+    rows[1].offset += rows[0].dims[1];
+    let status = (vt.copy.unwrap())(h, &rows[1], &rows[0], err);
+    if status != 0 {
+        return status;
+    }
+    (vt.unary.unwrap())(h, UNARY_SILU, out, out, err)
+}
+
+/// Frees a host tensor through the lent backend (ignored), then allocates a
+/// buffer, frees it and pushes it to the cache (refused).
+unsafe extern "C" fn forward_push_freed(
+    _: *mut c_void,
+    backend: *const BackendRef,
+    _: *const TensorDesc,
+    cache: *const TensorSink,
+    x: *const TensorDesc,
+    _: *const TensorDesc,
+    _: usize,
+    _: *const usize,
+    _: usize,
+    _: usize,
+    err: *mut ErrBuf,
+) -> i32 {
+    let (vt, h) = (&*(*backend).vtable, (*backend).handle);
+    (vt.buffer_free.unwrap())((*x).buffer);
+    let mut buffer: *mut c_void = std::ptr::null_mut();
+    let status = (vt.alloc.unwrap())(h, 16, &mut buffer, err);
+    if status != 0 {
+        return status;
+    }
+    (vt.buffer_free.unwrap())(buffer);
+    let mut d = *x;
+    d.buffer = buffer;
+    d.offset = 0;
+    d.rank = 1;
+    d.dims = [0; ecdit_engine::plugin::abi::MAX_RANK];
+    d.dims[0] = 4;
+    ((*cache).push.unwrap())((*cache).ctx, &d, err)
+}
+
+/// The exported forward, told there are 2^60 parameter tensors.
+unsafe extern "C" fn forward_huge_count(
+    h: *mut c_void,
+    backend: *const BackendRef,
+    out: *const TensorDesc,
+    cache: *const TensorSink,
+    x: *const TensorDesc,
+    params: *const TensorDesc,
+    _: usize,
+    offsets: *const usize,
+    n_offsets: usize,
+    d: usize,
+    err: *mut ErrBuf,
+) -> i32 {
+    let f = LINEAR_FORWARD.get().unwrap();
+    f(h, backend, out, cache, x, params, 1 << 60, offsets, n_offsets, d, err)
+}
+
+unsafe extern "C" fn param_shapes_huge(
+    _: *mut c_void,
+    _: usize,
+    _: usize,
+    _: *mut c_char,
+    _: usize,
+    len: *mut usize,
+    _: *mut ErrBuf,
+) -> i32 {
+    *len = 1 << 40;
+    0
+}
+
+#[test]
+fn the_lent_backend_refuses_in_place_ops() {
+    let e = forward_error(|t| t.forward = Some(forward_in_place));
+    assert!(e.contains("in-place ops are not supported: out and inp overlap"), "{e}");
+}
+
+#[test]
+fn a_freed_lent_buffer_cannot_be_pushed_and_host_tensors_cannot_be_freed() {
+    let e = forward_error(|t| t.forward = Some(forward_push_freed));
+    assert!(e.contains("allocated through the lent backend"), "{e}");
+}
+
+#[test]
+fn counts_and_lengths_from_a_plugin_are_bounded() {
+    let e = forward_error(|t| t.forward = Some(forward_huge_count));
+    assert!(e.contains("params") && e.contains("at most 4096"), "{e}");
+    // A parameter list longer than 16 MiB is an error (logged), not an allocation.
+    let mut reg = Registry::new();
+    let desc = edited_expert(|t| t.param_shapes = Some(param_shapes_huge));
+    unsafe { register_descriptor(&mut reg, desc, "bad-expert") }.unwrap();
+    assert!(reg.expert(&json!("test-linear")).unwrap().param_shapes(4, 3).is_empty());
+    // A table count beyond the bound is refused at load.
+    let mut desc = *edited_expert(|_| ());
+    desc.n_experts = 5000;
+    let e = unsafe { register_descriptor(&mut Registry::new(), &desc, "many") }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expert tables") && e.contains("at most 4096"), "{e}");
+}

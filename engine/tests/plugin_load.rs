@@ -299,9 +299,17 @@ fn a_c_backend_computes_on_its_own_buffers_with_defaults_for_missing_ops() {
     let x = b.upload_f32(&[2], &[1.0, 2.0], DType::F32).unwrap();
     b.axpby(p.view_mut(), 2.0, x.view(), 1.0).unwrap();
     assert_eq!(b.read_f32(p.view()).unwrap(), vec![2.0, 4.0]);
-    // Errors of the plugin cross with its name; a tensor of another backend is refused.
+    // Errors of the plugin cross with its name (a wrong transfer length is
+    // now caught by the host first, still naming the plugin); a tensor of
+    // another backend is refused.
     let e = b.upload(p.view_mut(), &[0u8; 3]).unwrap_err().to_string();
     assert!(e.contains("c-backend-plugin") && e.contains("upload: length"), "{e}");
+    let mut ints = b.zeros(&[2], DType::U32).unwrap();
+    let e = b.fill(ints.view_mut(), 1.0).unwrap_err().to_string();
+    assert!(
+        e.contains("c-backend-plugin") && e.contains("c-backend computes f32 only"),
+        "{e}"
+    );
     let foreign = Buffer::new(Box::new(HostStorage::zeroed(8).unwrap()), "host");
     let mut foreign = Tensor::from_buffer(foreign, &[2], DType::F32).unwrap();
     let e = b.fill(foreign.view_mut(), 1.0).unwrap_err().to_string();
@@ -334,4 +342,34 @@ fn device_buffers_are_reached_only_through_transfers() {
     let e = t.view().host::<f32>().unwrap_err().to_string();
     assert!(e.contains("device memory"), "{e}");
     assert_eq!(b.read_f32(t.view().flat(1, 2).unwrap()).unwrap(), vec![2.0, 3.0]);
+}
+
+#[test]
+fn transfers_of_the_wrong_length_are_refused_before_the_plugin_sees_them() {
+    let (reg, _) = c_backend_registry("", "c_backend_lengths");
+    let b = reg.backend(&json!("c-backend")).unwrap();
+    let mut t = b.zeros(&[4], DType::F32).unwrap();
+    // The host's own check, not the C backend's ("length is not the view's byte length").
+    let e = b.upload(t.view_mut(), &[0u8; 3]).unwrap_err().to_string();
+    assert!(e.contains("checked by the host") && !e.contains("byte length"), "{e}");
+    let mut dst = [0u8; 20];
+    let e = b.download(&mut dst, t.view()).unwrap_err().to_string();
+    assert!(
+        e.contains("download: length 20 bytes") && e.contains("checked by the host") && !e.contains("byte length"),
+        "{e}"
+    );
+    b.upload(t.view_mut(), &[0u8; 16]).unwrap();
+}
+
+#[test]
+fn a_misaligned_host_pointer_is_not_host_memory() {
+    let (reg, _) = c_backend_registry("-DMISALIGNED_HOST_PTR", "c_backend_misaligned");
+    let b = reg.backend(&json!("c-backend")).unwrap();
+    let t = b.upload_f32(&[3], &[1.0, 2.0, 3.0], DType::F32).unwrap();
+    assert!(!t.buffer().is_host(), "an address not aligned to 64 is not host memory");
+    assert_eq!(b.read_f32(t.view()).unwrap(), vec![1.0, 2.0, 3.0]);
+    // The aligned build is host memory.
+    let (reg, _) = c_backend_registry("", "c_backend_aligned");
+    let b = reg.backend(&json!("c-backend")).unwrap();
+    assert!(b.upload_f32(&[3], &[1.0; 3], DType::F32).unwrap().buffer().is_host());
 }

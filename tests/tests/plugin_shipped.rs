@@ -47,8 +47,14 @@ fn registries() -> &'static Registries {
 // as a plugin (tensors crossing as buffer handles) against the static build.
 ecdit_engine::backend_conformance!(
     cpu_backend_plugin,
-    registries().dynamic.backend(&json!({"kind": "cpu", "threads": 2})).unwrap(),
-    registries().stat.backend(&json!({"kind": "cpu", "threads": 1})).unwrap()
+    registries()
+        .dynamic
+        .backend(&json!({"kind": "cpu", "threads": 2}))
+        .unwrap(),
+    registries()
+        .stat
+        .backend(&json!({"kind": "cpu", "threads": 1}))
+        .unwrap()
 );
 
 /// Cases per property: `PROPTEST_CASES` when set, else `default`.

@@ -64,6 +64,22 @@ pub(crate) unsafe fn write_err(err: *mut ErrBuf, msg: &str) {
     *err.msg.add(n) = 0;
 }
 
+/// The most entries of a list a plugin announces by count (the tables of one
+/// family, the tensors of one call): a larger count is a bug, not a model.
+pub(crate) const MAX_LIST: usize = 4096;
+
+/// Checks a count of `size`-byte entries a plugin announced before it becomes
+/// a slice length: at most `max`, and a byte length a slice can have.
+pub(crate) fn check_count(n: usize, max: usize, size: usize, what: &str) -> Result<()> {
+    if n <= max && n.checked_mul(size).is_some_and(|b| b <= isize::MAX as usize) {
+        Ok(())
+    } else {
+        Err(EngineError::Other(format!(
+            "{what}: {n} entries announced, at most {max} are accepted"
+        )))
+    }
+}
+
 fn null_error(what: &str, len: usize) -> EngineError {
     EngineError::Other(format!("{what}: null pointer with length {len}"))
 }

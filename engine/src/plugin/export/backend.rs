@@ -12,10 +12,10 @@ use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 use crate::plugin::abi::*;
 use crate::tensor::{Tensor, TensorMut, TensorRef};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CString};
 use std::marker::PhantomData;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// What a backend handle points to.
 pub(crate) struct BackendHandle {
@@ -24,9 +24,18 @@ pub(crate) struct BackendHandle {
     backend: *const (dyn Backend + 'static),
     owned: bool,
     name: CString,
-    /// Buffers a lent backend allocated during the call: the only ones an
-    /// expert may hand to the host's cache.
-    lent_allocs: Mutex<HashSet<usize>>,
+}
+
+/// Buffers lent backends allocated and nobody freed or took yet: buffer
+/// address -> address of the lending [`BackendHandle`]. The only buffers an
+/// expert may hand to the host's cache, and the only ones the lent table's
+/// `buffer_free` frees. Process-wide because `buffer_free` gets only the buffer.
+fn lent_allocs() -> MutexGuard<'static, HashMap<usize, usize>> {
+    static ALLOCS: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
+    ALLOCS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 impl BackendHandle {
@@ -56,7 +65,6 @@ impl Instance for Box<dyn Backend> {
             backend: Box::into_raw(self),
             owned: true,
             name,
-            lent_allocs: Mutex::new(HashSet::new()),
         })) as *mut c_void
     }
     unsafe fn drop_handle(h: *mut c_void) {
@@ -87,7 +95,6 @@ impl<'a> Lent<'a> {
                 backend,
                 owned: false,
                 name: c_name(unsafe { &*backend }.name()),
-                lent_allocs: Mutex::new(HashSet::new()),
             }),
             _borrow: PhantomData,
         }
@@ -96,7 +103,14 @@ impl<'a> Lent<'a> {
     /// The table and handle for the plugin.
     pub(crate) fn as_ref(&self) -> BackendRef {
         static TABLE: OnceLock<SyncTable> = OnceLock::new();
-        let table = &TABLE.get_or_init(|| SyncTable(ops(std::ptr::null()))).0;
+        let table = &TABLE
+            .get_or_init(|| {
+                SyncTable(BackendVtable {
+                    buffer_free: Some(lent_buffer_free),
+                    ..ops(std::ptr::null())
+                })
+            })
+            .0;
         BackendRef {
             vtable: table,
             handle: &*self.handle as *const BackendHandle as *mut c_void,
@@ -107,23 +121,102 @@ impl<'a> Lent<'a> {
     /// this lent backend during the call (an expert's cache); any other
     /// handle, or a view that does not fit, is an error and nothing is taken.
     pub(crate) fn take(&self, d: &TensorDesc) -> Result<Tensor> {
-        let mut allocs = self.handle.lent_allocs.lock().unwrap_or_else(|e| e.into_inner());
-        if !allocs.contains(&(d.buffer as usize)) {
+        let mut allocs = lent_allocs();
+        if allocs.get(&(d.buffer as usize)) != Some(&self.id()) {
             return Err(EngineError::Other(
-                "a cached tensor must be a buffer allocated through the lent backend during this call".into(),
+                "a cached tensor must be a live buffer allocated through the lent backend during this call \
+                 (not freed, not pushed twice)"
+                    .into(),
             ));
         }
-        let (buffer, offset, dims, dtype) = unsafe { parts(d, "cached tensor")? };
+        // SAFETY: registered, so `alloc` made it and neither `buffer_free` nor `take` consumed it.
+        let (_, offset, dims, dtype) = unsafe { parts(d, "cached tensor")? };
         if offset != 0 {
             return Err(EngineError::Other("a cached tensor must start at offset 0".into()));
         }
         let dims = dims.to_vec();
-        let _ = buffer;
         allocs.remove(&(d.buffer as usize));
-        // SAFETY: in the set, so `alloc` made it from a `Box<Buffer>` and nothing took it since.
+        drop(allocs);
+        // SAFETY: was registered, so `alloc` made it from a `Box<Buffer>` and nothing freed or took it since.
         let buffer = *unsafe { Box::from_raw(d.buffer as *mut Buffer) };
         Tensor::from_buffer(buffer, &dims, dtype)
     }
+
+    /// The key of this lending in [`lent_allocs`].
+    fn id(&self) -> usize {
+        &*self.handle as *const BackendHandle as usize
+    }
+}
+
+impl Drop for Lent<'_> {
+    /// Forgets the buffers the plugin left behind: after the call nobody may
+    /// take them, and a later lending at the same address must not match them.
+    fn drop(&mut self) {
+        let id = self.id();
+        lent_allocs().retain(|_, h| *h != id);
+    }
+}
+
+/// The lent table's `buffer_free`: frees only a buffer the lent backend
+/// allocated and nobody freed or took yet; any other handle (a host tensor,
+/// one freed before) is left alone.
+unsafe extern "C" fn lent_buffer_free(buffer: *mut c_void) {
+    if lent_allocs().remove(&(buffer as usize)).is_some() {
+        // SAFETY: registered by `alloc` (a `Box<Buffer>`), unregistered just now: freed once.
+        quiet((), || drop(Box::from_raw(buffer as *mut Buffer)));
+    }
+}
+
+/// The byte range `(buffer, start, end)` a descriptor views, when it is
+/// readable and sane (otherwise `parts` reports it when the op reads it).
+unsafe fn span(p: *const TensorDesc) -> Option<(usize, usize, usize)> {
+    let d = p.as_ref()?;
+    if d.buffer.is_null() || d.rank as usize > MAX_RANK {
+        return None;
+    }
+    let size = DType::from_code(d.dtype)?.size();
+    let n = d.dims[..d.rank as usize]
+        .iter()
+        .try_fold(1usize, |a, &x| a.checked_mul(x))?;
+    let end = n.checked_add(d.offset)?.checked_mul(size)?;
+    Some((d.buffer as usize, d.offset.checked_mul(size)?, end))
+}
+
+/// Refuses an op whose written views (`outs`) overlap any other view of the
+/// call (`outs` and `ins`) in the same buffer: the op would get a `&mut` and
+/// another reference to the same bytes. Views that only share the buffer are fine.
+unsafe fn disjoint(outs: &[(*const TensorDesc, &str)], ins: &[(*const TensorDesc, &str)]) -> Result<()> {
+    for (i, &(o, o_name)) in outs.iter().enumerate() {
+        let Some((ob, os, oe)) = span(o).filter(|s| s.1 < s.2) else {
+            continue;
+        };
+        for &(p, p_name) in outs[i + 1..].iter().chain(ins) {
+            if let Some((pb, ps, pe)) = span(p) {
+                if pb == ob && ps < pe && os < pe && ps < oe {
+                    return Err(EngineError::Other(format!(
+                        "in-place ops are not supported: {o_name} and {p_name} overlap"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses host memory `[ptr, ptr + len)` that overlaps the view `d` (a
+/// checked descriptor): `upload`/`download` would alias it.
+unsafe fn host_apart(d: *const TensorDesc, ptr: *const c_void, len: usize, view: &str, host: &str) -> Result<()> {
+    let (buffer, ..) = parts(d, view)?;
+    let (Some(base), Some((_, s, e))) = (buffer.storage().host_ptr(), span(d)) else {
+        return Ok(());
+    };
+    let (vs, ve, hs) = (base.as_ptr() as usize + s, base.as_ptr() as usize + e, ptr as usize);
+    if len > 0 && s < e && hs < ve && vs < hs.saturating_add(len) {
+        return Err(EngineError::Other(format!(
+            "in-place ops are not supported: {view} and {host} overlap"
+        )));
+    }
+    Ok(())
 }
 
 /// The descriptor of a view of this side's buffer (the handle is the `Buffer`).
@@ -287,6 +380,14 @@ type Hd = *mut c_void;
 type Er = *mut ErrBuf;
 type Td = *const TensorDesc;
 
+/// [`guard`] for an op over descriptors: refuses overlapping views first (see [`disjoint`]).
+unsafe fn checked(err: Er, outs: &[(Td, &str)], ins: &[(Td, &str)], f: impl FnOnce() -> Result<()>) -> i32 {
+    guard(err, || {
+        disjoint(outs, ins)?;
+        f()
+    })
+}
+
 /// Every slot but the header strings and `create`/`destroy`.
 #[allow(clippy::too_many_arguments)]
 fn ops(ctx: *const c_void) -> BackendVtable {
@@ -308,10 +409,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
             let hd = hd(h)?;
             let buffer = Box::into_raw(Box::new(hd.backend().alloc(bytes)?)) as *mut c_void;
             if !hd.owned {
-                hd.lent_allocs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(buffer as usize);
+                lent_allocs().insert(buffer as usize, hd as *const BackendHandle as usize);
             }
             *out = buffer;
             Ok(())
@@ -339,6 +437,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
                 &[][..]
             } else {
                 not_null(src, "src")?;
+                host_apart(dst, src, len, "dst", "src")?;
                 std::slice::from_raw_parts(src as *const u8, len)
             };
             be(h)?.upload(tm(dst, "dst")?, src)
@@ -350,13 +449,16 @@ fn ops(ctx: *const c_void) -> BackendVtable {
                 &mut [][..]
             } else {
                 not_null(dst, "dst")?;
+                host_apart(src, dst, len, "src", "dst")?;
                 std::slice::from_raw_parts_mut(dst as *mut u8, len)
             };
             be(h)?.download(dst, tr(src, "src")?)
         })
     }
     unsafe extern "C" fn copy(h: Hd, dst: Td, src: Td, err: Er) -> i32 {
-        guard(err, || be(h)?.copy(tm(dst, "dst")?, tr(src, "src")?))
+        checked(err, &[(dst, "dst")], &[(src, "src")], || {
+            be(h)?.copy(tm(dst, "dst")?, tr(src, "src")?)
+        })
     }
     unsafe extern "C" fn fill(h: Hd, dst: Td, value: f32, err: Er) -> i32 {
         guard(err, || be(h)?.fill(tm(dst, "dst")?, value))
@@ -372,7 +474,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         beta: f32,
         err: Er,
     ) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(a, "a"), (b, "b"), (bias, "bias")], || {
             be(h)?.gemm(
                 tm(out, "out")?,
                 tr(a, "a")?,
@@ -395,7 +497,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         beta: f32,
         err: Er,
     ) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(a, "a"), (b, "b")], || {
             be(h)?.gemm_batched(
                 tm(out, "out")?,
                 tr(a, "a")?,
@@ -421,11 +523,12 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         beta: f32,
         err: Er,
     ) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(a, "a"), (b, "b")], || {
             let rows = if groups == 0 {
                 &[][..]
             } else {
                 not_null(group_rows, "group_rows")?;
+                crate::plugin::check_count(groups, isize::MAX as usize, size_of::<usize>(), "group_rows")?;
                 std::slice::from_raw_parts(group_rows, groups)
             };
             be(h)?.gemm_grouped(
@@ -442,18 +545,22 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         })
     }
     unsafe extern "C" fn add_broadcast(h: Hd, out: Td, inp: Td, err: Er) -> i32 {
-        guard(err, || be(h)?.add_broadcast(tm(out, "out")?, tr(inp, "inp")?))
+        checked(err, &[(out, "out")], &[(inp, "inp")], || {
+            be(h)?.add_broadcast(tm(out, "out")?, tr(inp, "inp")?)
+        })
     }
     unsafe extern "C" fn axpby(h: Hd, y: Td, a: f32, x: Td, b: f32, err: Er) -> i32 {
-        guard(err, || be(h)?.axpby(tm(y, "y")?, a, tr(x, "x")?, b))
+        checked(err, &[(y, "y")], &[(x, "x")], || {
+            be(h)?.axpby(tm(y, "y")?, a, tr(x, "x")?, b)
+        })
     }
     unsafe extern "C" fn sum_rows(h: Hd, out: Td, inp: Td, rows: usize, cols: usize, acc: u32, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(inp, "inp")], || {
             be(h)?.sum_rows(tm(out, "out")?, tr(inp, "inp")?, rows, cols, acc != 0)
         })
     }
     unsafe extern "C" fn softmax_rows(h: Hd, out: Td, inp: Td, rows: usize, cols: usize, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(inp, "inp")], || {
             be(h)?.softmax_rows(tm(out, "out")?, tr(inp, "inp")?, rows, cols)
         })
     }
@@ -466,7 +573,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         cols: usize,
         err: Er,
     ) -> i32 {
-        guard(err, || {
+        checked(err, &[(dinp, "dinp")], &[(dout, "dout"), (out, "out")], || {
             be(h)?.softmax_rows_backward(tm(dinp, "dinp")?, tr(dout, "dout")?, tr(out, "out")?, rows, cols)
         })
     }
@@ -483,19 +590,24 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         eps: f32,
         err: Er,
     ) -> i32 {
-        guard(err, || {
-            be(h)?.layer_norm(
-                tm(out, "out")?,
-                tm(mean, "mean")?,
-                tm(rstd, "rstd")?,
-                tr(inp, "inp")?,
-                otr(weight, "weight")?,
-                otr(bias, "bias")?,
-                rows,
-                cols,
-                eps,
-            )
-        })
+        checked(
+            err,
+            &[(out, "out"), (mean, "mean"), (rstd, "rstd")],
+            &[(inp, "inp"), (weight, "weight"), (bias, "bias")],
+            || {
+                be(h)?.layer_norm(
+                    tm(out, "out")?,
+                    tm(mean, "mean")?,
+                    tm(rstd, "rstd")?,
+                    tr(inp, "inp")?,
+                    otr(weight, "weight")?,
+                    otr(bias, "bias")?,
+                    rows,
+                    cols,
+                    eps,
+                )
+            },
+        )
     }
     unsafe extern "C" fn layer_norm_backward(
         h: Hd,
@@ -511,31 +623,44 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         cols: usize,
         err: Er,
     ) -> i32 {
-        guard(err, || {
-            be(h)?.layer_norm_backward(
-                tm(dinp, "dinp")?,
-                otm(dweight, "dweight")?,
-                otm(dbias, "dbias")?,
-                tr(dout, "dout")?,
-                tr(inp, "inp")?,
-                tr(mean, "mean")?,
-                tr(rstd, "rstd")?,
-                otr(weight, "weight")?,
-                rows,
-                cols,
-            )
-        })
+        checked(
+            err,
+            &[(dinp, "dinp"), (dweight, "dweight"), (dbias, "dbias")],
+            &[
+                (dout, "dout"),
+                (inp, "inp"),
+                (mean, "mean"),
+                (rstd, "rstd"),
+                (weight, "weight"),
+            ],
+            || {
+                be(h)?.layer_norm_backward(
+                    tm(dinp, "dinp")?,
+                    otm(dweight, "dweight")?,
+                    otm(dbias, "dbias")?,
+                    tr(dout, "dout")?,
+                    tr(inp, "inp")?,
+                    tr(mean, "mean")?,
+                    tr(rstd, "rstd")?,
+                    otr(weight, "weight")?,
+                    rows,
+                    cols,
+                )
+            },
+        )
     }
     unsafe extern "C" fn unary(h: Hd, op: u32, out: Td, inp: Td, err: Er) -> i32 {
-        guard(err, || be(h)?.unary(unary_op(op)?, tm(out, "out")?, tr(inp, "inp")?))
+        checked(err, &[(out, "out")], &[(inp, "inp")], || {
+            be(h)?.unary(unary_op(op)?, tm(out, "out")?, tr(inp, "inp")?)
+        })
     }
     unsafe extern "C" fn unary_backward(h: Hd, op: u32, dinp: Td, dout: Td, inp: Td, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(dinp, "dinp")], &[(dout, "dout"), (inp, "inp")], || {
             be(h)?.unary_backward(unary_op(op)?, tm(dinp, "dinp")?, tr(dout, "dout")?, tr(inp, "inp")?)
         })
     }
     unsafe extern "C" fn modulate(h: Hd, out: Td, inp: Td, m: Td, w: ModChunksC, d: RowDimsC, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(inp, "inp"), (m, "modulation")], || {
             be(h)?.modulate(
                 tm(out, "out")?,
                 tr(inp, "inp")?,
@@ -556,20 +681,25 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         d: RowDimsC,
         err: Er,
     ) -> i32 {
-        guard(err, || {
-            be(h)?.modulate_backward(
-                tm(dinp, "dinp")?,
-                tm(dm, "dmodulation")?,
-                tr(dout, "dout")?,
-                tr(inp, "inp")?,
-                tr(m, "modulation")?,
-                chunks(w),
-                rows(d),
-            )
-        })
+        checked(
+            err,
+            &[(dinp, "dinp"), (dm, "dmodulation")],
+            &[(dout, "dout"), (inp, "inp"), (m, "modulation")],
+            || {
+                be(h)?.modulate_backward(
+                    tm(dinp, "dinp")?,
+                    tm(dm, "dmodulation")?,
+                    tr(dout, "dout")?,
+                    tr(inp, "inp")?,
+                    tr(m, "modulation")?,
+                    chunks(w),
+                    rows(d),
+                )
+            },
+        )
     }
     unsafe extern "C" fn gated_residual(h: Hd, x: Td, y: Td, m: Td, w: ModChunksC, d: RowDimsC, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(x, "x")], &[(y, "y"), (m, "modulation")], || {
             be(h)?.gated_residual(tm(x, "x")?, tr(y, "y")?, tr(m, "modulation")?, chunks(w), rows(d))
         })
     }
@@ -584,26 +714,35 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         d: RowDimsC,
         err: Er,
     ) -> i32 {
-        guard(err, || {
-            be(h)?.gated_residual_backward(
-                tm(dy, "dy")?,
-                tm(dm, "dmodulation")?,
-                tr(dx, "dx")?,
-                tr(y, "y")?,
-                tr(m, "modulation")?,
-                chunks(w),
-                rows(d),
-            )
-        })
+        checked(
+            err,
+            &[(dy, "dy"), (dm, "dmodulation")],
+            &[(dx, "dx"), (y, "y"), (m, "modulation")],
+            || {
+                be(h)?.gated_residual_backward(
+                    tm(dy, "dy")?,
+                    tm(dm, "dmodulation")?,
+                    tr(dx, "dx")?,
+                    tr(y, "y")?,
+                    tr(m, "modulation")?,
+                    chunks(w),
+                    rows(d),
+                )
+            },
+        )
     }
     unsafe extern "C" fn patchify(h: Hd, out: Td, inp: Td, d: PatchDimsC, err: Er) -> i32 {
-        guard(err, || be(h)?.patchify(tm(out, "out")?, tr(inp, "inp")?, patch(d)))
+        checked(err, &[(out, "out")], &[(inp, "inp")], || {
+            be(h)?.patchify(tm(out, "out")?, tr(inp, "inp")?, patch(d))
+        })
     }
     unsafe extern "C" fn unpatchify(h: Hd, out: Td, inp: Td, d: PatchDimsC, err: Er) -> i32 {
-        guard(err, || be(h)?.unpatchify(tm(out, "out")?, tr(inp, "inp")?, patch(d)))
+        checked(err, &[(out, "out")], &[(inp, "inp")], || {
+            be(h)?.unpatchify(tm(out, "out")?, tr(inp, "inp")?, patch(d))
+        })
     }
     unsafe extern "C" fn timestep_features(h: Hd, out: Td, t: Td, dim: usize, max_period: f32, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(t, "t")], || {
             be(h)?.timestep_features(tm(out, "out")?, tr(t, "t")?, dim, max_period)
         })
     }
@@ -618,17 +757,22 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         d: AttnDimsC,
         err: Er,
     ) -> i32 {
-        guard(err, || {
-            be(h)?.attention(
-                tm(out, "out")?,
-                otm(probs, "probs")?,
-                tr(q, "q")?,
-                tr(k, "k")?,
-                tr(v, "v")?,
-                otr(mask, "key_mask")?,
-                attn_dims(d),
-            )
-        })
+        checked(
+            err,
+            &[(out, "out"), (probs, "probs")],
+            &[(q, "q"), (k, "k"), (v, "v"), (mask, "key_mask")],
+            || {
+                be(h)?.attention(
+                    tm(out, "out")?,
+                    otm(probs, "probs")?,
+                    tr(q, "q")?,
+                    tr(k, "k")?,
+                    tr(v, "v")?,
+                    otr(mask, "key_mask")?,
+                    attn_dims(d),
+                )
+            },
+        )
     }
     unsafe extern "C" fn attention_backward(
         h: Hd,
@@ -643,38 +787,48 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         d: AttnDimsC,
         err: Er,
     ) -> i32 {
-        guard(err, || {
-            be(h)?.attention_backward(
-                tm(dq, "dq")?,
-                tm(dk, "dk")?,
-                tm(dv, "dv")?,
-                tr(dout, "dout")?,
-                tr(probs, "probs")?,
-                tr(q, "q")?,
-                tr(k, "k")?,
-                tr(v, "v")?,
-                attn_dims(d),
-            )
-        })
+        checked(
+            err,
+            &[(dq, "dq"), (dk, "dk"), (dv, "dv")],
+            &[(dout, "dout"), (probs, "probs"), (q, "q"), (k, "k"), (v, "v")],
+            || {
+                be(h)?.attention_backward(
+                    tm(dq, "dq")?,
+                    tm(dk, "dk")?,
+                    tm(dv, "dv")?,
+                    tr(dout, "dout")?,
+                    tr(probs, "probs")?,
+                    tr(q, "q")?,
+                    tr(k, "k")?,
+                    tr(v, "v")?,
+                    attn_dims(d),
+                )
+            },
+        )
     }
     unsafe extern "C" fn gather_rows(h: Hd, out: Td, inp: Td, idx: Td, cols: usize, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(inp, "inp"), (idx, "idx")], || {
             be(h)?.gather_rows(tm(out, "out")?, tr(inp, "inp")?, tr(idx, "idx")?, cols)
         })
     }
     unsafe extern "C" fn scatter_add_rows(h: Hd, out: Td, inp: Td, idx: Td, scale: Td, cols: usize, err: Er) -> i32 {
-        guard(err, || {
-            be(h)?.scatter_add_rows(
-                tm(out, "out")?,
-                tr(inp, "inp")?,
-                tr(idx, "idx")?,
-                otr(scale, "scale")?,
-                cols,
-            )
-        })
+        checked(
+            err,
+            &[(out, "out")],
+            &[(inp, "inp"), (idx, "idx"), (scale, "scale")],
+            || {
+                be(h)?.scatter_add_rows(
+                    tm(out, "out")?,
+                    tr(inp, "inp")?,
+                    tr(idx, "idx")?,
+                    otr(scale, "scale")?,
+                    cols,
+                )
+            },
+        )
     }
     unsafe extern "C" fn gather_dot(h: Hd, out: Td, a: Td, idx: Td, b: Td, cols: usize, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(a, "a"), (idx, "idx"), (b, "b")], || {
             be(h)?.gather_dot(tm(out, "out")?, tr(a, "a")?, tr(idx, "idx")?, tr(b, "b")?, cols)
         })
     }
@@ -688,12 +842,12 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         k: usize,
         err: Er,
     ) -> i32 {
-        guard(err, || {
+        checked(err, &[(idx, "idx"), (val, "val")], &[(inp, "inp")], || {
             be(h)?.top_k_rows(tm(idx, "idx")?, tm(val, "val")?, tr(inp, "inp")?, rows, cols, k)
         })
     }
     unsafe extern "C" fn router_softmax(h: Hd, out: Td, scores: Td, rows: usize, experts: usize, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(out, "out")], &[(scores, "scores")], || {
             be(h)?.router_softmax(tm(out, "out")?, tr(scores, "scores")?, rows, experts)
         })
     }
@@ -708,7 +862,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         k: usize,
         err: Er,
     ) -> i32 {
-        guard(err, || {
+        checked(err, &[(idx, "idx"), (val, "val")], &[(probs, "probs")], || {
             be(h)?.top_k_tokens(
                 tm(idx, "idx")?,
                 tm(val, "val")?,
@@ -721,7 +875,7 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         })
     }
     unsafe extern "C" fn adamw_step(h: Hd, param: Td, grad: Td, m: Td, v: Td, hp: AdamWC, step: u64, err: Er) -> i32 {
-        guard(err, || {
+        checked(err, &[(param, "param"), (m, "m"), (v, "v")], &[(grad, "grad")], || {
             let hp = AdamW {
                 lr: hp.lr,
                 beta1: hp.beta1,

@@ -101,6 +101,7 @@ unsafe fn descs<'a>(p: *const TensorDesc, n: usize, what: &str) -> Result<&'a [T
         return Ok(&[]);
     }
     not_null(p, what)?;
+    crate::plugin::check_count(n, crate::plugin::MAX_LIST, size_of::<TensorDesc>(), what)?;
     Ok(std::slice::from_raw_parts(p, n))
 }
 
@@ -135,6 +136,7 @@ unsafe fn offsets<'a>(p: *const usize, n: usize) -> Result<&'a [usize]> {
         return Ok(&[]);
     }
     not_null(p, "offsets")?;
+    crate::plugin::check_count(n, isize::MAX as usize, size_of::<usize>(), "offsets")?;
     Ok(std::slice::from_raw_parts(p, n))
 }
 

@@ -11,8 +11,8 @@
 //! plugin and the op.
 
 use super::{intern, Call};
-use crate::backend::{check_grouped, AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
-use crate::buffer::{Buffer, BufferStorage};
+use crate::backend::{gemm_grouped_by_gemm, AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
+use crate::buffer::{Buffer, BufferStorage, HOST_ALIGN};
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 use crate::plugin::abi::*;
@@ -33,7 +33,7 @@ pub(crate) struct TableStorage {
     free: Option<unsafe extern "C" fn(*mut c_void)>,
     owned: AtomicBool,
     /// Which handle space the handle belongs to (see [`TableBackend::id`]).
-    table: usize,
+    table: (usize, usize),
 }
 
 // SAFETY: the ABI requires buffer handles to be usable from any thread.
@@ -159,10 +159,11 @@ impl TableBackend {
         })
     }
 
-    /// The handle space of this table's buffers: the address of its `alloc`.
-    /// Tables sharing the function share the meaning of their handles.
-    fn id(&self) -> usize {
-        self.vt.alloc.map_or(0, |f| f as usize)
+    /// The handle space of this backend's buffers: the address of its
+    /// table's `alloc` and the instance handle. Buffers of another instance
+    /// of the same table (another device, another context) do not pass.
+    fn id(&self) -> (usize, usize) {
+        (self.vt.alloc.map_or(0, |f| f as usize), self.handle as usize)
     }
 
     fn fail(&self, reason: String) -> EngineError {
@@ -225,11 +226,29 @@ impl TableBackend {
         t.as_ref().map(|t| self.m(t, op)).transpose()
     }
 
+    /// The buffer's host memory, if the plugin announces one: a pointer not
+    /// aligned to [`HOST_ALIGN`] is taken as "not host memory" (host code
+    /// reads host buffers as any element type).
+    /// Checks the host side of `upload`/`download` against the view before
+    /// the plugin sees the pointer and length.
+    fn byte_len(&self, op: &str, len: usize, view: usize) -> Result<()> {
+        if len == view {
+            Ok(())
+        } else {
+            Err(self.fail(format!(
+                "{op}: length {len} bytes, but the view holds {view} bytes (checked by the host before \
+                 calling backend '{}')",
+                self.name
+            )))
+        }
+    }
+
     fn host_ptr(&self, handle: *mut c_void) -> Option<NonNull<u8>> {
         // SAFETY: an optional slot over a handle of this table.
         self.vt
             .buffer_host_ptr
             .and_then(|f| NonNull::new(unsafe { f(handle) } as *mut u8))
+            .filter(|p| (p.as_ptr() as usize).is_multiple_of(HOST_ALIGN))
     }
 
     /// A buffer over a handle of this table that the caller keeps owning
@@ -386,6 +405,7 @@ impl Backend for TableBackend {
 
     fn upload(&self, dst: TensorMut<'_>, src: &[u8]) -> Result<()> {
         let f = self.slot("upload", self.vt.upload)?;
+        self.byte_len("upload", src.len(), dst.byte_len())?;
         let dst = self.m(&dst, "upload")?;
         self.run("upload", |e| unsafe {
             f(self.handle, &dst, src.as_ptr() as *const c_void, src.len(), e)
@@ -394,6 +414,7 @@ impl Backend for TableBackend {
 
     fn download(&self, dst: &mut [u8], src: TensorRef<'_>) -> Result<()> {
         let f = self.slot("download", self.vt.download)?;
+        self.byte_len("download", dst.len(), src.byte_len())?;
         let src = self.r(&src, "download")?;
         self.run("download", |e| unsafe {
             f(self.handle, dst.as_mut_ptr() as *mut c_void, dst.len(), &src, e)
@@ -877,54 +898,6 @@ impl Backend for TableBackend {
         };
         self.run(op, |e| unsafe { f(self.handle, &param, &grad, &m, &v, hp, step, e) })
     }
-}
-
-/// The body of `Backend::gemm_grouped`'s default (one `gemm` per non-empty
-/// group), for a table without the slot: the trait's default cannot be called
-/// from an impl that overrides it, so it is repeated here, line for line.
-#[allow(clippy::too_many_arguments)]
-fn gemm_grouped_by_gemm(
-    be: &dyn Backend,
-    out: TensorMut<'_>,
-    a: TensorRef<'_>,
-    b: TensorRef<'_>,
-    group_rows: &[usize],
-    n: usize,
-    k: usize,
-    trans_b: bool,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    check_grouped("gemm_grouped", out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
-    let out_len = out.numel();
-    let (mut out, a, b) = (
-        out.reshape(&[out_len])?,
-        a.reshape(&[a.numel()])?,
-        b.reshape(&[b.numel()])?,
-    );
-    let mut r0 = 0;
-    for (g, &m) in group_rows.iter().enumerate() {
-        if m > 0 {
-            let dims = GemmDims {
-                m,
-                n,
-                k,
-                trans_a: false,
-                trans_b,
-            };
-            be.gemm(
-                out.reborrow().flat(r0 * n, m * n)?,
-                a.flat(r0 * k, m * k)?,
-                b.flat(g * n * k, n * k)?,
-                None,
-                dims,
-                alpha,
-                beta,
-            )?;
-            r0 += m;
-        }
-    }
-    Ok(())
 }
 
 /// Registers one checked backend kind.

@@ -15,7 +15,7 @@ use crate::registry::{ComponentInfo, Registry};
 use crate::tensor::{Tensor, TensorMut, TensorRef};
 use serde_json::Value;
 use std::ffi::{c_char, c_void};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The slots an expert table must fill (all of them).
 pub(crate) fn missing_slots(vt: &ExpertVtable) -> Vec<String> {
@@ -141,19 +141,24 @@ pub(crate) fn param_shapes_from_json(v: &Value) -> std::result::Result<Vec<Param
         .collect()
 }
 
-/// Collects the tensors an expert's forward hands back for its cache.
+/// The most bytes of parameter-list JSON taken from a plugin.
+const MAX_PARAM_SHAPES_JSON: usize = 16 << 20;
+
+/// Collects the tensors an expert's forward hands back for its cache; the
+/// plugin may push from any of its threads during the call, hence the lock.
 struct Sink<'l, 'b> {
     lent: &'l Lent<'b>,
-    tensors: Vec<Tensor>,
+    tensors: Mutex<Vec<Tensor>>,
 }
 
 unsafe extern "C" fn sink_push(ctx: *mut c_void, t: *const TensorDesc, err: *mut ErrBuf) -> i32 {
     guard(err, || {
-        let sink = (ctx as *mut Sink)
-            .as_mut()
+        let sink = (ctx as *const Sink)
+            .as_ref()
             .ok_or_else(|| EngineError::Other("null sink".into()))?;
         let t = t.as_ref().ok_or_else(|| EngineError::Other("null tensor".into()))?;
-        sink.tensors.push(sink.lent.take(t)?);
+        let tensor = sink.lent.take(t)?;
+        sink.tensors.lock().unwrap_or_else(|e| e.into_inner()).push(tensor);
         Ok(())
     })
 }
@@ -189,6 +194,15 @@ impl PluginExpert {
                 };
                 let v: Value = serde_json::from_slice(&buf[..len]).map_err(|e| bad(e.to_string()))?;
                 return param_shapes_from_json(&v).map_err(bad);
+            }
+            if len > MAX_PARAM_SHAPES_JSON {
+                return Err(EngineError::Plugin {
+                    plugin: self.plugin.to_string(),
+                    reason: format!(
+                        "{}: a parameter list of {len} bytes (at most {MAX_PARAM_SHAPES_JSON} are accepted)",
+                        self.what("param_shapes")
+                    ),
+                });
             }
             buf.resize(len, 0);
         }
@@ -251,10 +265,10 @@ impl Expert for PluginExpert {
         let params_d: Vec<TensorDesc> = params.iter().map(|p| desc_ref(*p)).collect();
         let mut sink = Sink {
             lent: &lent,
-            tensors: Vec::new(),
+            tensors: Mutex::new(Vec::new()),
         };
         let abi_sink = TensorSink {
-            ctx: &mut sink as *mut Sink as *mut c_void,
+            ctx: &sink as *const Sink as *mut c_void,
             push: Some(sink_push),
         };
         // Without `keep` the plugin gets no sink and keeps its scratch to itself.
@@ -284,7 +298,9 @@ impl Expert for PluginExpert {
         call.check(status, &self.plugin, self.what("forward"))?;
         if keep {
             cache.tensors.clear();
-            cache.tensors.append(&mut sink.tensors);
+            cache
+                .tensors
+                .append(sink.tensors.get_mut().unwrap_or_else(|e| e.into_inner()));
         }
         Ok(())
     }

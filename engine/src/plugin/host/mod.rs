@@ -212,9 +212,22 @@ pub(crate) fn check_header(
     needed: usize,
 ) -> std::result::Result<(), String> {
     if version != want {
+        let why = if want != ABI_VERSION {
+            // A table inside an older descriptor.
+            format!("but a version {want} plugin descriptor holds only version {want} tables")
+        } else if version == ABI_VERSION_V1 && what != "plugin descriptor" {
+            format!(
+                "but a version {ABI_VERSION} plugin descriptor holds only version {ABI_VERSION} tables \
+                 (version {ABI_VERSION_V1} routers and schedulers load only from a whole version \
+                 {ABI_VERSION_V1} plugin)"
+            )
+        } else {
+            format!(
+                "this host speaks version {ABI_VERSION} (and reads version {ABI_VERSION_V1} routers and schedulers)"
+            )
+        };
         return Err(format!(
-            "{what} speaks ecdit plugin ABI version {version}, this host speaks version {ABI_VERSION} \
-             (and reads version {ABI_VERSION_V1} routers and schedulers); rebuild the plugin against this \
+            "{what} speaks ecdit plugin ABI version {version}, {why}; rebuild the plugin against this \
              engine's ecdit_plugin.h"
         ));
     }
@@ -279,6 +292,13 @@ pub(crate) unsafe fn tables(
     if p.is_null() {
         return Err(format!("{n} {family} tables announced but the array is null"));
     }
+    crate::plugin::check_count(
+        n,
+        crate::plugin::MAX_LIST,
+        size_of::<*const c_void>(),
+        &format!("{family} tables"),
+    )
+    .map_err(|e| e.to_string())?;
     let v = std::slice::from_raw_parts(p, n).to_vec();
     if let Some(i) = v.iter().position(|t| t.is_null()) {
         return Err(format!("{family} table {i} is null"));

@@ -295,7 +295,10 @@ mod tests {
             for blk in 0..blocks {
                 let (r0, rows) = block_rows(tq, blocks, blk);
                 assert_eq!(r0, next, "tq {tq}");
-                assert!(rows >= MIN_BLOCK_ROWS.min(tq) && rows < 2 * MIN_BLOCK_ROWS, "tq {tq}: {rows}");
+                assert!(
+                    rows >= MIN_BLOCK_ROWS.min(tq) && rows < 2 * MIN_BLOCK_ROWS,
+                    "tq {tq}: {rows}"
+                );
                 next += rows;
             }
             assert_eq!(next, tq);

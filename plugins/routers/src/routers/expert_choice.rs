@@ -2,9 +2,8 @@
 //! C tokens of each routing group that it scores highest.
 
 use super::common::{
-    check_backward, check_backward_on, check_positive, check_scores, check_scores_on,
-    dispatch_with_capacity, empty_device_routing, empty_routing, groups_json, read_groups, read_positive,
-    routing_without_aux,
+    check_backward, check_backward_on, check_positive, check_scores, check_scores_on, dispatch_with_capacity,
+    empty_device_routing, empty_routing, groups_json, read_groups, read_positive, routing_without_aux,
 };
 use ecdit_engine::routing_math::{key_index, key_value, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::{

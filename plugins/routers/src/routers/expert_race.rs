@@ -2,8 +2,8 @@
 //! over a group's whole `[tokens x experts]` score set.
 
 use super::common::{
-    check_backward, check_positive, check_scores, component, dispatch_with_capacity, empty_routing,
-    groups_json, read_groups, read_positive, routing_without_aux,
+    check_backward, check_positive, check_scores, component, dispatch_with_capacity, empty_routing, groups_json,
+    read_groups, read_positive, routing_without_aux,
 };
 use ecdit_engine::routing_math::{key_index, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::spec::get;

@@ -1,9 +1,7 @@
 //! Token-choice top-k routing (GShard / Switch), the baseline EC-DiT is
 //! compared against: each token takes its k best experts.
 
-use super::common::{
-    check_backward, check_scores, component, empty_routing, groups_json, read_groups,
-};
+use super::common::{check_backward, check_scores, component, empty_routing, groups_json, read_groups};
 use ecdit_engine::routing_math::{key_index, rank_key, select_best, softmax_rows, softmax_rows_backward};
 use ecdit_engine::spec::get;
 use ecdit_engine::{
