@@ -47,12 +47,12 @@ def main():
         order = runs if i % 2 == 0 else runs[::-1]
         for name, cmd in order:
             times[name].append(measure(cmd, args.field, args.router))
-        print(f"round {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f}" for n, _ in runs), flush=True)
+        print(f"round {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.4g}" for n, _ in runs), flush=True)
     base = statistics.median(times[args.baseline]) if args.baseline else None
     for name, _ in runs:
         med = statistics.median(times[name])
         ratio = f"  {med / base:.3f}x {args.baseline}" if base else ""
-        print(f"{name:>10}: median {med:.1f}  (min {min(times[name]):.1f}, max {max(times[name]):.1f}){ratio}")
+        print(f"{name:>10}: median {med:.4g}  (min {min(times[name]):.4g}, max {max(times[name]):.4g}){ratio}")
 
 
 if __name__ == "__main__":
