@@ -7,7 +7,7 @@
 //! Exported (feature `backend-kit`) so that third-party backends run the same
 //! suite: `check_backend_ops(&mine, &ecdit_backend_cpu::CpuBackend::new(1)?)`.
 
-use crate::backend::{AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
+use crate::backend::{AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -432,6 +432,25 @@ fn cases() -> Vec<OpCase> {
             },
         },
         OpCase {
+            name: "adamw_step (three steps)",
+            tol: 1e-6,
+            run: |b, s| {
+                let (mut p, g) = (up(b, &[37], s)?, up(b, &[37], s + 1)?);
+                let (mut m, mut v) = (b.zeros(&[37], DType::F32)?, b.zeros(&[37], DType::F32)?);
+                let hp = AdamW {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                };
+                for step in 1..=3 {
+                    b.adamw_step(p.view_mut(), g.view(), m.view_mut(), v.view_mut(), hp, step)?;
+                }
+                Ok(vec![read(b, &p)?, read(b, &m)?, read(b, &v)?])
+            },
+        },
+        OpCase {
             name: "top_k_rows, router_softmax, top_k_tokens",
             tol: 0.0,
             run: |b, s| {
@@ -468,6 +487,21 @@ struct GradCase {
 
 fn grad_cases() -> Vec<GradCase> {
     vec![
+        GradCase {
+            name: "add_broadcast (backward: sum_rows)",
+            inputs: &[&[4, 6], &[6]],
+            forward: |b, x| {
+                let mut out = b.zeros(&[4, 6], DType::F32)?;
+                b.copy(out.view_mut(), x[0].view())?;
+                b.add_broadcast(out.view_mut(), x[1].view())?;
+                b.read_f32(out.view())
+            },
+            backward: |b, _, dout| {
+                let mut db = b.zeros(&[6], DType::F32)?;
+                b.sum_rows(db.view_mut(), dout.view(), 4, 6, false)?;
+                Ok(vec![b.read_f32(dout.view())?, b.read_f32(db.view())?])
+            },
+        },
         GradCase {
             name: "softmax_rows",
             inputs: &[&[3, 5]],
