@@ -50,3 +50,40 @@ pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
     let min_rows = 4096usize.div_ceil(cols.max(1));
     rows.div_ceil(tasks).max(min_rows).max(1)
 }
+
+/// Lanes of [`lane_wise`]: one AVX-512 register, two AVX2 ones.
+const LANES: usize = 16;
+
+/// Folds `row` with `f` in `LANES` independent accumulators, then folds those
+/// and the tail in order. A single running max or sum is a chain of dependent
+/// instructions (attention's softmax spent most of its time there); separate
+/// lanes vectorise. The order is fixed, so results stay deterministic.
+#[inline(always)]
+pub(crate) fn lane_wise(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, x);
+        }
+    }
+    let lanes = acc.into_iter().fold(init, &f);
+    tail.iter().fold(lanes, |a, &x| f(a, x))
+}
+
+/// `sum_i g(row[i])` in `LANES` independent accumulators (see [`lane_wise`]),
+/// then the lanes and the tail in order: deterministic, and vectorised.
+#[inline(always)]
+pub(crate) fn lane_sum(row: &[f32], g: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += g(x);
+        }
+    }
+    let lanes = acc.into_iter().fold(0.0, |a, b| a + b);
+    tail.iter().fold(lanes, |a, &x| a + g(x))
+}

@@ -1,6 +1,6 @@
 //! Layer norm over the last axis, with optional affine weight and bias.
 
-use super::{numel, rows_per_task};
+use super::{lane_sum, numel, rows_per_task};
 use ecdit_engine::error::{check_len, Result};
 use rayon::prelude::*;
 
@@ -57,13 +57,20 @@ pub fn layer_norm(
                 .zip(mean.iter_mut())
                 .zip(rstd.iter_mut())
             {
-                // Two passes: the centred variance loses less precision.
-                let m = x.iter().sum::<f32>() / cols as f32;
-                let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / cols as f32;
+                // Two passes: the centred variance loses less precision. Each
+                // sum runs in independent lanes (a single running sum is a
+                // chain of dependent adds, most of this op's time).
+                let m = lane_sum(x, |v| v) / cols as f32;
+                let var = lane_sum(x, |v| (v - m) * (v - m)) / cols as f32;
                 let s = 1.0 / (var + eps).sqrt();
-                for (c, (o, v)) in o.iter_mut().zip(x).enumerate() {
-                    let norm = (v - m) * s;
-                    *o = norm * weight.map_or(1.0, |w| w[c]) + bias.map_or(0.0, |b| b[c]);
+                match (weight, bias) {
+                    (None, None) => o.iter_mut().zip(x).for_each(|(o, v)| *o = (v - m) * s),
+                    _ => {
+                        for (c, (o, v)) in o.iter_mut().zip(x).enumerate() {
+                            let norm = (v - m) * s;
+                            *o = norm * weight.map_or(1.0, |w| w[c]) + bias.map_or(0.0, |b| b[c]);
+                        }
+                    }
                 }
                 *mu = m;
                 *rs = s;

@@ -1,7 +1,7 @@
 //! Row softmax and its backward.
 
 use super::exp::exp_shifted_inplace;
-use super::{numel, rows_per_task};
+use super::{lane_wise, numel, rows_per_task};
 use ecdit_engine::error::{check_len, Result};
 use rayon::prelude::*;
 
@@ -45,27 +45,6 @@ fn softmax_row(row: &mut [f32]) {
     exp_shifted_inplace(row, max);
     let inv = 1.0 / lane_wise(row, 0.0, |s, x| s + x);
     row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// Lanes of [`lane_wise`]: one AVX-512 register, two AVX2 ones.
-const LANES: usize = 16;
-
-/// Folds `row` with `f` in `LANES` independent accumulators, then folds those
-/// and the tail in order. A single running max or sum is a chain of dependent
-/// instructions (attention's softmax spent most of its time there); separate
-/// lanes vectorise. The order is fixed, so results stay deterministic.
-#[inline(always)]
-fn lane_wise(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a = f(*a, x);
-        }
-    }
-    let lanes = acc.into_iter().fold(init, &f);
-    tail.iter().fold(lanes, |a, &x| f(a, x))
 }
 
 /// Backward of one softmax row: `dinp = out * (dout - sum(dout * out))`.
