@@ -333,6 +333,9 @@ impl Backend for ProfiledBackend {
     fn supports(&self, dtype: DType) -> bool {
         self.inner.supports(dtype)
     }
+    fn gemm_rows_alone(&self) -> usize {
+        self.inner.gemm_rows_alone()
+    }
     fn alloc(&self, bytes: usize) -> EResult<Buffer> {
         self.timed("alloc", 0.0, || self.inner.alloc(bytes))
     }

@@ -263,6 +263,14 @@ pub trait Backend: Send + Sync {
         matches!(dtype, DType::F32 | DType::U32 | DType::U8)
     }
 
+    /// Rows up to which a plain (nn) [`Backend::gemm`] gives every row the bits
+    /// it gets in a product of its own (1: no such promise). A model batches
+    /// per-sample products (conditioning vectors) up to this many samples per
+    /// call, so a sample's output does not depend on its batch.
+    fn gemm_rows_alone(&self) -> usize {
+        1
+    }
+
     // ---- memory ----
 
     /// Allocates `bytes` zeroed bytes.

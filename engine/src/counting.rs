@@ -127,6 +127,9 @@ impl Backend for CountingBackend {
     fn supports(&self, dtype: DType) -> bool {
         self.inner.supports(dtype)
     }
+    fn gemm_rows_alone(&self) -> usize {
+        self.inner.gemm_rows_alone()
+    }
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
         let inner = self.inner.alloc(bytes)?;
         if !inner.is_host() {

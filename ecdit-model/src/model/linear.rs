@@ -171,6 +171,28 @@ impl Linear {
         inp.expect_len("Linear::forward_per_sample", "inp", rows * self.in_dim)?;
         let mut out = out.reshape(&[rows, n])?;
         let inp = inp.reshape(&[rows, self.in_dim])?;
+        // One row per sample (a conditioning vector): as many samples per
+        // product as the backend computes row by row, so each weight is read
+        // once per batch rather than once per sample, with the same bits.
+        // (The promise covers plain products: input-major weights only.)
+        let plain = self.weight.layout != Layout::AsStored;
+        let per_call = if rows_per_sample == 1 && plain {
+            backend.gemm_rows_alone().max(1)
+        } else {
+            1
+        };
+        if per_call > 1 {
+            for s0 in (0..samples).step_by(per_call) {
+                let m = per_call.min(samples - s0);
+                let o = out.reborrow().rows(s0, m)?;
+                let x = inp.rows(s0, m)?;
+                match chunk {
+                    Some(j) => self.forward_chunk(backend, j, o, x, m)?,
+                    None => self.forward(backend, o, x, m)?,
+                }
+            }
+            return Ok(());
+        }
         for s in 0..samples {
             let o = out.reborrow().rows(s * rows_per_sample, rows_per_sample)?;
             let x = inp.rows(s * rows_per_sample, rows_per_sample)?;

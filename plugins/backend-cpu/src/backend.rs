@@ -94,6 +94,10 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn gemm_rows_alone(&self) -> usize {
+        ops::gemm_few_rows::FEW_ROWS
+    }
+
     // ---- memory ----
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {

@@ -7,6 +7,7 @@
 //! on rayon's current pool, which is the backend's pool inside `install`.
 
 use super::bias::add_broadcast;
+use super::gemm_few_rows::{gemm_few_rows, FEW_ROWS};
 use super::{numel, rows_per_task};
 use ecdit_engine::backend::check_grouped;
 use ecdit_engine::error::{check_len, EngineError, Result};
@@ -262,6 +263,14 @@ pub fn gemm(
     threads: usize,
 ) -> Result<()> {
     const OP: &str = "gemm";
+    if dims.m <= FEW_ROWS && !dims.trans_a && !dims.trans_b {
+        check_blocks(OP, out.len(), a.len(), b.len(), 1, dims)?;
+        if let Some(bias) = bias {
+            check_len(OP, "bias", bias.len(), dims.n)?;
+        }
+        gemm_few_rows(out, a, b, bias, (dims.m, dims.n, dims.k), alpha, beta);
+        return Ok(());
+    }
     let Some(bias) = bias else {
         return gemm_blocks(OP, out, a, b, 1, dims, alpha, beta, threads);
     };
@@ -375,6 +384,18 @@ pub fn gemm_grouped(
             trans_a: false,
             trans_b,
         };
+        if piece.rows <= FEW_ROWS && !trans_b {
+            // A whole group of a few rows (cut pieces are taller): the kernel
+            // `gemm` uses for it, so the bits equal the per-group loop's.
+            // SAFETY: as below.
+            let o = unsafe { dst.block(piece.row0 * n, piece.rows * n)? };
+            let (a, b) = (
+                &a[piece.row0 * k..][..piece.rows * k],
+                &b[piece.group * n * k..][..n * k],
+            );
+            gemm_few_rows(o, a, b, None, (piece.rows, n, k), alpha, beta);
+            return Ok(());
+        }
         let (av, bv) = operand_views(dims, piece.row0 * k, piece.group * n * k);
         let dv = Strided::row_major(piece.row0 * n, piece.rows, n);
         // SAFETY: pieces cover disjoint row ranges of `out`, which stays

@@ -15,6 +15,7 @@ pub mod bias;
 pub(crate) mod exp;
 pub mod gather;
 pub mod gemm;
+pub(crate) mod gemm_few_rows;
 pub mod norm;
 pub mod optim;
 pub mod patch;
