@@ -11,8 +11,9 @@ use rayon::prelude::*;
 /// Most rows a product may have to take this path.
 pub(crate) const FEW_ROWS: usize = 8;
 
-/// Output columns per task (two AVX-512 registers per row).
-const COLS: usize = 32;
+/// Output columns per task: four AVX-512 registers of sums, four independent
+/// chains of adds, so the add latency does not bound the loop.
+const COLS: usize = 64;
 
 /// out: [m, n]; a: [m, k]; b: [k, n]; bias: [n]. Lengths checked by the caller.
 #[allow(clippy::too_many_arguments)]
