@@ -22,7 +22,7 @@
 
 use crate::buffer::Buffer;
 use crate::dtype::DType;
-use crate::error::{check_len, EngineError, Result};
+use crate::error::{check_len, numel, EngineError, Result};
 use crate::tensor::{TensorMut, TensorRef};
 
 /// Dimensions of `out[m, n] = alpha * op(a)[m, k] @ op(b)[k, n] + beta * out`.
@@ -116,6 +116,61 @@ pub struct AdamW {
     pub eps: f32,
     /// Decoupled weight decay.
     pub weight_decay: f32,
+}
+
+/// Checks the arguments of [`Backend::top_k_rows`]: idx, val: [rows, k];
+/// inp: [rows, cols]; `k <= cols`; column indices fit in u32.
+pub fn check_top_k_rows(
+    idx_len: usize,
+    val_len: usize,
+    inp_len: usize,
+    rows: usize,
+    cols: usize,
+    k: usize,
+) -> Result<()> {
+    let op = "top_k_rows";
+    check_len(op, "inp", inp_len, numel(op, &[rows, cols])?)?;
+    check_len(op, "idx", idx_len, numel(op, &[rows, k])?)?;
+    check_len(op, "val", val_len, numel(op, &[rows, k])?)?;
+    if k > cols {
+        return Err(EngineError::shape(
+            op,
+            format!("k <= cols = {cols}"),
+            format!("k = {k}"),
+        ));
+    }
+    if u32::try_from(cols).is_err() {
+        return Err(EngineError::shape(op, "cols that fit in u32", cols));
+    }
+    Ok(())
+}
+
+/// Checks the arguments of [`Backend::top_k_tokens`] and returns the output
+/// length `E * groups * k`. idx, val: [E, groups, k]; probs: [groups * group_rows, E];
+/// `k <= group_rows`; row indices fit in u32.
+pub fn check_top_k_tokens(
+    idx_len: usize,
+    val_len: usize,
+    probs_len: usize,
+    (groups, group_rows, experts, k): (usize, usize, usize, usize),
+) -> Result<usize> {
+    let op = "top_k_tokens";
+    let rows = numel(op, &[groups, group_rows])?;
+    check_len(op, "probs", probs_len, numel(op, &[rows, experts])?)?;
+    let out_len = numel(op, &[experts, groups, k])?;
+    check_len(op, "idx", idx_len, out_len)?;
+    check_len(op, "val", val_len, out_len)?;
+    if k > group_rows {
+        return Err(EngineError::shape(
+            op,
+            format!("k <= group_rows = {group_rows}"),
+            format!("k = {k}"),
+        ));
+    }
+    if u32::try_from(rows).is_err() {
+        return Err(EngineError::shape(op, "rows that fit in u32", rows));
+    }
+    Ok(out_len)
 }
 
 /// Checks the buffer lengths of [`Backend::gemm_grouped`] and returns the

@@ -119,6 +119,13 @@ impl EngineError {
     }
 }
 
+/// The product of `dims`, or an error naming the op if it overflows.
+pub fn numel(op: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| EngineError::shape(op, "dimensions whose product fits in usize", format!("{dims:?}")))
+}
+
 /// Checks that a buffer has exactly `expected` elements.
 pub fn check_len(op: &str, what: &str, len: usize, expected: usize) -> Result<()> {
     if len == expected {

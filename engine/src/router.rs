@@ -274,7 +274,10 @@ impl DeviceRouting {
 
     /// The statistics of EC-DIT.md section 2 (a download when routed on the device).
     pub fn stats(&self, backend: &dyn Backend) -> Result<RoutingStats> {
-        Ok(self.to_host(backend)?.stats)
+        match &self.host {
+            Some(r) => Ok(r.stats.clone()),
+            None => Ok(self.to_host(backend)?.stats),
+        }
     }
 }
 

@@ -5,17 +5,14 @@
 
 use crate::backend::Backend;
 use crate::dtype::{bf16, DType};
-use crate::error::{EngineError, Result};
+use crate::error::{numel, EngineError, Result};
 use crate::tensor::{byte_len, Tensor, TensorMut, TensorRef};
 
 /// Allocation and transfer helpers for every backend.
 pub trait BackendExt: Backend {
     /// A zero-filled tensor.
     fn zeros(&self, dims: &[usize], dtype: DType) -> Result<Tensor> {
-        let numel = dims
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| EngineError::shape("zeros", "a size that fits in memory", format!("{dims:?}")))?;
+        let numel = numel("zeros", dims)?;
         let buffer = self.alloc(byte_len(numel, dtype)?)?;
         Tensor::from_buffer(buffer, dims, dtype)
     }

@@ -34,6 +34,7 @@
 //! ABI version 1 (`abi_v1`) is still read for routers and schedulers, whose
 //! tables are unchanged prefixes of these; its backends are refused.
 
+use crate::DType;
 use std::ffi::{c_char, c_void};
 
 /// The ABI major version. Bumped on any change that is not an append.
@@ -192,6 +193,33 @@ pub struct TensorDesc {
     pub rank: u32,
     /// The dimensions, outermost first.
     pub dims: [usize; MAX_RANK],
+}
+
+impl TensorDesc {
+    /// The dtype, the dimensions used, and the byte just past the view
+    /// (`(offset + numel) * size`); errors name `what` on an unknown dtype, a
+    /// rank above [`MAX_RANK`] or a size that overflows. Every side of the ABI
+    /// decodes descriptors through this one place.
+    pub(crate) fn decode(&self, what: &str) -> crate::error::Result<(DType, &[usize], usize)> {
+        use crate::error::EngineError;
+        let dtype = DType::from_code(self.dtype)
+            .ok_or_else(|| EngineError::shape(format!("{what} (dtype)"), "a dtype code 0..=3", self.dtype))?;
+        if self.rank as usize > MAX_RANK {
+            return Err(EngineError::shape(
+                format!("{what} (rank)"),
+                format!("at most {MAX_RANK}"),
+                self.rank,
+            ));
+        }
+        let dims = &self.dims[..self.rank as usize];
+        let end = dims
+            .iter()
+            .try_fold(1usize, |a, &x| a.checked_mul(x))
+            .and_then(|n| n.checked_add(self.offset))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| EngineError::shape(what, "a size that fits in memory", format!("{dims:?}")))?;
+        Ok((dtype, dims, end))
+    }
 }
 
 /// The plugin descriptor the entry function returns. The first ten fields

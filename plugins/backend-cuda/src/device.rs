@@ -60,11 +60,7 @@ pub fn opt_f32_ptr(op: &str, what: &str, view: Option<TensorRef<'_>>) -> Result<
 }
 
 /// Errors unless `n` elements of `op` fit the 64-bit sizes the kernels take.
-pub fn numel(op: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| EngineError::shape(op, "sizes that fit in memory", format!("{dims:?}")))
-}
+pub use ecdit_engine::error::numel;
 
 impl CudaBackend {
     /// Launches a kernel whose arguments are already pushed onto `args`, one

@@ -171,15 +171,11 @@ unsafe extern "C" fn lent_buffer_free(buffer: *mut c_void) {
 /// readable and sane (otherwise `parts` reports it when the op reads it).
 unsafe fn span(p: *const TensorDesc) -> Option<(usize, usize, usize)> {
     let d = p.as_ref()?;
-    if d.buffer.is_null() || d.rank as usize > MAX_RANK {
+    if d.buffer.is_null() {
         return None;
     }
-    let size = DType::from_code(d.dtype)?.size();
-    let n = d.dims[..d.rank as usize]
-        .iter()
-        .try_fold(1usize, |a, &x| a.checked_mul(x))?;
-    let end = n.checked_add(d.offset)?.checked_mul(size)?;
-    Some((d.buffer as usize, d.offset.checked_mul(size)?, end))
+    let (dtype, _, end) = d.decode("tensor").ok()?;
+    Some((d.buffer as usize, d.offset.checked_mul(dtype.size())?, end))
 }
 
 /// Refuses an op whose written views (`outs`) overlap any other view of the
@@ -243,24 +239,10 @@ unsafe fn parts<'a>(p: *const TensorDesc, what: &str) -> Result<(&'a Buffer, usi
     not_null(p, what)?;
     let d = &*p;
     not_null(d.buffer, &format!("{what} buffer"))?;
-    let dtype = DType::from_code(d.dtype)
-        .ok_or_else(|| EngineError::shape(format!("{what} (dtype)"), "a dtype code 0..=3", d.dtype))?;
-    if d.rank as usize > MAX_RANK {
-        return Err(EngineError::shape(
-            format!("{what} (rank)"),
-            format!("at most {MAX_RANK}"),
-            d.rank,
-        ));
-    }
-    let dims = &d.dims[..d.rank as usize];
+    let (dtype, dims, end) = d.decode(what)?;
     let buffer = &*(d.buffer as *const Buffer);
-    let end = dims
-        .iter()
-        .try_fold(1usize, |a, &x| a.checked_mul(x))
-        .and_then(|n| n.checked_add(d.offset))
-        .and_then(|n| n.checked_mul(dtype.size()));
     match end {
-        Some(end) if end <= buffer.len_bytes() => Ok((buffer, d.offset, dims, dtype)),
+        end if end <= buffer.len_bytes() => Ok((buffer, d.offset, dims, dtype)),
         _ => Err(EngineError::shape(
             format!("{what} (view)"),
             format!("a view inside the buffer of {} bytes", buffer.len_bytes()),

@@ -111,9 +111,8 @@ unsafe fn desc<'a>(p: *const TensorDesc, what: &str) -> Result<&'a TensorDesc> {
 }
 
 fn parts(d: &TensorDesc) -> Result<(&[usize], DType)> {
-    let dtype =
-        DType::from_code(d.dtype).ok_or_else(|| EngineError::shape("tensor (dtype)", "a dtype code 0..=3", d.dtype))?;
-    Ok((&d.dims[..(d.rank as usize).min(MAX_RANK)], dtype))
+    let (dtype, dims, _) = d.decode("tensor")?;
+    Ok((dims, dtype))
 }
 
 /// A shared view of a borrowed host buffer (made by `TableBackend::borrow`,

@@ -255,22 +255,7 @@ impl TableBackend {
     /// (a lent backend's tensors during one expert call). Its length is what
     /// the view needs, the only part anyone may touch.
     pub(crate) fn borrow(&self, d: &TensorDesc, what: &str) -> Result<Buffer> {
-        let dtype = DType::from_code(d.dtype)
-            .ok_or_else(|| EngineError::shape(format!("{what} (dtype)"), "a dtype code 0..=3", d.dtype))?;
-        if d.rank as usize > MAX_RANK {
-            return Err(EngineError::shape(
-                format!("{what} (rank)"),
-                format!("at most {MAX_RANK}"),
-                d.rank,
-            ));
-        }
-        let dims = &d.dims[..d.rank as usize];
-        let len = dims
-            .iter()
-            .try_fold(1usize, |a, &x| a.checked_mul(x))
-            .and_then(|n| n.checked_add(d.offset))
-            .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| EngineError::shape(what, "a size that fits in memory", format!("{dims:?}")))?;
+        let (_, _, len) = d.decode(what)?;
         if d.buffer.is_null() {
             return Err(EngineError::Other(format!("{what}: null buffer handle")));
         }

@@ -24,18 +24,11 @@ pub mod softmax;
 pub mod timestep;
 pub mod topk;
 
-use ecdit_engine::error::{EngineError, Result};
-
 /// Below this many elements an op runs on one thread: splitting costs more
 /// than it saves.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
-/// The product of `dims`, or an error naming the op if it overflows.
-pub(crate) fn numel(op: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| EngineError::shape(op, "dimensions whose product fits in usize", format!("{dims:?}")))
-}
+pub(crate) use ecdit_engine::error::numel;
 
 /// Rows per parallel task for a `[rows, cols]` row-wise op: all rows in one
 /// task when the op is small, else about four tasks per thread of the current

@@ -1,8 +1,8 @@
 //! Top-k selections: per row (`top_k_rows`), and expert choice's per-(group,
 //! expert) selection over rows (`top_k_tokens`).
 
-use super::numel;
-use ecdit_engine::error::{check_len, EngineError, Result};
+use ecdit_engine::backend::{check_top_k_rows, check_top_k_tokens};
+use ecdit_engine::error::Result;
 use ecdit_engine::routing_math::{key_index, key_value, rank_key, select_best};
 use rayon::prelude::*;
 use std::cmp::Ordering;
@@ -22,20 +22,7 @@ fn rank(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
 /// Per row, the `k` largest values in descending order, ties to the lower column.
 /// idx, val: [rows, k]; inp: [rows, cols].
 pub fn top_k_rows(idx: &mut [u32], val: &mut [f32], inp: &[f32], rows: usize, cols: usize, k: usize) -> Result<()> {
-    let op = "top_k_rows";
-    check_len(op, "inp", inp.len(), numel(op, &[rows, cols])?)?;
-    check_len(op, "idx", idx.len(), numel(op, &[rows, k])?)?;
-    check_len(op, "val", val.len(), numel(op, &[rows, k])?)?;
-    if k > cols {
-        return Err(EngineError::shape(
-            op,
-            format!("k <= cols = {cols}"),
-            format!("k = {k}"),
-        ));
-    }
-    if u32::try_from(cols).is_err() {
-        return Err(EngineError::shape(op, "cols that fit in u32", cols));
-    }
+    check_top_k_rows(idx.len(), val.len(), inp.len(), rows, cols, k)?;
     if k == 0 || rows == 0 {
         return Ok(());
     }
@@ -76,22 +63,7 @@ pub fn top_k_tokens(
     experts: usize,
     k: usize,
 ) -> Result<()> {
-    let op = "top_k_tokens";
-    let rows = numel(op, &[groups, group_rows])?;
-    check_len(op, "probs", probs.len(), numel(op, &[rows, experts])?)?;
-    let out_len = numel(op, &[experts, groups, k])?;
-    check_len(op, "idx", idx.len(), out_len)?;
-    check_len(op, "val", val.len(), out_len)?;
-    if k > group_rows {
-        return Err(EngineError::shape(
-            op,
-            format!("k <= group_rows = {group_rows}"),
-            format!("k = {k}"),
-        ));
-    }
-    if u32::try_from(rows).is_err() {
-        return Err(EngineError::shape(op, "rows that fit in u32", rows));
-    }
+    let out_len = check_top_k_tokens(idx.len(), val.len(), probs.len(), (groups, group_rows, experts, k))?;
     if out_len == 0 {
         return Ok(());
     }

@@ -1,10 +1,10 @@
 //! Top-k selections: per row, and expert choice's per-(expert, group) selection.
 
 use crate::backend::CudaBackend;
-use crate::device::{dev_ptr, f32_ptr, numel};
+use crate::device::{dev_ptr, f32_ptr};
 use cudarc::driver::PushKernelArg;
-use ecdit_engine::error::check_len;
-use ecdit_engine::{DType, EngineError, Result, TensorMut, TensorRef};
+use ecdit_engine::backend::{check_top_k_rows, check_top_k_tokens};
+use ecdit_engine::{DType, Result, TensorMut, TensorRef};
 
 impl CudaBackend {
     /// Per row, the `k` largest values, best first (ties: lower column).
@@ -19,19 +19,7 @@ impl CudaBackend {
         k: usize,
     ) -> Result<()> {
         let op = "top_k_rows";
-        check_len(op, "inp", inp.numel(), numel(op, &[rows, cols])?)?;
-        check_len(op, "idx", idx.numel(), numel(op, &[rows, k])?)?;
-        check_len(op, "val", val.numel(), numel(op, &[rows, k])?)?;
-        if k > cols {
-            return Err(EngineError::shape(
-                op,
-                format!("k <= cols = {cols}"),
-                format!("k = {k}"),
-            ));
-        }
-        if u32::try_from(cols).is_err() {
-            return Err(EngineError::shape(op, "cols that fit in u32", cols));
-        }
+        check_top_k_rows(idx.numel(), val.numel(), inp.numel(), rows, cols, k)?;
         let (ip, vp, x) = (
             dev_ptr(op, "idx", idx.as_ref(), DType::U32)?,
             f32_ptr(op, "val", val.as_ref())?,
@@ -62,21 +50,12 @@ impl CudaBackend {
         k: usize,
     ) -> Result<()> {
         let op = "top_k_tokens";
-        let rows = numel(op, &[groups, group_rows])?;
-        check_len(op, "probs", probs.numel(), numel(op, &[rows, experts])?)?;
-        let out_len = numel(op, &[experts, groups, k])?;
-        check_len(op, "idx", idx.numel(), out_len)?;
-        check_len(op, "val", val.numel(), out_len)?;
-        if k > group_rows {
-            return Err(EngineError::shape(
-                op,
-                format!("k <= group_rows = {group_rows}"),
-                format!("k = {k}"),
-            ));
-        }
-        if u32::try_from(rows).is_err() {
-            return Err(EngineError::shape(op, "rows that fit in u32", rows));
-        }
+        let out_len = check_top_k_tokens(
+            idx.numel(),
+            val.numel(),
+            probs.numel(),
+            (groups, group_rows, experts, k),
+        )?;
         let (ip, vp, p) = (
             dev_ptr(op, "idx", idx.as_ref(), DType::U32)?,
             f32_ptr(op, "val", val.as_ref())?,

@@ -19,6 +19,14 @@ pub(crate) fn component(kind: &str) -> String {
 /// Checks the scores of one `route` call: at least one expert, token indices
 /// that fit the dispatch's `u32`, `[tokens, experts]` elements, all finite.
 pub(crate) fn check_scores(kind: &str, scores: &[f32], shape: RouteShape) -> Result<()> {
+    let elements = check_route_shape(kind, shape)?;
+    check_len(&component(kind), "scores [tokens, experts]", scores.len(), elements)?;
+    check_finite("router scores", scores)
+}
+
+/// The checks of a route shape both paths share: at least one expert, and
+/// token indices that fit the dispatch's `u32`. Returns the score count.
+fn check_route_shape(kind: &str, shape: RouteShape) -> Result<usize> {
     let op = component(kind);
     if shape.experts == 0 {
         return Err(EngineError::shape(
@@ -36,35 +44,15 @@ pub(crate) fn check_scores(kind: &str, scores: &[f32], shape: RouteShape) -> Res
             format!("{} tokens x {} experts", shape.tokens(), shape.experts),
         ));
     }
-    check_len(
-        &op,
-        "scores [tokens, experts]",
-        scores.len(),
-        shape.tokens() * shape.experts,
-    )?;
-    check_finite("router scores", scores)
+    Ok(elements)
 }
 
 /// Checks the scores of one `route_on` call: as [`check_scores`], but on a
 /// view of f32 scores, without reading them (finiteness would cost a download;
 /// non-finite scores make non-finite outputs, which the caller's output checks see).
 pub(crate) fn check_scores_on(kind: &str, scores: TensorRef<'_>, shape: RouteShape) -> Result<()> {
+    let elements = check_route_shape(kind, shape)?;
     let op = component(kind);
-    if shape.experts == 0 {
-        return Err(EngineError::shape(
-            format!("{op} (experts)"),
-            "at least 1 expert",
-            "0 experts",
-        ));
-    }
-    let elements = shape.tokens().saturating_mul(shape.experts);
-    if elements > u32::MAX as usize {
-        return Err(EngineError::shape(
-            format!("{op} (scores)"),
-            format!("at most {} scores", u32::MAX),
-            format!("{} tokens x {} experts", shape.tokens(), shape.experts),
-        ));
-    }
     scores.expect_dtype(&op, "scores", DType::F32)?;
     scores.expect_len(&op, "scores [tokens, experts]", elements)
 }
