@@ -481,8 +481,10 @@ impl Model {
             if routers.contains(&p.name) {
                 continue;
             }
-            let values = backend.read_f32(p.tensor.view())?;
-            p.tensor = backend.upload_f32(&p.memory_shape(), &values, dtype)?;
+            // Converted on the backend (`copy` rounds f32 to bf16), no transfer.
+            let mut converted = backend.zeros(&p.memory_shape(), dtype)?;
+            backend.copy(converted.view_mut(), p.tensor.view())?;
+            p.tensor = converted;
         }
         self.dtype = dtype;
         Ok(())
