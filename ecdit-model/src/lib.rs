@@ -8,9 +8,11 @@ pub mod bench_forward;
 pub mod bench_moe;
 pub mod config;
 pub mod config_files;
+pub mod data;
 pub mod info;
 pub mod model;
 pub mod text;
+pub mod train;
 pub mod weights;
 
 use ecdit_engine::{Registry, Result};

@@ -1,0 +1,1 @@
+//! Training data: the `Dataset` trait and the built-in world of shapes.

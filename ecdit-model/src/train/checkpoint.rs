@@ -1,0 +1,1 @@
+//! Atomic training checkpoints (filled in below).

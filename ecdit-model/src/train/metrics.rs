@@ -1,0 +1,1 @@
+//! Training metrics: `metrics.csv` (filled in below).

@@ -1,0 +1,4 @@
+//! Training: the optimisers, the training loop, checkpoints and metrics.
+
+pub mod checkpoint;
+pub mod metrics;
