@@ -7,7 +7,8 @@ use ecdit_backend_cpu::CpuBackend;
 use ecdit_engine::DType;
 use ecdit_model::config::ModelConfig;
 use ecdit_model::model::{
-    config_from_metadata, Act, CfgChannels, CfgOptions, Condition, ForwardOptions, Model, ModelActs,
+    config_from_metadata, Act, Backprop, BackwardOptions, CfgChannels, CfgOptions, Condition, ForwardOptions,
+    Grads, Model, ModelActs,
 };
 use ecdit_model::weights::Weights;
 use safetensors::tensor::Dtype;
@@ -95,13 +96,13 @@ impl Golden {
 }
 
 /// The intermediates the golden file holds, as this model's activations.
-fn intermediates(acts: &ModelActs) -> [(&'static str, &Act); 11] {
+/// (`patch_embed` is compared as block 0's input, `patch_embed + pos_embed`.)
+fn intermediates(acts: &ModelActs) -> [(&'static str, &Act); 10] {
     [
         ("t_freq", &acts.t.freq),
         ("t_emb", &acts.t.emb),
         ("y_emb", &acts.y_emb),
         ("c", &acts.c),
-        ("patch_embed", &acts.patch_embed),
         ("block0.adaLN", &acts.blocks[0].modulation),
         ("block0.attn_in", &acts.blocks[0].attn_in),
         ("block0.attn_out", &acts.blocks[0].attn.out),
@@ -132,6 +133,15 @@ fn forward_and_intermediates_match_upstream_dit() {
         let got = act.read(be).expect(name);
         ok &= check_tensor(name, &got, &g.f32(&format!("golden.dbg.{name}")));
     }
+    let pos = g.f32("pos_embed");
+    let embedded: Vec<f32> = g
+        .f32("golden.dbg.patch_embed")
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + pos[i % pos.len()])
+        .collect();
+    let block0_in = acts.blocks[0].inp.read(be).expect("block 0 input");
+    ok &= check_tensor("patch_embed + pos_embed", &block0_in, &embedded);
     ok &= check_tensor("out", &out.out, &g.f32("golden.out"));
     // The f64 reference agrees with ours about as well as with upstream's f32.
     ok &= check_tensor("out vs out_f64", &out.out, &g.f32("golden.out_f64"));
@@ -142,6 +152,55 @@ fn forward_and_intermediates_match_upstream_dit() {
     // probabilities) gives the same bits.
     let lean = g.model.predict(&x, &t, Condition::Class(&y)).expect("forward");
     assert_eq!(lean.out, out.out);
+}
+
+/// The backward against upstream DiT's autograd (tests/data/dit_tiny_grad.safetensors):
+/// the gradient of `sum(out * dy)` for every learnable parameter and the input
+/// image, each within the forward's tolerance.
+#[test]
+fn gradients_match_upstream_dit() {
+    let g = load();
+    let grad_file = Weights::open(data("dit_tiny_grad.safetensors")).expect("open golden gradients");
+    let get = |name: &str| {
+        let shape = grad_file.shape(name).unwrap_or_else(|| panic!("{name} missing"));
+        grad_file.get(name, &shape).expect(name)
+    };
+    let (x, t, y) = (g.f32("golden.x"), g.f32("golden.t"), g.labels("golden.y"));
+    let model = &g.model;
+    let be = model.backend();
+    let mut acts = ModelActs::default();
+    let out = model
+        .forward(&mut acts, &x, &t, Condition::Class(&y), ForwardOptions::training())
+        .expect("forward");
+    let mut ok = check_tensor("out (f64 reference)", &out.out, &get("golden.out"));
+    let mut grads = Grads::new(be, &model.params()).expect("gradients");
+    let mut bp = Backprop::default();
+    let opts = BackwardOptions {
+        input_grad: true,
+        grad_aux: 0.0,
+    };
+    model
+        .backward_image(&acts, &mut bp, &mut grads, &get("golden.dy"), opts)
+        .expect("backward");
+    let mut checked = 0;
+    for param in model.params() {
+        let name = format!("grad.param.{}", param.name);
+        if param.name == "pos_embed" {
+            assert!(grad_file.shape(&name).is_none(), "pos_embed is fixed");
+            continue;
+        }
+        let got = param
+            .upstream_of(be, grads.get(&param.name).expect("gradient"))
+            .expect("download");
+        ok &= check_tensor(&param.name, &got, &get(&name));
+        checked += 1;
+    }
+    let dx = bp.d_x_in.read(be).expect("input gradient");
+    ok &= check_tensor("input x", &dx, &get("grad.in.x"));
+    // Every gradient in the file was compared (one per trainable parameter).
+    let in_file = grad_file.names().iter().filter(|n| n.starts_with("grad.param.")).count();
+    assert_eq!(checked, in_file, "parameters in the model and the file differ");
+    assert!(ok, "gradient mismatches (see the table above)");
 }
 
 /// bf16 storage (parameters and activations; f32 accumulation) of the golden

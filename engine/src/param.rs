@@ -12,7 +12,7 @@
 use crate::backend::Backend;
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorRef};
 use crate::transfer::BackendExt;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -167,7 +167,14 @@ impl Param {
 
     /// The values in upstream layout as f32 (for saving and listing). One download.
     pub fn to_upstream_f32(&self, backend: &dyn Backend) -> Result<Vec<f32>> {
-        let mem = backend.read_f32(self.tensor.view())?;
+        self.upstream_of(backend, self.tensor.view())
+    }
+
+    /// A tensor of this parameter's memory shape (its gradient, an optimiser
+    /// moment) in upstream layout as f32. One download.
+    pub fn upstream_of(&self, backend: &dyn Backend, tensor: TensorRef<'_>) -> Result<Vec<f32>> {
+        tensor.expect_len(&format!("parameter '{}'", self.name), "tensor", self.numel())?;
+        let mem = backend.read_f32(tensor)?;
         Ok(match self.layout {
             Layout::AsStored => mem,
             Layout::InputMajor | Layout::InputMajorChunks(_) => swap_last_two(&mem, &self.memory_shape()),

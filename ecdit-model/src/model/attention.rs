@@ -12,6 +12,7 @@
 //! splitting copy, no strided views.
 
 use super::act::Act;
+use super::grads::Grads;
 use super::linear::Linear;
 use ecdit_engine::{AttnDims, Backend, DType, Param, Params, Result, TensorMut, TensorRef};
 
@@ -150,6 +151,38 @@ impl SelfAttention {
                 kv.forward_chunk(backend, 1, v, x, rows)
             }
         }
+    }
+}
+
+impl SelfAttention {
+    /// Backward of [`SelfAttention::project`]: parameter gradients
+    /// accumulate into `grads`; dx [B*T, d] is overwritten with the input
+    /// gradient (the sum over q, k and v).
+    #[allow(clippy::too_many_arguments)]
+    pub fn project_backward(
+        &self,
+        backend: &dyn Backend,
+        grads: &mut Grads,
+        mut dx: TensorMut<'_>,
+        dq: TensorRef<'_>,
+        dk: TensorRef<'_>,
+        dv: TensorRef<'_>,
+        x: TensorRef<'_>,
+        rows: usize,
+    ) -> Result<()> {
+        match &self.qkv {
+            QkvProjection::Fused(qkv) => {
+                for (j, dy) in [dq, dk, dv].into_iter().enumerate() {
+                    qkv.backward_chunk(backend, j, grads, Some(dx.reborrow()), j > 0, dy, x, rows)?;
+                }
+            }
+            QkvProjection::Grouped { q, kv } => {
+                q.backward(backend, grads, Some(dx.reborrow()), false, dq, x, rows)?;
+                kv.backward_chunk(backend, 0, grads, Some(dx.reborrow()), true, dk, x, rows)?;
+                kv.backward_chunk(backend, 1, grads, Some(dx.reborrow()), true, dv, x, rows)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ use super::act::Act;
 use super::adaln::{adaln_modulation, chunks, ln_modulate};
 use super::attention::{AttentionActs, SelfAttention};
 use super::cross_attention::CrossAttention;
+use super::grads::Grads;
 use super::linear::Linear;
 use super::mlp::{Mlp, MlpActs};
 use super::moe_ffn::MoeFfn;
@@ -111,6 +112,50 @@ pub struct BlockActs {
     pub ffn_out: Act,
     /// The routing of the last forward through this buffer (MoE blocks).
     pub routing: Option<Arc<DeviceRouting>>,
+}
+
+/// Scratch of a block's backward, shared by every block (and reused from
+/// step to step): gradients of the sub-layers' outputs and inputs.
+#[derive(Debug, Default)]
+pub struct BlockScratch {
+    /// [B, T, d] twice: the gradient of one sub-layer's output, then its input.
+    pub d1: Act,
+    /// See `d1`.
+    pub d2: Act,
+    /// [B*T, d] query gradient.
+    pub dq: Act,
+    /// [B*T, kv_dim] key gradient.
+    pub dk: Act,
+    /// [B*T, kv_dim] value gradient.
+    pub dv: Act,
+    /// [B*L, kv_dim] cross-attention key gradient.
+    pub dk_text: Act,
+    /// [B*L, kv_dim] cross-attention value gradient.
+    pub dv_text: Act,
+    /// [B, 6d] modulation gradient.
+    pub dmod: Act,
+    /// The dense MLP's hidden gradients.
+    pub mlp: MlpActs,
+}
+
+impl BlockScratch {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        [
+            &self.d1,
+            &self.d2,
+            &self.dq,
+            &self.dk,
+            &self.dv,
+            &self.dk_text,
+            &self.dv_text,
+            &self.dmod,
+        ]
+        .iter()
+        .map(|a| a.bytes())
+        .sum::<usize>()
+            + self.mlp.bytes()
+    }
 }
 
 impl BlockActs {
@@ -340,6 +385,202 @@ impl Block {
         )?;
         a.routing = routing.clone();
         Ok(routing)
+    }
+
+    /// Backward of [`Block::forward`] (kept), the same lines in reverse.
+    /// dx: [B, T, d], the gradient of the block's output in, of its input
+    /// out; d_silu_c: [B, d] and d_text: [B, L, d] (text models) accumulate;
+    /// parameter gradients accumulate into `grads`; `grad_aux` weighs the
+    /// MoE router's auxiliary loss (0 when it is not trained on).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        a: &BlockActs,
+        s: &mut BlockScratch,
+        grads: &mut Grads,
+        mut dx: TensorMut<'_>,
+        mut d_silu_c: TensorMut<'_>,
+        d_text: Option<TensorMut<'_>>,
+        silu_c: TensorRef<'_>,
+        text: Option<TextContext<'_>>,
+        batch: usize,
+        tokens: usize,
+        grad_aux: f32,
+    ) -> Result<()> {
+        let (d, kv_dim) = (self.attn.dim(), self.attn.kv_dim());
+        let rows = batch * tokens;
+        let dims = RowDims { batch, tokens, d };
+        let act = [batch, tokens, d];
+        if !a.inp.is_set() {
+            return Err(ecdit_engine::EngineError::Other(format!(
+                "block {}: backward needs a forward that kept its activations",
+                self.index
+            )));
+        }
+        let dtype = a.inp.view()?.dtype();
+        for buf in [&mut s.d1, &mut s.d2] {
+            buf.ensure(backend, &act, dtype)?;
+        }
+        s.dq.ensure(backend, &[rows, d], dtype)?;
+        s.dk.ensure(backend, &[rows, kv_dim], dtype)?;
+        s.dv.ensure(backend, &[rows, kv_dim], dtype)?;
+        s.dmod.ensure(backend, &[batch, CHUNKS * d], dtype)?;
+        backend.fill(s.dmod.view_mut()?, 0.0)?;
+        let m = a.modulation.view()?;
+
+        // x = x + gate_mlp * F(modulate(LN(x), shift_mlp, scale_mlp))
+        backend.gated_residual_backward(
+            s.d1.view_mut()?,
+            s.dmod.view_mut()?,
+            dx.as_ref(),
+            a.ffn_out.view()?,
+            m,
+            chunks(CHUNKS, GATE_MLP, 0),
+            dims,
+        )?;
+        match &self.ffn {
+            Ffn::Dense(mlp) => mlp.backward(
+                backend,
+                grads,
+                &mut s.mlp,
+                s.d2.view_mut()?,
+                s.d1.view()?,
+                a.ffn_in.view()?,
+                &a.mlp,
+                rows,
+            )?,
+            Ffn::Moe(moe) => {
+                let x_rows = a.ffn_in.view()?.reshape(&[rows, d])?;
+                let dout = s.d1.view()?.reshape(&[rows, d])?;
+                let dx_rows = s.d2.view_mut()?.reshape(&[rows, d])?;
+                moe.backward(backend, grads, dx_rows, &a.moe, x_rows, dout, grad_aux)?;
+            }
+        }
+        backend.modulate_backward(
+            s.d1.view_mut()?,
+            s.dmod.view_mut()?,
+            s.d2.view()?,
+            a.ln2.view()?,
+            m,
+            chunks(CHUNKS, SHIFT_MLP, SCALE_MLP),
+            dims,
+        )?;
+        backend.layer_norm_backward(
+            s.d2.view_mut()?,
+            None,
+            None,
+            s.d1.view()?,
+            a.x_ffn.view()?,
+            a.ln2_mean.view()?,
+            a.ln2_rstd.view()?,
+            None,
+            rows,
+            d,
+        )?;
+        backend.axpby(dx.reborrow(), 1.0, s.d2.view()?, 1.0)?;
+
+        // x = x + CrossAttn(x, text)
+        if let (Some(cross), Some(text)) = (&self.cross_attn, text) {
+            let mut d_text = d_text.ok_or_else(|| {
+                ecdit_engine::EngineError::Other(format!("block {}: cross-attention backward needs d_text", self.index))
+            })?;
+            let c = &a.cross;
+            let text_rows = batch * text.len;
+            s.dk_text.ensure(backend, &[text_rows, cross.kv_dim()], dtype)?;
+            s.dv_text.ensure(backend, &[text_rows, cross.kv_dim()], dtype)?;
+            cross
+                .proj
+                .backward(backend, grads, Some(s.d1.view_mut()?), false, dx.as_ref(), c.att.view()?, rows)?;
+            backend.attention_backward(
+                s.dq.view_mut()?,
+                s.dk_text.view_mut()?,
+                s.dv_text.view_mut()?,
+                s.d1.view()?,
+                c.probs.view()?,
+                c.q.view()?,
+                c.k.view()?,
+                c.v.view()?,
+                cross.dims(batch, tokens, text.len),
+            )?;
+            cross
+                .q
+                .backward(backend, grads, Some(dx.reborrow()), true, s.dq.view()?, a.x_attn.view()?, rows)?;
+            for (j, dkv) in [&s.dk_text, &s.dv_text].into_iter().enumerate() {
+                let dinp = Some(d_text.reborrow());
+                cross
+                    .kv
+                    .backward_chunk(backend, j, grads, dinp, true, dkv.view()?, text.tokens, text_rows)?;
+            }
+        }
+
+        // x = x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
+        backend.gated_residual_backward(
+            s.d1.view_mut()?,
+            s.dmod.view_mut()?,
+            dx.as_ref(),
+            a.attn.out.view()?,
+            m,
+            chunks(CHUNKS, GATE_MSA, 0),
+            dims,
+        )?;
+        self.attn
+            .proj
+            .backward(backend, grads, Some(s.d2.view_mut()?), false, s.d1.view()?, a.attn.att.view()?, rows)?;
+        backend.attention_backward(
+            s.dq.view_mut()?,
+            s.dk.view_mut()?,
+            s.dv.view_mut()?,
+            s.d2.view()?,
+            a.attn.probs.view()?,
+            a.attn.q.view()?,
+            a.attn.k.view()?,
+            a.attn.v.view()?,
+            self.attn.dims(batch, tokens),
+        )?;
+        self.attn.project_backward(
+            backend,
+            grads,
+            s.d1.view_mut()?,
+            s.dq.view()?,
+            s.dk.view()?,
+            s.dv.view()?,
+            a.attn_in.view()?,
+            rows,
+        )?;
+        backend.modulate_backward(
+            s.d2.view_mut()?,
+            s.dmod.view_mut()?,
+            s.d1.view()?,
+            a.ln1.view()?,
+            m,
+            chunks(CHUNKS, SHIFT_MSA, SCALE_MSA),
+            dims,
+        )?;
+        backend.layer_norm_backward(
+            s.d1.view_mut()?,
+            None,
+            None,
+            s.d2.view()?,
+            a.inp.view()?,
+            a.ln1_mean.view()?,
+            a.ln1_rstd.view()?,
+            None,
+            rows,
+            d,
+        )?;
+        backend.axpby(dx, 1.0, s.d1.view()?, 1.0)?;
+
+        // m = adaLN_modulation(SiLU(c))
+        self.adaln.backward(
+            backend,
+            grads,
+            Some(d_silu_c.reborrow()),
+            true,
+            s.dmod.view()?,
+            silu_c,
+            batch,
+        )
     }
 
     /// `x += proj(attention(q_linear(x), kv_linear(text), mask))`.

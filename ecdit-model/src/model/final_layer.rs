@@ -3,8 +3,9 @@
 
 use super::act::Act;
 use super::adaln::{adaln_modulation, chunks, ln_modulate};
+use super::grads::Grads;
 use super::linear::Linear;
-use ecdit_engine::{Backend, DType, Init, Param, Params, Result, RowDims, TensorRef};
+use ecdit_engine::{Backend, DType, Init, Param, Params, Result, RowDims, TensorMut, TensorRef};
 
 /// `final_layer`.
 #[derive(Debug)]
@@ -93,6 +94,82 @@ impl FinalLayer {
         )?;
         self.linear
             .forward(backend, acts.out.view_mut()?, acts.modulated.view()?, rows)
+    }
+}
+
+/// Scratch of the final layer's backward.
+#[derive(Debug, Default)]
+pub struct FinalScratch {
+    /// [B, T, d] gradient of the modulated input.
+    pub d_modulated: Act,
+    /// [B, T, d] gradient of LN(x).
+    pub d_ln: Act,
+    /// [B, 2d] modulation gradient.
+    pub dmod: Act,
+}
+
+impl FinalLayer {
+    /// Backward of [`FinalLayer::forward`]: dout [B, T, p*p*out_ch] in; dx
+    /// [B, T, d] overwritten; d_silu_c [B, d] accumulates; parameter
+    /// gradients accumulate into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        acts: &FinalActs,
+        s: &mut FinalScratch,
+        grads: &mut Grads,
+        dx: TensorMut<'_>,
+        d_silu_c: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        x: TensorRef<'_>,
+        silu_c: TensorRef<'_>,
+        batch: usize,
+        tokens: usize,
+    ) -> Result<()> {
+        let d = self.adaln.in_dim;
+        let rows = batch * tokens;
+        let dtype = dout.dtype();
+        s.d_modulated.ensure(backend, &[batch, tokens, d], dtype)?;
+        s.d_ln.ensure(backend, &[batch, tokens, d], dtype)?;
+        s.dmod.ensure(backend, &[batch, 2 * d], dtype)?;
+        backend.fill(s.dmod.view_mut()?, 0.0)?;
+        // out = linear(modulated)
+        let dout = dout.reshape(&[rows, self.linear.out_dim])?;
+        self.linear.backward(
+            backend,
+            grads,
+            Some(s.d_modulated.view_mut()?),
+            false,
+            dout,
+            acts.modulated.view()?,
+            rows,
+        )?;
+        // modulated = LN(x) * (1 + scale) + shift
+        backend.modulate_backward(
+            s.d_ln.view_mut()?,
+            s.dmod.view_mut()?,
+            s.d_modulated.view()?,
+            acts.ln.view()?,
+            acts.modulation.view()?,
+            chunks(2, 0, 1),
+            RowDims { batch, tokens, d },
+        )?;
+        backend.layer_norm_backward(
+            dx,
+            None,
+            None,
+            s.d_ln.view()?,
+            x,
+            acts.ln_mean.view()?,
+            acts.ln_rstd.view()?,
+            None,
+            rows,
+            d,
+        )?;
+        // modulation = adaLN(silu_c)
+        self.adaln
+            .backward(backend, grads, Some(d_silu_c), true, s.dmod.view()?, silu_c, batch)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Class embedding: a table with one extra row for the null class (DiT's
 //! `LabelEmbedder`); classifier-free guidance passes the null class id.
 
+use super::grads::Grads;
 use ecdit_engine::{Backend, DType, EngineError, Init, Layout, Param, Params, Result, TensorMut, TensorRef};
 
 /// `y_embedder.embedding_table.weight`: [num_classes + 1, d].
@@ -51,6 +52,20 @@ impl LabelEmbedder {
     /// out: [B, d] = table rows; labels: [B] u32 on the backend (checked).
     pub fn forward(&self, backend: &dyn Backend, out: TensorMut<'_>, labels: TensorRef<'_>) -> Result<()> {
         backend.gather_rows(out, self.table.tensor.view(), labels, self.d)
+    }
+}
+
+impl LabelEmbedder {
+    /// Backward of [`LabelEmbedder::forward`]: each sample's gradient adds
+    /// into its label's row. demb: [B, d]; labels: [B] u32 on the backend.
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        grads: &mut Grads,
+        demb: TensorRef<'_>,
+        labels: TensorRef<'_>,
+    ) -> Result<()> {
+        backend.scatter_add_rows(grads.view_mut(&self.table)?, demb, labels, None, self.d)
     }
 }
 

@@ -2,6 +2,7 @@
 //! (`[in, out]` in memory, upstream `[out, in]` on disk), so the product is a
 //! plain NN gemm with the bias fused.
 
+use super::grads::Grads;
 use ecdit_engine::{Backend, DType, GemmDims, Init, Layout, Param, Params, Result, TensorMut, TensorRef};
 
 /// A linear layer with bias.
@@ -200,6 +201,84 @@ impl Linear {
                 Some(j) => self.forward_chunk(backend, j, o, x, rows_per_sample)?,
                 None => self.forward(backend, o, x, rows_per_sample)?,
             }
+        }
+        Ok(())
+    }
+}
+
+impl Linear {
+    /// Backward of [`Linear::forward`]: accumulates `dW += inp^T dout` and
+    /// `db += sum_rows(dout)` into `grads`; with `dinp`, writes `dout W^T`
+    /// there (adds it when `accumulate`). dout: [rows, out_dim]; inp: [rows, in_dim].
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        grads: &mut Grads,
+        dinp: Option<TensorMut<'_>>,
+        accumulate: bool,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+    ) -> Result<()> {
+        if self.chunks != 1 {
+            return Err(ecdit_engine::EngineError::Other(format!(
+                "Linear::backward ({}): a fused projection runs part by part (backward_chunk)",
+                self.weight.name
+            )));
+        }
+        let (n_in, n_out) = (self.in_dim, self.out_dim);
+        let stored = self.weight.layout == Layout::AsStored;
+        {
+            let dw = grads.view_mut(&self.weight)?;
+            if stored {
+                // dW [out, in] += dout^T @ inp
+                backend.gemm(dw, dout, inp, None, GemmDims::tn(n_out, n_in, rows), 1.0, 1.0)?;
+            } else {
+                // dW [in, out] += inp^T @ dout
+                backend.gemm(dw, inp, dout, None, GemmDims::tn(n_in, n_out, rows), 1.0, 1.0)?;
+            }
+        }
+        backend.sum_rows(grads.view_mut(&self.bias)?, dout, rows, n_out, true)?;
+        if let Some(dinp) = dinp {
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            let w = self.weight.tensor.view();
+            let dims = if stored {
+                GemmDims::nn(rows, n_in, n_out)
+            } else {
+                GemmDims::nt(rows, n_in, n_out)
+            };
+            backend.gemm(dinp, dout, w, None, dims, 1.0, beta)?;
+        }
+        Ok(())
+    }
+
+    /// Backward of [`Linear::forward_chunk`] (part `j` of a fused layer), as
+    /// [`Linear::backward`]. dout: [rows, out_dim / chunks]; inp: [rows, in_dim].
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_chunk(
+        &self,
+        backend: &dyn Backend,
+        j: usize,
+        grads: &mut Grads,
+        dinp: Option<TensorMut<'_>>,
+        accumulate: bool,
+        dout: TensorRef<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+    ) -> Result<()> {
+        let (n_in, part) = (self.in_dim, self.out_dim / self.chunks);
+        {
+            // dW_j [in, part] += inp^T @ dout
+            let dw = grads.view_mut(&self.weight)?.rows(j, 1)?.reshape(&[n_in, part])?;
+            backend.gemm(dw, inp, dout, None, GemmDims::tn(n_in, part, rows), 1.0, 1.0)?;
+        }
+        let db = grads.view_mut(&self.bias)?.flat(j * part, part)?;
+        backend.sum_rows(db, dout, rows, part, true)?;
+        if let Some(dinp) = dinp {
+            let w = self.weight.tensor.view().rows(j, 1)?.reshape(&[n_in, part])?;
+            let beta = if accumulate { 1.0 } else { 0.0 };
+            backend.gemm(dinp, dout, w, None, GemmDims::nt(rows, n_in, part), 1.0, beta)?;
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! `approx_gelu`). Names `mlp.fc1` [h, d], `mlp.fc2` [d, h].
 
 use super::act::Act;
+use super::grads::Grads;
 use super::linear::Linear;
 use ecdit_engine::{Backend, DType, Param, Params, Result, TensorMut, TensorRef, Unary};
 
@@ -82,6 +83,41 @@ impl Mlp {
             self.fc2.forward(backend, o, acts.act.view()?.rows(at, m)?, m)?;
         }
         Ok(())
+    }
+}
+
+impl Mlp {
+    /// Backward of [`Mlp::forward`] (kept): parameter gradients accumulate
+    /// into `grads`; dx [B*T, d] is overwritten with the input gradient.
+    /// scratch: [B*T, h] hidden gradients, reused; dout, x: [B*T, d].
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        grads: &mut Grads,
+        scratch: &mut MlpActs,
+        dx: TensorMut<'_>,
+        dout: TensorRef<'_>,
+        x: TensorRef<'_>,
+        acts: &MlpActs,
+        rows: usize,
+    ) -> Result<()> {
+        let (d, h) = (self.fc1.in_dim, self.hidden());
+        let dtype = dout.dtype();
+        scratch.act.ensure(backend, &[rows, h], dtype)?;
+        scratch.pre.ensure(backend, &[rows, h], dtype)?;
+        let (dout, x) = (dout.reshape(&[rows, d])?, x.reshape(&[rows, d])?);
+        let (pre, act) = (acts.pre.view()?, acts.act.view()?);
+        pre.expect_len("Mlp::backward", "kept hidden activations", rows * h)?;
+        // out = fc2(act)
+        self.fc2
+            .backward(backend, grads, Some(scratch.act.view_mut()?), false, dout, act, rows)?;
+        // act = GELU(pre)
+        backend.unary_backward(Unary::GeluTanh, scratch.pre.view_mut()?, scratch.act.view()?, pre)?;
+        // pre = fc1(x)
+        let dx = dx.reshape(&[rows, d])?;
+        self.fc1
+            .backward(backend, grads, Some(dx), false, scratch.pre.view()?, x, rows)
     }
 }
 

@@ -42,7 +42,9 @@ mod attention;
 mod block;
 mod cross_attention;
 mod error;
+mod backward;
 mod final_layer;
+mod grads;
 mod guidance;
 mod label_embed;
 mod linear;
@@ -56,10 +58,12 @@ mod timestep;
 pub use act::Act;
 pub use adaln::{chunks, LN_EPS};
 pub use attention::{AttentionActs, QkvProjection, SelfAttention};
-pub use block::{Block, BlockActs, Ffn, TextContext};
+pub use block::{Block, BlockActs, BlockScratch, Ffn, TextContext};
 pub use cross_attention::CrossAttention;
 pub use error::{ModelError, ModelResult};
-pub use final_layer::{FinalActs, FinalLayer};
+pub use backward::{Backprop, BackwardOptions};
+pub use final_layer::{FinalActs, FinalLayer, FinalScratch};
+pub use grads::Grads;
 pub use guidance::{CfgChannels, CfgOptions};
 pub use label_embed::LabelEmbedder;
 pub use linear::Linear;
@@ -96,6 +100,35 @@ pub enum Condition<'a> {
     Class(&'a [u32]),
     /// Encoded prompts (B of them).
     Text(TextInput<'a>),
+    /// Encoded prompts already on the model's backend (a text encoder
+    /// trained with the model hands its output over without a transfer).
+    Encoded(EncodedText<'a>),
+}
+
+/// Encoded prompts on the model's backend.
+#[derive(Clone, Copy, Debug)]
+pub struct EncodedText<'a> {
+    /// [B, L, text_dim] token embeddings.
+    pub tokens: TensorRef<'a>,
+    /// [B, L] u8, nonzero = real token.
+    pub mask: TensorRef<'a>,
+    /// [B, text_dim] pooled embedding.
+    pub pooled: TensorRef<'a>,
+}
+
+impl EncodedText<'_> {
+    /// Prompts B and tokens per prompt L, checked against the mask and pooled shapes.
+    fn dims(&self, text_dim: usize) -> Result<(usize, usize), EngineError> {
+        let what = "encoded text";
+        let [b, l] = self.mask.shape() else {
+            return Err(EngineError::shape(what, "mask [B, L]", format!("{:?}", self.mask.shape())));
+        };
+        let (b, l) = (*b, *l);
+        self.mask.expect_dtype(what, "mask", DType::U8)?;
+        self.tokens.expect_len(what, "tokens [B, L, text_dim]", b * l * text_dim)?;
+        self.pooled.expect_len(what, "pooled [B, text_dim]", b * text_dim)?;
+        Ok((b, l))
+    }
 }
 
 impl<'a> Condition<'a> {
@@ -104,6 +137,7 @@ impl<'a> Condition<'a> {
         match self {
             Condition::Class(labels) => labels.len(),
             Condition::Text(text) => text.batch,
+            Condition::Encoded(text) => text.mask.shape().first().copied().unwrap_or(0),
         }
     }
 
@@ -124,6 +158,15 @@ impl<'a> Condition<'a> {
                 // The buffers must hold what the header fields say before slicing.
                 text.check(text.dim)?;
                 Condition::Text(text.slice(start, n))
+            }
+            Condition::Encoded(text) => {
+                let (b, l) = (have, text.mask.numel() / have.max(1));
+                let dim = text.pooled.numel() / b.max(1);
+                Condition::Encoded(EncodedText {
+                    tokens: text.tokens.reshape(&[b, l * dim])?.rows(start, n)?.reshape(&[n, l, dim])?,
+                    mask: text.mask.rows(start, n)?,
+                    pooled: text.pooled.reshape(&[b, dim])?.rows(start, n)?,
+                })
             }
         })
     }
@@ -209,8 +252,10 @@ pub struct ModelActs {
     pub text_pooled: Act,
     /// [B, T, C*p*p] patches.
     pub patches: Act,
-    /// [B, T, d] patch embedding, before the position table (kept only).
-    pub patch_embed: Act,
+    /// [B * T_kept] u32: the rows of the tokens that stay (training with token masking).
+    pub kept: Act,
+    /// [B, T, d] every token's embedding before the masked ones leave (token masking only).
+    pub x_all: Act,
     /// Timestep embedding internals; `t.emb` [B, d].
     pub t: TimestepActs,
     /// [B, d] class embedding (class-conditional models).
@@ -241,6 +286,13 @@ impl ModelActs {
         self.img.view()
     }
 
+    /// The last forward's prediction in patch rows [B, T, p*p*C_out]
+    /// (index `(pi * p + qi) * C_out + ch`), on the backend; after a
+    /// training forward with token masking, the kept tokens' rows only.
+    pub fn patch_prediction(&self) -> Result<TensorRef<'_>, EngineError> {
+        self.final_layer.out.view()
+    }
+
     /// Bytes of backend memory the activations hold (allocated sizes).
     pub fn bytes(&self) -> usize {
         let acts = [
@@ -251,7 +303,8 @@ impl ModelActs {
             &self.text_mask,
             &self.text_pooled,
             &self.patches,
-            &self.patch_embed,
+            &self.kept,
+            &self.x_all,
             &self.y_emb,
             &self.c,
             &self.silu_c,
@@ -616,7 +669,7 @@ impl Model {
         acts.x_in
             .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
         be.copy(acts.x_in.view_mut()?, x)?;
-        let routings = self.forward_inputs(acts, t, cond, opts.keep)?;
+        let routings = self.forward_inputs(acts, t, cond, opts.keep, None)?;
         self.routing_stats(&routings, opts.stats)
     }
 
@@ -636,7 +689,62 @@ impl Model {
         acts.x_in
             .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
         be.write_f32(acts.x_in.view_mut()?, x)?;
-        self.forward_inputs(acts, t, cond, keep)
+        self.forward_inputs(acts, t, cond, keep, None)
+    }
+
+    /// The training forward: keeps everything [`Model::backward`] reads and
+    /// leaves the prediction in patch rows ([`ModelActs::patch_prediction`]).
+    /// kept: token masking, per sample the indices of the tokens that stay
+    /// ([B, T_kept] row-major, each below T): the others leave before the
+    /// first block, so attention and the routers see only the kept tokens
+    /// (expert choice's capacity follows from T_kept).
+    /// Returns each MoE block's routing (statistics, auxiliary losses).
+    pub fn forward_train(
+        &self,
+        acts: &mut ModelActs,
+        x: &[f32],
+        t: &[f32],
+        cond: Condition<'_>,
+        kept: Option<&[u32]>,
+    ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
+        let c = &self.config;
+        let be = self.backend.as_ref();
+        let b = self.check_inputs(x, t)?;
+        acts.x_in
+            .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
+        be.write_f32(acts.x_in.view_mut()?, x)?;
+        self.forward_inputs(acts, t, cond, true, kept)
+    }
+
+    /// Checks kept token indices and uploads them as global rows; returns T_kept.
+    fn upload_kept(&self, acts: &mut ModelActs, kept: &[u32], b: usize) -> ModelResult<usize> {
+        let tokens = self.config.tokens();
+        let per = kept.len() / b.max(1);
+        if b == 0 || per == 0 || per * b != kept.len() || per > tokens {
+            return Err(EngineError::shape(
+                "token masking",
+                format!("B x T_kept indices with B = {b} and 0 < T_kept <= {tokens}"),
+                format!("{} indices", kept.len()),
+            )
+            .into());
+        }
+        if let Some(&bad) = kept.iter().find(|&&i| i as usize >= tokens) {
+            return Err(EngineError::shape("token masking (index)", format!("below {tokens}"), bad).into());
+        }
+        for block in &self.blocks {
+            if let Ffn::Moe(moe) = &block.ffn {
+                moe.layer.router.check_tokens_per_sample(per)?;
+            }
+        }
+        let rows: Vec<u32> = kept
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| ((i / per) * tokens) as u32 + k)
+            .collect();
+        acts.kept.ensure(self.backend.as_ref(), &[rows.len()], DType::U32)?;
+        self.backend
+            .upload(acts.kept.view_mut()?, bytemuck::cast_slice(&rows))?;
+        Ok(per)
     }
 
     /// The forward from `acts.x_in` (the image, on the backend) and the host
@@ -647,14 +755,19 @@ impl Model {
         t: &[f32],
         cond: Condition<'_>,
         keep: bool,
+        kept: Option<&[u32]>,
     ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
         let c = &self.config;
         let be = self.backend.as_ref();
         let dtype = self.dtype;
         let (d, p, size) = (c.hidden, c.patch_size, c.input_size);
         let b = t.len();
-        let tokens = c.tokens();
-        let rows = b * tokens;
+        let all_tokens = c.tokens();
+        let rows = b * all_tokens;
+        let kept_tokens = match kept {
+            Some(kept) => Some(self.upload_kept(acts, kept, b)?),
+            None => None,
+        };
 
         // Inputs, one upload each (the image is already in `acts.x_in`).
         acts.t_in.ensure(be, &[b], DType::F32)?;
@@ -663,24 +776,24 @@ impl Model {
 
         // x = x_embedder(patchify(x)) + pos_embed
         let patch = c.in_channels * p * p;
-        acts.patches.ensure(be, &[b, tokens, patch], dtype)?;
+        acts.patches.ensure(be, &[b, all_tokens, patch], dtype)?;
         be.patchify(
             acts.patches.view_mut()?,
             acts.x_in.view()?,
             patch_dims(b, c.in_channels, size, p, false),
         )?;
-        acts.x.ensure(be, &[b, tokens, d], dtype)?;
-        if keep {
-            acts.patch_embed.ensure(be, &[b, tokens, d], dtype)?;
-            self.x_embedder
-                .forward(be, acts.patch_embed.view_mut()?, acts.patches.view()?, rows)?;
-            be.copy(acts.x.view_mut()?, acts.patch_embed.view()?)?;
-        } else {
-            self.x_embedder
-                .forward(be, acts.x.view_mut()?, acts.patches.view()?, rows)?;
+        // With token masking every token is embedded, then the kept ones gather.
+        let embedded = if kept_tokens.is_some() { &mut acts.x_all } else { &mut acts.x };
+        embedded.ensure(be, &[b, all_tokens, d], dtype)?;
+        self.x_embedder
+            .forward(be, embedded.view_mut()?, acts.patches.view()?, rows)?;
+        let table = self.pos_embed.tensor.view().reshape(&[all_tokens * d])?;
+        be.add_broadcast(embedded.view_mut()?.reshape(&[rows * d])?, table)?;
+        let tokens = kept_tokens.unwrap_or(all_tokens);
+        if kept_tokens.is_some() {
+            acts.x.ensure(be, &[b, tokens, d], dtype)?;
+            be.gather_rows(acts.x.view_mut()?, acts.x_all.view()?, acts.kept.view()?, d)?;
         }
-        let table = self.pos_embed.tensor.view().reshape(&[tokens * d])?;
-        be.add_broadcast(acts.x.view_mut()?.reshape(&[rows * d])?, table)?;
 
         // c = t_embedder(t) + y_embedder(cond); silu_c = SiLU(c)
         self.embed_condition(acts, b, text_len)?;
@@ -735,6 +848,10 @@ impl Model {
             swap_final_scratch(&mut acts.final_layer, &mut acts.blocks[0]);
         }
         result?;
+        if kept_tokens.is_some() {
+            // Only the kept tokens have a prediction: it stays in patch rows.
+            return Ok(routing);
+        }
         let out_ch = c.out_channels();
         acts.img.ensure(be, &[b, out_ch, size, size], DType::F32)?;
         be.unpatchify(
@@ -783,7 +900,18 @@ impl Model {
                 be.write_f32(acts.text_pooled.view_mut()?, text.pooled)?;
                 Ok(Some(text.len))
             }
-            (CondEmbedder::Class(_), Condition::Text(_)) => {
+            (CondEmbedder::Text { text_dim, .. }, Condition::Encoded(text)) => {
+                let (tb, len) = text.dims(*text_dim)?;
+                check_len("model forward", "text prompts [B]", tb, b)?;
+                acts.text_tokens.ensure(be, &[b, len, *text_dim], self.dtype)?;
+                be.copy(acts.text_tokens.view_mut()?, text.tokens.reshape(&[b, len, *text_dim])?)?;
+                acts.text_mask.ensure(be, &[b, len], DType::U8)?;
+                be.copy(acts.text_mask.view_mut()?, text.mask)?;
+                acts.text_pooled.ensure(be, &[b, *text_dim], self.dtype)?;
+                be.copy(acts.text_pooled.view_mut()?, text.pooled.reshape(&[b, *text_dim])?)?;
+                Ok(Some(len))
+            }
+            (CondEmbedder::Class(_), Condition::Text(_) | Condition::Encoded(_)) => {
                 Err(EngineError::Other("this model is class-conditional; it was given text".into()).into())
             }
             (CondEmbedder::Text { .. }, Condition::Class(_)) => {

@@ -4,9 +4,10 @@
 //! expert kind's stacked parameters (`fc1.weight` [E, d, h] input-major ...). Routing
 //! runs on the backend; its statistics are downloaded only when asked.
 
+use super::grads::Grads;
 use crate::config::MoeConfig;
 use ecdit_engine::{
-    Backend, DType, DeviceRouting, MoeCache, MoeLayer, Param, Params, Registry, Result, RouteShape, TensorMut,
+    Backend, DType, DeviceRouting, MoeCache, MoeGrads, MoeLayer, Param, Params, Registry, Result, RouteShape, TensorMut,
     TensorRef,
 };
 use rand::Rng;
@@ -74,6 +75,49 @@ impl MoeFfn {
             experts: self.layer.experts,
         };
         self.layer.forward(backend, out, cache, keep, x, shape)
+    }
+}
+
+impl MoeFfn {
+    /// Backward of [`MoeFfn::forward`] (kept): the layer's gradients
+    /// accumulate into `grads`; dx [B*T, d] is overwritten; `grad_aux`
+    /// weighs the router's auxiliary loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        grads: &mut Grads,
+        dx: TensorMut<'_>,
+        cache: &MoeCache,
+        x: TensorRef<'_>,
+        dout: TensorRef<'_>,
+        grad_aux: f32,
+    ) -> Result<()> {
+        let layer = &self.layer;
+        // The engine's layer accumulates into tensors it owns for the call.
+        let mut moe_grads = MoeGrads {
+            dw_router: grads.take(&layer.w_router)?,
+            dparams: Vec::with_capacity(layer.params.len()),
+        };
+        let mut result = Ok(());
+        for p in &layer.params {
+            match grads.take(p) {
+                Ok(t) => moe_grads.dparams.push(t),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = layer.backward(backend, dx, &mut moe_grads, cache, x, dout, grad_aux);
+        }
+        // Every gradient goes back, whatever happened.
+        grads.put(&layer.w_router, moe_grads.dw_router)?;
+        for (p, t) in layer.params.iter().zip(moe_grads.dparams) {
+            grads.put(p, t)?;
+        }
+        result
     }
 }
 

@@ -3,9 +3,10 @@
 //! the optional pooled-text term of the adaLN conditioning vector.
 
 use super::act::Act;
+use super::grads::Grads;
 use super::linear::Linear;
 use ecdit_engine::error::check_len;
-use ecdit_engine::{Backend, DType, EngineError, Init, Param, Params, Result, TensorRef, Unary};
+use ecdit_engine::{Backend, DType, EngineError, Init, Param, Params, Result, TensorMut, TensorRef, Unary};
 
 /// A borrowed batch of encoded prompts (the fields of `text::TextBatch`).
 #[derive(Clone, Copy, Debug)]
@@ -179,6 +180,98 @@ impl PooledEmbedder {
         backend.unary(Unary::Silu, acts.hidden_act.view_mut()?, acts.hidden.view()?)?;
         self.fc2
             .forward_per_sample(backend, acts.emb.view_mut()?, acts.hidden_act.view()?, batch, 1, None)
+    }
+}
+
+/// Backward of `out = fc2(act(fc1(inp)))` over `rows` rows, the hidden
+/// pre- and post-activation kept in `hidden`, `hidden_act`: parameter
+/// gradients accumulate; with `dinp` the input gradient is written there.
+/// scratch: two buffers of the hidden's shape.
+#[allow(clippy::too_many_arguments)]
+fn two_linear_backward(
+    backend: &dyn Backend,
+    fc1: &Linear,
+    fc2: &Linear,
+    act: Unary,
+    grads: &mut Grads,
+    scratch: &mut [Act; 2],
+    dinp: Option<TensorMut<'_>>,
+    dout: TensorRef<'_>,
+    inp: TensorRef<'_>,
+    hidden: &Act,
+    hidden_act: &Act,
+    rows: usize,
+) -> Result<()> {
+    let [d_act, d_hidden] = scratch;
+    for a in [&mut *d_act, &mut *d_hidden] {
+        a.ensure(backend, hidden.shape(), dout.dtype())?;
+    }
+    fc2.backward(backend, grads, Some(d_act.view_mut()?), false, dout, hidden_act.view()?, rows)?;
+    backend.unary_backward(act, d_hidden.view_mut()?, d_act.view()?, hidden.view()?)?;
+    fc1.backward(backend, grads, dinp, false, d_hidden.view()?, inp, rows)
+}
+
+impl CaptionEmbedder {
+    /// Backward of [`CaptionEmbedder::forward`]: dout [B, L, d] in; with
+    /// `dtokens`, the text tokens' gradient [B, L, text_dim] is written there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        acts: &CaptionActs,
+        scratch: &mut [Act; 2],
+        grads: &mut Grads,
+        dtokens: Option<TensorMut<'_>>,
+        dout: TensorRef<'_>,
+        tokens: TensorRef<'_>,
+    ) -> Result<()> {
+        let rows = dout.numel() / self.fc2.out_dim.max(1);
+        two_linear_backward(
+            backend,
+            &self.fc1,
+            &self.fc2,
+            Unary::GeluTanh,
+            grads,
+            scratch,
+            dtokens,
+            dout,
+            tokens,
+            &acts.hidden,
+            &acts.hidden_act,
+            rows,
+        )
+    }
+}
+
+impl PooledEmbedder {
+    /// Backward of [`PooledEmbedder::forward`]: demb [B, d] in; with
+    /// `dpooled`, the pooled text's gradient [B, text_dim] is written there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        acts: &PooledActs,
+        scratch: &mut [Act; 2],
+        grads: &mut Grads,
+        dpooled: Option<TensorMut<'_>>,
+        demb: TensorRef<'_>,
+        pooled: TensorRef<'_>,
+    ) -> Result<()> {
+        let rows = demb.numel() / self.fc2.out_dim.max(1);
+        two_linear_backward(
+            backend,
+            &self.fc1,
+            &self.fc2,
+            Unary::Silu,
+            grads,
+            scratch,
+            dpooled,
+            demb,
+            pooled,
+            &acts.hidden,
+            &acts.hidden_act,
+            rows,
+        )
     }
 }
 

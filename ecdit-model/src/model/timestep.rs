@@ -3,6 +3,7 @@
 //! `TimestepEmbedder`).
 
 use super::act::Act;
+use super::grads::Grads;
 use super::linear::Linear;
 use ecdit_engine::{Backend, DType, Init, Param, Params, Result, TensorRef, Unary};
 
@@ -73,6 +74,31 @@ impl TimestepEmbedder {
         backend.unary(Unary::Silu, acts.hidden_act.view_mut()?, acts.hidden.view()?)?;
         self.fc2
             .forward_per_sample(backend, acts.emb.view_mut()?, acts.hidden_act.view()?, b, 1, None)
+    }
+}
+
+impl TimestepEmbedder {
+    /// Backward of [`TimestepEmbedder::forward`] for the parameters (the
+    /// timesteps are data): demb [B, d] in; scratch [B, d] twice.
+    pub fn backward(
+        &self,
+        backend: &dyn Backend,
+        acts: &TimestepActs,
+        scratch: &mut [Act; 2],
+        grads: &mut Grads,
+        demb: TensorRef<'_>,
+    ) -> Result<()> {
+        let b = demb.numel() / self.fc2.out_dim.max(1);
+        let [d_act, d_hidden] = scratch;
+        for a in [&mut *d_act, &mut *d_hidden] {
+            a.ensure(backend, &[b, self.fc2.out_dim], demb.dtype())?;
+        }
+        // emb = fc2(SiLU(hidden)), hidden = fc1(freq)
+        self.fc2
+            .backward(backend, grads, Some(d_act.view_mut()?), false, demb, acts.hidden_act.view()?, b)?;
+        backend.unary_backward(Unary::Silu, d_hidden.view_mut()?, d_act.view()?, acts.hidden.view()?)?;
+        self.fc1
+            .backward(backend, grads, None, false, d_hidden.view()?, acts.freq.view()?, b)
     }
 }
 
