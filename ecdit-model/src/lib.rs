@@ -11,6 +11,7 @@ pub mod config_files;
 pub mod data;
 pub mod info;
 pub mod model;
+pub mod plot;
 pub mod text;
 pub mod train;
 pub mod weights;

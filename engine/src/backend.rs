@@ -118,6 +118,34 @@ pub struct AdamW {
     pub weight_decay: f32,
 }
 
+/// Hyper-parameters of one RMSProp-with-momentum step (the paper's optimiser).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmsProp {
+    /// Learning rate.
+    pub lr: f32,
+    /// Decay of the squared-gradient average.
+    pub alpha: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Momentum of the update.
+    pub momentum: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl RmsProp {
+    /// One element's step (PyTorch `RMSprop` with momentum, decay decoupled):
+    /// `p *= 1 - lr wd`; `v = alpha v + (1 - alpha) g^2`;
+    /// `buf = momentum buf + g / (sqrt(v) + eps)`; `p -= lr buf`.
+    #[inline]
+    pub fn update(&self, p: &mut f32, g: f32, v: &mut f32, buf: &mut f32) {
+        *p *= 1.0 - self.lr * self.weight_decay;
+        *v = self.alpha * *v + (1.0 - self.alpha) * g * g;
+        *buf = self.momentum * *buf + g / (v.sqrt() + self.eps);
+        *p -= self.lr * *buf;
+    }
+}
+
 /// Checks the arguments of [`Backend::top_k_rows`]: idx, val: [rows, k];
 /// inp: [rows, cols]; `k <= cols`; column indices fit in u32.
 pub fn check_top_k_rows(
@@ -651,4 +679,33 @@ pub trait Backend: Send + Sync {
         hp: AdamW,
         step: u64,
     ) -> Result<()>;
+
+    /// One RMSProp-with-momentum step on an f32 parameter ([`RmsProp::update`]
+    /// per element); v, buf, grad: f32 of the same count. The default runs
+    /// on the host through transfers (any backend, e.g. a plugin's, has it);
+    /// a backend overrides it with its own kernel.
+    fn rmsprop_step(
+        &self,
+        mut param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        mut v: TensorMut<'_>,
+        mut buf: TensorMut<'_>,
+        hp: RmsProp,
+    ) -> Result<()> {
+        use crate::transfer::BackendExt;
+        let n = param.numel();
+        grad.expect_len("rmsprop_step", "grad", n)?;
+        v.expect_len("rmsprop_step", "v", n)?;
+        buf.expect_len("rmsprop_step", "buf", n)?;
+        let mut p_h = self.read_f32(param.as_ref())?;
+        let g_h = self.read_f32(grad)?;
+        let mut v_h = self.read_f32(v.as_ref())?;
+        let mut b_h = self.read_f32(buf.as_ref())?;
+        for i in 0..n {
+            hp.update(&mut p_h[i], g_h[i], &mut v_h[i], &mut b_h[i]);
+        }
+        self.write_f32(param.reborrow(), &p_h)?;
+        self.write_f32(v.reborrow(), &v_h)?;
+        self.write_f32(buf.reborrow(), &b_h)
+    }
 }

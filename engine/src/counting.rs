@@ -4,7 +4,7 @@
 //! it counts the bytes each moves. A test wraps the CPU backend in it and
 //! shows that a whole forward moves only its inputs and outputs.
 
-use crate::backend::{AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
+use crate::backend::{AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RmsProp, RowDims, Unary};
 use crate::buffer::{Buffer, BufferStorage};
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
@@ -431,5 +431,15 @@ impl Backend for CountingBackend {
         step: u64,
     ) -> Result<()> {
         self.inner.adamw_step(m(param)?, r(grad)?, m(m_)?, m(v)?, hp, step)
+    }
+    fn rmsprop_step(
+        &self,
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        v: TensorMut<'_>,
+        buf: TensorMut<'_>,
+        hp: RmsProp,
+    ) -> Result<()> {
+        self.inner.rmsprop_step(m(param)?, r(grad)?, m(v)?, m(buf)?, hp)
     }
 }

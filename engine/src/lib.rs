@@ -32,7 +32,7 @@ pub mod spec;
 pub mod tensor;
 pub mod transfer;
 
-pub use backend::{AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
+pub use backend::{AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RmsProp, RowDims, Unary};
 pub use buffer::{Buffer, BufferStorage, HostStorage};
 pub use dtype::{bf16, DType, Element};
 pub use error::{EngineError, Result};

@@ -2,7 +2,9 @@
 
 mod bench;
 mod components;
+mod data;
 mod info;
+mod plot;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -32,6 +34,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Parameters, FLOPs and memory of a model config.
     Info(info::InfoArgs),
+    /// The training data: preview samples.
+    Data(data::DataArgs),
+    /// Plot training runs: loss and routing statistics.
+    Plot(plot::PlotArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -75,5 +81,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Components(args) => components::run(&cli.plugin, args),
         Command::Bench(args) => bench::run(&cli.plugin, args),
         Command::Info(args) => info::run(&cli.plugin, args),
+        Command::Data(args) => data::run(args),
+        Command::Plot(args) => plot::run(args),
     }
 }

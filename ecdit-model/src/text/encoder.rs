@@ -9,6 +9,8 @@
 //! saving and the model's parameter list walk them like any other. The
 //! forward runs on backend tensors: token ids go up once as u32, everything
 //! else stays on the backend (inference: attention keeps no probabilities).
+//! Training (a forward that keeps activations, and the backward) is in
+//! `encoder_train.rs`.
 
 use super::tokenizer::{Tokenizer, Vocab};
 use super::{TextBatch, TextEncoder, TextError};
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// LayerNorm epsilon (as CLIP/T5-style encoders use 1e-5).
-const LN_EPS: f32 = 1e-5;
+pub(super) const LN_EPS: f32 = 1e-5;
 
 /// Shape of the text encoder beyond its width and length (which the model's
 /// `conditioning` sets).
@@ -346,11 +348,11 @@ pub struct DeviceTextBatch {
 
 /// The small transformer encoder.
 pub struct TransformerTextEncoder {
-    backend: Arc<dyn Backend>,
-    tokenizer: Tokenizer,
-    cfg: TextEncoderConfig,
-    dim: usize,
-    heads: usize,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) tokenizer: Tokenizer,
+    pub(super) cfg: TextEncoderConfig,
+    pub(super) dim: usize,
+    pub(super) heads: usize,
     dtype: DType,
     /// The weights; public so training and checkpoint loading can reach them.
     pub params: TextEncoderParams,
@@ -486,16 +488,7 @@ impl TransformerTextEncoder {
     pub fn encode_ids(&self, ids: &[u32], mask: &[u8], batch: usize, len: usize) -> Result<DeviceTextBatch> {
         let be = self.backend.as_ref();
         let rows = batch * len;
-        let vocab = self.tokenizer.vocab().len();
-        ecdit_engine::error::check_len("text encoder", "ids", ids.len(), rows)?;
-        ecdit_engine::error::check_len("text encoder", "mask", mask.len(), rows)?;
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(EngineError::shape(
-                "text encoder (token id)",
-                format!("ids below the vocabulary size {vocab}"),
-                bad,
-            ));
-        }
+        self.check_ids(ids, mask, rows)?;
         let ids_t = be.upload_u32(&[rows], ids)?;
         let mask_t = be.upload_u8(&[batch, len], mask)?;
         let weights = be.upload_f32(&[batch, len], &pool_weights(mask, batch, len), DType::F32)?;
@@ -521,6 +514,22 @@ impl TransformerTextEncoder {
             len,
             dim: self.dim,
         })
+    }
+
+    /// Checks host ids and mask of `rows` tokens: the lengths, and every id
+    /// below the vocabulary size.
+    pub(super) fn check_ids(&self, ids: &[u32], mask: &[u8], rows: usize) -> Result<()> {
+        let vocab = self.tokenizer.vocab().len();
+        ecdit_engine::error::check_len("text encoder", "ids", ids.len(), rows)?;
+        ecdit_engine::error::check_len("text encoder", "mask", mask.len(), rows)?;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::shape(
+                "text encoder (token id)",
+                format!("ids below the vocabulary size {vocab}"),
+                bad,
+            ));
+        }
+        Ok(())
     }
 
     /// Tokenizes and encodes prompts, leaving the result on the backend.
@@ -648,7 +657,7 @@ fn linear(
 
 /// Per-token weights of the masked mean: `mask / (real tokens of the prompt)`.
 /// mask: [B, L]; returns [B, L].
-fn pool_weights(mask: &[u8], batch: usize, len: usize) -> Vec<f32> {
+pub(super) fn pool_weights(mask: &[u8], batch: usize, len: usize) -> Vec<f32> {
     let mut w = vec![0.0f32; batch * len];
     for (wb, mb) in w.chunks_exact_mut(len.max(1)).zip(mask.chunks_exact(len.max(1))) {
         let count = mb.iter().filter(|&&m| m != 0).count().max(1);
@@ -662,7 +671,7 @@ fn pool_weights(mask: &[u8], batch: usize, len: usize) -> Vec<f32> {
 
 /// pooled [B, D] = per prompt, `weights [1, L] @ tokens [L, D]` (one batched
 /// product): the masked mean when the weights come from [`pool_weights`].
-fn masked_mean(
+pub(super) fn masked_mean(
     be: &dyn Backend,
     pooled: TensorMut<'_>,
     tokens: TensorRef<'_>,

@@ -7,11 +7,13 @@
 //! engine's [`ecdit_engine::Backend`] ops.
 
 mod encoder;
+mod encoder_train;
 mod tokenizer;
 
 pub use encoder::{
     param_shapes, DeviceTextBatch, LayerParams, TextEncoderConfig, TextEncoderParams, TransformerTextEncoder,
 };
+pub use encoder_train::TextEncoderActs;
 pub use tokenizer::{Tokenized, Tokenizer, Vocab, BOS, BUILTIN_VOCAB, EOS, PAD, UNK};
 
 use ecdit_engine::{EngineError, Result};

@@ -12,7 +12,8 @@ use crate::slices::{
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::{
-    AdamW, AttnDims, Backend, Buffer, DType, GemmDims, ModChunks, PatchDims, RowDims, TensorMut, TensorRef, Unary,
+    AdamW, AttnDims, Backend, Buffer, DType, GemmDims, ModChunks, PatchDims, RmsProp, RowDims, TensorMut, TensorRef,
+    Unary,
 };
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -689,6 +690,22 @@ impl Backend for CpuBackend {
             let p = f32_output(OP, "param", param)?;
             let (m, v) = (f32_output(OP, "m", m)?, f32_output(OP, "v", v)?);
             ops::optim::adamw_step(p, f32_input(OP, "grad", grad)?, m, v, hp, step)
+        })
+    }
+
+    fn rmsprop_step(
+        &self,
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        v: TensorMut<'_>,
+        buf: TensorMut<'_>,
+        hp: RmsProp,
+    ) -> Result<()> {
+        const OP: &str = "rmsprop_step";
+        self.pool.install(|| {
+            let p = f32_output(OP, "param", param)?;
+            let (v, buf) = (f32_output(OP, "v", v)?, f32_output(OP, "buf", buf)?);
+            ops::optim::rmsprop_step(p, f32_input(OP, "grad", grad)?, v, buf, hp)
         })
     }
 }
