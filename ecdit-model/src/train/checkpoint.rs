@@ -13,10 +13,11 @@
 
 use ecdit_engine::DType;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::SafeTensorError;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 const TENSORS_FILE: &str = "tensors.safetensors";
@@ -178,8 +179,8 @@ impl CheckpointStore {
         if final_dir.exists() && !final_dir.is_dir() {
             return Err(CheckpointError::Blocked { path: final_dir });
         }
-        // Serialise before touching the disk: bad input must not leave anything behind.
-        let bytes = serialize_tensors(&final_dir, tensors)?;
+        // Check the tensors before touching the disk: bad input must leave nothing behind.
+        let views = tensor_views(&final_dir, tensors)?;
         if !self.dir.is_dir() {
             fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
             if let Some(parent) = self.dir.parent() {
@@ -187,7 +188,7 @@ impl CheckpointStore {
             }
         }
         let tmp = self.dir.join(format!("step-{step:08}.tmp-{}", std::process::id()));
-        let result = self.write_and_publish(step, &tmp, &final_dir, &bytes, state);
+        let result = self.write_and_publish(step, &tmp, &final_dir, views, state);
         if result.is_err() && tmp.exists() {
             if let Err(e) = fs::remove_dir_all(&tmp) {
                 tracing::warn!(path = %tmp.display(), "could not remove temporary checkpoint: {e}");
@@ -207,7 +208,7 @@ impl CheckpointStore {
         step: u64,
         tmp: &Path,
         final_dir: &Path,
-        bytes: &[u8],
+        views: Vec<(&str, TensorView<'_>)>,
         state: &Value,
     ) -> Result<(), CheckpointError> {
         // A leftover from an earlier failed save of this process (or a dead one with our pid).
@@ -215,12 +216,29 @@ impl CheckpointStore {
             fs::remove_dir_all(tmp).map_err(io_err("remove stale temporary", tmp))?;
         }
         fs::create_dir(tmp).map_err(io_err("create directory", tmp))?;
-        write_synced(&tmp.join(TENSORS_FILE), bytes)?;
+        // Streamed to the file (no second copy of every tensor in memory), then read back
+        // for the checksum: that also proves the bytes on their way to disk are whole.
+        let tensors_path = tmp.join(TENSORS_FILE);
+        safetensors::serialize_to_file(views, &None, &tensors_path).map_err(|e| match e {
+            SafeTensorError::IoError(source) => CheckpointError::Io {
+                op: "write",
+                path: tensors_path.clone(),
+                source,
+            },
+            other => CheckpointError::BadTensor {
+                path: final_dir.to_path_buf(),
+                name: "(all)".into(),
+                reason: other.to_string(),
+            },
+        })?;
+        let file = File::open(&tensors_path).map_err(io_err("open", &tensors_path))?;
+        file.sync_all().map_err(io_err("fsync", &tensors_path))?;
+        let (len, crc) = length_and_crc(&file).map_err(io_err("read back", &tensors_path))?;
         let envelope = json!({
             "format": FORMAT,
             "version": VERSION,
             "step": step,
-            "tensors_file": { "name": TENSORS_FILE, "bytes": bytes.len(), "crc32": crc32fast::hash(bytes) },
+            "tensors_file": { "name": TENSORS_FILE, "bytes": len, "crc32": crc },
             "state": state,
         });
         let text = serde_json::to_vec_pretty(&envelope).map_err(|e| CheckpointError::Corrupt {
@@ -373,20 +391,24 @@ impl CheckpointStore {
         let state = envelope.get("state").cloned().unwrap_or(Value::Null);
 
         let tensors_path = path.join(TENSORS_FILE);
-        let bytes = fs::read(&tensors_path).map_err(io_err("read", &tensors_path))?;
+        // Mapped rather than read: a big checkpoint is not held twice while tensors are copied out.
+        let file = File::open(&tensors_path).map_err(io_err("open", &tensors_path))?;
+        // SAFETY: checkpoint files are never modified after they are renamed into place.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("map", &tensors_path))?;
+        let bytes: &[u8] = &map;
         if bytes.len() as u64 != want_len {
             return Err(corrupt(format!(
                 "{TENSORS_FILE} is {} bytes, {STATE_FILE} says {want_len} (truncated?)",
                 bytes.len()
             )));
         }
-        let crc = crc32fast::hash(&bytes);
+        let crc = crc32fast::hash(bytes);
         if u64::from(crc) != want_crc {
             return Err(corrupt(format!(
                 "{TENSORS_FILE} checksum is {crc:#010x}, {STATE_FILE} says {want_crc:#010x}"
             )));
         }
-        let parsed = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{TENSORS_FILE}: {e}")))?;
+        let parsed = SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("{TENSORS_FILE}: {e}")))?;
         let mut tensors = HashMap::new();
         for (name, view) in parsed.iter() {
             let dtype = match view.dtype() {
@@ -476,7 +498,11 @@ fn writer_alive(pid: u32) -> bool {
     pid != std::process::id() && Path::new("/proc/self").exists() && Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn serialize_tensors(final_dir: &Path, tensors: &[(String, TensorData)]) -> Result<Vec<u8>, CheckpointError> {
+/// Safetensors views of the tensors, checked (sizes fit shapes, names unique).
+fn tensor_views<'t>(
+    final_dir: &Path,
+    tensors: &'t [(String, TensorData)],
+) -> Result<Vec<(&'t str, TensorView<'t>)>, CheckpointError> {
     let bad = |name: &str, reason: String| CheckpointError::BadTensor {
         path: final_dir.to_path_buf(),
         name: name.to_string(),
@@ -507,7 +533,22 @@ fn serialize_tensors(final_dir: &Path, tensors: &[(String, TensorData)]) -> Resu
         })?;
         views.push((name.as_str(), view));
     }
-    safetensors::serialize(views, &None).map_err(|e| bad("(all)", e.to_string()))
+    Ok(views)
+}
+
+/// Length and CRC-32 of a file, read in chunks.
+fn length_and_crc(mut file: &File) -> io::Result<(u64, u32)> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((len, hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
@@ -621,7 +662,7 @@ mod tests {
     #[test]
     fn damaged_newest_checkpoint_falls_back_to_the_previous() {
         type Damage = fn(&Path);
-        let cases: [(&str, Damage, &str); 5] = [
+        let cases: [(&str, Damage, &str); 6] = [
             (
                 "truncated tensors",
                 |d| {
@@ -641,6 +682,11 @@ mod tests {
                     fs::write(&p, &bytes).unwrap();
                 },
                 "checksum",
+            ),
+            (
+                "empty tensors",
+                |d| fs::write(d.join(TENSORS_FILE), b"").unwrap(),
+                "is 0 bytes",
             ),
             (
                 "missing state.json",
