@@ -457,6 +457,7 @@ mod tests {
                 lr: 1e-4 * (t / 20.0).min(1.0),
                 grad_norm: if s == 7 { f64::NAN } else { 2.0 + (t * 0.3).cos() },
                 images_per_sec: 100.0,
+                val_loss: f64::NAN,
                 moe: blocks
                     .iter()
                     .map(|&b| MoeMetrics {

@@ -5,6 +5,7 @@ mod components;
 mod data;
 mod info;
 mod plot;
+mod train;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ pub enum Command {
     Data(data::DataArgs),
     /// Plot training runs: loss and routing statistics.
     Plot(plot::PlotArgs),
+    /// Train a model on the built-in data world (or a folder of captioned PNGs).
+    Train(train::TrainArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -83,5 +86,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(&cli.plugin, args),
         Command::Data(args) => data::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Train(args) => train::run(&cli.plugin, args),
     }
 }

@@ -1,6 +1,7 @@
 //! Training metrics: `RUN/metrics.csv`, one row per logged step.
 //!
-//! Header: `step,loss,lr,grad_norm,images_per_sec,moe{b}_unchosen,moe{b}_max_experts,...`
+//! Header: `step,loss,lr,grad_norm,images_per_sec,val_loss,moe{b}_unchosen,moe{b}_max_experts,...`
+//! (`val_loss` is NaN on rows without a validation pass).
 //! with one pair of columns per MoE block `b`. Floats are written in Rust's shortest form
 //! that parses back to the same bits (`NaN` and `inf` included), so a row round-trips.
 //!
@@ -13,7 +14,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 const FILE_NAME: &str = "metrics.csv";
-const FIXED: [&str; 5] = ["step", "loss", "lr", "grad_norm", "images_per_sec"];
+const FIXED: [&str; 6] = ["step", "loss", "lr", "grad_norm", "images_per_sec", "val_loss"];
 
 /// Routing statistics of one MoE layer at one step.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +40,8 @@ pub struct MetricsRow {
     pub grad_norm: f64,
     /// Throughput.
     pub images_per_sec: f64,
+    /// Loss of the fixed held-out batch (NaN when not measured at this step).
+    pub val_loss: f64,
     /// Per MoE layer (block index): fraction of tokens no expert chose, max experts on one token.
     pub moe: Vec<MoeMetrics>,
 }
@@ -185,12 +188,13 @@ impl MetricsLog {
             });
         }
         let mut line = format!(
-            "{},{},{},{},{}",
+            "{},{},{},{},{},{}",
             row.step,
             num(row.loss),
             num(row.lr),
             num(row.grad_norm),
-            num(row.images_per_sec)
+            num(row.images_per_sec),
+            num(row.val_loss)
         );
         for m in &row.moe {
             line.push_str(&format!(",{},{}", num(m.unchosen), num(m.max_experts)));
@@ -297,7 +301,7 @@ fn parse_row(line: &str, blocks: &[usize]) -> Result<MetricsRow, String> {
         fields[i].trim().parse::<f64>().map_err(|_| {
             let col = match FIXED.get(i) {
                 Some(name) => name.to_string(),
-                None if i % 2 == 1 => format!("moe{}_unchosen", blocks[(i - FIXED.len()) / 2]),
+                None if i % 2 == 0 => format!("moe{}_unchosen", blocks[(i - FIXED.len()) / 2]),
                 None => format!("moe{}_max_experts", blocks[(i - FIXED.len()) / 2]),
             };
             format!("{col} {:?} is not a number (column {})", fields[i], i + 1)
@@ -307,8 +311,8 @@ fn parse_row(line: &str, blocks: &[usize]) -> Result<MetricsRow, String> {
         .map(|(k, &block)| {
             Ok(MoeMetrics {
                 block,
-                unchosen: f(5 + 2 * k)?,
-                max_experts: f(6 + 2 * k)?,
+                unchosen: f(6 + 2 * k)?,
+                max_experts: f(7 + 2 * k)?,
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -318,6 +322,7 @@ fn parse_row(line: &str, blocks: &[usize]) -> Result<MetricsRow, String> {
         lr: f(2)?,
         grad_norm: f(3)?,
         images_per_sec: f(4)?,
+        val_loss: f(5)?,
         moe,
     })
 }
@@ -368,6 +373,7 @@ mod tests {
             lr: 3e-4 * (s / 100.0).min(1.0),
             grad_norm: 0.1 + s.sqrt(),
             images_per_sec: 123.456,
+            val_loss: if step % 2 == 0 { 0.5 } else { f64::NAN },
             moe: blocks
                 .iter()
                 .map(|&b| MoeMetrics {
@@ -394,7 +400,7 @@ mod tests {
         let text = fs::read_to_string(log.path()).unwrap();
         assert!(
             text.starts_with(
-                "step,loss,lr,grad_norm,images_per_sec,moe1_unchosen,moe1_max_experts,moe3_unchosen,moe3_max_experts\n"
+                "step,loss,lr,grad_norm,images_per_sec,val_loss,moe1_unchosen,moe1_max_experts,moe3_unchosen,moe3_max_experts\n"
             ),
             "{text}"
         );
@@ -469,7 +475,7 @@ mod tests {
         let path = run.path().join(FILE_NAME);
         fs::write(
             &path,
-            "step,loss,lr,grad_norm,images_per_sec\n1,0.5,0.1,1,2\n2,0.4,oops,1,2\n3,0.3,0.1,1,2\n",
+            "step,loss,lr,grad_norm,images_per_sec,val_loss\n1,0.5,0.1,1,2,NaN\n2,0.4,oops,1,2,NaN\n3,0.3,0.1,1,2,NaN\n",
         )
         .unwrap();
         let err = read_metrics(&path).unwrap_err();
@@ -482,7 +488,7 @@ mod tests {
             .contains("metrics.csv:3"));
         fs::write(
             &path,
-            "step,loss,lr,grad_norm,images_per_sec,moe4_unchosen,moe4_max_experts\n1,0.5,0.1,1,2,0,x\n",
+            "step,loss,lr,grad_norm,images_per_sec,val_loss,moe4_unchosen,moe4_max_experts\n1,0.5,0.1,1,2,NaN,0,x\n",
         )
         .unwrap();
         let msg = read_metrics(&path).unwrap_err().to_string();
@@ -490,7 +496,7 @@ mod tests {
             msg.contains(":2: moe4_max_experts \"x\" is not a number (column 7)"),
             "{msg}"
         );
-        fs::write(&path, "step,loss,lr,grad_norm,images_per_sec\n1,0.5,0.1\n").unwrap();
+        fs::write(&path, "step,loss,lr,grad_norm,images_per_sec,val_loss\n1,0.5,0.1\n").unwrap();
         assert!(read_metrics(&path)
             .unwrap_err()
             .to_string()

@@ -5,4 +5,5 @@ pub mod config;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
+pub mod run;
 pub mod trainer;

@@ -195,6 +195,11 @@ impl Trainer {
         self.backend.as_ref()
     }
 
+    /// The backend, shared.
+    pub fn backend_arc(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
+    }
+
     /// Every trainable parameter in training order: the model's, then the encoder's.
     pub fn params(&self) -> Vec<&Param> {
         trainable(&self.model, self.encoder.as_ref())

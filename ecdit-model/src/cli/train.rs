@@ -1,0 +1,216 @@
+//! `ecdit train`: trains a model config (or a training config) into a run
+//! directory, resumable from its checkpoints.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ecdit_model::train::config::{OptimizerConfig, TrainConfig};
+use ecdit_model::train::run::{run as run_training, RunOptions};
+use std::path::{Path, PathBuf};
+
+/// Arguments of `ecdit train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training config or model config, by name or path (a model config trains
+    /// with the defaults). With --resume it may be left out: the run's own.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// The run directory (checkpoints, metrics.csv, the final model).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its newest complete checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Optimiser steps in all.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per step.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Backend threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// `adamw` or `rmsprop` (with its default hyper-parameters).
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// Warm-up steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Fraction of image tokens dropped in training (the paper: 0.5).
+    #[arg(long)]
+    pub mask_ratio: Option<f32>,
+    /// EMA decay of the weights.
+    #[arg(long)]
+    pub ema_decay: Option<f32>,
+    /// Prompt dropout (the empty prompt), for classifier-free guidance.
+    #[arg(long)]
+    pub text_dropout: Option<f32>,
+    /// Global gradient-norm clip (0: none).
+    #[arg(long)]
+    pub clip: Option<f32>,
+    /// Seed of the weights and of every step's randomness.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `shapes` or a directory of PNGs with captions.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// A checkpoint every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept.
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// A metrics row every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    /// The validation loss every N steps (0: never).
+    #[arg(long)]
+    pub val_every: Option<u64>,
+    /// Refuse a run whose estimated memory exceeds this (e.g. 8G, 512M);
+    /// default: the memory available now.
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_memory: Option<u64>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `8G`, `512M`, `100K` or plain bytes.
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let value: f64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 8G, 512M)"))?;
+    let scale = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1u64,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' in '{s}' (K, M, G, T)")),
+    };
+    Ok((value * scale as f64) as u64)
+}
+
+/// The config to train: the named one with the flags applied.
+fn config(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut cfg = match (&args.config, args.resume) {
+        (Some(name), _) => TrainConfig::resolve(name)?,
+        (None, true) => {
+            let path = args.out.join("run.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("--resume without --config reads {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{} is not a training config", path.display()))?
+        }
+        (None, false) => bail!("--config is required (a model or training config, by name or path)"),
+    };
+    if let Some(v) = args.steps {
+        cfg.steps = v;
+    }
+    if let Some(v) = args.batch {
+        cfg.batch = v;
+    }
+    if let Some(kind) = &args.optimizer {
+        cfg.optimizer = OptimizerConfig::defaults(kind, cfg.optimizer.lr())
+            .with_context(|| format!("--optimizer {kind}: expected adamw or rmsprop"))?;
+    }
+    if let Some(v) = args.lr {
+        cfg.optimizer = cfg.optimizer.with_lr(v);
+    }
+    if let Some(v) = args.warmup {
+        cfg.schedule.warmup_steps = v;
+    }
+    if let Some(v) = args.mask_ratio {
+        cfg.mask_ratio = v;
+    }
+    if let Some(v) = args.ema_decay {
+        cfg.ema_decay = v;
+    }
+    if let Some(v) = args.text_dropout {
+        cfg.text_dropout = Some(v);
+    }
+    if let Some(v) = args.clip {
+        cfg.clip_grad_norm = (v > 0.0).then_some(v);
+    }
+    if let Some(v) = args.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = &args.data {
+        cfg.data.source = v.clone();
+    }
+    if let Some(v) = args.checkpoint_every {
+        cfg.checkpoint_every = v;
+    }
+    if let Some(v) = args.keep_checkpoints {
+        cfg.keep_checkpoints = v;
+    }
+    if let Some(v) = args.log_every {
+        cfg.log_every = v;
+    }
+    if let Some(v) = args.val_every {
+        cfg.val_every = v;
+    }
+    cfg.validate(None)?;
+    Ok(cfg)
+}
+
+/// Runs `ecdit train`.
+pub fn run(plugins: &[PathBuf], args: TrainArgs) -> Result<()> {
+    let cfg = config(&args)?;
+    let registry = super::registry(plugins)?;
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    let opts = RunOptions {
+        out: args.out.clone(),
+        resume: args.resume,
+        max_memory: args.max_memory,
+        backend: serde_json::json!({"kind": "cpu", "threads": threads}),
+        progress: !args.quiet,
+    };
+    eprintln!(
+        "training '{}' for {} steps at batch {} on {} threads into {}",
+        cfg.model.name,
+        cfg.steps,
+        cfg.batch,
+        threads,
+        display(&args.out)
+    );
+    let summary = run_training(cfg, &registry, &opts)?;
+    println!(
+        "done: step {}, last loss {:.5}, {} step(s) skipped; EMA model in {}",
+        summary.steps,
+        summary.last_loss,
+        summary.skipped,
+        summary.model_path.display()
+    );
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_units_and_bad_ones_are_named() {
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("8G"), Ok(8 << 30));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("100"), Ok(100));
+        assert!(parse_bytes("8Q").unwrap_err().contains("8Q"));
+        assert!(parse_bytes("lots").is_err());
+    }
+}

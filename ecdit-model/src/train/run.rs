@@ -1,0 +1,392 @@
+//! A training run in a directory: `run.json` (the config), `metrics.csv`,
+//! `checkpoints/step-N/` (weights, EMA, optimiser state, step; written
+//! atomically, the last K kept) and, at the end, the EMA weights as
+//! `model.safetensors` (+ `text_encoder.safetensors`) that `Model::load` reads.
+//!
+//! ```text
+//! check DIR (a new run, or --resume of a compatible one); estimate memory, refuse over the limit
+//! resume: the newest checkpoint that reads back whole (older ones if newer are damaged)
+//! loop: step; metrics row every log_every; validation loss every val_every;
+//!       checkpoint every checkpoint_every and at the end
+//! export the EMA weights
+//! ```
+
+use super::checkpoint::{CheckpointStore, Loaded, TensorData};
+use super::config::TrainConfig;
+use super::metrics::{MetricsLog, MetricsRow, MoeMetrics};
+use super::trainer::{TrainError, Trainer};
+use crate::config::Conditioning;
+use crate::info;
+use crate::text::{param_shapes as text_param_shapes, TextEncoderConfig, Tokenizer};
+use ecdit_engine::{Backend, Registry};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The run directory.
+    pub out: PathBuf,
+    /// Continue the run in `out` from its newest complete checkpoint.
+    pub resume: bool,
+    /// Refuse configs whose estimated memory exceeds this (bytes); None: the
+    /// machine's available memory.
+    pub max_memory: Option<u64>,
+    /// The backend spec (`{"kind": "cpu", "threads": T}`).
+    pub backend: serde_json::Value,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// The step it resumed from (None: a fresh run).
+    pub resumed_from: Option<u64>,
+    /// Steps done in all.
+    pub steps: u64,
+    /// The last step's loss.
+    pub last_loss: f64,
+    /// Non-finite steps skipped.
+    pub skipped: u64,
+    /// The exported EMA model.
+    pub model_path: PathBuf,
+}
+
+/// The memory a run needs, estimated before anything is allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Parameters (model and text encoder).
+    pub weights: u64,
+    /// Gradients, optimiser state (two tensors) and the EMA: 4x the weights.
+    pub training_state: u64,
+    /// Activations kept for the backward and the backward's buffers.
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    /// Everything.
+    pub fn total(&self) -> u64 {
+        self.weights + self.training_state + self.activations
+    }
+}
+
+/// The estimate for `config` (f32 storage).
+pub fn estimate_memory(config: &TrainConfig, registry: &Registry) -> Result<MemoryEstimate, TrainError> {
+    let m = &config.model;
+    let numel = |shapes: Vec<(String, Vec<usize>)>| shapes.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
+    let mut params = numel(info::param_shapes_with(registry, m).map_err(|e| TrainError::Other(e.to_string()))?);
+    if let Conditioning::Text {
+        text_dim, max_tokens, ..
+    } = m.conditioning
+    {
+        let cfg = m.text_encoder.clone().unwrap_or_else(TextEncoderConfig::default);
+        let vocab = Tokenizer::new(cfg.load_vocab()?, max_tokens)?.vocab().len();
+        params += numel(text_param_shapes(&cfg, vocab, text_dim, max_tokens));
+    }
+    let kept = 1.0 - config.mask_ratio as f64;
+    let acts = info::activation_memory(registry, m, config.batch).map_err(|e| TrainError::Other(e.to_string()))?;
+    // The backward's shared buffers add about a quarter of one block's activations.
+    let activations = (acts.training_bytes as f64 * kept * (1.0 + 0.25 / m.depth.max(1) as f64)) as u64;
+    Ok(MemoryEstimate {
+        weights: 4 * params,
+        training_state: 16 * params,
+        activations,
+    })
+}
+
+/// Available memory (`MemAvailable` of /proc/meminfo), if known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+const RUN_FILE: &str = "run.json";
+
+/// Runs (or resumes) training as `config` says, in `opts.out`.
+pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    let out = &opts.out;
+    let io = |what: &str, path: &Path, e: std::io::Error| TrainError::Other(format!("{what} {}: {e}", path.display()));
+    std::fs::create_dir_all(out).map_err(|e| io("cannot create the run directory", out, e))?;
+    let run_file = out.join(RUN_FILE);
+    check_directory(&config, out, &run_file, opts.resume)?;
+
+    // Refuse what does not fit before allocating anything.
+    let estimate = estimate_memory(&config, registry)?;
+    if let Some(limit) = opts.max_memory.or_else(available_memory) {
+        if estimate.total() > limit {
+            return Err(TrainError::Other(format!(
+                "model '{}' at batch {} needs about {} (weights {}, gradients + optimiser + EMA {}, \
+                 activations {}), more than the limit of {}{}; lower --batch or raise --max-memory",
+                config.model.name,
+                config.batch,
+                gib(estimate.total()),
+                gib(estimate.weights),
+                gib(estimate.training_state),
+                gib(estimate.activations),
+                gib(limit),
+                if opts.max_memory.is_some() { "" } else { " (the memory available now)" },
+            )));
+        }
+    }
+
+    let backend: Arc<dyn Backend> = Arc::from(registry.backend(&opts.backend).map_err(crate::model::ModelError::from)?);
+    let data = crate::data::open(&config.data.source, config.data.seed, config.model.input_size)?;
+    let mut trainer = Trainer::new(config.clone(), registry, backend, data)?;
+    let store = CheckpointStore::new(out, config.keep_checkpoints);
+    store.clean_temp().map_err(|e| TrainError::Other(e.to_string()))?;
+    let mut resumed_from = None;
+    if opts.resume {
+        match store.load_latest().map_err(|e| TrainError::Other(e.to_string()))? {
+            Some(loaded) => {
+                for (path, why) in &loaded.skipped {
+                    tracing::warn!("skipped damaged checkpoint {}: {why}", path.display());
+                    eprintln!("warning: checkpoint {} is damaged ({why}); using an older one", path.display());
+                }
+                restore(&mut trainer, &loaded)?;
+                eprintln!("resuming from {} (step {})", loaded.path.display(), loaded.step);
+                resumed_from = Some(loaded.step);
+            }
+            None => eprintln!("no checkpoint in {}: starting from step 0", store.dir().display()),
+        }
+    }
+    if !run_file.exists() {
+        let json = serde_json::to_string_pretty(&config).map_err(|e| TrainError::Other(e.to_string()))?;
+        write_atomic(&run_file, json.as_bytes()).map_err(|e| io("cannot write", &run_file, e))?;
+    }
+
+    let moe_blocks: Vec<usize> = match &config.model.moe {
+        Some(moe) => (0..config.model.depth).filter(|&i| moe.is_moe_block(i)).collect(),
+        None => Vec::new(),
+    };
+    let mut metrics =
+        MetricsLog::open(out, &moe_blocks, Some(trainer.step)).map_err(|e| TrainError::Other(e.to_string()))?;
+    let bar = progress_bar(opts.progress, config.steps, trainer.step);
+    let mut last_loss = f64::NAN;
+    let mut window = (Instant::now(), 0u64);
+    while trainer.step < config.steps {
+        let log = (trainer.step + 1) % config.log_every == 0 || trainer.step + 1 == config.steps;
+        let report = trainer.train_step(log)?;
+        window.1 += 1;
+        last_loss = report.loss;
+        bar.inc(1);
+        if log {
+            let images_per_sec = (window.1 * config.batch as u64) as f64 / window.0.elapsed().as_secs_f64();
+            window = (Instant::now(), 0);
+            let val_loss = if config.val_every > 0 && report.step % config.val_every == 0 {
+                Some(trainer.validation_loss()?)
+            } else {
+                None
+            };
+            bar.set_message(format!("loss {:.4}  {images_per_sec:.1} img/s", report.loss));
+            let row = MetricsRow {
+                step: report.step,
+                loss: report.loss,
+                lr: report.lr as f64,
+                grad_norm: report.grad_norm,
+                images_per_sec,
+                val_loss: val_loss.unwrap_or(f64::NAN),
+                moe: report
+                    .routing
+                    .iter()
+                    .map(|&(block, unchosen, max_experts)| MoeMetrics {
+                        block,
+                        unchosen,
+                        max_experts,
+                    })
+                    .collect(),
+            };
+            metrics.append(&row).map_err(|e| TrainError::Other(e.to_string()))?;
+        }
+        if trainer.step % config.checkpoint_every == 0 || trainer.step == config.steps {
+            save_checkpoint(&trainer, &store)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    // The EMA weights, loadable by `Model::load` (and the encoder's beside them).
+    let model_path = out.join("model.safetensors");
+    trainer.swap_ema();
+    let saved = export(&trainer, out, &model_path);
+    trainer.swap_ema();
+    saved?;
+    Ok(RunSummary {
+        resumed_from,
+        steps: trainer.step,
+        last_loss,
+        skipped: trainer.skipped,
+        model_path,
+    })
+}
+
+/// A new run needs a directory without another run (or anything else); a
+/// resumed one a run of a compatible config.
+fn check_directory(config: &TrainConfig, out: &Path, run_file: &Path, resume: bool) -> Result<(), TrainError> {
+    if run_file.exists() {
+        let text = std::fs::read_to_string(run_file)
+            .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
+        let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| {
+            TrainError::Other(format!("{} is not a training config ({e}); not touching {}", run_file.display(), out.display()))
+        })?;
+        if !resume {
+            return Err(TrainError::Other(format!(
+                "{} already holds a run of model '{}'; pass --resume to continue it, or choose another --out",
+                out.display(),
+                saved.model.name
+            )));
+        }
+        if let Some(why) = config.incompatible_with(&saved) {
+            return Err(TrainError::Other(format!(
+                "cannot resume the run in {} with this config: {why}",
+                out.display()
+            )));
+        }
+        return Ok(());
+    }
+    let mut entries = std::fs::read_dir(out).map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
+    if entries.next().is_some() {
+        return Err(TrainError::Other(format!(
+            "{} is not empty and holds no training run ({RUN_FILE} missing); choose an empty or new directory",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Names of a trainable parameter's tensors in a checkpoint.
+fn names(param: &str) -> [String; 4] {
+    [
+        format!("param/{param}"),
+        format!("ema/{param}"),
+        format!("opt0/{param}"),
+        format!("opt1/{param}"),
+    ]
+}
+
+/// Writes the trainer's whole state: weights, EMA, optimiser state (memory
+/// layout, bit for bit), the config and the step.
+pub fn save_checkpoint(trainer: &Trainer, store: &CheckpointStore) -> Result<PathBuf, TrainError> {
+    let be = trainer.backend();
+    let mut tensors = Vec::new();
+    let state = trainer.optimizer().state();
+    for ((p, ema), [s0, s1]) in trainer.params().into_iter().zip(trainer.ema()).zip(state) {
+        let [n_param, n_ema, n0, n1] = names(&p.name);
+        for (name, t) in [(n_param, &p.tensor), (n_ema, ema), (n0, s0), (n1, s1)] {
+            let mut bytes = vec![0u8; t.numel() * t.dtype().size()];
+            be.download(&mut bytes, t.view())?;
+            tensors.push((
+                name,
+                TensorData {
+                    shape: t.shape().to_vec(),
+                    dtype: t.dtype(),
+                    bytes,
+                },
+            ));
+        }
+    }
+    let c = &trainer.config;
+    let meta = json!({
+        "config": c,
+        "step": trainer.step,
+        "data_position": trainer.step * c.batch as u64,
+        "optimizer_steps": trainer.optimizer().steps(),
+        "skipped_steps": trainer.skipped,
+        "rng": "each step draws from a generator seeded by (seed, step)",
+    });
+    store
+        .save(trainer.step, &tensors, &meta)
+        .map_err(|e| TrainError::Other(e.to_string()))
+}
+
+/// Sets the trainer's whole state from a checkpoint of a compatible run.
+pub fn restore(trainer: &mut Trainer, loaded: &Loaded) -> Result<(), TrainError> {
+    let at = loaded.path.display().to_string();
+    let saved: TrainConfig = serde_json::from_value(loaded.state["config"].clone())
+        .map_err(|e| TrainError::Other(format!("checkpoint {at}: its config does not parse: {e}")))?;
+    if let Some(why) = trainer.config.incompatible_with(&saved) {
+        return Err(TrainError::Other(format!("checkpoint {at} is of another run: {why}")));
+    }
+    let number = |key: &str| {
+        loaded.state[key]
+            .as_u64()
+            .ok_or_else(|| TrainError::Other(format!("checkpoint {at}: '{key}' missing or not a number")))
+    };
+    let (step, opt_steps, skipped) = (number("step")?, number("optimizer_steps")?, number("skipped_steps")?);
+    let backend = trainer.backend_arc();
+    let be = backend.as_ref();
+    let upload = |name: &str, t: &mut ecdit_engine::Tensor| -> Result<(), TrainError> {
+        let data = loaded
+            .tensors
+            .get(name)
+            .ok_or_else(|| TrainError::Other(format!("checkpoint {at}: tensor '{name}' missing")))?;
+        if data.shape != t.shape() || data.dtype != t.dtype() {
+            return Err(TrainError::Other(format!(
+                "checkpoint {at}: tensor '{name}' is {:?} {:?}, expected {:?} {:?}",
+                data.dtype,
+                data.shape,
+                t.dtype(),
+                t.shape()
+            )));
+        }
+        be.upload(t.view_mut(), &data.bytes)?;
+        Ok(())
+    };
+    let names: Vec<[String; 4]> = trainer.params().iter().map(|p| names(&p.name)).collect();
+    for (p, n) in trainer.params_mut().into_iter().zip(&names) {
+        upload(&n[0], &mut p.tensor)?;
+    }
+    for (e, n) in trainer.ema_mut().iter_mut().zip(&names) {
+        upload(&n[1], e)?;
+    }
+    let (state, steps) = trainer.optimizer_mut().state_mut();
+    for ([s0, s1], n) in state.iter_mut().zip(&names) {
+        upload(&n[2], s0)?;
+        upload(&n[3], s1)?;
+    }
+    *steps = opt_steps;
+    trainer.step = step;
+    trainer.skipped = skipped;
+    Ok(())
+}
+
+/// Saves the model (and text encoder) as they are now.
+fn export(trainer: &Trainer, out: &Path, model_path: &Path) -> Result<(), TrainError> {
+    trainer.model.save(model_path)?;
+    if let Some(enc) = &trainer.encoder {
+        enc.save(out.join("text_encoder.safetensors"))
+            .map_err(|e| TrainError::Other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsynced, then renamed.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn progress_bar(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_position(done);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg}  ETA {eta}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
