@@ -121,7 +121,7 @@ pub fn matmul_peak_gflops(shapes: &[(usize, usize, usize)], threads: usize, reps
 
 /// `cfg` as the benchmark runs it: text-conditioned configs read `text_len`
 /// tokens, so the FLOP count uses that length, not `max_tokens`.
-fn with_text_len(cfg: &ModelConfig, text_len: usize) -> ModelConfig {
+pub(crate) fn with_text_len(cfg: &ModelConfig, text_len: usize) -> ModelConfig {
     let mut cfg = cfg.clone();
     if let Conditioning::Text { max_tokens, .. } = &mut cfg.conditioning {
         *max_tokens = text_len;

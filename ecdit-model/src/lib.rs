@@ -6,6 +6,7 @@
 
 pub mod bench_forward;
 pub mod bench_moe;
+pub mod bench_train;
 pub mod config;
 pub mod config_files;
 pub mod data;

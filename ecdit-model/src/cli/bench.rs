@@ -78,6 +78,27 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// One training step (forward, backward, clipping, AdamW, EMA) of a model config.
+    Train {
+        /// A config file, or a bare name found under configs/ (e.g. ec-s-8e).
+        #[arg(long)]
+        config: String,
+        /// Images per step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Backend threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also print the time spent in each backend op.
+        #[arg(long)]
+        profile: bool,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a benchmark.
@@ -216,6 +237,57 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                         mib(r.weight_bytes + 2 * r.activation_bytes)
                     );
                 }
+            }
+        }
+        BenchWhat::Train {
+            config,
+            batch,
+            threads,
+            reps,
+            profile,
+            json,
+        } => {
+            let registry = super::registry(plugins)?;
+            let (path, cfg) = ecdit_model::config_files::resolve_config(&config)?;
+            let backend = registry.backend(&serde_json::json!({"kind": "cpu", "threads": threads}))?;
+            let r = ecdit_model::bench_train::bench_train(&registry, &cfg, backend.into(), batch, reps, profile)
+                .with_context(|| format!("bench train of {}", path.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!("training step {}: batch {}, {} threads", r.config, r.batch, r.threads);
+            println!(
+                "{:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
+                "ms", "min ms", "images/s", "GFLOP/s", "peak", "MFU"
+            );
+            println!(
+                "{:>10.1} {:>10.1} {:>10.2} {:>12.1} {:>10.1} {:>7.1}%",
+                r.ms,
+                r.min_ms,
+                r.images_per_sec,
+                r.achieved_gflops,
+                r.peak_gflops,
+                100.0 * r.mfu
+            );
+            if !r.profile.is_empty() {
+                let per_rep = 1.0 / reps.max(1) as f64;
+                println!("{:<22} {:>8} {:>10} {:>10}", "backend op", "calls", "ms/step", "GFLOP/s");
+                for t in &r.profile {
+                    let gflops = if t.flops > 0.0 { t.flops / t.ms / 1e6 } else { 0.0 };
+                    let calls = (t.calls as f64 * per_rep).round();
+                    println!("{:<22} {:>8} {:>10.1} {:>10.1}", t.op, calls, t.ms * per_rep, gflops);
+                }
+                let in_ops: f64 = r.profile.iter().map(|t| t.ms).sum::<f64>() * per_rep;
+                println!("{:<22} {:>8} {:>10.1}", "outside backend ops", "", r.ms - in_ops);
+            }
+            if let Some(rss) = r.peak_rss_bytes {
+                println!(
+                    "peak RSS {:.1} MiB; ecdit train's estimate {:.1} MiB",
+                    mib(rss),
+                    mib(r.estimate_bytes)
+                );
             }
         }
     }

@@ -31,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// List every registered component with its parameters and defaults.
     Components(components::ComponentsArgs),
-    /// Benchmarks: gemm, moe.
+    /// Benchmarks: gemm, moe, forward, train.
     Bench(bench::BenchArgs),
     /// Parameters, FLOPs and memory of a model config.
     Info(info::InfoArgs),
