@@ -7,8 +7,8 @@ use ecdit_backend_cpu::CpuBackend;
 use ecdit_engine::DType;
 use ecdit_model::config::ModelConfig;
 use ecdit_model::model::{
-    config_from_metadata, Act, Backprop, BackwardOptions, CfgChannels, CfgOptions, Condition, ForwardOptions,
-    Grads, Model, ModelActs,
+    config_from_metadata, Act, Backprop, BackwardOptions, CfgChannels, CfgOptions, Condition, ForwardOptions, Grads,
+    Model, ModelActs,
 };
 use ecdit_model::weights::Weights;
 use safetensors::tensor::Dtype;
@@ -198,7 +198,11 @@ fn gradients_match_upstream_dit() {
     let dx = bp.d_x_in.read(be).expect("input gradient");
     ok &= check_tensor("input x", &dx, &get("grad.in.x"));
     // Every gradient in the file was compared (one per trainable parameter).
-    let in_file = grad_file.names().iter().filter(|n| n.starts_with("grad.param.")).count();
+    let in_file = grad_file
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("grad.param."))
+        .count();
     assert_eq!(checked, in_file, "parameters in the model and the file differ");
     assert!(ok, "gradient mismatches (see the table above)");
 }

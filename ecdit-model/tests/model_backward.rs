@@ -129,7 +129,8 @@ impl Report {
         };
         self.checked += 1;
         let a = analytic as f64;
-        if !((a - n).abs() <= ABS + REL * n.abs()) {
+        let within = (a - n).abs() <= ABS + REL * n.abs();
+        if !within {
             self.failures.push(format!("{what}: analytic {a:.6}, numeric {n:.6}"));
         }
     }
@@ -205,22 +206,33 @@ fn check(router: Value, masked: bool) {
         report.compare(&format!("x[{i}]"), d_x[i], numeric);
     }
     for i in (0..inp.tokens.len()).step_by(5) {
-        let numeric = central(&mut model, &mut acts, &mut inp, &r, &base, |_, inp, d| inp.tokens[i] += d);
+        let numeric = central(&mut model, &mut acts, &mut inp, &r, &base, |_, inp, d| {
+            inp.tokens[i] += d
+        });
         report.compare(&format!("text tokens[{i}]"), d_tokens[i], numeric);
     }
     for i in (0..inp.pooled.len()).step_by(3) {
-        let numeric = central(&mut model, &mut acts, &mut inp, &r, &base, |_, inp, d| inp.pooled[i] += d);
+        let numeric = central(&mut model, &mut acts, &mut inp, &r, &base, |_, inp, d| {
+            inp.pooled[i] += d
+        });
         report.compare(&format!("pooled[{i}]"), d_pooled[i], numeric);
     }
     // The padded text token reaches nothing.
     let pad = (2 * TEXT_LEN - 1) * TEXT_DIM;
-    assert!(d_tokens[pad..pad + TEXT_DIM].iter().all(|&v| v == 0.0), "padding has a gradient");
+    assert!(
+        d_tokens[pad..pad + TEXT_DIM].iter().all(|&v| v == 0.0),
+        "padding has a gradient"
+    );
 
     println!(
         "{router}: {} elements checked, {} skipped (a routing decision flipped)",
         report.checked, report.skipped
     );
-    assert!(report.failures.is_empty(), "gradient mismatches:\n{}", report.failures.join("\n"));
+    assert!(
+        report.failures.is_empty(),
+        "gradient mismatches:\n{}",
+        report.failures.join("\n")
+    );
     assert!(
         report.skipped * 10 <= report.checked,
         "too many routing flips to judge ({} of {})",
@@ -241,12 +253,18 @@ fn nudge_param(model: &mut Model, name: &str, i: usize, delta: f32) {
 
 #[test]
 fn expert_choice_gradients_match_finite_differences() {
-    check(json!({"kind": "expert-choice", "capacity_factor": 2.0, "groups": "per_sample"}), false);
+    check(
+        json!({"kind": "expert-choice", "capacity_factor": 2.0, "groups": "per_sample"}),
+        false,
+    );
 }
 
 #[test]
 fn expert_choice_with_token_masking_gradients_match_finite_differences() {
-    check(json!({"kind": "expert-choice", "capacity_factor": 2.0, "groups": "per_sample"}), true);
+    check(
+        json!({"kind": "expert-choice", "capacity_factor": 2.0, "groups": "per_sample"}),
+        true,
+    );
 }
 
 #[test]

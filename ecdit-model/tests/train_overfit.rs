@@ -99,7 +99,11 @@ fn adamw() -> OptimizerConfig {
 
 #[test]
 fn expert_choice_overfits_a_fixed_batch() {
-    let (first, last) = overfit(Some(json!({"kind": "expert-choice", "capacity_factor": 2.0})), adamw(), 0.0);
+    let (first, last) = overfit(
+        Some(json!({"kind": "expert-choice", "capacity_factor": 2.0})),
+        adamw(),
+        0.0,
+    );
     assert!(last * FACTOR < first, "loss {first} -> {last}");
 }
 
@@ -147,7 +151,10 @@ fn a_dense_model_overfits_a_fixed_batch() {
 }
 
 fn weights(t: &Trainer) -> Vec<Vec<f32>> {
-    t.params().iter().map(|p| t.backend().read_f32(p.tensor.view()).unwrap()).collect()
+    t.params()
+        .iter()
+        .map(|p| t.backend().read_f32(p.tensor.view()).unwrap())
+        .collect()
 }
 
 #[test]
@@ -168,8 +175,13 @@ fn non_finite_steps_in_a_row_stop_training_with_a_clear_error() {
     let mut t = trainer(Some(json!({"kind": "expert-choice"})), |i| i >= 4, adamw(), 0.0);
     t.train_step(false).unwrap();
     let good = weights(&t);
-    let e = (0..5).find_map(|_| t.train_step(false).err()).expect("training must stop");
+    let e = (0..5)
+        .find_map(|_| t.train_step(false).err())
+        .expect("training must stop");
     assert!(matches!(e, TrainError::Diverged { bad: 3, .. }), "{e}");
-    assert!(e.to_string().contains("non-finite") && e.to_string().contains("checkpoint"), "{e}");
+    assert!(
+        e.to_string().contains("non-finite") && e.to_string().contains("checkpoint"),
+        "{e}"
+    );
     assert_eq!(weights(&t), good);
 }

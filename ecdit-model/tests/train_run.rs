@@ -95,7 +95,10 @@ fn killed_runs_resume_to_the_bits_of_an_uninterrupted_run() {
         assert!(status.success(), "the last run failed");
         break;
     }
-    assert!(kills >= 2, "the runs finished before they could be killed ({kills} kills)");
+    assert!(
+        kills >= 2,
+        "the runs finished before they could be killed ({kills} kills)"
+    );
     // The exported EMA models hold the same bits (the files' JSON headers may
     // order their metadata differently).
     let a = Weights::open(reference.join("model.safetensors")).unwrap();
@@ -180,6 +183,9 @@ fn a_run_that_does_not_fit_in_memory_is_refused_with_the_estimate() {
     let refused = train(&config, &out, &["--max-memory", "64K"]);
     assert!(!refused.status.success());
     let msg = stderr(&refused);
-    assert!(msg.contains("needs about") && msg.contains("limit") && msg.contains("--batch"), "{msg}");
+    assert!(
+        msg.contains("needs about") && msg.contains("limit") && msg.contains("--batch"),
+        "{msg}"
+    );
     assert!(!out.join("run.json").exists(), "nothing written for a refused run");
 }

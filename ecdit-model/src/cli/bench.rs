@@ -273,7 +273,10 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             );
             if !r.profile.is_empty() {
                 let per_rep = 1.0 / reps.max(1) as f64;
-                println!("{:<22} {:>8} {:>10} {:>10}", "backend op", "calls", "ms/step", "GFLOP/s");
+                println!(
+                    "{:<22} {:>8} {:>10} {:>10}",
+                    "backend op", "calls", "ms/step", "GFLOP/s"
+                );
                 for t in &r.profile {
                     let gflops = if t.flops > 0.0 { t.flops / t.ms / 1e6 } else { 0.0 };
                     let calls = (t.calls as f64 * per_rep).round();

@@ -489,9 +489,15 @@ impl Block {
             let text_rows = batch * text.len;
             s.dk_text.ensure(backend, &[text_rows, cross.kv_dim()], dtype)?;
             s.dv_text.ensure(backend, &[text_rows, cross.kv_dim()], dtype)?;
-            cross
-                .proj
-                .backward(backend, grads, Some(s.d1.view_mut()?), false, dx.as_ref(), c.att.view()?, rows)?;
+            cross.proj.backward(
+                backend,
+                grads,
+                Some(s.d1.view_mut()?),
+                false,
+                dx.as_ref(),
+                c.att.view()?,
+                rows,
+            )?;
             backend.attention_backward(
                 s.dq.view_mut()?,
                 s.dk_text.view_mut()?,
@@ -503,9 +509,15 @@ impl Block {
                 c.v.view()?,
                 cross.dims(batch, tokens, text.len),
             )?;
-            cross
-                .q
-                .backward(backend, grads, Some(dx.reborrow()), true, s.dq.view()?, a.x_attn.view()?, rows)?;
+            cross.q.backward(
+                backend,
+                grads,
+                Some(dx.reborrow()),
+                true,
+                s.dq.view()?,
+                a.x_attn.view()?,
+                rows,
+            )?;
             for (j, dkv) in [&s.dk_text, &s.dv_text].into_iter().enumerate() {
                 let dinp = Some(d_text.reborrow());
                 cross
@@ -524,9 +536,15 @@ impl Block {
             chunks(CHUNKS, GATE_MSA, 0),
             dims,
         )?;
-        self.attn
-            .proj
-            .backward(backend, grads, Some(s.d2.view_mut()?), false, s.d1.view()?, a.attn.att.view()?, rows)?;
+        self.attn.proj.backward(
+            backend,
+            grads,
+            Some(s.d2.view_mut()?),
+            false,
+            s.d1.view()?,
+            a.attn.att.view()?,
+            rows,
+        )?;
         backend.attention_backward(
             s.dq.view_mut()?,
             s.dk.view_mut()?,

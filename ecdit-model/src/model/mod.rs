@@ -39,10 +39,10 @@
 mod act;
 mod adaln;
 mod attention;
+mod backward;
 mod block;
 mod cross_attention;
 mod error;
-mod backward;
 mod final_layer;
 mod grads;
 mod guidance;
@@ -58,10 +58,10 @@ mod timestep;
 pub use act::Act;
 pub use adaln::{chunks, LN_EPS};
 pub use attention::{AttentionActs, QkvProjection, SelfAttention};
+pub use backward::{Backprop, BackwardOptions};
 pub use block::{Block, BlockActs, BlockScratch, Ffn, TextContext};
 pub use cross_attention::CrossAttention;
 pub use error::{ModelError, ModelResult};
-pub use backward::{Backprop, BackwardOptions};
 pub use final_layer::{FinalActs, FinalLayer, FinalScratch};
 pub use grads::Grads;
 pub use guidance::{CfgChannels, CfgOptions};
@@ -121,11 +121,16 @@ impl EncodedText<'_> {
     fn dims(&self, text_dim: usize) -> Result<(usize, usize), EngineError> {
         let what = "encoded text";
         let [b, l] = self.mask.shape() else {
-            return Err(EngineError::shape(what, "mask [B, L]", format!("{:?}", self.mask.shape())));
+            return Err(EngineError::shape(
+                what,
+                "mask [B, L]",
+                format!("{:?}", self.mask.shape()),
+            ));
         };
         let (b, l) = (*b, *l);
         self.mask.expect_dtype(what, "mask", DType::U8)?;
-        self.tokens.expect_len(what, "tokens [B, L, text_dim]", b * l * text_dim)?;
+        self.tokens
+            .expect_len(what, "tokens [B, L, text_dim]", b * l * text_dim)?;
         self.pooled.expect_len(what, "pooled [B, text_dim]", b * text_dim)?;
         Ok((b, l))
     }
@@ -163,7 +168,11 @@ impl<'a> Condition<'a> {
                 let (b, l) = (have, text.mask.numel() / have.max(1));
                 let dim = text.pooled.numel() / b.max(1);
                 Condition::Encoded(EncodedText {
-                    tokens: text.tokens.reshape(&[b, l * dim])?.rows(start, n)?.reshape(&[n, l, dim])?,
+                    tokens: text
+                        .tokens
+                        .reshape(&[b, l * dim])?
+                        .rows(start, n)?
+                        .reshape(&[n, l, dim])?,
                     mask: text.mask.rows(start, n)?,
                     pooled: text.pooled.reshape(&[b, dim])?.rows(start, n)?,
                 })
@@ -783,7 +792,11 @@ impl Model {
             patch_dims(b, c.in_channels, size, p, false),
         )?;
         // With token masking every token is embedded, then the kept ones gather.
-        let embedded = if kept_tokens.is_some() { &mut acts.x_all } else { &mut acts.x };
+        let embedded = if kept_tokens.is_some() {
+            &mut acts.x_all
+        } else {
+            &mut acts.x
+        };
         embedded.ensure(be, &[b, all_tokens, d], dtype)?;
         self.x_embedder
             .forward(be, embedded.view_mut()?, acts.patches.view()?, rows)?;

@@ -7,8 +7,8 @@
 use super::grads::Grads;
 use crate::config::MoeConfig;
 use ecdit_engine::{
-    Backend, DType, DeviceRouting, MoeCache, MoeGrads, MoeLayer, Param, Params, Registry, Result, RouteShape, TensorMut,
-    TensorRef,
+    Backend, DType, DeviceRouting, MoeCache, MoeGrads, MoeLayer, Param, Params, Registry, Result, RouteShape,
+    TensorMut, TensorRef,
 };
 use rand::Rng;
 use std::sync::Arc;

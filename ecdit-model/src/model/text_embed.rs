@@ -206,7 +206,15 @@ fn two_linear_backward(
     for a in [&mut *d_act, &mut *d_hidden] {
         a.ensure(backend, hidden.shape(), dout.dtype())?;
     }
-    fc2.backward(backend, grads, Some(d_act.view_mut()?), false, dout, hidden_act.view()?, rows)?;
+    fc2.backward(
+        backend,
+        grads,
+        Some(d_act.view_mut()?),
+        false,
+        dout,
+        hidden_act.view()?,
+        rows,
+    )?;
     backend.unary_backward(act, d_hidden.view_mut()?, d_act.view()?, hidden.view()?)?;
     fc1.backward(backend, grads, dinp, false, d_hidden.view()?, inp, rows)
 }

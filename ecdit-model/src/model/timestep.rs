@@ -94,8 +94,15 @@ impl TimestepEmbedder {
             a.ensure(backend, &[b, self.fc2.out_dim], demb.dtype())?;
         }
         // emb = fc2(SiLU(hidden)), hidden = fc1(freq)
-        self.fc2
-            .backward(backend, grads, Some(d_act.view_mut()?), false, demb, acts.hidden_act.view()?, b)?;
+        self.fc2.backward(
+            backend,
+            grads,
+            Some(d_act.view_mut()?),
+            false,
+            demb,
+            acts.hidden_act.view()?,
+            b,
+        )?;
         backend.unary_backward(Unary::Silu, d_hidden.view_mut()?, d_act.view()?, acts.hidden.view()?)?;
         self.fc1
             .backward(backend, grads, None, false, d_hidden.view()?, acts.freq.view()?, b)

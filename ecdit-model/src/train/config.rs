@@ -406,7 +406,11 @@ impl TrainConfig {
         }
         if let Some(c) = self.clip_grad_norm {
             if !(c.is_finite() && c > 0.0) {
-                return Err(bad("clip_grad_norm", c.to_string(), "must be positive (or null: no clipping)"));
+                return Err(bad(
+                    "clip_grad_norm",
+                    c.to_string(),
+                    "must be positive (or null: no clipping)",
+                ));
             }
         }
         if self.checkpoint_every == 0 || self.log_every == 0 {
@@ -499,7 +503,10 @@ mod tests {
         };
         assert_eq!(s.lr(1.0, 5, 110), 0.5);
         assert_eq!(s.lr(1.0, 10, 110), 1.0);
-        assert!((s.lr(1.0, 60, 110) - 0.55).abs() < 1e-6, "half-way is the mean of peak and floor");
+        assert!(
+            (s.lr(1.0, 60, 110) - 0.55).abs() < 1e-6,
+            "half-way is the mean of peak and floor"
+        );
         assert!((s.lr(1.0, 110, 110) - 0.1).abs() < 1e-6);
         let linear = Schedule {
             decay: Decay::Linear,

@@ -105,7 +105,8 @@ mod tests {
         for b in 0..g.batch {
             for ch in 0..g.channels {
                 for px in 0..64 {
-                    let d = img[(b * g.out_channels + ch) * 64 + px] as f64 - target[(b * g.channels + ch) * 64 + px] as f64;
+                    let d = img[(b * g.out_channels + ch) * 64 + px] as f64
+                        - target[(b * g.channels + ch) * 64 + px] as f64;
                     want += d * d;
                 }
             }
@@ -134,7 +135,8 @@ mod tests {
             for pi in 0..2 {
                 for qi in 0..2 {
                     for ch in 0..3 {
-                        pred[r * 12 + (pi * 2 + qi) * 3 + ch] = target[((b * 3 + ch) * 8 + row * 2 + pi) * 8 + col * 2 + qi];
+                        pred[r * 12 + (pi * 2 + qi) * 3 + ch] =
+                            target[((b * 3 + ch) * 8 + row * 2 + pi) * 8 + col * 2 + qi];
                     }
                 }
             }

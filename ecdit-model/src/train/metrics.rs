@@ -301,7 +301,7 @@ fn parse_row(line: &str, blocks: &[usize]) -> Result<MetricsRow, String> {
         fields[i].trim().parse::<f64>().map_err(|_| {
             let col = match FIXED.get(i) {
                 Some(name) => name.to_string(),
-                None if i % 2 == 0 => format!("moe{}_unchosen", blocks[(i - FIXED.len()) / 2]),
+                None if i.is_multiple_of(2) => format!("moe{}_unchosen", blocks[(i - FIXED.len()) / 2]),
                 None => format!("moe{}_max_experts", blocks[(i - FIXED.len()) / 2]),
             };
             format!("{col} {:?} is not a number (column {})", fields[i], i + 1)
@@ -373,7 +373,7 @@ mod tests {
             lr: 3e-4 * (s / 100.0).min(1.0),
             grad_norm: 0.1 + s.sqrt(),
             images_per_sec: 123.456,
-            val_loss: if step % 2 == 0 { 0.5 } else { f64::NAN },
+            val_loss: if step.is_multiple_of(2) { 0.5 } else { f64::NAN },
             moe: blocks
                 .iter()
                 .map(|&b| MoeMetrics {

@@ -50,7 +50,9 @@ impl Optimizer {
             let grad = grads.get(&param.name)?;
             let p = param.tensor.view_mut();
             match self.config.at(lr) {
-                OptimizerStep::Adamw(hp) => backend.adamw_step(p, grad, s0.view_mut(), s1.view_mut(), hp, self.steps)?,
+                OptimizerStep::Adamw(hp) => {
+                    backend.adamw_step(p, grad, s0.view_mut(), s1.view_mut(), hp, self.steps)?
+                }
                 OptimizerStep::Rmsprop(hp) => backend.rmsprop_step(p, grad, s0.view_mut(), s1.view_mut(), hp)?,
             }
         }

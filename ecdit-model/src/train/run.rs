@@ -17,7 +17,7 @@ use super::metrics::{MetricsLog, MetricsRow, MoeMetrics};
 use super::trainer::{TrainError, Trainer};
 use crate::config::Conditioning;
 use crate::info;
-use crate::text::{param_shapes as text_param_shapes, TextEncoderConfig, Tokenizer};
+use crate::text::{param_shapes as text_param_shapes, Tokenizer};
 use ecdit_engine::{Backend, Registry};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -76,13 +76,18 @@ impl MemoryEstimate {
 /// The estimate for `config` (f32 storage).
 pub fn estimate_memory(config: &TrainConfig, registry: &Registry) -> Result<MemoryEstimate, TrainError> {
     let m = &config.model;
-    let numel = |shapes: Vec<(String, Vec<usize>)>| shapes.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
+    let numel = |shapes: Vec<(String, Vec<usize>)>| {
+        shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum::<u64>()
+    };
     let mut params = numel(info::param_shapes_with(registry, m).map_err(|e| TrainError::Other(e.to_string()))?);
     if let Conditioning::Text {
         text_dim, max_tokens, ..
     } = m.conditioning
     {
-        let cfg = m.text_encoder.clone().unwrap_or_else(TextEncoderConfig::default);
+        let cfg = m.text_encoder.clone().unwrap_or_default();
         let vocab = Tokenizer::new(cfg.load_vocab()?, max_tokens)?.vocab().len();
         params += numel(text_param_shapes(&cfg, vocab, text_dim, max_tokens));
     }
@@ -134,12 +139,20 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
                 gib(estimate.training_state),
                 gib(estimate.activations),
                 gib(limit),
-                if opts.max_memory.is_some() { "" } else { " (the memory available now)" },
+                if opts.max_memory.is_some() {
+                    ""
+                } else {
+                    " (the memory available now)"
+                },
             )));
         }
     }
 
-    let backend: Arc<dyn Backend> = Arc::from(registry.backend(&opts.backend).map_err(crate::model::ModelError::from)?);
+    let backend: Arc<dyn Backend> = Arc::from(
+        registry
+            .backend(&opts.backend)
+            .map_err(crate::model::ModelError::from)?,
+    );
     let data = crate::data::open(&config.data.source, config.data.seed, config.model.input_size)?;
     let mut trainer = Trainer::new(config.clone(), registry, backend, data)?;
     let store = CheckpointStore::new(out, config.keep_checkpoints);
@@ -150,7 +163,10 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
             Some(loaded) => {
                 for (path, why) in &loaded.skipped {
                     tracing::warn!("skipped damaged checkpoint {}: {why}", path.display());
-                    eprintln!("warning: checkpoint {} is damaged ({why}); using an older one", path.display());
+                    eprintln!(
+                        "warning: checkpoint {} is damaged ({why}); using an older one",
+                        path.display()
+                    );
                 }
                 restore(&mut trainer, &loaded)?;
                 eprintln!("resuming from {} (step {})", loaded.path.display(), loaded.step);
@@ -235,7 +251,11 @@ fn check_directory(config: &TrainConfig, out: &Path, run_file: &Path, resume: bo
         let text = std::fs::read_to_string(run_file)
             .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
         let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| {
-            TrainError::Other(format!("{} is not a training config ({e}); not touching {}", run_file.display(), out.display()))
+            TrainError::Other(format!(
+                "{} is not a training config ({e}); not touching {}",
+                run_file.display(),
+                out.display()
+            ))
         })?;
         if !resume {
             return Err(TrainError::Other(format!(
@@ -384,9 +404,7 @@ fn progress_bar(show: bool, total: u64, done: u64) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_position(done);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg}  ETA {eta}")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg}  ETA {eta}") {
         bar.set_style(style.progress_chars("=> "));
     }
     bar

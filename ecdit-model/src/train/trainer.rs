@@ -20,7 +20,7 @@ use super::optimizer::Optimizer;
 use crate::config::Conditioning;
 use crate::data::{DataError, Dataset};
 use crate::model::{
-    Backprop, BackwardOptions, Condition, EncodedText, Grads, Model, ModelActs, ModelError, CondEmbedder,
+    Backprop, BackwardOptions, CondEmbedder, Condition, EncodedText, Grads, Model, ModelActs, ModelError,
 };
 use crate::text::{TextEncoderActs, TextError, TransformerTextEncoder};
 use ecdit_engine::{Backend, BackendExt, DType, EngineError, Init, Param, Registry, Scheduler, Tensor};
@@ -66,6 +66,9 @@ impl From<EngineError> for TrainError {
     }
 }
 
+/// Per MoE block: (block index, fraction of tokens no expert chose, max experts on one token).
+pub type RoutingSummary = Vec<(usize, f64, f64)>;
+
 /// What one step did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
@@ -79,9 +82,8 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// False when the step was skipped (non-finite loss or gradient).
     pub applied: bool,
-    /// Per MoE block: (block index, fraction of tokens no expert chose, max experts on one token),
-    /// when statistics were asked for.
-    pub routing: Vec<(usize, f64, f64)>,
+    /// Per MoE block routing statistics, when asked for.
+    pub routing: RoutingSummary,
 }
 
 /// The model, its text encoder, the optimiser, the EMA and the buffers of a run.
@@ -261,7 +263,10 @@ impl Trainer {
 
         // Backward: the model, then the text encoder from the model's text gradients.
         self.grads.zero(self.backend.as_ref())?;
-        let dout = self.dout.as_ref().ok_or_else(|| TrainError::Other("no loss gradient".into()))?;
+        let dout = self
+            .dout
+            .as_ref()
+            .ok_or_else(|| TrainError::Other("no loss gradient".into()))?;
         let opts = BackwardOptions {
             input_grad: false,
             grad_aux: 1.0,
@@ -290,7 +295,10 @@ impl Trainer {
         let backend = self.backend.clone();
         let grads = std::mem::replace(&mut self.grads, Grads::new(backend.as_ref(), &[])?);
         let result = {
-            let mut optimizer = std::mem::replace(&mut self.optimizer, Optimizer::new(backend.as_ref(), self.config.optimizer, &[])?);
+            let mut optimizer = std::mem::replace(
+                &mut self.optimizer,
+                Optimizer::new(backend.as_ref(), self.config.optimizer, &[])?,
+            );
             let r = optimizer.step(backend.as_ref(), self.params_mut(), &grads, lr);
             self.optimizer = optimizer;
             r
@@ -315,7 +323,7 @@ impl Trainer {
         let n = self.config.batch.min(16);
         let images = self.data.batch(VALIDATION_INDEX, n)?;
         let captions: Vec<&str> = images.captions.iter().map(String::as_str).collect();
-        let mut rng = step_rng(self.config.seed ^ 0x5EED_0F_5A11, VALIDATION_INDEX);
+        let mut rng = step_rng(self.config.seed ^ 0x5EED_0F5A_11AA, VALIDATION_INDEX);
         Ok(self.forward_loss(&images.images, &captions, &mut rng, false, false)?.0)
     }
 
@@ -328,7 +336,7 @@ impl Trainer {
         rng: &mut StdRng,
         train: bool,
         stats: bool,
-    ) -> Result<(f64, Vec<(usize, f64, f64)>), TrainError> {
+    ) -> Result<(f64, RoutingSummary), TrainError> {
         let cfg = &self.config;
         let m = &cfg.model;
         let be = self.backend.clone();
@@ -385,20 +393,38 @@ impl Trainer {
                     mask: self.text_acts.mask()?,
                     pooled: self.text_acts.pooled()?,
                 };
-                self.model
-                    .forward_train(&mut self.acts, &x_t, &t_model, Condition::Encoded(text), kept.as_deref())?
+                self.model.forward_train(
+                    &mut self.acts,
+                    &x_t,
+                    &t_model,
+                    Condition::Encoded(text),
+                    kept.as_deref(),
+                )?
             }
             (None, CondEmbedder::Class(table)) => {
                 let labels: Vec<u32> = captions
                     .iter()
                     .zip(&dropped)
-                    .map(|(c, &d)| if d { table.null_class() } else { class_of(c, table.num_classes) })
+                    .map(|(c, &d)| {
+                        if d {
+                            table.null_class()
+                        } else {
+                            class_of(c, table.num_classes)
+                        }
+                    })
                     .collect();
-                self.model
-                    .forward_train(&mut self.acts, &x_t, &t_model, Condition::Class(&labels), kept.as_deref())?
+                self.model.forward_train(
+                    &mut self.acts,
+                    &x_t,
+                    &t_model,
+                    Condition::Class(&labels),
+                    kept.as_deref(),
+                )?
             }
             (None, CondEmbedder::Text { .. }) => {
-                return Err(TrainError::Other("a text-conditioned model needs its text encoder".into()))
+                return Err(TrainError::Other(
+                    "a text-conditioned model needs its text encoder".into(),
+                ))
             }
         };
 
@@ -439,7 +465,7 @@ impl Trainer {
         loss: f64,
         grad_norm: f64,
         lr: f32,
-        routing: Vec<(usize, f64, f64)>,
+        routing: RoutingSummary,
     ) -> Result<StepReport, TrainError> {
         self.skipped += 1;
         self.bad_in_a_row += 1;
