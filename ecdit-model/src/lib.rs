@@ -13,6 +13,7 @@ pub mod data;
 pub mod info;
 pub mod model;
 pub mod plot;
+pub mod sample;
 pub mod text;
 pub mod train;
 pub mod weights;

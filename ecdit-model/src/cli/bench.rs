@@ -80,7 +80,7 @@ pub enum BenchWhat {
     },
     /// One training step (forward, backward, clipping, AdamW, EMA) of a model config.
     Train {
-        /// A config file, or a bare name found under configs/ (e.g. ec-s-8e).
+        /// A model or training config file, or a bare name found under configs/ (e.g. ec-s-8e).
         #[arg(long)]
         config: String,
         /// Images per step.
@@ -248,10 +248,11 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             json,
         } => {
             let registry = super::registry(plugins)?;
-            let (path, cfg) = ecdit_model::config_files::resolve_config(&config)?;
+            // A model config, or a training config's model.
+            let cfg = ecdit_model::train::config::TrainConfig::resolve(&config)?.model;
             let backend = registry.backend(&serde_json::json!({"kind": "cpu", "threads": threads}))?;
             let r = ecdit_model::bench_train::bench_train(&registry, &cfg, backend.into(), batch, reps, profile)
-                .with_context(|| format!("bench train of {}", path.display()))?;
+                .with_context(|| format!("bench train of {config}"))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
                 return Ok(());

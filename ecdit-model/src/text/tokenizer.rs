@@ -96,6 +96,11 @@ impl Vocab {
         self.tokens.len()
     }
 
+    /// Every token, in id order (special tokens such as `<pad>` included).
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        self.tokens.iter().map(String::as_str)
+    }
+
     /// Always false: a parsed vocabulary holds at least the special tokens.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()

@@ -37,7 +37,7 @@ pub fn patch_mse(pred: &[f32], target: &[f32], kept: Option<&[u32]>, g: PatchGeo
     let rows = pred.len() / row_len.max(1);
     let per_image = rows / g.batch.max(1);
     let count = (rows * p * p * g.channels).max(1) as f64;
-    let scale = (2.0 / count) as f32;
+    let scale = 2.0 / count;
     let mut grad = vec![0.0f32; pred.len()];
     let mut sum = 0.0f64;
     for r in 0..rows {
@@ -52,9 +52,9 @@ pub fn patch_mse(pred: &[f32], target: &[f32], kept: Option<&[u32]>, g: PatchGeo
                 for ch in 0..g.channels {
                     let i = r * row_len + (pi * p + qi) * c_out + ch;
                     let pixel = ((b * g.channels + ch) * size + row * p + pi) * size + col * p + qi;
-                    let diff = pred[i] - target[pixel];
-                    sum += diff as f64 * diff as f64;
-                    grad[i] = scale * diff;
+                    let diff = pred[i] as f64 - target[pixel] as f64;
+                    sum += diff * diff;
+                    grad[i] = (scale * diff) as f32;
                 }
             }
         }

@@ -493,7 +493,7 @@ mod tests {
         .unwrap();
         let msg = read_metrics(&path).unwrap_err().to_string();
         assert!(
-            msg.contains(":2: moe4_max_experts \"x\" is not a number (column 7)"),
+            msg.contains(":2: moe4_max_experts \"x\" is not a number (column 8)"),
             "{msg}"
         );
         fs::write(&path, "step,loss,lr,grad_norm,images_per_sec,val_loss\n1,0.5,0.1\n").unwrap();
