@@ -81,6 +81,10 @@ pub struct StepInfo<'a> {
     pub t: f32,
     /// The conditional pass's routing statistics per MoE block (when asked).
     pub routing: &'a [(usize, RoutingStats)],
+    /// The images before this step [n, C, H, W] (the sampler's state at `t`).
+    pub x: &'a [f32],
+    /// The model input time of this step.
+    pub t_model: f32,
 }
 
 /// A trained model and its text encoder, ready to sample.
@@ -168,6 +172,34 @@ impl Generator {
         })
     }
 
+    /// Chooses the sampler: `euler` for rectified-flow models (with an
+    /// optional SD3 timestep `shift`), `ddim` for DDPM ones. The model's
+    /// objective fixes the family; anything else is an error listing the choice.
+    pub fn set_sampler(&mut self, registry: &Registry, name: &str, shift: Option<f64>) -> Result<(), SampleError> {
+        let mut spec = self.model.config().scheduler.clone();
+        let kind = spec["kind"].as_str().unwrap_or_default().to_string();
+        let valid = match kind.as_str() {
+            "rectified-flow" => "euler",
+            "ddpm" => "ddim",
+            _ => "",
+        };
+        if name != valid {
+            return Err(SampleError::Options(format!(
+                "--sampler {name}: a '{kind}' model samples with '{valid}'"
+            )));
+        }
+        if let Some(shift) = shift {
+            if kind != "rectified-flow" {
+                return Err(SampleError::Options(format!(
+                    "--shift applies to rectified-flow models, not '{kind}'"
+                )));
+            }
+            spec["shift"] = shift.into();
+        }
+        self.scheduler = registry.scheduler(&spec).map_err(ModelError::from)?;
+        Ok(())
+    }
+
     /// Words of `prompt` outside the vocabulary (they become `<unk>`).
     pub fn unknown_words(&self, prompt: &str) -> Vec<String> {
         match &self.encoder {
@@ -235,6 +267,7 @@ impl Generator {
             let out = self
                 .model
                 .forward_with_cfg(&mut acts, &x, &t_model, cond.condition(), cfg, fwd)?;
+            let before = x[..n * image].to_vec();
             // Each image steps with its own guided prediction (its first C channels).
             for i in 0..n {
                 let pred = &out.out[i * out_image..i * out_image + image];
@@ -247,6 +280,8 @@ impl Generator {
                 steps: times.len() - 1,
                 t,
                 routing: &cond_layers,
+                x: &before,
+                t_model: t_model[0],
             });
         }
         Ok(x[..n * image]

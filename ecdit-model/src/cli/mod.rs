@@ -3,7 +3,9 @@
 mod bench;
 mod components;
 mod data;
+mod generate;
 mod info;
+mod inspect;
 mod plot;
 mod train;
 
@@ -41,6 +43,10 @@ pub enum Command {
     Plot(plot::PlotArgs),
     /// Train a model on the built-in data world (or a folder of captioned PNGs).
     Train(train::TrainArgs),
+    /// Draw images from a prompt with a trained model (the bundled one by default).
+    Generate(generate::GenerateArgs),
+    /// Where the experts spend their compute for a prompt: heat maps per layer and step.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -87,5 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(args) => data::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Train(args) => train::run(&cli.plugin, args),
+        Command::Generate(args) => generate::run(&cli.plugin, args),
+        Command::Inspect(args) => inspect::run(&cli.plugin, args),
     }
 }

@@ -1,0 +1,133 @@
+//! `ecdit generate "PROMPT"`: images from a trained model (the bundled one by
+//! default), as one PNG (a grid for n > 1).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ecdit_model::data::write_grid;
+use ecdit_model::sample::{Generator, SampleOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The bundled model's directory, relative to the repository root.
+pub const BUNDLED_MODEL: &str = "models/shapes-ec";
+
+/// Arguments of `ecdit generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// What to draw, e.g. "a photo of a red circle left of a blue square" (empty: unconditional).
+    pub prompt: String,
+    /// Images (different noise, same prompt); a grid when more than one.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub n: usize,
+    /// Sampler steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1: none).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f32,
+    /// Seed: image i starts from the noise of seed + i, whatever n is.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `euler` (rectified-flow models) or `ddim` (DDPM models).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// SD3 timestep shift of the Euler sampler (1: none).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Model directory (model.safetensors, text_encoder.safetensors); default the bundled model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Backend: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Backend threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Pixels per image pixel in the PNG.
+    #[arg(long, default_value_t = 8)]
+    pub scale: usize,
+    /// Output PNG.
+    #[arg(short, long, default_value = "out.png")]
+    pub output: PathBuf,
+}
+
+/// The model directory asked for, or the bundled one (searched from the
+/// working directory and from the source tree).
+pub fn model_dir(asked: Option<&Path>) -> PathBuf {
+    if let Some(dir) = asked {
+        return dir.to_path_buf();
+    }
+    let here = PathBuf::from(BUNDLED_MODEL);
+    if here.is_dir() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(BUNDLED_MODEL)
+}
+
+/// Loads a generator on the backend asked for.
+pub fn load_generator(
+    plugins: &[PathBuf],
+    model: Option<&Path>,
+    backend: &str,
+    threads: usize,
+) -> Result<(Generator, ecdit_engine::Registry)> {
+    let registry = super::registry(plugins)?;
+    let backend = registry
+        .backend(&serde_json::json!({"kind": backend, "threads": threads}))
+        .with_context(|| format!("--backend {backend}"))?;
+    let dir = model_dir(model);
+    let generator = Generator::load(&dir, &registry, Arc::from(backend))?;
+    Ok((generator, registry))
+}
+
+/// Says what the prompt will be read as: unconditional, or with unknown words.
+pub fn explain_prompt(generator: &Generator, prompt: &str) {
+    if prompt.trim().is_empty() {
+        eprintln!("empty prompt: drawing an unconditional sample");
+        return;
+    }
+    let unknown = generator.unknown_words(prompt);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: not in the model's vocabulary, read as <unk>: {}\nknown words: {}",
+            unknown.join(", "),
+            generator.known_words().join(" ")
+        );
+    }
+}
+
+/// Runs `ecdit generate`.
+pub fn run(plugins: &[PathBuf], args: GenerateArgs) -> Result<()> {
+    if args.n == 0 {
+        bail!("-n must be at least 1");
+    }
+    if args.scale == 0 {
+        bail!("--scale must be at least 1");
+    }
+    let (mut generator, registry) = load_generator(plugins, args.model.as_deref(), &args.backend, args.threads)?;
+    if args.sampler.is_some() || args.shift.is_some() {
+        let default = match generator.model.config().scheduler["kind"].as_str() {
+            Some("ddpm") => "ddim",
+            _ => "euler",
+        };
+        generator.set_sampler(&registry, args.sampler.as_deref().unwrap_or(default), args.shift)?;
+    }
+    explain_prompt(&generator, &args.prompt);
+    let opts = SampleOptions {
+        steps: args.steps,
+        cfg: args.cfg,
+        seed: args.seed,
+    };
+    let prompts = vec![args.prompt.as_str(); args.n];
+    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let images = generator.generate(&prompts, opts, false, |_| bar.inc(1))?;
+    bar.finish_and_clear();
+    let size = generator.model.config().input_size;
+    let columns = (args.n as f64).sqrt().ceil() as usize;
+    write_grid(&args.output, &images, size, &[], columns, args.scale)?;
+    println!("{}", args.output.display());
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! `ecdit inspect "PROMPT" -o DIR`: the paper's interpretability figures for
+//! one prompt: per MoE layer and sampling step a heat map of the experts
+//! per patch beside the generated image, and per prompt word the expert
+//! compute it attracts; PNGs and `inspect.json`.
+
+use super::generate::{explain_prompt, load_generator};
+use anyhow::{Context, Result};
+use clap::Args;
+use ecdit_model::data::{image_to_rgb8, write_png};
+use ecdit_model::inspect::{heat_map, record_step, StepRecord};
+use ecdit_model::model::ModelActs;
+use ecdit_model::sample::SampleOptions;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `ecdit inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The prompt.
+    pub prompt: String,
+    /// Output directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Sampler steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f32,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Model directory; default the bundled model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Backend threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Pixels per patch in the heat maps.
+const CELL: usize = 16;
+
+/// Runs `ecdit inspect`.
+pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
+    let (generator, _) = load_generator(plugins, args.model.as_deref(), "cpu", args.threads)?;
+    explain_prompt(&generator, &args.prompt);
+    let c = generator.model.config().clone();
+    if c.moe.is_none() {
+        anyhow::bail!("model '{}' has no MoE layers to inspect", c.name);
+    }
+    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+    let tokens: Vec<String> = match &generator.encoder {
+        Some(enc) => {
+            let vocab: Vec<&str> = enc.tokenizer().vocab().tokens().collect();
+            let ids = enc.tokenizer().tokenize_quiet(&args.prompt).ids;
+            ids.iter()
+                .map(|&i| vocab.get(i as usize).unwrap_or(&"?").to_string())
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let opts = SampleOptions {
+        steps: args.steps,
+        cfg: args.cfg,
+        seed: args.seed,
+    };
+    let cond = generator.conditions(&[args.prompt.as_str()])?;
+    let mut acts = ModelActs::default();
+    let mut records: Vec<StepRecord> = Vec::new();
+    let mut failure = None;
+    let images = generator.generate(&[args.prompt.as_str()], opts, false, |info| {
+        if failure.is_none() {
+            match record_step(&generator.model, &mut acts, &info, cond.condition(), &tokens) {
+                Ok(r) => records.push(r),
+                Err(e) => failure = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+
+    let size = c.input_size;
+    let grid = size / c.patch_size;
+    let image = image_to_rgb8(&images[0], size, size)?;
+    let scale = grid * CELL / size; // the image drawn at the heat maps' size
+    let big = upscale(&image, size, scale.max(1));
+    let side = size * scale.max(1);
+    write_png(&args.output.join("image.png"), &big, side, side)?;
+    let mut written = 1;
+    for r in &records {
+        for layer in &r.layers {
+            let map = heat_map(&layer.experts_per_patch, grid, layer.experts as u32, CELL);
+            let pair = side_by_side(&big, side, &map, grid * CELL);
+            let path = args
+                .output
+                .join(format!("experts_block{}_step{:02}.png", layer.block, r.step));
+            write_png(&path, &pair, side + 4 + grid * CELL, side.max(grid * CELL))?;
+            written += 1;
+        }
+    }
+    let json = serde_json::json!({
+        "prompt": args.prompt,
+        "tokens": tokens,
+        "model": c.name,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "seed": args.seed,
+        "grid": grid,
+        "records": records,
+    });
+    let path = args.output.join("inspect.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{} files in {}", written + 1, display(&args.output));
+    if let Some(last) = records.last() {
+        for layer in &last.layers {
+            let top = layer
+                .word_compute
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(w, s)| format!(", most compute on '{w}' ({:.0}%)", 100.0 * s))
+                .unwrap_or_default();
+            println!(
+                "block {}: up to {:.0}% of the experts on one patch, {:.0}% of patches unchosen{top}",
+                layer.block,
+                100.0 * layer.max_fraction,
+                100.0 * layer.unchosen_fraction
+            );
+        }
+    }
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Nearest-neighbour upscale of an RGB8 image.
+fn upscale(rgb: &[u8], side: usize, scale: usize) -> Vec<u8> {
+    let big = side * scale;
+    let mut out = vec![0u8; big * big * 3];
+    for y in 0..big {
+        for x in 0..big {
+            let src = ((y / scale) * side + x / scale) * 3;
+            out[(y * big + x) * 3..(y * big + x) * 3 + 3].copy_from_slice(&rgb[src..src + 3]);
+        }
+    }
+    out
+}
+
+/// Two square RGB8 images side by side with a 4-pixel gap.
+fn side_by_side(a: &[u8], a_side: usize, b: &[u8], b_side: usize) -> Vec<u8> {
+    let (w, h) = (a_side + 4 + b_side, a_side.max(b_side));
+    let mut out = vec![32u8; w * h * 3];
+    for y in 0..a_side {
+        out[y * w * 3..(y * w + a_side) * 3].copy_from_slice(&a[y * a_side * 3..(y + 1) * a_side * 3]);
+    }
+    for y in 0..b_side {
+        let x0 = a_side + 4;
+        out[(y * w + x0) * 3..(y * w + x0 + b_side) * 3].copy_from_slice(&b[y * b_side * 3..(y + 1) * b_side * 3]);
+    }
+    out
+}
