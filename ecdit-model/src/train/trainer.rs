@@ -229,16 +229,7 @@ impl Trainer {
 
     /// Every trainable parameter, mutably, in training order.
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
-        let mut out: Vec<&mut Param> = self
-            .model
-            .params_mut()
-            .into_iter()
-            .filter(|p| p.init != Init::Fixed)
-            .collect();
-        if let Some(enc) = &mut self.encoder {
-            ecdit_engine::Params::collect_mut(enc, &mut out);
-        }
-        out
+        trainable_mut(&mut self.model, self.encoder.as_mut())
     }
 
     /// The learning rate of step `step` (1-based).
@@ -293,18 +284,8 @@ impl Trainer {
             }
         }
         let backend = self.backend.clone();
-        let grads = std::mem::replace(&mut self.grads, Grads::new(backend.as_ref(), &[])?);
-        let result = {
-            let mut optimizer = std::mem::replace(
-                &mut self.optimizer,
-                Optimizer::new(backend.as_ref(), self.config.optimizer, &[])?,
-            );
-            let r = optimizer.step(backend.as_ref(), self.params_mut(), &grads, lr);
-            self.optimizer = optimizer;
-            r
-        };
-        self.grads = grads;
-        result?;
+        let params = trainable_mut(&mut self.model, self.encoder.as_mut());
+        self.optimizer.step(backend.as_ref(), params, &self.grads, lr)?;
         self.update_ema()?;
         Ok(StepReport {
             step,
@@ -513,15 +494,11 @@ impl Trainer {
 
     /// Every gradient times `scale`.
     fn scale_grads(&mut self, scale: f32) -> Result<(), TrainError> {
-        let backend = self.backend.clone();
-        let be = backend.as_ref();
+        let be = self.backend.as_ref();
         let params = trainable(&self.model, self.encoder.as_ref());
-        let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
         // g = 0 * w + scale * g (the weight only lends a tensor of the right count).
-        let weights: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
-        for ((name, g), w) in self.grads.iter_mut().zip(weights) {
-            debug_assert!(names.iter().any(|n| n == name));
-            be.axpby(g?, 0.0, w.view(), scale)?;
+        for ((_, g), p) in self.grads.iter_mut().zip(params) {
+            be.axpby(g?, 0.0, p.tensor.view(), scale)?;
         }
         Ok(())
     }
@@ -553,6 +530,15 @@ fn trainable<'a>(model: &'a Model, encoder: Option<&'a TransformerTextEncoder>) 
     let mut out: Vec<&Param> = model.params().into_iter().filter(|p| p.init != Init::Fixed).collect();
     if let Some(enc) = encoder {
         ecdit_engine::Params::collect(enc, &mut out);
+    }
+    out
+}
+
+/// [`trainable`], mutably.
+fn trainable_mut<'a>(model: &'a mut Model, encoder: Option<&'a mut TransformerTextEncoder>) -> Vec<&'a mut Param> {
+    let mut out: Vec<&mut Param> = model.params_mut().into_iter().filter(|p| p.init != Init::Fixed).collect();
+    if let Some(enc) = encoder {
+        ecdit_engine::Params::collect_mut(enc, &mut out);
     }
     out
 }
