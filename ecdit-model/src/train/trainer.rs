@@ -536,7 +536,11 @@ fn trainable<'a>(model: &'a Model, encoder: Option<&'a TransformerTextEncoder>) 
 
 /// [`trainable`], mutably.
 fn trainable_mut<'a>(model: &'a mut Model, encoder: Option<&'a mut TransformerTextEncoder>) -> Vec<&'a mut Param> {
-    let mut out: Vec<&mut Param> = model.params_mut().into_iter().filter(|p| p.init != Init::Fixed).collect();
+    let mut out: Vec<&mut Param> = model
+        .params_mut()
+        .into_iter()
+        .filter(|p| p.init != Init::Fixed)
+        .collect();
     if let Some(enc) = encoder {
         ecdit_engine::Params::collect_mut(enc, &mut out);
     }
