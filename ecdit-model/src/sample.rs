@@ -122,6 +122,16 @@ impl Generator {
             return Err(bad("not a directory".into()));
         }
         let model_path = dir.join(MODEL_FILE);
+        if !model_path.is_file() && dir.join("run.json").is_file() {
+            // A training run without its final export: its newest checkpoint's EMA.
+            let (model, encoder, step) =
+                crate::train::run::load_ema(dir, registry, backend).map_err(|e| bad(e.to_string()))?;
+            eprintln!(
+                "{}: a training run; using the EMA weights of its step {step}",
+                dir.display()
+            );
+            return Self::new(model, encoder, registry);
+        }
         if !model_path.is_file() {
             return Err(bad(format!("{MODEL_FILE} is missing")));
         }

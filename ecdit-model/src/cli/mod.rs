@@ -3,6 +3,7 @@
 mod bench;
 mod components;
 mod data;
+mod eval;
 mod generate;
 mod info;
 mod inspect;
@@ -47,6 +48,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Where the experts spend their compute for a prompt: heat maps per layer and step.
     Inspect(inspect::InspectArgs),
+    /// GenEval on the shapes world: accuracy per tag and overall.
+    Eval(eval::EvalArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -95,5 +98,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(&cli.plugin, args),
         Command::Generate(args) => generate::run(&cli.plugin, args),
         Command::Inspect(args) => inspect::run(&cli.plugin, args),
+        Command::Eval(args) => eval::run(&cli.plugin, args),
     }
 }

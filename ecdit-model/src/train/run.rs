@@ -378,6 +378,57 @@ pub fn restore(trainer: &mut Trainer, loaded: &Loaded) -> Result<(), TrainError>
     Ok(())
 }
 
+/// The EMA weights of a run's newest complete checkpoint as a model and its
+/// text encoder (a run still training can be sampled); returns the step.
+pub fn load_ema(
+    run_dir: &Path,
+    registry: &Registry,
+    backend: Arc<dyn Backend>,
+) -> Result<(crate::model::Model, Option<crate::text::TransformerTextEncoder>, u64), TrainError> {
+    let run_file = run_dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&run_file)
+        .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
+    let config: TrainConfig = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Other(format!("{} is not a training config: {e}", run_file.display())))?;
+    let store = CheckpointStore::new(run_dir, config.keep_checkpoints);
+    let loaded = store
+        .load_latest()
+        .map_err(|e| TrainError::Other(e.to_string()))?
+        .ok_or_else(|| TrainError::Other(format!("{} holds no checkpoint yet", store.dir().display())))?;
+    let mut model = crate::model::Model::new(config.model.clone(), registry, backend.clone(), config.seed)?;
+    let mut encoder = match config.model.conditioning {
+        Conditioning::Text { .. } => Some(crate::text::TransformerTextEncoder::for_model(
+            backend.clone(),
+            &config.model,
+            0,
+        )?),
+        Conditioning::Class { .. } => None,
+    };
+    let at = loaded.path.display().to_string();
+    let mut params: Vec<&mut ecdit_engine::Param> = model
+        .params_mut()
+        .into_iter()
+        .filter(|p| p.init != ecdit_engine::Init::Fixed)
+        .collect();
+    if let Some(enc) = &mut encoder {
+        ecdit_engine::Params::collect_mut(enc, &mut params);
+    }
+    for p in params {
+        let name = format!("ema/{}", p.name);
+        let data = loaded
+            .tensors
+            .get(&name)
+            .ok_or_else(|| TrainError::Other(format!("checkpoint {at}: tensor '{name}' missing")))?;
+        if data.shape != p.tensor.shape() || data.dtype != p.tensor.dtype() {
+            return Err(TrainError::Other(format!(
+                "checkpoint {at}: tensor '{name}' has another shape or dtype"
+            )));
+        }
+        backend.upload(p.tensor.view_mut(), &data.bytes)?;
+    }
+    Ok((model, encoder, loaded.step))
+}
+
 /// Saves the model (and text encoder) as they are now.
 fn export(trainer: &Trainer, out: &Path, model_path: &Path) -> Result<(), TrainError> {
     trainer.model.save(model_path)?;
