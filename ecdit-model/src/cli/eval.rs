@@ -35,7 +35,7 @@ pub struct EvalArgs {
     /// Guidance scale.
     #[arg(long, default_value_t = 4.0)]
     pub cfg: f32,
-    /// Seed of the first image of each prompt.
+    /// Seed of the first image; line i's images start at seed + i * samples-per-prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Backend threads (0 = all cores).
@@ -90,7 +90,17 @@ pub fn run(plugins: &[PathBuf], args: EvalArgs) -> Result<()> {
     let mut results: Vec<(usize, Vec<f32>, Judgement)> = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let prompts = vec![spec.prompt.as_str(); args.samples_per_prompt];
-        let images = generator.generate(&prompts, opts, false, |_| {})?;
+        // Each line its own seeds: the file repeats some prompts.
+        let line_seed = args.seed + (i * args.samples_per_prompt) as u64;
+        let images = generator.generate(
+            &prompts,
+            SampleOptions {
+                seed: line_seed,
+                ..opts
+            },
+            false,
+            |_| {},
+        )?;
         for image in images {
             let judgement = judge(&image, size, spec);
             results.push((i, image, judgement));

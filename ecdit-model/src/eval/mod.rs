@@ -23,11 +23,14 @@ mod prompts;
 mod render;
 mod score;
 
-pub use detector::{detect, min_pixels, Detection, MAX_HUE_ANGLE_DEG, MIN_COVERAGE, MIN_PIXELS_32};
+pub use detector::{
+    detect, min_pixels, Detection, MAX_HUE_ANGLE_DEG, MIN_CORE, MIN_CORE_PIXELS, MIN_COVERAGE, MIN_PIXELS_32,
+    SQUARE_FILL, TRIANGLE_FILL, TRIANGLE_SKEW,
+};
 pub use grid::write_marked_grid;
 pub use prompts::{
-    colour_from_name, make_prompts, parse_prompt, read_prompts, relation_from_name, shape_from_name,
-    tag_from_name, write_prompts, PromptSpec, Requirement,
+    colour_from_name, make_prompts, parse_prompt, read_prompts, relation_from_name, shape_from_name, tag_from_name,
+    write_prompts, PromptSpec, Requirement,
 };
 pub use render::{corrupt, render_prompt, Corruption};
 pub use score::{judge, relative_position, Judgement, Report};

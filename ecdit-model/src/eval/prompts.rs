@@ -72,7 +72,11 @@ impl Requirement {
     /// "2 red circles", "a square" (for reasons).
     pub fn describe(&self) -> String {
         let colour = self.color.map(|c| format!("{} ", c.name())).unwrap_or_default();
-        let noun = if self.count == 1 { self.class.name() } else { self.class.plural() };
+        let noun = if self.count == 1 {
+            self.class.name()
+        } else {
+            self.class.plural()
+        };
         format!("{} {colour}{noun}", self.count)
     }
 }
@@ -136,7 +140,10 @@ pub fn tag_from_name(name: &str) -> Option<Tag> {
 }
 
 fn names<T: Copy>(all: &[T], name: impl Fn(T) -> &'static str) -> String {
-    all.iter().map(|&t| format!("'{}'", name(t))).collect::<Vec<_>>().join(", ")
+    all.iter()
+        .map(|&t| format!("'{}'", name(t)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Parses one metadata line. Every field is checked: unknown fields, tags,
@@ -164,7 +171,10 @@ pub fn parse_prompt(line: &str) -> Result<PromptSpec, String> {
     };
     let tag_name = string("tag")?;
     let tag = tag_from_name(tag_name).ok_or_else(|| {
-        format!("unknown tag '{tag_name}' (expected one of {})", names(&Tag::ALL, Tag::name))
+        format!(
+            "unknown tag '{tag_name}' (expected one of {})",
+            names(&Tag::ALL, Tag::name)
+        )
     })?;
     let prompt = string("prompt")?.to_string();
     let include = match map.get("include") {
@@ -211,7 +221,10 @@ fn requirement(value: &Value, include: bool, index: usize) -> Result<Requirement
     }
     let class = match map.get("class") {
         Some(Value::String(s)) => shape_from_name(s).ok_or_else(|| {
-            format!("unknown class '{s}' (expected one of {})", names(&Shape::ALL, Shape::name))
+            format!(
+                "unknown class '{s}' (expected one of {})",
+                names(&Shape::ALL, Shape::name)
+            )
         })?,
         Some(other) => return Err(format!("'class' must be a string, not {other}")),
         None => return Err("missing field 'class'".into()),
@@ -226,7 +239,10 @@ fn requirement(value: &Value, include: bool, index: usize) -> Result<Requirement
     let color = match map.get("color") {
         None => None,
         Some(Value::String(s)) => Some(colour_from_name(s).ok_or_else(|| {
-            format!("unknown color '{s}' (expected one of {})", names(&Colour::ALL, Colour::name))
+            format!(
+                "unknown color '{s}' (expected one of {})",
+                names(&Colour::ALL, Colour::name)
+            )
         })?),
         Some(other) => return Err(format!("'color' must be a string, not {other}")),
     };
@@ -242,7 +258,10 @@ fn requirement(value: &Value, include: bool, index: usize) -> Result<Requirement
                 return Err(bad());
             };
             let relation = relation_from_name(rel).ok_or_else(|| {
-                format!("unknown relation '{rel}' (expected one of {})", names(&Relation::ALL, Relation::phrase))
+                format!(
+                    "unknown relation '{rel}' (expected one of {})",
+                    names(&Relation::ALL, Relation::phrase)
+                )
             })?;
             if target as usize >= index {
                 return Err(format!(
@@ -364,7 +383,7 @@ pub fn make_prompts() -> Vec<PromptSpec> {
     // Per shape: 2, 3, 4 cycled COUNT_EACH times, then COUNT_ONE ones; shapes interleaved.
     let counts: Vec<usize> = (0..3 * COUNT_EACH)
         .map(|i| 2 + i % 3)
-        .chain(std::iter::repeat(1).take(COUNT_ONE))
+        .chain(std::iter::repeat_n(1, COUNT_ONE))
         .collect();
     for k in 0..PER_TAG {
         let s = Shape::ALL[k % 3];
@@ -401,10 +420,19 @@ pub fn make_prompts() -> Vec<PromptSpec> {
     for k in 0..PER_TAG {
         // 7 is coprime to 180: the first 72 multiples are distinct combinations.
         let i = (7 * k) % combos;
-        let ((a, b), (ca, cb)) = (shape_pairs[i / colour_pairs.len()], colour_pairs[i % colour_pairs.len()]);
+        let ((a, b), (ca, cb)) = (
+            shape_pairs[i / colour_pairs.len()],
+            colour_pairs[i % colour_pairs.len()],
+        );
         out.push(spec(
             Tag::ColorAttr,
-            format!("a photo of a {} {} and a {} {}", ca.name(), a.name(), cb.name(), b.name()),
+            format!(
+                "a photo of a {} {} and a {} {}",
+                ca.name(),
+                a.name(),
+                cb.name(),
+                b.name()
+            ),
             vec![Requirement::new(a, 1).coloured(ca), Requirement::new(b, 1).coloured(cb)],
             vec![],
         ));
@@ -434,7 +462,17 @@ mod tests {
         // Byte for byte too: regenerate with `write_prompts("eval/prompts.jsonl", &make_prompts())`.
         let text = std::fs::read_to_string(&path).unwrap();
         let want: String = made.iter().map(|s| s.to_json_line() + "\n").collect();
-        assert!(text == want, "eval/prompts.jsonl is stale: rewrite it from make_prompts()");
+        assert!(
+            text == want,
+            "eval/prompts.jsonl is stale: rewrite it from make_prompts()"
+        );
+    }
+
+    /// Rewrites the shipped file: `cargo test -p ecdit-model --lib write_shipped_prompt_file -- --ignored`.
+    #[test]
+    #[ignore]
+    fn write_shipped_prompt_file() {
+        write_prompts(shipped(), &make_prompts()).unwrap();
     }
 
     #[test]
@@ -488,12 +526,22 @@ mod tests {
         }
         for tag in Tag::ALL {
             for shape in Shape::ALL {
-                assert!(shapes.contains(&(tag, shape)), "{} never asks for a {}", tag.name(), shape.name());
+                assert!(
+                    shapes.contains(&(tag, shape)),
+                    "{} never asks for a {}",
+                    tag.name(),
+                    shape.name()
+                );
             }
         }
         for tag in [Tag::Colors, Tag::ColorAttr] {
             for c in Colour::ALL {
-                assert!(colours.contains(&(tag, c)), "{} never asks for {}", tag.name(), c.name());
+                assert!(
+                    colours.contains(&(tag, c)),
+                    "{} never asks for {}",
+                    tag.name(),
+                    c.name()
+                );
             }
         }
         assert_eq!(counts, HashSet::from([1, 2, 3, 4]));
@@ -527,21 +575,66 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("{not json", "not valid JSON"),
             ("[1, 2]", "expected a JSON object"),
-            (r#"{"tag": "colours", "prompt": "x", "include": [{"class": "circle", "count": 1}]}"#, "unknown tag 'colours'"),
-            (r#"{"tag": "colors", "prompt": "x", "include": [{"class": "dog", "count": 1}]}"#, "include[0]: unknown class 'dog'"),
-            (r#"{"tag": "colors", "prompt": "x", "include": [{"class": "circle", "count": 1, "color": "pink"}]}"#, "unknown color 'pink'"),
-            (r#"{"tag": "colors", "prompt": "x", "include": [{"class": "circle", "count": 1, "colour": "red"}]}"#, "unknown field 'colour'"),
-            (r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["beside", 0]}]}"#, "include[1]: unknown relation 'beside'"),
-            (r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above", 1]}]}"#, "position index 1"),
-            (r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above", 7]}]}"#, "position index 7"),
-            (r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above"]}]}"#, "'position' must be"),
-            (r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3, "position": ["above", 0]}]}"#, "only allowed on include"),
-            (r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 0}]}"#, "'count' must be"),
-            (r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 2.5}]}"#, "'count' must be"),
-            (r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle"}]}"#, "missing field 'count'"),
-            (r#"{"tag": "counting", "prompt": "x", "include": []}"#, "'include' is empty"),
-            (r#"{"tag": "counting", "include": [{"class": "circle", "count": 1}]}"#, "missing field 'prompt'"),
-            (r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 1}], "exlude": []}"#, "unknown field 'exlude'"),
+            (
+                r#"{"tag": "colours", "prompt": "x", "include": [{"class": "circle", "count": 1}]}"#,
+                "unknown tag 'colours'",
+            ),
+            (
+                r#"{"tag": "colors", "prompt": "x", "include": [{"class": "dog", "count": 1}]}"#,
+                "include[0]: unknown class 'dog'",
+            ),
+            (
+                r#"{"tag": "colors", "prompt": "x", "include": [{"class": "circle", "count": 1, "color": "pink"}]}"#,
+                "unknown color 'pink'",
+            ),
+            (
+                r#"{"tag": "colors", "prompt": "x", "include": [{"class": "circle", "count": 1, "colour": "red"}]}"#,
+                "unknown field 'colour'",
+            ),
+            (
+                r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["beside", 0]}]}"#,
+                "include[1]: unknown relation 'beside'",
+            ),
+            (
+                r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above", 1]}]}"#,
+                "position index 1",
+            ),
+            (
+                r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above", 7]}]}"#,
+                "position index 7",
+            ),
+            (
+                r#"{"tag": "position", "prompt": "x", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["above"]}]}"#,
+                "'position' must be",
+            ),
+            (
+                r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3, "position": ["above", 0]}]}"#,
+                "only allowed on include",
+            ),
+            (
+                r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 0}]}"#,
+                "'count' must be",
+            ),
+            (
+                r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 2.5}]}"#,
+                "'count' must be",
+            ),
+            (
+                r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle"}]}"#,
+                "missing field 'count'",
+            ),
+            (
+                r#"{"tag": "counting", "prompt": "x", "include": []}"#,
+                "'include' is empty",
+            ),
+            (
+                r#"{"tag": "counting", "include": [{"class": "circle", "count": 1}]}"#,
+                "missing field 'prompt'",
+            ),
+            (
+                r#"{"tag": "counting", "prompt": "x", "include": [{"class": "circle", "count": 1}], "exlude": []}"#,
+                "unknown field 'exlude'",
+            ),
         ];
         for (k, (bad, why)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("p{k}.jsonl"));
