@@ -76,11 +76,16 @@ pub struct Judgement {
     pub detections: Vec<Detection>,
 }
 
-/// Judges a [3, size, size] image in [-1, 1] against `spec` by GenEval's rules.
-///
-/// # Panics
-/// If `image` does not hold 3 x size x size values.
+/// Judges a [3, size, size] image in [-1, 1] against `spec` by GenEval's rules
+/// (an image of another size fails, saying so).
 pub fn judge(image: &[f32], size: usize, spec: &PromptSpec) -> Judgement {
+    if image.len() != 3 * size * size {
+        return Judgement {
+            pass: false,
+            reason: format!("the image holds {} values; a 3x{size}x{size} image has {}", image.len(), 3 * size * size),
+            detections: Vec::new(),
+        };
+    }
     let detections = detect(image, size);
     let (pass, reason) = judge_detections(&detections, spec);
     Judgement {
