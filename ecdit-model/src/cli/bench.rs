@@ -211,22 +211,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                     r.peak_gflops,
                     100.0 * r.mfu
                 );
-                if !r.profile.is_empty() {
-                    let per_rep = 1.0 / reps.max(1) as f64;
-                    println!("{:<22} {:>8} {:>10} {:>10}", "backend op", "calls", "ms/fwd", "GFLOP/s");
-                    for t in &r.profile {
-                        let gflops = if t.flops > 0.0 { t.flops / t.ms / 1e6 } else { 0.0 };
-                        println!(
-                            "{:<22} {:>8} {:>10.1} {:>10.1}",
-                            t.op,
-                            (t.calls as f64 * per_rep).round(),
-                            t.ms * per_rep,
-                            gflops
-                        );
-                    }
-                    let in_ops: f64 = r.profile.iter().map(|t| t.ms).sum::<f64>() * per_rep;
-                    println!("{:<22} {:>8} {:>10.1}", "outside backend ops", "", r.ms - in_ops);
-                }
+                print_profile(&r.profile, reps, r.ms, "ms/fwd");
                 if let Some(rss) = r.peak_rss_bytes {
                     println!(
                         "peak RSS {:.1} MiB; budget: weights {} {:.1} MiB + 2 x activation estimate {:.1} MiB = {:.1} MiB",
@@ -272,20 +257,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                 r.peak_gflops,
                 100.0 * r.mfu
             );
-            if !r.profile.is_empty() {
-                let per_rep = 1.0 / reps.max(1) as f64;
-                println!(
-                    "{:<22} {:>8} {:>10} {:>10}",
-                    "backend op", "calls", "ms/step", "GFLOP/s"
-                );
-                for t in &r.profile {
-                    let gflops = if t.flops > 0.0 { t.flops / t.ms / 1e6 } else { 0.0 };
-                    let calls = (t.calls as f64 * per_rep).round();
-                    println!("{:<22} {:>8} {:>10.1} {:>10.1}", t.op, calls, t.ms * per_rep, gflops);
-                }
-                let in_ops: f64 = r.profile.iter().map(|t| t.ms).sum::<f64>() * per_rep;
-                println!("{:<22} {:>8} {:>10.1}", "outside backend ops", "", r.ms - in_ops);
-            }
+            print_profile(&r.profile, reps, r.ms, "ms/step");
             if let Some(rss) = r.peak_rss_bytes {
                 println!(
                     "peak RSS {:.1} MiB; ecdit train's estimate {:.1} MiB",
@@ -296,4 +268,22 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The per-op table of a profiled benchmark: calls and milliseconds per
+/// timed repetition (`unit` names it), GFLOP/s where the op counts FLOPs,
+/// and the time outside backend ops. Prints nothing without a profile.
+fn print_profile(profile: &[ecdit_model::bench_forward::OpTime], reps: usize, total_ms: f64, unit: &str) {
+    if profile.is_empty() {
+        return;
+    }
+    let per_rep = 1.0 / reps.max(1) as f64;
+    println!("{:<22} {:>8} {:>10} {:>10}", "backend op", "calls", unit, "GFLOP/s");
+    for t in profile {
+        let gflops = if t.flops > 0.0 { t.flops / t.ms / 1e6 } else { 0.0 };
+        let calls = (t.calls as f64 * per_rep).round();
+        println!("{:<22} {:>8} {:>10.1} {:>10.1}", t.op, calls, t.ms * per_rep, gflops);
+    }
+    let in_ops: f64 = profile.iter().map(|t| t.ms).sum::<f64>() * per_rep;
+    println!("{:<22} {:>8} {:>10.1}", "outside backend ops", "", total_ms - in_ops);
 }

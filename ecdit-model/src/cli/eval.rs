@@ -3,7 +3,7 @@
 //! deterministic detector, apply GenEval's rules, and report the accuracy per
 //! tag and overall (the mean of the six).
 
-use super::generate::{load_generator, model_dir};
+use super::generate::{load_generator, model_dir, SamplingArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ecdit_model::data::Tag;
@@ -17,30 +17,17 @@ pub const PROMPTS: &str = "eval/prompts.jsonl";
 /// Arguments of `ecdit eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Model directory; default the bundled model.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
     /// Prompts in GenEval's metadata format; default eval/prompts.jsonl.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Images per prompt.
+    /// Images per prompt (line i's start at seed + i * samples-per-prompt).
     #[arg(long, default_value_t = 1)]
     pub samples_per_prompt: usize,
     /// Only the first N prompts (a quick look).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Sampler steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Guidance scale.
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg: f32,
-    /// Seed of the first image; line i's images start at seed + i * samples-per-prompt.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Backend threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Print JSON (`overall` and one field per tag) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -76,13 +63,10 @@ pub fn run(plugins: &[PathBuf], args: EvalArgs) -> Result<()> {
     if let Some(dir) = &args.output {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let (generator, _) = load_generator(plugins, args.model.as_deref(), "cpu", args.threads)?;
+    let sampling = &args.sampling;
+    let (generator, _) = load_generator(plugins, sampling.model.as_deref(), "cpu", sampling.threads)?;
     let size = generator.model.config().input_size;
-    let opts = SampleOptions {
-        steps: args.steps,
-        cfg: args.cfg,
-        seed: args.seed,
-    };
+    let opts = sampling.options();
     let bar = indicatif::ProgressBar::new(specs.len() as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template("prompt {pos}/{len} [{bar:30}] ETA {eta}") {
         bar.set_style(style.progress_chars("=> "));
@@ -91,7 +75,7 @@ pub fn run(plugins: &[PathBuf], args: EvalArgs) -> Result<()> {
     for (i, spec) in specs.iter().enumerate() {
         let prompts = vec![spec.prompt.as_str(); args.samples_per_prompt];
         // Each line its own seeds: the file repeats some prompts.
-        let line_seed = args.seed + (i * args.samples_per_prompt) as u64;
+        let line_seed = opts.seed + (i * args.samples_per_prompt) as u64;
         let images = generator.generate(
             &prompts,
             SampleOptions {
@@ -111,11 +95,11 @@ pub fn run(plugins: &[PathBuf], args: EvalArgs) -> Result<()> {
     let outcomes: Vec<(Tag, bool)> = results.iter().map(|(i, _, j)| (specs[*i].tag, j.pass)).collect();
     let report = Report::from_judgements(&outcomes);
     let mut json = report.to_json();
-    json["model"] = model_dir(args.model.as_deref()).display().to_string().into();
+    json["model"] = model_dir(sampling.model.as_deref()).display().to_string().into();
     json["prompts"] = path.display().to_string().into();
     json["samples_per_prompt"] = args.samples_per_prompt.into();
-    json["steps"] = args.steps.into();
-    json["cfg"] = (args.cfg as f64).into();
+    json["steps"] = opts.steps.into();
+    json["cfg"] = (opts.cfg as f64).into();
     if args.json {
         println!("{}", serde_json::to_string(&json)?);
     } else {

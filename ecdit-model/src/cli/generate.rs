@@ -11,6 +11,38 @@ use std::sync::Arc;
 /// The bundled model's directory, relative to the repository root.
 pub const BUNDLED_MODEL: &str = "models/shapes-ec";
 
+/// How to sample, shared by `generate`, `eval` and `inspect`.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Sampler steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1: none).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f32,
+    /// Seed: image i starts from the noise of seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Model directory (model.safetensors, text_encoder.safetensors, or a
+    /// training run); default the bundled model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Backend threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl SamplingArgs {
+    /// The sampler options.
+    pub fn options(&self) -> SampleOptions {
+        SampleOptions {
+            steps: self.steps,
+            cfg: self.cfg,
+            seed: self.seed,
+        }
+    }
+}
+
 /// Arguments of `ecdit generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -19,30 +51,17 @@ pub struct GenerateArgs {
     /// Images (different noise, same prompt); a grid when more than one.
     #[arg(short = 'n', long, default_value_t = 1)]
     pub n: usize,
-    /// Sampler steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (1: none).
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg: f32,
-    /// Seed: image i starts from the noise of seed + i, whatever n is.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// `euler` (rectified-flow models) or `ddim` (DDPM models).
     #[arg(long)]
     pub sampler: Option<String>,
     /// SD3 timestep shift of the Euler sampler (1: none).
     #[arg(long)]
     pub shift: Option<f64>,
-    /// Model directory (model.safetensors, text_encoder.safetensors); default the bundled model.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
     /// Backend: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
-    /// Backend threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
     /// Pixels per image pixel in the PNG.
     #[arg(long, default_value_t = 8)]
     pub scale: usize,
@@ -104,7 +123,9 @@ pub fn run(plugins: &[PathBuf], args: GenerateArgs) -> Result<()> {
     if args.scale == 0 {
         bail!("--scale must be at least 1");
     }
-    let (mut generator, registry) = load_generator(plugins, args.model.as_deref(), &args.backend, args.threads)?;
+    let sampling = &args.sampling;
+    let (mut generator, registry) =
+        load_generator(plugins, sampling.model.as_deref(), &args.backend, sampling.threads)?;
     if args.sampler.is_some() || args.shift.is_some() {
         let default = match generator.model.config().scheduler["kind"].as_str() {
             Some("ddpm") => "ddim",
@@ -113,13 +134,9 @@ pub fn run(plugins: &[PathBuf], args: GenerateArgs) -> Result<()> {
         generator.set_sampler(&registry, args.sampler.as_deref().unwrap_or(default), args.shift)?;
     }
     explain_prompt(&generator, &args.prompt);
-    let opts = SampleOptions {
-        steps: args.steps,
-        cfg: args.cfg,
-        seed: args.seed,
-    };
+    let opts = sampling.options();
     let prompts = vec![args.prompt.as_str(); args.n];
-    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    let bar = indicatif::ProgressBar::new(opts.steps as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {elapsed}") {
         bar.set_style(style.progress_chars("=> "));
     }

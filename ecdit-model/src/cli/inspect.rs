@@ -3,13 +3,12 @@
 //! per patch beside the generated image, and per prompt word the expert
 //! compute it attracts; PNGs and `inspect.json`.
 
-use super::generate::{explain_prompt, load_generator};
+use super::generate::{explain_prompt, load_generator, SamplingArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use ecdit_model::data::{image_to_rgb8, write_png};
 use ecdit_model::inspect::{heat_map, record_step, StepRecord};
 use ecdit_model::model::ModelActs;
-use ecdit_model::sample::SampleOptions;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `ecdit inspect`.
@@ -20,21 +19,8 @@ pub struct InspectArgs {
     /// Output directory.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Sampler steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Guidance scale.
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg: f32,
-    /// Noise seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Model directory; default the bundled model.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Backend threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 /// Pixels per patch in the heat maps.
@@ -42,7 +28,8 @@ const CELL: usize = 16;
 
 /// Runs `ecdit inspect`.
 pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
-    let (generator, _) = load_generator(plugins, args.model.as_deref(), "cpu", args.threads)?;
+    let sampling = &args.sampling;
+    let (generator, _) = load_generator(plugins, sampling.model.as_deref(), "cpu", sampling.threads)?;
     explain_prompt(&generator, &args.prompt);
     let c = generator.model.config().clone();
     if c.moe.is_none() {
@@ -59,11 +46,7 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
-    let opts = SampleOptions {
-        steps: args.steps,
-        cfg: args.cfg,
-        seed: args.seed,
-    };
+    let opts = sampling.options();
     let cond = generator.conditions(&[args.prompt.as_str()])?;
     let mut acts = ModelActs::default();
     let mut records: Vec<StepRecord> = Vec::new();
@@ -103,9 +86,9 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
         "prompt": args.prompt,
         "tokens": tokens,
         "model": c.name,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "seed": args.seed,
+        "steps": opts.steps,
+        "cfg": opts.cfg,
+        "seed": opts.seed,
         "grid": grid,
         "records": records,
     });

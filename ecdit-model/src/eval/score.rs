@@ -82,7 +82,11 @@ pub fn judge(image: &[f32], size: usize, spec: &PromptSpec) -> Judgement {
     if image.len() != 3 * size * size {
         return Judgement {
             pass: false,
-            reason: format!("the image holds {} values; a 3x{size}x{size} image has {}", image.len(), 3 * size * size),
+            reason: format!(
+                "the image holds {} values; a 3x{size}x{size} image has {}",
+                image.len(),
+                3 * size * size
+            ),
             detections: Vec::new(),
         };
     }

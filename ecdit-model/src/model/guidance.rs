@@ -97,7 +97,7 @@ impl Model {
                 .ensure(be, &[b, out_ch, c.input_size, c.input_size], ecdit_engine::DType::F32)?;
             let mut routing = Vec::new();
             for (k, (ts, cd)) in [(&t[..n], cond_half), (&t[n..], uncond_half)].into_iter().enumerate() {
-                let r = self.forward_on(acts, half, ts, cd, opts.keep)?;
+                let r = self.forward_on(acts, half, ts, cd, opts.keep, None)?;
                 routing.extend(self.routing_stats(&r, opts.stats)?);
                 let dst = acts.guided.view_mut()?.rows(k * n, n)?;
                 be.copy(dst, acts.img.view()?)?;
@@ -106,7 +106,7 @@ impl Model {
             routing
         } else {
             let combined: Vec<f32> = half.iter().chain(half).copied().collect();
-            let r = self.forward_on(acts, &combined, t, cond, opts.keep)?;
+            let r = self.forward_on(acts, &combined, t, cond, opts.keep, None)?;
             self.routing_stats(&r, opts.stats)?
         };
 

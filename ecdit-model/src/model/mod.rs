@@ -630,7 +630,7 @@ impl Model {
         cond: Condition<'_>,
         opts: ForwardOptions,
     ) -> ModelResult<ForwardOutput> {
-        let routings = self.forward_on(acts, x, t, cond, opts.keep)?;
+        let routings = self.forward_on(acts, x, t, cond, opts.keep, None)?;
         let out = self.backend.read_f32(acts.img.view()?)?;
         Ok(ForwardOutput {
             out,
@@ -683,7 +683,8 @@ impl Model {
     }
 
     /// The forward on the backend: uploads the inputs, leaves the prediction
-    /// in `acts.img`; returns each MoE block's routing.
+    /// in `acts.img` (or, with `kept` tokens, in patch rows); returns each MoE
+    /// block's routing.
     fn forward_on(
         &self,
         acts: &mut ModelActs,
@@ -691,6 +692,7 @@ impl Model {
         t: &[f32],
         cond: Condition<'_>,
         keep: bool,
+        kept: Option<&[u32]>,
     ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
         let c = &self.config;
         let be = self.backend.as_ref();
@@ -698,7 +700,7 @@ impl Model {
         acts.x_in
             .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
         be.write_f32(acts.x_in.view_mut()?, x)?;
-        self.forward_inputs(acts, t, cond, keep, None)
+        self.forward_inputs(acts, t, cond, keep, kept)
     }
 
     /// The training forward: keeps everything [`Model::backward`] reads and
@@ -716,13 +718,7 @@ impl Model {
         cond: Condition<'_>,
         kept: Option<&[u32]>,
     ) -> ModelResult<Vec<(usize, Arc<DeviceRouting>)>> {
-        let c = &self.config;
-        let be = self.backend.as_ref();
-        let b = self.check_inputs(x, t)?;
-        acts.x_in
-            .ensure(be, &[b, c.in_channels, c.input_size, c.input_size], DType::F32)?;
-        be.write_f32(acts.x_in.view_mut()?, x)?;
-        self.forward_inputs(acts, t, cond, true, kept)
+        self.forward_on(acts, x, t, cond, true, kept)
     }
 
     /// Checks kept token indices and uploads them as global rows; returns T_kept.

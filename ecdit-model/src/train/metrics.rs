@@ -500,7 +500,7 @@ mod tests {
         assert!(read_metrics(&path)
             .unwrap_err()
             .to_string()
-            .contains(":2: 3 fields, the header has 5"));
+            .contains(":2: 3 fields, the header has 6"));
         fs::write(&path, "step,loss,moe\n1,2,3\n").unwrap();
         assert!(matches!(read_metrics(&path), Err(MetricsError::Parse { line: 1, .. })));
     }
