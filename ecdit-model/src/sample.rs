@@ -135,8 +135,10 @@ impl Generator {
         if !model_path.is_file() {
             return Err(bad(format!("{MODEL_FILE} is missing")));
         }
-        let model =
+        let mut model =
             Model::load(&model_path, registry, backend.clone()).map_err(|e| bad(format!("{MODEL_FILE}: {e}")))?;
+        // Weights stored in bf16 (to ship small) sample in f32: widening is exact.
+        model.to_dtype(ecdit_engine::DType::F32)?;
         let encoder = match model.config().conditioning {
             Conditioning::Text { .. } => {
                 let path = dir.join(TEXT_ENCODER_FILE);

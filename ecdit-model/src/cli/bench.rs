@@ -7,7 +7,7 @@ use ecdit_engine::DType;
 use std::path::PathBuf;
 
 /// `f32` or `bf16` (also `float32`, `bfloat16`).
-fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     DType::parse_float(s).ok_or_else(|| format!("unknown dtype '{s}' (expected f32 or bf16)"))
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod components;
 mod data;
 mod eval;
+mod export;
 mod generate;
 mod info;
 mod inspect;
@@ -50,6 +51,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// GenEval on the shapes world: accuracy per tag and overall.
     Eval(eval::EvalArgs),
+    /// A training run's EMA weights as a model directory.
+    Export(export::ExportArgs),
 }
 
 /// Sets up tracing to stderr.
@@ -99,5 +102,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(&cli.plugin, args),
         Command::Inspect(args) => inspect::run(&cli.plugin, args),
         Command::Eval(args) => eval::run(&cli.plugin, args),
+        Command::Export(args) => export::run(&cli.plugin, args),
     }
 }

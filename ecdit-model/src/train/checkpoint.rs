@@ -283,9 +283,15 @@ impl CheckpointStore {
         if self.keep == 0 {
             return Ok(());
         }
-        for (_, path) in self.list()?.into_iter().skip(self.keep) {
+        for (step, path) in self.list()?.into_iter().skip(self.keep) {
             if path != just_saved {
-                fs::remove_dir_all(&path).map_err(io_err("remove old checkpoint", &path))?;
+                // Renamed out of the list first: a writer killed while deleting
+                // must not leave a half-empty directory that looks complete
+                // (clean_temp removes the rest).
+                let doomed = self.dir.join(format!("step-{step:08}.tmp-{}", std::process::id()));
+                fs::rename(&path, &doomed).map_err(io_err("move old checkpoint out", &path))?;
+                sync_dir(&self.dir)?;
+                fs::remove_dir_all(&doomed).map_err(io_err("remove old checkpoint", &doomed))?;
                 tracing::debug!(path = %path.display(), "pruned checkpoint");
             }
         }

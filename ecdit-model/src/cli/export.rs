@@ -1,0 +1,49 @@
+//! `ecdit export RUN_DIR -o DIR`: a training run's EMA weights (its newest
+//! complete checkpoint) as a model directory that `generate`, `eval` and
+//! `inspect` read, optionally stored in bf16 (half the size; sampling widens
+//! them back to f32).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ecdit_engine::DType;
+use ecdit_model::sample::{MODEL_FILE, TEXT_ENCODER_FILE};
+use ecdit_model::train::run::load_ema;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Arguments of `ecdit export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The training run directory.
+    pub run: PathBuf,
+    /// The model directory to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Storage dtype of the weights: f32 or bf16.
+    #[arg(long, default_value = "f32", value_parser = super::bench::parse_dtype)]
+    pub dtype: DType,
+}
+
+/// Runs `ecdit export`.
+pub fn run(plugins: &[PathBuf], args: ExportArgs) -> Result<()> {
+    let registry = super::registry(plugins)?;
+    let backend: Arc<dyn ecdit_engine::Backend> =
+        Arc::from(registry.backend(&serde_json::json!({"kind": "cpu", "threads": 1}))?);
+    let (mut model, encoder, step) = load_ema(&args.run, &registry, backend)?;
+    model.to_dtype(args.dtype)?;
+    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+    model.save(args.output.join(MODEL_FILE))?;
+    if let Some(enc) = encoder {
+        enc.save(args.output.join(TEXT_ENCODER_FILE))?;
+    }
+    let train = args.run.join("run.json");
+    std::fs::copy(&train, args.output.join("train.json"))
+        .with_context(|| format!("cannot copy {}", train.display()))?;
+    println!(
+        "{}: the EMA weights of step {step} of {} ({})",
+        args.output.display(),
+        args.run.display(),
+        args.dtype
+    );
+    Ok(())
+}
