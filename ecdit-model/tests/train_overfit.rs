@@ -185,3 +185,38 @@ fn non_finite_steps_in_a_row_stop_training_with_a_clear_error() {
     );
     assert_eq!(weights(&t), good);
 }
+
+#[test]
+fn the_ema_follows_the_weights_at_its_decay() {
+    let mut t = trainer(Some(json!({"kind": "expert-choice"})), never, adamw(), 0.0);
+    let d = 0.75f32;
+    t.config.ema_decay = d;
+    // The EMA's recurrence, replayed on the host from each step's weights.
+    let init = weights(&t);
+    let mut want = init.clone();
+    for _ in 0..3 {
+        t.train_step(false).unwrap();
+        for (e, w) in want.iter_mut().zip(weights(&t)) {
+            for (e, w) in e.iter_mut().zip(w) {
+                *e = d * *e + (1.0 - d) * w;
+            }
+        }
+    }
+    let ema: Vec<Vec<f32>> = t
+        .ema()
+        .iter()
+        .map(|e| t.backend().read_f32(e.view()).unwrap())
+        .collect();
+    let mut moved = 0;
+    for ((e, w), w0) in ema.iter().zip(&want).zip(&init) {
+        for ((&got, &expected), &start) in e.iter().zip(w).zip(w0) {
+            assert!(
+                (got - expected).abs() <= 1e-6 * (1.0 + expected.abs()),
+                "ema {got}, expected {expected}"
+            );
+            moved += usize::from(got != start);
+        }
+    }
+    // Step 1 moves only the zero-initialised final layer; from step 2 on, the rest.
+    assert!(moved > 10_000, "the EMA moved with the weights ({moved} moved)");
+}
