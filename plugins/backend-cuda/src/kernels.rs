@@ -29,6 +29,30 @@ pub fn compile_ptx() -> Result<cudarc::nvrtc::Ptx> {
     cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| cuda_error(format!("NVRTC compile failed: {e}")))
 }
 
+/// Compiles [`SOURCE`] for one GPU architecture (`sm_80`, `sm_90`, ...) with
+/// the backend's options; returns the PTX and NVRTC's log (warnings land
+/// there even when compilation succeeds). Needs only NVRTC.
+pub fn compile_for(arch: &str) -> Result<(String, String)> {
+    use cudarc::nvrtc::result;
+    let text = |bytes: Vec<std::ffi::c_char>| {
+        let bytes: Vec<u8> = bytes.into_iter().map(|c| c as u8).take_while(|&b| b != 0).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let src = std::ffi::CString::new(SOURCE).map_err(|e| cuda_error(format!("kernel source: {e}")))?;
+    let prog = result::create_program(&src, None).map_err(|e| cuda_error(format!("NVRTC: {e}")))?;
+    let options = [format!("--gpu-architecture={arch}")];
+    // SAFETY: `prog` is a live program created above and destroyed once below.
+    let compiled = unsafe { result::compile_program(prog, &options) };
+    let log = unsafe { result::get_program_log(prog) }.map(text).unwrap_or_default();
+    let ptx = match compiled {
+        Ok(()) => unsafe { result::get_ptx(prog) }.map(text),
+        Err(e) => Err(e),
+    };
+    unsafe { result::destroy_program(prog) }.map_err(|e| cuda_error(format!("NVRTC: {e}")))?;
+    let ptx = ptx.map_err(|e| cuda_error(format!("NVRTC compile for {arch} failed: {e}\n{log}")))?;
+    Ok((ptx, log))
+}
+
 macro_rules! kernels {
     ($($name:ident),* $(,)?) => {
         /// The compiled kernels of one backend, one field per `extern "C"` kernel of [`SOURCE`].
@@ -110,15 +134,36 @@ mod tests {
         assert_eq!(SOURCE.matches("__global__").count(), KERNEL_NAMES.len());
     }
 
-    /// NVRTC alone (no driver) compiles the source: run with libnvrtc on the
-    /// library path, e.g. from the `nvidia-cuda-nvrtc-cu12` wheel.
+    /// Every kernel compiles to PTX for sm_80 and sm_90 with no error and no
+    /// warning, with NVRTC alone (no driver, no GPU). Without libnvrtc the
+    /// test says so and passes, unless `ECDIT_REQUIRE_NVRTC` is set (CI sets it
+    /// after installing the `nvidia-cuda-nvrtc-cu12` wheel).
     #[test]
-    #[ignore = "needs libnvrtc"]
-    fn the_source_compiles_with_nvrtc() {
-        crate::probe::probe_toolkit_library("NVRTC", "nvrtc").unwrap();
-        let ptx = compile_ptx().unwrap().to_src();
-        for name in KERNEL_NAMES {
-            assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the PTX");
+    fn every_kernel_compiles_for_sm80_and_sm90_without_warnings() {
+        if let Err(e) = crate::probe::probe_toolkit_library("NVRTC", "nvrtc") {
+            assert!(
+                std::env::var_os("ECDIT_REQUIRE_NVRTC").is_none(),
+                "ECDIT_REQUIRE_NVRTC is set but NVRTC is missing: {e}"
+            );
+            eprintln!(
+                "SKIPPED every_kernel_compiles_for_sm80_and_sm90_without_warnings: no libnvrtc \
+                 (pip install nvidia-cuda-nvrtc-cu12 and add its lib/ to LD_LIBRARY_PATH)"
+            );
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let (ptx, log) = compile_for(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            assert!(!log.to_lowercase().contains("warning"), "{arch}: NVRTC warned:\n{log}");
+            assert!(
+                ptx.contains(&format!(".target {arch}")),
+                "{arch}: PTX for another target"
+            );
+            for name in KERNEL_NAMES {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{arch}: {name} not in the PTX"
+                );
+            }
         }
     }
 }
