@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ecdit_engine::DType;
 use ecdit_model::sample::{MODEL_FILE, TEXT_ENCODER_FILE};
-use ecdit_model::train::run::load_ema;
+use ecdit_model::train::run::load_checkpoint_weights;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,6 +19,9 @@ pub struct ExportArgs {
     /// The model directory to write.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// The live weights instead of their EMA (to see what training has reached).
+    #[arg(long)]
+    pub live: bool,
     /// Storage dtype of the weights: f32 or bf16.
     #[arg(long, default_value = "f32", value_parser = super::bench::parse_dtype)]
     pub dtype: DType,
@@ -29,7 +32,8 @@ pub fn run(plugins: &[PathBuf], args: ExportArgs) -> Result<()> {
     let registry = super::registry(plugins)?;
     let backend: Arc<dyn ecdit_engine::Backend> =
         Arc::from(registry.backend(&serde_json::json!({"kind": "cpu", "threads": 1}))?);
-    let (mut model, encoder, step) = load_ema(&args.run, &registry, backend)?;
+    let which = if args.live { "param" } else { "ema" };
+    let (mut model, encoder, step) = load_checkpoint_weights(&args.run, &registry, backend, which)?;
     model.to_dtype(args.dtype)?;
     std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
     model.save(args.output.join(MODEL_FILE))?;
@@ -40,8 +44,9 @@ pub fn run(plugins: &[PathBuf], args: ExportArgs) -> Result<()> {
     std::fs::copy(&train, args.output.join("train.json"))
         .with_context(|| format!("cannot copy {}", train.display()))?;
     println!(
-        "{}: the EMA weights of step {step} of {} ({})",
+        "{}: the {} weights of step {step} of {} ({})",
         args.output.display(),
+        if args.live { "live" } else { "EMA" },
         args.run.display(),
         args.dtype
     );

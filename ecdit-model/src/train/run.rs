@@ -385,6 +385,16 @@ pub fn load_ema(
     registry: &Registry,
     backend: Arc<dyn Backend>,
 ) -> Result<(crate::model::Model, Option<crate::text::TransformerTextEncoder>, u64), TrainError> {
+    load_checkpoint_weights(run_dir, registry, backend, "ema")
+}
+
+/// As [`load_ema`], with the checkpoint's `ema` or live (`param`) weights.
+pub fn load_checkpoint_weights(
+    run_dir: &Path,
+    registry: &Registry,
+    backend: Arc<dyn Backend>,
+    which: &str,
+) -> Result<(crate::model::Model, Option<crate::text::TransformerTextEncoder>, u64), TrainError> {
     let run_file = run_dir.join(RUN_FILE);
     let text = std::fs::read_to_string(&run_file)
         .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
@@ -414,7 +424,7 @@ pub fn load_ema(
         ecdit_engine::Params::collect_mut(enc, &mut params);
     }
     for p in params {
-        let name = format!("ema/{}", p.name);
+        let name = format!("{which}/{}", p.name);
         let data = loaded
             .tensors
             .get(&name)
