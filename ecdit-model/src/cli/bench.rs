@@ -21,7 +21,8 @@ pub struct BenchArgs {
 /// What to benchmark.
 #[derive(Subcommand, Debug)]
 pub enum BenchWhat {
-    /// The matmul shapes of a DiT-S/2 forward at batch 8 and 1024^3, at 1 and 2 threads.
+    /// The matmul shapes of a DiT-S/2 forward at batch 8 and 1024^3, at 1 and 2 threads,
+    /// f32 and bf16 inputs, on the gemm crate and on oneDNN side by side (when found).
     Gemm {
         /// Thread counts to time (default: 1 and 2).
         #[arg(long, value_delimiter = ',')]
@@ -107,20 +108,31 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
         BenchWhat::Gemm { threads, reps, json } => {
             let threads = if threads.is_empty() { vec![1, 2] } else { threads };
             let shapes = ecdit_backend_cpu::bench::dit_s2_gemm_shapes();
-            let records = ecdit_backend_cpu::bench::bench_gemm(&shapes, &threads, reps)?;
+            let dtypes = [DType::F32, DType::BF16];
+            let records = ecdit_backend_cpu::bench::bench_gemm_paths(&shapes, &threads, reps, &dtypes)?;
             if json {
                 for r in &records {
-                    println!("{}", serde_json::to_string(r)?);
+                    println!("{}", with_library(r)?);
                 }
             } else {
+                println!("matrix library: {}", ecdit_backend_cpu::bench::matmul_library());
                 println!(
-                    "{:>6} {:>6} {:>6} {:>8} {:>10} {:>10}",
-                    "m", "n", "k", "threads", "ms", "GFLOP/s"
+                    "{:>6} {:>6} {:>6} {:>8} {:>5} {:>10} {:>10}  {:<11} {:<24} default",
+                    "m", "n", "k", "threads", "dtype", "ms", "GFLOP/s", "library", "kernel"
                 );
                 for r in &records {
                     println!(
-                        "{:>6} {:>6} {:>6} {:>8} {:>10.4} {:>10.1}",
-                        r.m, r.n, r.k, r.threads, r.median_ms, r.gflops
+                        "{:>6} {:>6} {:>6} {:>8} {:>5} {:>10.4} {:>10.1}  {:<11} {:<24} {}",
+                        r.m,
+                        r.n,
+                        r.k,
+                        r.threads,
+                        r.dtype,
+                        r.median_ms,
+                        r.gflops,
+                        r.library,
+                        r.kernel,
+                        if r.default { "*" } else { "" }
                     );
                 }
             }
@@ -149,9 +161,10 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             let records = ecdit_model::bench_moe::bench_moe_with(&registry, backend.as_ref(), &routers, reps, &cfg)?;
             if json {
                 for r in &records {
-                    println!("{}", serde_json::to_string(r)?);
+                    println!("{}", with_library(r)?);
                 }
             } else {
+                println!("matrix library: {}", ecdit_backend_cpu::bench::matmul_library());
                 println!(
                     "MoE layer forward: d {}, {} x {} tokens, {} GELU experts of width {}d, {dtype}, {} threads",
                     cfg.d,
@@ -191,8 +204,9 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             let r = ecdit_model::bench_forward::bench_forward(&registry, &cfg, backend.into(), &opts)
                 .with_context(|| format!("bench forward of {}", path.display()))?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                println!("{}", with_library(&r)?);
             } else {
+                println!("matrix library: {}", ecdit_backend_cpu::bench::matmul_library());
                 let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
                 println!(
                     "forward {}: batch {}, {} threads, {} text tokens, {} weights",
@@ -239,9 +253,10 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             let r = ecdit_model::bench_train::bench_train(&registry, &cfg, backend.into(), batch, reps, profile)
                 .with_context(|| format!("bench train of {config}"))?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                println!("{}", with_library(&r)?);
                 return Ok(());
             }
+            println!("matrix library: {}", ecdit_backend_cpu::bench::matmul_library());
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             println!("training step {}: batch {}, {} threads", r.config, r.batch, r.threads);
             println!(
@@ -268,6 +283,19 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A benchmark record as one JSON line, with what the CPU backend's matrix
+/// products ran on (`matrix_library`: "onednn 2.6.3 (...)" or "gemm crate (...)").
+fn with_library<T: serde::Serialize>(record: &T) -> Result<String> {
+    let mut value = serde_json::to_value(record)?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert(
+            "matrix_library".into(),
+            ecdit_backend_cpu::bench::matmul_library().into(),
+        );
+    }
+    Ok(serde_json::to_string(&value)?)
 }
 
 /// The per-op table of a profiled benchmark: calls and milliseconds per

@@ -4,6 +4,8 @@
 //! takes host slices of its views (`slices.rs`: bf16 widened to f32 and
 //! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
+use crate::onednn::matmul::{Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
+use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
 use crate::pool::BufferPool;
 use crate::slices::{
@@ -17,27 +19,46 @@ use ecdit_engine::{
 };
 use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The CPU backend. It owns a rayon pool of `threads` threads and runs every
 /// op inside it: row-wise ops split rows over the pool and the GEMM splits its
 /// tiles over the same pool, never both nested (one level of parallelism).
+/// Large matrix products go to oneDNN when the library is found (see
+/// [`CpuBackend::matmul_library`]), called from the op's calling thread with
+/// OpenMP set to the same `threads` while the pool sleeps.
 pub struct CpuBackend {
     pool: ThreadPool,
     threads: usize,
     buffers: Arc<BufferPool>,
+    /// oneDNN, unless it is off or missing.
+    onednn: Option<&'static OneDnn>,
+    onednn_mode: OneDnnMode,
+    /// What [`CpuBackend::matmul_library`] reports.
+    matmul_library: String,
 }
 
 impl std::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuBackend").field("threads", &self.threads).finish()
+        f.debug_struct("CpuBackend")
+            .field("threads", &self.threads)
+            .field("matmul", &self.matmul_library)
+            .finish()
     }
 }
 
 impl CpuBackend {
     /// A backend computing with `threads` threads; 0 means every core
-    /// (`std::thread::available_parallelism`).
+    /// (`std::thread::available_parallelism`). oneDNN as `ECDIT_ONEDNN` says
+    /// ([`OneDnnMode::from_env`]: used where faster unless set to 0).
     pub fn new(threads: usize) -> Result<Self> {
+        Self::with_onednn(threads, OneDnnMode::from_env())
+    }
+
+    /// [`CpuBackend::new`] with the use of oneDNN given explicitly (tests run
+    /// both paths in one process).
+    pub fn with_onednn(threads: usize, mode: OneDnnMode) -> Result<Self> {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -51,11 +72,174 @@ impl CpuBackend {
                 backend: "cpu".into(),
                 reason: format!("cannot start a pool of {threads} threads: {e}"),
             })?;
+        let onednn = match mode {
+            OneDnnMode::Off => None,
+            _ => onednn::library().ok(),
+        };
         Ok(Self {
             pool,
             threads,
             buffers: Arc::default(),
+            onednn,
+            onednn_mode: if onednn.is_some() { mode } else { OneDnnMode::Off },
+            matmul_library: onednn::status(mode),
         })
+    }
+
+    /// What the matrix products run on, in one line: "onednn 2.6.3 (OpenMP)
+    /// for bf16 products with k >= 32 and n >= 32 (brg:avx512_core_amx_bf16);
+    /// gemm crate for f32 (...) and the rest", or "gemm crate (why not
+    /// oneDNN, and how to get it)".
+    pub fn matmul_library(&self) -> &str {
+        &self.matmul_library
+    }
+
+    /// How this backend uses oneDNN (`Off` when the library is missing).
+    pub fn onednn_mode(&self) -> OneDnnMode {
+        self.onednn_mode
+    }
+
+    /// The kernel a `gemm` of `dims` with `dtype` inputs and an f32 output
+    /// (alpha 1, beta 0, no bias) runs on here, when called from outside a
+    /// rayon pool: oneDNN's implementation name ("brg:avx512_core_amx_bf16"),
+    /// "gemm crate", or "few rows" (the backend's own kernel for products of
+    /// at most 8 rows).
+    pub fn gemm_kernel(&self, dims: GemmDims, dtype: DType) -> String {
+        if dims.m <= ops::gemm_few_rows::FEW_ROWS && !dims.trans_a && !dims.trans_b {
+            return "few rows".into();
+        }
+        match self.onednn_key(dims, 1, dtype, dtype, DType::F32, false, 1.0, 0.0) {
+            Some((lib, spec)) => lib.implementation(spec, self.threads).unwrap_or_else(|e| e),
+            None => "gemm crate".into(),
+        }
+    }
+
+    /// oneDNN when this backend sends a product of `dims` with these dtypes
+    /// to it: the library is loaded, the shape qualifies
+    /// (`ops::gemm::onednn_takes`), and the caller is not a rayon task
+    /// (oneDNN's OpenMP team must never run inside our pool).
+    fn onednn_for(&self, dims: GemmDims, a: DType, b: DType, out: DType) -> Option<&'static OneDnn> {
+        let lib = self.onednn?;
+        let floats = |d: DType| matches!(d, DType::F32 | DType::BF16);
+        if !(floats(a) && floats(b) && floats(out)) || rayon::current_thread_index().is_some() {
+            return None;
+        }
+        let bf16_inputs = a == DType::BF16 && b == DType::BF16;
+        ops::gemm::onednn_takes(self.onednn_mode, dims, bf16_inputs).then_some(lib)
+    }
+
+    /// [`CpuBackend::onednn_for`] plus the primitive for `batch` such
+    /// products, built (or found in the cache) when oneDNN has a kernel for it.
+    #[allow(clippy::too_many_arguments)]
+    fn onednn_key(
+        &self,
+        dims: GemmDims,
+        batch: usize,
+        a: DType,
+        b: DType,
+        out: DType,
+        bias: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Option<(&'static OneDnn, Spec)> {
+        let lib = self.onednn_for(dims, a, b, out)?;
+        let bf16_inputs = a == DType::BF16 && b == DType::BF16;
+        let src = if bf16_inputs { onednn::DT_BF16 } else { onednn::DT_F32 };
+        // oneDNN writes bf16 itself only when one primitive sums all of k:
+        // k chunks would round each partial sum to bf16.
+        let dst = if bf16_inputs && out == DType::BF16 && dims.k <= MAX_K_CHUNK {
+            onednn::DT_BF16
+        } else {
+            onednn::DT_F32
+        };
+        let spec = Spec {
+            batch,
+            dims,
+            src,
+            dst,
+            bias,
+            alpha,
+            beta,
+        };
+        lib.ready(spec, self.threads).ok().map(|()| (lib, spec))
+    }
+
+    /// The products of `spec` on oneDNN (from [`CpuBackend::onednn_key`]): bf16 inputs stay bf16 when both are, else
+    /// both are read as f32; a bf16 output is written directly by a bf16
+    /// product and through an f32 scratch by an f32 one.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_onednn(
+        &self,
+        (lib, spec): (&'static OneDnn, Spec),
+        op: &str,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+    ) -> Result<()> {
+        let Spec { batch, dims, beta, .. } = spec;
+        ops::gemm::check_blocks(op, out.numel(), a.numel(), b.numel(), batch, dims)?;
+        let bias: Option<Cow<'_, [f32]>> = match bias {
+            None => None,
+            Some(t) => {
+                t.expect_len(op, "bias", dims.n)?;
+                Some(match t.dtype() {
+                    DType::BF16 => {
+                        let s = t.host::<bf16>()?;
+                        let mut v = vec![0.0f32; s.len()];
+                        bf16_to_f32(&mut v, s);
+                        Cow::Owned(v)
+                    }
+                    _ => Cow::Borrowed(f32_input(op, "bias", t)?),
+                })
+            }
+        };
+        let run = |out: DataMut<'_>, a: Data<'_>, b: Data<'_>| -> Result<()> {
+            let product = Product {
+                out,
+                a,
+                b,
+                bias: bias.as_deref(),
+                spec,
+            };
+            match lib.matmul(self.threads, product) {
+                Ok(Outcome::Done) => Ok(()),
+                Ok(Outcome::Unsupported(e)) | Err(e) => Err(EngineError::Backend {
+                    backend: "cpu".into(),
+                    reason: format!("{op} on oneDNN: {e}"),
+                }),
+            }
+        };
+        // Borrow what oneDNN reads as stored; widen (bf16 read as f32) and
+        // narrow (an f32 result into bf16 storage) over the pool, outside
+        // which the product runs.
+        let bf16_in = spec.src == onednn::DT_BF16;
+        let converts = (!bf16_in && (a.dtype() == DType::BF16 || b.dtype() == DType::BF16))
+            || (spec.dst == onednn::DT_F32 && out.dtype() == DType::BF16);
+        let prepare = || -> Result<(Operand<'_>, Operand<'_>, Dest<'_>)> {
+            let dest = if spec.dst == onednn::DT_BF16 {
+                Dest::Bf16(out.host_mut::<bf16>()?)
+            } else {
+                Dest::F32(output(op, "out", out, beta != 0.0)?)
+            };
+            Ok((operand(op, "a", a, bf16_in)?, operand(op, "b", b, bf16_in)?, dest))
+        };
+        let (a, b, mut dest) = if converts {
+            self.pool.install(prepare)?
+        } else {
+            prepare()?
+        };
+        let out = match &mut dest {
+            Dest::Bf16(s) => DataMut::Bf16(s),
+            Dest::F32(o) => DataMut::F32(o),
+        };
+        run(out, a.data(), b.data())?;
+        if let Dest::F32(o) = dest {
+            if converts {
+                self.pool.install(|| o.finish());
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` on this backend's pool, so rayon work inside it (a model's own
@@ -64,6 +248,38 @@ impl CpuBackend {
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
+}
+
+/// An input of a oneDNN product: bf16 as stored, or f32 (borrowed or widened).
+enum Operand<'a> {
+    Bf16(&'a [bf16]),
+    F32(crate::slices::Input<'a>),
+}
+
+impl Operand<'_> {
+    fn data(&self) -> Data<'_> {
+        match self {
+            Operand::Bf16(s) => Data::Bf16(s),
+            Operand::F32(v) => Data::F32(v),
+        }
+    }
+}
+
+/// `t` as a oneDNN product reads it: bf16 as stored when the product is bf16
+/// (`bf16`), else as f32.
+fn operand<'a>(op: &str, what: &str, t: TensorRef<'a>, bf16: bool) -> Result<Operand<'a>> {
+    if bf16 {
+        Ok(Operand::Bf16(t.host::<bf16>()?))
+    } else {
+        Ok(Operand::F32(input(op, what, t)?))
+    }
+}
+
+/// The output of a oneDNN product: bf16 written by oneDNN, or f32 (direct,
+/// or a scratch rounded into bf16 storage by `finish`).
+enum Dest<'a> {
+    Bf16(&'a mut [bf16]),
+    F32(crate::slices::Output<'a>),
 }
 
 /// Elements per parallel task of the memory ops (fill, dtype conversion).
@@ -179,6 +395,10 @@ impl Backend for CpuBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "gemm";
+        let (dt_a, dt_b, dt_out) = (a.dtype(), b.dtype(), out.dtype());
+        if let Some(lib) = self.onednn_key(dims, 1, dt_a, dt_b, dt_out, bias.is_some(), alpha, beta) {
+            return self.gemm_onednn(lib, OP, out, a, b, bias);
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, beta != 0.0)?;
             let (a, b, bias) = (input(OP, "a", a)?, input(OP, "b", b)?, input_opt(OP, "bias", bias)?);
@@ -199,6 +419,10 @@ impl Backend for CpuBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "gemm_batched";
+        let (dt_a, dt_b, dt_out) = (a.dtype(), b.dtype(), out.dtype());
+        if let Some(lib) = self.onednn_key(dims, batch, dt_a, dt_b, dt_out, false, alpha, beta) {
+            return self.gemm_onednn(lib, OP, out, a, b, None);
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, beta != 0.0)?;
             let (a, b) = (input(OP, "a", a)?, input(OP, "b", b)?);
@@ -221,6 +445,27 @@ impl Backend for CpuBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "gemm_grouped";
+        // On oneDNN: one product per group, each on all threads (what a
+        // `gemm` per group gives, bit for bit). Whether oneDNN takes a product
+        // depends on n, k and the dtypes, so on every group alike (groups of
+        // a few rows keep their own kernel inside `gemm`).
+        let dims = GemmDims {
+            m: group_rows
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0)
+                .max(ops::gemm_few_rows::FEW_ROWS + 1),
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+        };
+        if self.onednn_for(dims, a.dtype(), b.dtype(), out.dtype()).is_some() {
+            return ecdit_engine::backend::gemm_grouped_by_gemm(
+                self, out, a, b, group_rows, n, k, trans_b, alpha, beta,
+            );
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, beta != 0.0)?;
             let (a, b) = (input(OP, "a", a)?, input(OP, "b", b)?);

@@ -9,6 +9,7 @@
 use super::bias::add_broadcast;
 use super::gemm_few_rows::{gemm_few_rows, FEW_ROWS};
 use super::{numel, rows_per_task};
+use crate::onednn::OneDnnMode;
 use ecdit_engine::backend::check_grouped;
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::GemmDims;
@@ -37,6 +38,41 @@ const GROUP_SPLIT_MIN_DIM: usize = 8;
 /// piece packs its group's weights again; on the bench's dense FFN 256-row
 /// pieces measured a few % slower than 512-row ones).
 const GROUP_CHUNKS_PER_THREAD: usize = 2;
+
+/// Whether a product of `dims` (one of a batch, or one group of a grouped
+/// product) goes to oneDNN when the backend has it.
+///
+/// Never the nn products of at most [`FEW_ROWS`] rows: their rows promise the
+/// bits of a product of their own (`gemm_rows_alone`). Otherwise the rule
+/// looks at `n`, `k` and the dtypes, never at `m`: a row's kernel, and so its
+/// bits, must not depend on how many rows share the product, or a sample's
+/// output would depend on its batch.
+pub(crate) fn onednn_takes(mode: OneDnnMode, dims: GemmDims, bf16_inputs: bool) -> bool {
+    let GemmDims { m, n, k, .. } = dims;
+    if m == 0 || n == 0 || k == 0 || (m <= FEW_ROWS && !dims.trans_a && !dims.trans_b) {
+        return false;
+    }
+    match mode {
+        OneDnnMode::Off => false,
+        OneDnnMode::Always => true,
+        OneDnnMode::Auto => bf16_inputs && k >= ONEDNN_BF16_MIN_K && n >= ONEDNN_BF16_MIN_N,
+    }
+}
+
+/// Smallest `k` of a bf16 product oneDNN takes in `Auto` mode. Measured on 2
+/// threads (AMX, loaded machine, bf16 inputs, f32 output, medians of 5):
+/// from k = 32 oneDNN runs its AMX kernel at 275-1050 GFLOP/s against the
+/// `gemm` crate's 45-165 on widened inputs, at every n from 8 and m from 16;
+/// at k = 8 and 16 it picks an AVX-512-BF16 kernel that is slower (64 and 97
+/// against 73 and 123 at 2048x384). f32 products stay on the `gemm` crate:
+/// oneDNN's f32 kernel (`brg:avx512_core`) measured 0.85-1.1x of it on the
+/// DiT-S shapes.
+pub(crate) const ONEDNN_BF16_MIN_K: usize = 32;
+
+/// Smallest `n` of a bf16 product oneDNN takes in `Auto` mode: at n = 8
+/// oneDNN 2.6 computes products of up to 32 rows with other bits than the
+/// same rows inside a taller product (measured; n >= 32 keeps them).
+pub(crate) const ONEDNN_BF16_MIN_N: usize = 32;
 
 /// The `gemm` crate's parallelism for a thread count.
 pub(crate) fn parallelism(threads: usize) -> Parallelism {
@@ -306,7 +342,7 @@ pub fn gemm_batched(
 }
 
 /// Checks the buffer lengths of `batch` products of `dims`.
-fn check_blocks(op: &str, out: usize, a: usize, b: usize, batch: usize, dims: GemmDims) -> Result<()> {
+pub(crate) fn check_blocks(op: &str, out: usize, a: usize, b: usize, batch: usize, dims: GemmDims) -> Result<()> {
     let GemmDims { m, n, k, .. } = dims;
     check_len(op, "out", out, numel(op, &[batch, m, n])?)?;
     check_len(op, "a", a, numel(op, &[batch, m, k])?)?;

@@ -1,0 +1,522 @@
+//! oneDNN matmul primitives, built once per shape and cached:
+//! `dst = alpha * op(src) @ op(weights) + bias + beta * dst`, plain or batched
+//! (`[batch, m, k] @ [batch, k, n]`), f32 or bf16 inputs, f32 or bf16 output.
+//!
+//! A primitive is keyed by everything its JIT kernel depends on (shape,
+//! transposes, dtypes, bias, alpha, beta, thread count); its memory objects
+//! are made once without data and pointed at the caller's slices on every
+//! call (`dnnl_memory_set_data_handle`), so a cached product costs one hash
+//! lookup and four pointer swaps. alpha is oneDNN's output scale and beta its
+//! `sum` post-op. Operands keep our layouts (row-major, transposes as
+//! strides): pre-packing weights in oneDNN's blocked layout is not done yet.
+//! k longer than [`MAX_K_CHUNK`] runs as several primitives over chunks of k,
+//! each adding onto the output, so a row's bits never depend on the row count.
+
+use super::{c_string, check, ExecArg, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
+use super::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, QUERY_IMPL_INFO_STR};
+use ecdit_engine::dtype::bf16;
+use ecdit_engine::GemmDims;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void};
+
+/// Most primitives kept; the least recently used goes first beyond it
+/// (grouped products with uneven experts see many row counts).
+const MAX_PRIMITIVES: usize = 512;
+
+/// Everything a matmul primitive is built for.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct Key {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// The full contracted dimension the operands are stored with (`k` is
+    /// one chunk of it): the leading dimension of `src` and `weights`.
+    pub k_stride: usize,
+    /// `src` stored `[k, m]` (per batch entry).
+    pub trans_a: bool,
+    /// `weights` stored `[n, k]` (per batch entry).
+    pub trans_b: bool,
+    /// `dnnl_data_type_t` of src and weights (the same) and of dst.
+    pub src: c_int,
+    pub dst: c_int,
+    /// An f32 bias `[n]` added to every row.
+    pub bias: bool,
+    /// `alpha.to_bits()`, `beta.to_bits()`.
+    pub alpha: u32,
+    pub beta: u32,
+    /// OpenMP threads the primitive is built for.
+    pub threads: usize,
+}
+
+/// Most of `k` one primitive sums: longer products run in chunks of `k`
+/// (each later one adding onto the output), because oneDNN 2.6's AMX kernel
+/// picks its k blocking (or splits k over threads) by the row count when k
+/// is larger, and a row's bits would then depend on the rows beside it.
+/// Measured row-invariant on 1-4 threads: k up to 768 at n >= 32.
+pub(crate) const MAX_K_CHUNK: usize = 768;
+
+/// One oneDNN product as the backend asks for it (before chunking k).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Spec {
+    pub batch: usize,
+    pub dims: GemmDims,
+    /// `dnnl_data_type_t` of both inputs, and of the output.
+    pub src: c_int,
+    pub dst: c_int,
+    pub bias: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Spec {
+    /// The k chunks `(k0, kc)`: `ceil(k / MAX_K_CHUNK)` of equal length
+    /// rounded up to 32 (the AMX tile depth), the last one shorter. They
+    /// depend on `k` alone.
+    pub fn chunks(&self) -> Vec<(usize, usize)> {
+        let k = self.dims.k;
+        let count = k.div_ceil(MAX_K_CHUNK).max(1);
+        let len = k.div_ceil(count).next_multiple_of(32).min(k);
+        (0..k).step_by(len.max(1)).map(|k0| (k0, len.min(k - k0))).collect()
+    }
+
+    /// The primitive key of the chunk starting at `k0`: the first chunk
+    /// carries beta and the bias, the later ones add onto the output.
+    fn key(&self, (k0, kc): (usize, usize), threads: usize) -> Key {
+        let first = k0 == 0;
+        Key {
+            batch: self.batch,
+            m: self.dims.m,
+            n: self.dims.n,
+            k: kc,
+            k_stride: self.dims.k,
+            trans_a: self.dims.trans_a,
+            trans_b: self.dims.trans_b,
+            src: self.src,
+            dst: self.dst,
+            bias: self.bias && first,
+            alpha: self.alpha.to_bits(),
+            beta: if first { self.beta.to_bits() } else { 1.0f32.to_bits() },
+            threads,
+        }
+    }
+
+    /// Errors for what oneDNN would compute differently: an empty product,
+    /// and alpha with a bias (oneDNN 2.x scales the bias by the output scale).
+    fn check(&self) -> Result<(), String> {
+        let GemmDims { m, n, k, .. } = self.dims;
+        if self.batch == 0 || m == 0 || n == 0 || k == 0 {
+            return Err("an empty product".into());
+        }
+        if self.bias && self.alpha != 1.0 {
+            return Err("alpha != 1 with a bias (oneDNN 2.x would scale the bias too)".into());
+        }
+        Ok(())
+    }
+}
+
+/// A built primitive and its data-less memory objects.
+struct Primitive {
+    pd: Handle,
+    prim: Handle,
+    src: Handle,
+    weights: Handle,
+    bias: Option<Handle>,
+    dst: Handle,
+    impl_name: String,
+    last_used: u64,
+}
+
+/// What the lock of [`OneDnn`] guards: the stream and the primitive cache
+/// (`Err`: oneDNN has no kernel for that key, remembered so it is asked once).
+pub(crate) struct State {
+    stream: Handle,
+    cache: HashMap<Key, Result<Primitive, String>>,
+    tick: u64,
+}
+
+impl State {
+    pub(crate) fn new(stream: Handle) -> Self {
+        Self {
+            stream,
+            cache: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// The primitive for `key`, built on first use.
+    fn get(&mut self, lib: &OneDnn, key: Key) -> Result<&mut Primitive, String> {
+        self.tick += 1;
+        if !self.cache.contains_key(&key) {
+            if self.cache.len() >= MAX_PRIMITIVES {
+                self.evict(lib);
+            }
+            let built = create(lib, key);
+            if let Err(e) = &built {
+                tracing::debug!("oneDNN matmul {key:?}: {e}");
+            }
+            self.cache.insert(key, built);
+        }
+        match self.cache.get_mut(&key) {
+            Some(Ok(p)) => {
+                p.last_used = self.tick;
+                Ok(p)
+            }
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("primitive cache lost an entry".into()),
+        }
+    }
+
+    /// Drops the least recently used primitive (failed entries first).
+    fn evict(&mut self, lib: &OneDnn) {
+        let oldest = self
+            .cache
+            .iter()
+            .min_by_key(|(_, e)| e.as_ref().map_or(0, |p| p.last_used))
+            .map(|(k, _)| *k);
+        if let Some(Ok(p)) = oldest.and_then(|k| self.cache.remove(&k)) {
+            destroy(lib, p);
+        }
+    }
+}
+
+/// An input of a product: f32 or bf16 elements.
+#[derive(Clone, Copy)]
+pub(crate) enum Data<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Data<'_> {
+    fn parts(&self) -> (c_int, usize, *mut c_void) {
+        match self {
+            Data::F32(s) => (DT_F32, s.len(), s.as_ptr() as *mut c_void),
+            Data::Bf16(s) => (DT_BF16, s.len(), s.as_ptr() as *mut c_void),
+        }
+    }
+}
+
+/// The output of a product: f32 or bf16 elements.
+pub(crate) enum DataMut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [bf16]),
+}
+
+impl DataMut<'_> {
+    fn parts(&mut self) -> (c_int, usize, *mut c_void) {
+        match self {
+            DataMut::F32(s) => (DT_F32, s.len(), s.as_mut_ptr() as *mut c_void),
+            DataMut::Bf16(s) => (DT_BF16, s.len(), s.as_mut_ptr() as *mut c_void),
+        }
+    }
+}
+
+/// The arguments of one product (batch entries contiguous, see [`OneDnn::matmul`]).
+pub(crate) struct Product<'a> {
+    pub out: DataMut<'a>,
+    pub a: Data<'a>,
+    pub b: Data<'a>,
+    pub bias: Option<&'a [f32]>,
+    pub spec: Spec,
+}
+
+impl Product<'_> {
+    /// Errors on mixed input dtypes, dtypes other than the spec's, or wrong lengths.
+    fn check(&mut self) -> Result<(), String> {
+        let Spec { batch, dims, .. } = self.spec;
+        let GemmDims { m, n, k, .. } = dims;
+        let (src, a_len, _) = self.a.parts();
+        let (wei, b_len, _) = self.b.parts();
+        let (dst, out_len, _) = self.out.parts();
+        if src != self.spec.src || wei != self.spec.src || dst != self.spec.dst {
+            return Err("operand dtypes other than the primitive's".into());
+        }
+        let want = |rows: usize, cols: usize| batch.checked_mul(rows).and_then(|r| r.checked_mul(cols));
+        if Some(a_len) != want(m, k) || Some(b_len) != want(k, n) || Some(out_len) != want(m, n) {
+            return Err(format!(
+                "lengths a {a_len}, b {b_len}, out {out_len} for {batch} x [{m}, {n}, {k}]"
+            ));
+        }
+        if self.bias.map(<[f32]>::len) != self.spec.bias.then_some(n) {
+            return Err(format!("bias of {:?} for n = {n}", self.bias.map(<[f32]>::len)));
+        }
+        self.spec.check()
+    }
+}
+
+/// Whether [`OneDnn::matmul`] would run.
+pub(crate) enum Outcome {
+    Done,
+    /// oneDNN has no kernel for this product (the reason); nothing was written.
+    Unsupported(String),
+}
+
+impl OneDnn {
+    /// Runs `product` on `threads` OpenMP threads from the calling thread,
+    /// under the process-wide lock: `out = alpha * op(a) @ op(b) + bias +
+    /// beta * out`, per batch entry, k in chunks (see [`MAX_K_CHUNK`]).
+    /// out: [batch, m, n]; a: [batch, m, k] (or [batch, k, m]); b: [batch, k, n] (or [batch, n, k]); bias: [n].
+    pub(crate) fn matmul(&self, threads: usize, mut product: Product<'_>) -> Result<Outcome, String> {
+        if let Err(e) = product.check() {
+            return Ok(Outcome::Unsupported(e));
+        }
+        let spec = product.spec;
+        let GemmDims { m, n, .. } = spec.dims;
+        let mut state = self.lock(threads);
+        let stream = state.stream;
+        let api = &self.api;
+        let (_, _, a_ptr) = product.a.parts();
+        let (_, _, b_ptr) = product.b.parts();
+        let (_, _, dst_ptr) = product.out.parts();
+        let size = |d: c_int| if d == DT_BF16 { 2 } else { 4 };
+        for chunk in spec.chunks() {
+            let p = match state.get(self, spec.key(chunk, threads)) {
+                Ok(p) => p,
+                Err(e) if chunk.0 == 0 => return Ok(Outcome::Unsupported(e)),
+                Err(e) => return Err(format!("k chunk at {}: {e}", chunk.0)),
+            };
+            // The chunk's first element: column k0 of a (row k0 when
+            // transposed), row k0 of b (column k0 when transposed).
+            let (a_off, b_off) = (
+                if spec.dims.trans_a { chunk.0 * m } else { chunk.0 },
+                if spec.dims.trans_b { chunk.0 } else { chunk.0 * n },
+            );
+            let mut args = vec![
+                ExecArg {
+                    arg: ARG_SRC,
+                    memory: p.src,
+                },
+                ExecArg {
+                    arg: ARG_WEIGHTS,
+                    memory: p.weights,
+                },
+                ExecArg {
+                    arg: ARG_DST,
+                    memory: p.dst,
+                },
+            ];
+            // SAFETY: the memory objects belong to this primitive and are
+            // used only under the lock; `check` matched the slices' lengths
+            // to the spec, the chunk's descriptors stay inside them (offset
+            // plus strides of the full k), and the slices outlive the call
+            // (we wait on the stream).
+            unsafe {
+                let a_chunk = (a_ptr as *mut u8).add(a_off * size(spec.src)) as *mut c_void;
+                let b_chunk = (b_ptr as *mut u8).add(b_off * size(spec.src)) as *mut c_void;
+                check((api.memory_set_data_handle)(p.src, a_chunk), "set src")?;
+                check((api.memory_set_data_handle)(p.weights, b_chunk), "set weights")?;
+                check((api.memory_set_data_handle)(p.dst, dst_ptr), "set dst")?;
+                if let (Some(mem), Some(bias)) = (p.bias, product.bias) {
+                    check(
+                        (api.memory_set_data_handle)(mem, bias.as_ptr() as *mut c_void),
+                        "set bias",
+                    )?;
+                    args.push(ExecArg {
+                        arg: ARG_BIAS,
+                        memory: mem,
+                    });
+                }
+                check(
+                    (api.primitive_execute)(p.prim, stream, args.len() as c_int, args.as_ptr()),
+                    "dnnl_primitive_execute",
+                )?;
+                check((api.stream_wait)(stream), "dnnl_stream_wait")?;
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// The implementation oneDNN picks for `spec` ("brg:avx512_core_amx_bf16",
+    /// its first k chunk), building and caching its primitives; an error when
+    /// it has none.
+    pub(crate) fn implementation(&self, spec: Spec, threads: usize) -> Result<String, String> {
+        spec.check()?;
+        let mut state = self.lock(threads);
+        let mut name = String::new();
+        for chunk in spec.chunks() {
+            let p = state.get(self, spec.key(chunk, threads))?;
+            if name.is_empty() {
+                name = p.impl_name.clone();
+            }
+        }
+        Ok(name)
+    }
+
+    /// Builds (or finds) the primitives for `spec`; an error when oneDNN has
+    /// no kernel for it (remembered: asked once per key).
+    pub(crate) fn ready(&self, spec: Spec, threads: usize) -> Result<(), String> {
+        self.implementation(spec, threads).map(|_| ())
+    }
+}
+
+/// Builds the primitive for `key` (the caller holds the lock, with OpenMP set
+/// to `key.threads`).
+fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
+    let api = &lib.api;
+    let Key { batch, m, n, k, .. } = key;
+    let (m, n, k, ks, b) = (m as i64, n as i64, k as i64, key.k_stride as i64, batch as i64);
+    // Row-major per batch entry with the full k as leading dimension; a
+    // transpose is a swap of the two strides.
+    let src_strides = if key.trans_a { [1, m] } else { [ks, 1] };
+    let wei_strides = if key.trans_b { [1, ks] } else { [n, 1] };
+    let (src_dims, wei_dims, dst_dims, bias_dims) = ([m, k], [k, n], [m, n], [1, n]);
+    let shape = |dims: [i64; 2], strides: [i64; 2], entry: i64| -> (Vec<i64>, Vec<i64>) {
+        if batch > 1 {
+            (vec![b, dims[0], dims[1]], vec![entry, strides[0], strides[1]])
+        } else {
+            (dims.to_vec(), strides.to_vec())
+        }
+    };
+    let src = shape(src_dims, src_strides, m * ks);
+    let wei = shape(wei_dims, wei_strides, ks * n);
+    let dst = shape(dst_dims, [n, 1], m * n);
+    let bias = if batch > 1 {
+        (vec![1, 1, n], vec![n, n, 1])
+    } else {
+        (bias_dims.to_vec(), vec![n, 1])
+    };
+    let Flavour::V2(v2) = &lib.flavour;
+    let md = |(dims, strides): &(Vec<i64>, Vec<i64>), dt: c_int| -> Result<Box<MemoryDescV2>, String> {
+        let mut d = Box::new(MemoryDescV2([0; 1024]));
+        // SAFETY: dims and strides hold `ndims` values; `d` is large enough.
+        check(
+            unsafe {
+                (v2.memory_desc_init_by_strides)(&mut *d, dims.len() as c_int, dims.as_ptr(), dt, strides.as_ptr())
+            },
+            "dnnl_memory_desc_init_by_strides",
+        )?;
+        Ok(d)
+    };
+    let (src_md, wei_md, dst_md) = (md(&src, key.src)?, md(&wei, key.src)?, md(&dst, key.dst)?);
+    let bias_md = if key.bias { Some(md(&bias, DT_F32)?) } else { None };
+    let mut desc = Box::new(MatmulDescV2([0; 4096]));
+    // SAFETY: every descriptor was initialised above; a null bias disables it.
+    check(
+        unsafe {
+            (v2.matmul_desc_init)(
+                &mut *desc,
+                &*src_md,
+                &*wei_md,
+                bias_md
+                    .as_deref()
+                    .map_or(std::ptr::null(), |b| b as *const MemoryDescV2),
+                &*dst_md,
+            )
+        },
+        "dnnl_matmul_desc_init",
+    )?;
+    // Attributes: alpha as the output scale, beta as a `sum` post-op.
+    let mut attr: Handle = std::ptr::null_mut();
+    // SAFETY: out-pointers to handles destroyed below.
+    unsafe {
+        check((api.primitive_attr_create)(&mut attr), "dnnl_primitive_attr_create")?;
+        let configured = (|| {
+            let alpha = f32::from_bits(key.alpha);
+            if alpha != 1.0 {
+                check(
+                    (v2.primitive_attr_set_output_scales)(attr, 1, 0, &alpha),
+                    "dnnl_primitive_attr_set_output_scales",
+                )?;
+            }
+            let beta = f32::from_bits(key.beta);
+            if beta != 0.0 {
+                let mut ops: Handle = std::ptr::null_mut();
+                check((api.post_ops_create)(&mut ops), "dnnl_post_ops_create")?;
+                let r = check((v2.post_ops_append_sum)(ops, beta), "dnnl_post_ops_append_sum")
+                    .and_then(|()| check((api.primitive_attr_set_post_ops)(attr, ops), "set post-ops"));
+                (api.post_ops_destroy)(ops);
+                r?;
+            }
+            Ok::<(), String>(())
+        })();
+        let mut pd: Handle = std::ptr::null_mut();
+        let made = configured.and_then(|()| {
+            check(
+                (v2.primitive_desc_create)(
+                    &mut pd,
+                    &*desc as *const MatmulDescV2 as *const c_void,
+                    attr,
+                    lib.engine,
+                    std::ptr::null_mut(),
+                ),
+                "dnnl_primitive_desc_create (matmul)",
+            )
+        });
+        (api.primitive_attr_destroy)(attr);
+        made?;
+        let mut name: *const c_char = std::ptr::null();
+        let impl_name = match check(
+            (api.primitive_desc_query)(
+                pd,
+                QUERY_IMPL_INFO_STR,
+                0,
+                &mut name as *mut *const c_char as *mut c_void,
+            ),
+            "query impl",
+        ) {
+            Ok(()) => c_string(name),
+            Err(_) => "unknown".into(),
+        };
+        let mut prim: Handle = std::ptr::null_mut();
+        if let Err(e) = check((api.primitive_create)(&mut prim, pd), "dnnl_primitive_create") {
+            (api.primitive_desc_destroy)(pd);
+            return Err(e);
+        }
+        let mut p = Primitive {
+            pd,
+            prim,
+            src: std::ptr::null_mut(),
+            weights: std::ptr::null_mut(),
+            bias: None,
+            dst: std::ptr::null_mut(),
+            impl_name,
+            last_used: 0,
+        };
+        let mem = |d: &MemoryDescV2| -> Result<Handle, String> {
+            let mut h: Handle = std::ptr::null_mut();
+            // DNNL_MEMORY_NONE (null): no buffer until set_data_handle.
+            check(
+                (api.memory_create)(
+                    &mut h,
+                    d as *const MemoryDescV2 as *const c_void,
+                    lib.engine,
+                    std::ptr::null_mut(),
+                ),
+                "dnnl_memory_create",
+            )?;
+            Ok(h)
+        };
+        let made = (|| {
+            p.src = mem(&src_md)?;
+            p.weights = mem(&wei_md)?;
+            p.dst = mem(&dst_md)?;
+            if let Some(b) = &bias_md {
+                p.bias = Some(mem(b)?);
+            }
+            Ok::<(), String>(())
+        })();
+        match made {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                destroy(lib, p);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Releases a primitive and its memory objects (under the lock).
+fn destroy(lib: &OneDnn, p: Primitive) {
+    let api = &lib.api;
+    // SAFETY: each handle was made by oneDNN for this primitive and is
+    // destroyed once; null ones are skipped.
+    unsafe {
+        for h in [p.src, p.weights, p.dst].into_iter().chain(p.bias) {
+            if !h.is_null() {
+                (api.memory_destroy)(h);
+            }
+        }
+        (api.primitive_destroy)(p.prim);
+        (api.primitive_desc_destroy)(p.pd);
+    }
+}
