@@ -212,19 +212,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                     "forward {}: batch {}, {} threads, {} text tokens, {} weights",
                     r.config, r.batch, r.threads, r.text_len, r.dtype
                 );
-                println!(
-                    "{:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
-                    "ms", "min ms", "images/s", "GFLOP/s", "peak", "MFU"
-                );
-                println!(
-                    "{:>10.1} {:>10.1} {:>10.2} {:>12.1} {:>10.1} {:>7.1}%",
-                    r.ms,
-                    r.min_ms,
-                    r.images_per_s,
-                    r.achieved_gflops,
-                    r.peak_gflops,
-                    100.0 * r.mfu
-                );
+                print_speed(r.ms, r.min_ms, r.images_per_s, r.achieved_gflops, r.peak_gflops, r.mfu);
                 print_profile(&r.profile, reps, r.ms, "ms/fwd");
                 if let Some(rss) = r.peak_rss_bytes {
                     println!(
@@ -259,18 +247,13 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             println!("matrix library: {}", ecdit_backend_cpu::bench::matmul_library());
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             println!("training step {}: batch {}, {} threads", r.config, r.batch, r.threads);
-            println!(
-                "{:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
-                "ms", "min ms", "images/s", "GFLOP/s", "peak", "MFU"
-            );
-            println!(
-                "{:>10.1} {:>10.1} {:>10.2} {:>12.1} {:>10.1} {:>7.1}%",
+            print_speed(
                 r.ms,
                 r.min_ms,
                 r.images_per_sec,
                 r.achieved_gflops,
                 r.peak_gflops,
-                100.0 * r.mfu
+                r.mfu,
             );
             print_profile(&r.profile, reps, r.ms, "ms/step");
             if let Some(rss) = r.peak_rss_bytes {
@@ -314,4 +297,17 @@ fn print_profile(profile: &[ecdit_model::bench_forward::OpTime], reps: usize, to
     }
     let in_ops: f64 = profile.iter().map(|t| t.ms).sum::<f64>() * per_rep;
     println!("{:<22} {:>8} {:>10.1}", "outside backend ops", "", total_ms - in_ops);
+}
+
+/// The speed table of a model benchmark: median and fastest ms, images per
+/// second, achieved and peak GFLOP/s, MFU.
+fn print_speed(ms: f64, min_ms: f64, images_per_sec: f64, gflops: f64, peak: f64, mfu: f64) {
+    println!(
+        "{:>10} {:>10} {:>10} {:>12} {:>10} {:>8}",
+        "ms", "min ms", "images/s", "GFLOP/s", "peak", "MFU"
+    );
+    println!(
+        "{ms:>10.1} {min_ms:>10.1} {images_per_sec:>10.2} {gflops:>12.1} {peak:>10.1} {:>7.1}%",
+        100.0 * mfu
+    );
 }
