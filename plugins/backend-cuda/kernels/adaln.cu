@@ -8,68 +8,66 @@ __device__ __forceinline__ u64 chunk_at(u64 b, u64 chunks, u64 j, u64 d, u64 c) 
 }
 
 // out = x * (1 + scale) + shift
-extern "C" __global__ void modulate(float* out, const float* inp, const float* mod,
-                                    u64 batch, u64 tokens, u64 d, u64 chunks, u64 first, u64 second) {
-    u64 i = thread_index();
-    if (i >= batch * tokens * d) return;
-    u64 b = i / (tokens * d), c = i % d;
-    float h = mod[chunk_at(b, chunks, first, d, c)];
-    float s = mod[chunk_at(b, chunks, second, d, c)];
-    out[i] = __fadd_rn(__fmul_rn(inp[i], __fadd_rn(1.0f, s)), h);
+extern "C" __global__ void modulate(Ten out, Ten inp, Ten mod, u64 batch, u64 tokens, u64 d, u64 chunks,
+                                    u64 first, u64 second) {
+    FOR_EACH(i, batch * tokens * d) {
+        u64 b = i / (tokens * d), c = i % d;
+        float h = ld(mod, chunk_at(b, chunks, first, d, c));
+        float s = ld(mod, chunk_at(b, chunks, second, d, c));
+        st(out, i, __fadd_rn(__fmul_rn(ld(inp, i), __fadd_rn(1.0f, s)), h));
+    }
 }
 
 // dinp = dout * (1 + scale)
-extern "C" __global__ void modulate_backward_input(float* dinp, const float* dout, const float* mod,
-                                                   u64 batch, u64 tokens, u64 d, u64 chunks, u64 second) {
-    u64 i = thread_index();
-    if (i >= batch * tokens * d) return;
-    u64 b = i / (tokens * d), c = i % d;
-    dinp[i] = __fmul_rn(dout[i], __fadd_rn(1.0f, mod[chunk_at(b, chunks, second, d, c)]));
+extern "C" __global__ void modulate_backward_input(Ten dinp, Ten dout, Ten mod, u64 batch, u64 tokens, u64 d,
+                                                   u64 chunks, u64 second) {
+    FOR_EACH(i, batch * tokens * d) {
+        u64 b = i / (tokens * d), c = i % d;
+        st(dinp, i, __fmul_rn(ld(dout, i), __fadd_rn(1.0f, ld(mod, chunk_at(b, chunks, second, d, c)))));
+    }
 }
 
 // dshift += sum_t dout; dscale += sum_t dout * inp
-extern "C" __global__ void modulate_backward_params(float* dmod, const float* dout, const float* inp,
-                                                    u64 batch, u64 tokens, u64 d, u64 chunks, u64 first, u64 second) {
-    u64 i = thread_index();
-    if (i >= batch * d) return;
-    u64 b = i / d, c = i % d;
-    const float* g = dout + b * tokens * d;
-    const float* x = inp + b * tokens * d;
-    float sh = dmod[chunk_at(b, chunks, first, d, c)];
-    for (u64 t = 0; t < tokens; ++t) sh = __fadd_rn(sh, g[t * d + c]);
-    dmod[chunk_at(b, chunks, first, d, c)] = sh;
-    float sc = dmod[chunk_at(b, chunks, second, d, c)];
-    for (u64 t = 0; t < tokens; ++t) sc = __fadd_rn(sc, __fmul_rn(g[t * d + c], x[t * d + c]));
-    dmod[chunk_at(b, chunks, second, d, c)] = sc;
+extern "C" __global__ void modulate_backward_params(Ten dmod, Ten dout, Ten inp, u64 batch, u64 tokens, u64 d,
+                                                    u64 chunks, u64 first, u64 second) {
+    FOR_EACH(i, batch * d) {
+        u64 b = i / d, c = i % d;
+        u64 base = b * tokens * d + c;
+        float sh = ld(dmod, chunk_at(b, chunks, first, d, c));
+        for (u64 t = 0; t < tokens; ++t) sh = __fadd_rn(sh, ld(dout, base + t * d));
+        st(dmod, chunk_at(b, chunks, first, d, c), sh);
+        float sc = ld(dmod, chunk_at(b, chunks, second, d, c));
+        for (u64 t = 0; t < tokens; ++t) sc = __fadd_rn(sc, __fmul_rn(ld(dout, base + t * d), ld(inp, base + t * d)));
+        st(dmod, chunk_at(b, chunks, second, d, c), sc);
+    }
 }
 
 // x += gate * y
-extern "C" __global__ void gated_residual(float* x, const float* y, const float* mod,
-                                          u64 batch, u64 tokens, u64 d, u64 chunks, u64 first) {
-    u64 i = thread_index();
-    if (i >= batch * tokens * d) return;
-    u64 b = i / (tokens * d), c = i % d;
-    x[i] = __fadd_rn(x[i], __fmul_rn(mod[chunk_at(b, chunks, first, d, c)], y[i]));
+extern "C" __global__ void gated_residual(Ten x, Ten y, Ten mod, u64 batch, u64 tokens, u64 d, u64 chunks,
+                                          u64 first) {
+    FOR_EACH(i, batch * tokens * d) {
+        u64 b = i / (tokens * d), c = i % d;
+        st(x, i, __fadd_rn(ld(x, i), __fmul_rn(ld(mod, chunk_at(b, chunks, first, d, c)), ld(y, i))));
+    }
 }
 
 // dy = gate * dx
-extern "C" __global__ void gated_residual_backward_input(float* dy, const float* dx, const float* mod,
-                                                         u64 batch, u64 tokens, u64 d, u64 chunks, u64 first) {
-    u64 i = thread_index();
-    if (i >= batch * tokens * d) return;
-    u64 b = i / (tokens * d), c = i % d;
-    dy[i] = __fmul_rn(mod[chunk_at(b, chunks, first, d, c)], dx[i]);
+extern "C" __global__ void gated_residual_backward_input(Ten dy, Ten dx, Ten mod, u64 batch, u64 tokens, u64 d,
+                                                         u64 chunks, u64 first) {
+    FOR_EACH(i, batch * tokens * d) {
+        u64 b = i / (tokens * d), c = i % d;
+        st(dy, i, __fmul_rn(ld(mod, chunk_at(b, chunks, first, d, c)), ld(dx, i)));
+    }
 }
 
 // dgate += sum_t dx * y
-extern "C" __global__ void gated_residual_backward_params(float* dmod, const float* dx, const float* y,
-                                                          u64 batch, u64 tokens, u64 d, u64 chunks, u64 first) {
-    u64 i = thread_index();
-    if (i >= batch * d) return;
-    u64 b = i / d, c = i % d;
-    const float* g = dx + b * tokens * d;
-    const float* v = y + b * tokens * d;
-    float acc = dmod[chunk_at(b, chunks, first, d, c)];
-    for (u64 t = 0; t < tokens; ++t) acc = __fadd_rn(acc, __fmul_rn(g[t * d + c], v[t * d + c]));
-    dmod[chunk_at(b, chunks, first, d, c)] = acc;
+extern "C" __global__ void gated_residual_backward_params(Ten dmod, Ten dx, Ten y, u64 batch, u64 tokens, u64 d,
+                                                          u64 chunks, u64 first) {
+    FOR_EACH(i, batch * d) {
+        u64 b = i / d, c = i % d;
+        u64 base = b * tokens * d + c;
+        float acc = ld(dmod, chunk_at(b, chunks, first, d, c));
+        for (u64 t = 0; t < tokens; ++t) acc = __fadd_rn(acc, __fmul_rn(ld(dx, base + t * d), ld(y, base + t * d)));
+        st(dmod, chunk_at(b, chunks, first, d, c), acc);
+    }
 }

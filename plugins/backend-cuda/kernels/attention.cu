@@ -1,147 +1,195 @@
-// Grouped-query attention, the plainest correct version. q, out, dq, dout:
-// [B, Tq, H, Dh]; k, v, dk, dv: [B, Tk, Hkv, Dh]; probs: [B, H, Tq, Tk];
-// key_mask: [B, Tk] (u8, nonzero = attend). Query head h reads kv head
-// h / (H / Hkv). Scores are scale * <q, k>; a query whose keys are all masked
-// gets zero probabilities and output.
+// Grouped-query attention. q, out, dq, dout: [B, Tq, H, Dh]; k, v, dk, dv:
+// [B, Tk, Hkv, Dh]; probs: [B, H, Tq, Tk]; key_mask: [B, Tk] (u8, nonzero =
+// attend). Query head h reads kv head h / (H / Hkv). Scores are scale <q, k>
+// and the exponentials the CPU backend's (exp_cpu); a query whose keys are all
+// masked gets zero probabilities and output.
+//
+// Forward kernels run one warp per query row (b, h, t): the warp's lanes take
+// the keys 32 at a time (lane j scores key j0 + j); sums over lanes are xor
+// butterflies, so every lane holds the same, deterministic total.
 
 struct AttnDims {
     u64 batch, heads, kv_heads, q_len, kv_len, head_dim;
 };
 
-__device__ __forceinline__ const float* q_row(const float* q, AttnDims d, u64 b, u64 t, u64 h) {
-    return q + ((b * d.q_len + t) * d.heads + h) * d.head_dim;
+// Head-dim channels a lane of the inference kernel keeps in registers (8 x 32
+// lanes: head_dim <= 256; the backend uses the probability path beyond).
+#define ATTN_LANE_CHANNELS 8
+
+__device__ __forceinline__ u64 q_at(AttnDims d, u64 b, u64 t, u64 h) {
+    return ((b * d.q_len + t) * d.heads + h) * d.head_dim;
 }
 
-__device__ __forceinline__ const float* kv_row(const float* k, AttnDims d, u64 b, u64 t, u64 hk) {
-    return k + ((b * d.kv_len + t) * d.kv_heads + hk) * d.head_dim;
+__device__ __forceinline__ u64 kv_at(AttnDims d, u64 b, u64 j, u64 hk) {
+    return ((b * d.kv_len + j) * d.kv_heads + hk) * d.head_dim;
 }
 
-__device__ __forceinline__ float dot(const float* a, const float* b, u64 n) {
-    float acc = 0.0f;
-    for (u64 i = 0; i < n; ++i) acc += a[i] * b[i];
-    return acc;
-}
-
-__device__ __forceinline__ bool attends(const unsigned char* mask, int has_mask, AttnDims d, u64 b, u64 j) {
+__device__ __forceinline__ bool attends(const u8* mask, int has_mask, AttnDims d, u64 b, u64 j) {
     return !has_mask || mask[b * d.kv_len + j] != 0;
 }
 
-// One thread per (b, h, tq) row of probs: scores, masked softmax.
-extern "C" __global__ void attention_probs(float* probs, const float* q, const float* k,
-                                           const unsigned char* mask, int has_mask, AttnDims d, float scale) {
-    u64 i = thread_index();
-    if (i >= d.batch * d.heads * d.q_len) return;
-    u64 b = i / (d.heads * d.q_len), h = i / d.q_len % d.heads, t = i % d.q_len;
-    u64 hk = h / (d.heads / d.kv_heads);
-    const float* qr = q_row(q, d, b, t, h);
-    float* p = probs + i * d.kv_len;
-    float mx = NEG_INF;
-    for (u64 j = 0; j < d.kv_len; ++j) {
-        p[j] = scale * dot(qr, kv_row(k, d, b, j, hk), d.head_dim);
-        if (attends(mask, has_mask, d, b, j)) mx = fmaxf(mx, p[j]);
-    }
-    if (mx == NEG_INF) {
-        for (u64 j = 0; j < d.kv_len; ++j) p[j] = 0.0f;
-        return;
-    }
-    float sum = 0.0f;
-    for (u64 j = 0; j < d.kv_len; ++j) {
-        p[j] = attends(mask, has_mask, d, b, j) ? expf(p[j] - mx) : 0.0f;
-        sum += p[j];
-    }
-    float inv = 1.0f / sum;
-    for (u64 j = 0; j < d.kv_len; ++j) p[j] *= inv;
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
-// One thread per element of out: out[b, t, h, :] = sum_j probs[b, h, t, j] v[b, j, hk, :].
-extern "C" __global__ void attention_apply(float* out, const float* probs, const float* v, AttnDims d) {
-    u64 i = thread_index();
-    if (i >= d.batch * d.q_len * d.heads * d.head_dim) return;
-    u64 c = i % d.head_dim, h = i / d.head_dim % d.heads, t = i / (d.head_dim * d.heads) % d.q_len;
-    u64 b = i / (d.head_dim * d.heads * d.q_len);
-    u64 hk = h / (d.heads / d.kv_heads);
-    const float* p = probs + ((b * d.heads + h) * d.q_len + t) * d.kv_len;
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// scale <q[b, t, h], k[b, j, hk]>, or -inf for a masked or missing key.
+__device__ __forceinline__ float score(Ten q, Ten k, const u8* mask, int has_mask, AttnDims d, u64 b, u64 t,
+                                       u64 h, u64 hk, u64 j, float scale) {
+    if (j >= d.kv_len || !attends(mask, has_mask, d, b, j)) return NEG_INF;
+    u64 qa = q_at(d, b, t, h), ka = kv_at(d, b, j, hk);
     float acc = 0.0f;
-    for (u64 j = 0; j < d.kv_len; ++j) acc += p[j] * kv_row(v, d, b, j, hk)[c];
-    out[i] = acc;
+    for (u64 c = 0; c < d.head_dim; ++c) acc += ld(q, qa + c) * ld(k, ka + c);
+    return scale * acc;
 }
 
-// Inference: one thread per (b, tq, h) query row; scores are recomputed in
-// each of three passes (max, sum, weighted values), so no probability is kept.
-extern "C" __global__ void attention_infer(float* out, const float* q, const float* k, const float* v,
-                                           const unsigned char* mask, int has_mask, AttnDims d, float scale) {
-    u64 i = thread_index();
-    if (i >= d.batch * d.q_len * d.heads) return;
-    u64 b = i / (d.q_len * d.heads), t = i / d.heads % d.q_len, h = i % d.heads;
-    u64 hk = h / (d.heads / d.kv_heads);
-    const float* qr = q_row(q, d, b, t, h);
-    float* o = out + i * d.head_dim;
-    for (u64 c = 0; c < d.head_dim; ++c) o[c] = 0.0f;
-    float mx = NEG_INF;
-    for (u64 j = 0; j < d.kv_len; ++j)
-        if (attends(mask, has_mask, d, b, j)) mx = fmaxf(mx, scale * dot(qr, kv_row(k, d, b, j, hk), d.head_dim));
-    if (mx == NEG_INF) return;
-    float sum = 0.0f;
-    for (u64 j = 0; j < d.kv_len; ++j)
-        if (attends(mask, has_mask, d, b, j)) sum += expf(scale * dot(qr, kv_row(k, d, b, j, hk), d.head_dim) - mx);
-    float inv = 1.0f / sum;
-    for (u64 j = 0; j < d.kv_len; ++j) {
-        if (!attends(mask, has_mask, d, b, j)) continue;
-        float p = expf(scale * dot(qr, kv_row(k, d, b, j, hk), d.head_dim) - mx) * inv;
-        const float* vr = kv_row(v, d, b, j, hk);
-        for (u64 c = 0; c < d.head_dim; ++c) o[c] += p * vr[c];
+// The warps of a launch walk the query rows (b, h, t) in a grid-stride loop.
+#define FOR_EACH_WARP_ROW(row, n)                                                          \
+    for (u64 row = (thread_index() / 32); row < (n); row += grid_stride() / 32)
+
+// Training forward, step 1: the probabilities of every row (scores recomputed
+// in each of three passes: max, sum, write; every element written once).
+extern "C" __global__ void attention_probs(Ten probs, Ten q, Ten k, const u8* mask, int has_mask, AttnDims d,
+                                           float scale) {
+    u64 lane = threadIdx.x % 32;
+    FOR_EACH_WARP_ROW(row, d.batch * d.heads * d.q_len) {
+        u64 b = row / (d.heads * d.q_len), h = row / d.q_len % d.heads, t = row % d.q_len;
+        u64 hk = h / (d.heads / d.kv_heads);
+        float mx = NEG_INF;
+        for (u64 j0 = 0; j0 < d.kv_len; j0 += 32)
+            mx = fmaxf(mx, score(q, k, mask, has_mask, d, b, t, h, hk, j0 + lane, scale));
+        mx = warp_max(mx);
+        if (mx == NEG_INF) {
+            for (u64 j = lane; j < d.kv_len; j += 32) st(probs, row * d.kv_len + j, 0.0f);
+            continue;
+        }
+        float sum = 0.0f;
+        for (u64 j0 = 0; j0 < d.kv_len; j0 += 32) {
+            float s = score(q, k, mask, has_mask, d, b, t, h, hk, j0 + lane, scale);
+            if (s != NEG_INF) sum += exp_cpu(s - mx);
+        }
+        float inv = 1.0f / warp_sum(sum);
+        for (u64 j = lane; j < d.kv_len; j += 32) {
+            float s = score(q, k, mask, has_mask, d, b, t, h, hk, j, scale);
+            st(probs, row * d.kv_len + j, s == NEG_INF ? 0.0f : exp_cpu(s - mx) * inv);
+        }
     }
 }
 
-// Backward, step 1: one thread per (b, h, tq) row. delta = sum_j p_j dp_j with
-// dp_j = <dout, v_j> (kept for step 2), and dq = scale sum_j p_j (dp_j - delta) k_j.
-extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const float* dout, const float* probs,
-                                                 const float* k, const float* v, AttnDims d, float scale) {
-    u64 i = thread_index();
-    if (i >= d.batch * d.heads * d.q_len) return;
-    u64 b = i / (d.heads * d.q_len), h = i / d.q_len % d.heads, t = i % d.q_len;
-    u64 hk = h / (d.heads / d.kv_heads);
-    const float* g = q_row(dout, d, b, t, h);
-    const float* p = probs + i * d.kv_len;
-    float dl = 0.0f;
-    for (u64 j = 0; j < d.kv_len; ++j) dl += p[j] * dot(g, kv_row(v, d, b, j, hk), d.head_dim);
-    delta[i] = dl;
-    float* o = dq + ((b * d.q_len + t) * d.heads + h) * d.head_dim;
-    for (u64 c = 0; c < d.head_dim; ++c) o[c] = 0.0f;
-    for (u64 j = 0; j < d.kv_len; ++j) {
-        float ds = p[j] * (dot(g, kv_row(v, d, b, j, hk), d.head_dim) - dl) * scale;
-        const float* kr = kv_row(k, d, b, j, hk);
-        for (u64 c = 0; c < d.head_dim; ++c) o[c] += ds * kr[c];
+// Training forward, step 2: one thread per element of out:
+// out[b, t, h, c] = sum_j probs[b, h, t, j] v[b, j, hk, c].
+extern "C" __global__ void attention_apply(Ten out, Ten probs, Ten v, AttnDims d) {
+    FOR_EACH(i, d.batch * d.q_len * d.heads * d.head_dim) {
+        u64 c = i % d.head_dim, h = i / d.head_dim % d.heads, t = i / (d.head_dim * d.heads) % d.q_len;
+        u64 b = i / (d.head_dim * d.heads * d.q_len);
+        u64 hk = h / (d.heads / d.kv_heads);
+        u64 p = ((b * d.heads + h) * d.q_len + t) * d.kv_len;
+        float acc = 0.0f;
+        for (u64 j = 0; j < d.kv_len; ++j) acc += ld(probs, p + j) * ld(v, kv_at(d, b, j, hk) + c);
+        st(out, i, acc);
     }
 }
 
-// Backward, step 2: one thread per (b, tk, hk) key row, owning its dk and dv
-// rows: the query heads of its group and their queries summed in order.
-extern "C" __global__ void attention_backward_dkv(float* dk, float* dv, const float* delta, const float* dout,
-                                                  const float* probs, const float* q, const float* v,
-                                                  AttnDims d, float scale) {
-    u64 i = thread_index();
-    if (i >= d.batch * d.kv_len * d.kv_heads) return;
-    u64 b = i / (d.kv_len * d.kv_heads), j = i / d.kv_heads % d.kv_len, hk = i % d.kv_heads;
+// Inference: fused, no probability kept. One warp per query row with an
+// online softmax over tiles of 32 keys; lane l accumulates the output channels
+// l, l + 32, ... (head_dim <= 32 * ATTN_LANE_CHANNELS).
+extern "C" __global__ void attention_infer(Ten out, Ten q, Ten k, Ten v, const u8* mask, int has_mask, AttnDims d,
+                                           float scale) {
+    u64 lane = threadIdx.x % 32;
+    FOR_EACH_WARP_ROW(row, d.batch * d.heads * d.q_len) {
+        u64 b = row / (d.heads * d.q_len), h = row / d.q_len % d.heads, t = row % d.q_len;
+        u64 hk = h / (d.heads / d.kv_heads);
+        float acc[ATTN_LANE_CHANNELS];
+        for (int i = 0; i < ATTN_LANE_CHANNELS; ++i) acc[i] = 0.0f;
+        float m = NEG_INF, l = 0.0f;
+        for (u64 j0 = 0; j0 < d.kv_len; j0 += 32) {
+            float s = score(q, k, mask, has_mask, d, b, t, h, hk, j0 + lane, scale);
+            float tile_max = warp_max(s);
+            if (tile_max == NEG_INF) continue;  // the whole tile masked (the same in every lane)
+            float m_new = fmaxf(m, tile_max);
+            float corr = exp_cpu(m - m_new);
+            float p = s == NEG_INF ? 0.0f : exp_cpu(s - m_new);
+            l = l * corr + warp_sum(p);
+            for (int i = 0; i < ATTN_LANE_CHANNELS; ++i) acc[i] *= corr;
+            u64 keys = d.kv_len - j0 < 32 ? d.kv_len - j0 : 32;
+            for (u64 jj = 0; jj < keys; ++jj) {
+                float pj = __shfl_sync(0xffffffffu, p, (int)jj);
+                if (pj == 0.0f) continue;  // the same in every lane
+                u64 va = kv_at(d, b, j0 + jj, hk);
+                for (int i = 0; i < ATTN_LANE_CHANNELS; ++i) {
+                    u64 c = lane + 32 * i;
+                    if (c < d.head_dim) acc[i] += pj * ld(v, va + c);
+                }
+            }
+            m = m_new;
+        }
+        u64 oa = q_at(d, b, t, h);
+        float inv = m == NEG_INF ? 0.0f : 1.0f / l;
+        for (int i = 0; i < ATTN_LANE_CHANNELS; ++i) {
+            u64 c = lane + 32 * i;
+            if (c < d.head_dim) st(out, oa + c, acc[i] * inv);
+        }
+    }
+}
+
+// Backward, step 1: one thread per (b, h, t) row of the f32 scratch ds
+// [B, H, Tq, Tk]: dp_j = <dout, v_j>, delta = sum_j p_j dp_j, then
+// ds_j = scale p_j (dp_j - delta), the score gradient.
+extern "C" __global__ void attention_backward_ds(float* ds, Ten dout, Ten probs, Ten v, AttnDims d, float scale) {
+    FOR_EACH(row, d.batch * d.heads * d.q_len) {
+        u64 b = row / (d.heads * d.q_len), h = row / d.q_len % d.heads, t = row % d.q_len;
+        u64 hk = h / (d.heads / d.kv_heads);
+        u64 ga = q_at(d, b, t, h);
+        float* dsr = ds + row * d.kv_len;
+        float delta = 0.0f;
+        for (u64 j = 0; j < d.kv_len; ++j) {
+            u64 va = kv_at(d, b, j, hk);
+            float dp = 0.0f;
+            for (u64 c = 0; c < d.head_dim; ++c) dp += ld(dout, ga + c) * ld(v, va + c);
+            dsr[j] = dp;
+            delta += ld(probs, row * d.kv_len + j) * dp;
+        }
+        for (u64 j = 0; j < d.kv_len; ++j) dsr[j] = scale * ld(probs, row * d.kv_len + j) * (dsr[j] - delta);
+    }
+}
+
+// Backward, step 2: one thread per element of dq: dq[b, t, h, c] = sum_j ds_j k[b, j, hk, c].
+extern "C" __global__ void attention_backward_dq(Ten dq, const float* ds, Ten k, AttnDims d) {
+    FOR_EACH(i, d.batch * d.q_len * d.heads * d.head_dim) {
+        u64 c = i % d.head_dim, h = i / d.head_dim % d.heads, t = i / (d.head_dim * d.heads) % d.q_len;
+        u64 b = i / (d.head_dim * d.heads * d.q_len);
+        u64 hk = h / (d.heads / d.kv_heads);
+        const float* dsr = ds + ((b * d.heads + h) * d.q_len + t) * d.kv_len;
+        float acc = 0.0f;
+        for (u64 j = 0; j < d.kv_len; ++j) acc += dsr[j] * ld(k, kv_at(d, b, j, hk) + c);
+        st(dq, i, acc);
+    }
+}
+
+// Backward, step 3: one thread per element of dk and dv, summing the query
+// heads of its group and their queries in order:
+// dk[b, j, hk, c] = sum ds q[b, t, h, c], dv[b, j, hk, c] = sum p dout[b, t, h, c].
+extern "C" __global__ void attention_backward_dkv(Ten dk, Ten dv, const float* ds, Ten dout, Ten probs, Ten q,
+                                                  AttnDims d) {
     u64 group = d.heads / d.kv_heads;
-    float* dkr = dk + i * d.head_dim;
-    float* dvr = dv + i * d.head_dim;
-    for (u64 c = 0; c < d.head_dim; ++c) {
-        dkr[c] = 0.0f;
-        dvr[c] = 0.0f;
-    }
-    const float* vr = kv_row(v, d, b, j, hk);
-    for (u64 h = hk * group; h < (hk + 1) * group; ++h) {
-        for (u64 t = 0; t < d.q_len; ++t) {
-            u64 row = (b * d.heads + h) * d.q_len + t;
-            float p = probs[row * d.kv_len + j];
-            const float* g = q_row(dout, d, b, t, h);
-            float ds = p * (dot(g, vr, d.head_dim) - delta[row]) * scale;
-            const float* qr = q_row(q, d, b, t, h);
-            for (u64 c = 0; c < d.head_dim; ++c) {
-                dvr[c] += p * g[c];
-                dkr[c] += ds * qr[c];
+    FOR_EACH(i, d.batch * d.kv_len * d.kv_heads * d.head_dim) {
+        u64 c = i % d.head_dim, hk = i / d.head_dim % d.kv_heads, j = i / (d.head_dim * d.kv_heads) % d.kv_len;
+        u64 b = i / (d.head_dim * d.kv_heads * d.kv_len);
+        float gk = 0.0f, gv = 0.0f;
+        for (u64 h = hk * group; h < (hk + 1) * group; ++h) {
+            for (u64 t = 0; t < d.q_len; ++t) {
+                u64 row = (b * d.heads + h) * d.q_len + t;
+                u64 qa = q_at(d, b, t, h) + c;
+                gk += ds[row * d.kv_len + j] * ld(q, qa);
+                gv += ld(probs, row * d.kv_len + j) * ld(dout, qa);
             }
         }
+        st(dk, i, gk);
+        st(dv, i, gv);
     }
 }

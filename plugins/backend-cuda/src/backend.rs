@@ -6,14 +6,15 @@
 //! device addresses of its views. Everything runs in order on one stream, so an
 //! op returns once its work is queued; `download` waits for it.
 
-use crate::device::{guarded, not_implemented};
+use crate::device::guarded;
 use crate::kernels::Kernels;
 use crate::probe::{cuda_error, probe_all};
+use crate::status;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use ecdit_engine::{
-    AdamW, AttnDims, Backend, Buffer, EngineError, GemmDims, ModChunks, PatchDims, Result, RowDims, TensorMut,
-    TensorRef, Unary,
+    AdamW, AttnDims, Backend, Buffer, DType, EngineError, GemmDims, ModChunks, PatchDims, Result, RmsProp, RowDims,
+    TensorMut, TensorRef, Unary,
 };
 use std::sync::Arc;
 
@@ -25,12 +26,23 @@ pub struct CudaBackend {
     kernels: Kernels,
     device: usize,
     tf32: bool,
+    dtype: DType,
+    // The status words (crate::status), and their device address.
+    _status: CudaSlice<u32>,
+    status_ptr: u64,
 }
 
 impl CudaBackend {
-    /// Opens device `device`; `tf32` lets cuBLAS use TF32 tensor cores for f32 products.
-    /// Probes the driver, cuBLAS and NVRTC first, so a machine without them gets an error.
+    /// Opens device `device`; `tf32` lets cuBLAS use TF32 tensor cores for
+    /// large f32 products (see [`crate::gemm::tf32_allowed`]). Probes the
+    /// driver, cuBLAS and NVRTC first, so a machine without them gets an error.
     pub fn new(device: usize, tf32: bool) -> Result<Self> {
+        Self::with_dtype(device, tf32, DType::F32)
+    }
+
+    /// [`CudaBackend::new`] with the storage dtype models should prefer on it
+    /// (`dtype` parameter; f32 and bf16 storage are both supported either way).
+    pub fn with_dtype(device: usize, tf32: bool, dtype: DType) -> Result<Self> {
         probe_all()?;
         guarded("opening the device", || {
             let count = CudaContext::device_count().map_err(|e| cuda_error(format!("counting devices: {e}")))?;
@@ -44,21 +56,30 @@ impl CudaBackend {
             }
             let ctx = CudaContext::new(device)
                 .map_err(|e| cuda_error(format!("creating a context on device {device}: {e}")))?;
+            // SAFETY: every op of this backend runs on its one stream, in order,
+            // so cudarc's per-allocation events (for multi-stream use) are not needed.
+            unsafe { ctx.disable_event_tracking() };
+            keep_pool_memory(&ctx);
             let stream = ctx.default_stream();
             let blas =
                 CudaBlas::new(stream.clone()).map_err(|e| cuda_error(format!("creating the cuBLAS handle: {e}")))?;
-            let mode = if tf32 {
-                cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-            } else {
-                cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
-            };
+            // TF32 is chosen per product through the compute type (gemm.rs), never
+            // by the handle's math mode.
+            let mode = cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH;
             // SAFETY: the handle is live and owned by `blas`.
-            let status = unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) };
-            if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(cuda_error(format!("cublasSetMathMode({mode:?}): {status:?}")));
+            let st = unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), mode) };
+            if st != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(cuda_error(format!("cublasSetMathMode({mode:?}): {st:?}")));
             }
             let kernels = Kernels::compile(&ctx)?;
-            tracing::info!(device, tf32, name = ?ctx.name().ok(), "cuda backend ready");
+            let status_words = stream
+                .alloc_zeros::<u32>(status::WORDS)
+                .map_err(|e| cuda_error(format!("allocating the status words: {e}")))?;
+            let status_ptr = {
+                let (ptr, _record) = status_words.device_ptr(&stream);
+                ptr
+            };
+            tracing::info!(device, tf32, %dtype, name = ?ctx.name().ok(), "cuda backend ready");
             Ok(Self {
                 ctx,
                 stream,
@@ -66,6 +87,9 @@ impl CudaBackend {
                 kernels,
                 device,
                 tf32,
+                dtype,
+                _status: status_words,
+                status_ptr,
             })
         })
     }
@@ -75,9 +99,15 @@ impl CudaBackend {
         self.device
     }
 
-    /// Whether f32 products may use TF32.
+    /// Whether large f32 products may use TF32.
     pub fn tf32(&self) -> bool {
         self.tf32
+    }
+
+    /// The storage dtype models should prefer on this backend (the `dtype`
+    /// parameter); both f32 and bf16 are supported.
+    pub fn preferred_dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device's name, as the driver reports it.
@@ -85,13 +115,17 @@ impl CudaBackend {
         self.ctx.name().map_err(|e| cuda_error(format!("device name: {e}")))
     }
 
-    /// Waits until every queued op has finished (ops return once queued).
+    /// The device's compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.ctx
+            .compute_capability()
+            .map_err(|e| cuda_error(format!("compute capability: {e}")))
+    }
+
+    /// Waits until every queued op has finished (ops return once queued), and
+    /// reports a bad index flagged since the last download ([`crate::status`]).
     pub fn synchronize(&self) -> Result<()> {
-        self.run("synchronize", || {
-            self.stream
-                .synchronize()
-                .map_err(|e| cuda_error(format!("synchronize: {e}")))
-        })
+        self.run("synchronize", || self.check_status("synchronize"))
     }
 
     pub(crate) fn ctx(&self) -> &Arc<CudaContext> {
@@ -109,6 +143,34 @@ impl CudaBackend {
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.kernels
     }
+
+    pub(crate) fn status_ptr(&self) -> u64 {
+        self.status_ptr
+    }
+}
+
+/// Keeps freed stream-ordered allocations in the device's memory pool instead
+/// of returning them to the driver at every synchronisation (the default), so
+/// scratch buffers cost no driver call after the first forward. Best effort.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` receives the device's default pool; the attribute takes a u64.
+    let ok = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .and_then(|()| {
+            let mut threshold = u64::MAX;
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                )
+            }
+            .result()
+        });
+    if let Err(e) = ok {
+        tracing::debug!(%e, "could not keep pool memory; scratch allocations may be slower");
+    }
 }
 
 impl Backend for CudaBackend {
@@ -119,6 +181,11 @@ impl Backend for CudaBackend {
     /// Host threads driving the device: one.
     fn threads(&self) -> usize {
         1
+    }
+
+    /// f32 and bf16 storage for every float op (f32 arithmetic); u32 indices, u8 masks.
+    fn supports(&self, dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::BF16 | DType::U32 | DType::U8)
     }
 
     fn alloc(&self, bytes: usize) -> Result<Buffer> {
@@ -366,10 +433,8 @@ impl Backend for CudaBackend {
         self.top_k_rows_impl(idx, val, inp, rows, cols, k)
     }
 
-    /// Not on the GPU yet: bit-identity with the host routers needs the host's
-    /// exact `exp` on the device (CUDA's `expf` rounds differently).
-    fn router_softmax(&self, _out: TensorMut<'_>, _scores: TensorRef<'_>, _rows: usize, _experts: usize) -> Result<()> {
-        Err(not_implemented("router_softmax"))
+    fn router_softmax(&self, out: TensorMut<'_>, scores: TensorRef<'_>, rows: usize, experts: usize) -> Result<()> {
+        self.router_softmax_impl(out, scores, rows, experts)
     }
 
     fn top_k_tokens(
@@ -395,5 +460,16 @@ impl Backend for CudaBackend {
         step: u64,
     ) -> Result<()> {
         self.adamw_impl(param, grad, m, v, hp, step)
+    }
+
+    fn rmsprop_step(
+        &self,
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        v: TensorMut<'_>,
+        buf: TensorMut<'_>,
+        hp: RmsProp,
+    ) -> Result<()> {
+        self.rmsprop_impl(param, grad, v, buf, hp)
     }
 }

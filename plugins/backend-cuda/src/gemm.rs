@@ -4,12 +4,28 @@
 //! row-major product `C = op(A) op(B)` ([m, n]) is computed as the column-major product
 //! `C^T = op(B)^T op(A)^T` ([n, m], ldc = n): cuBLAS's first operand is our `b`, its
 //! second our `a`, and each is transposed exactly when the engine's flag says so.
+//!
+//! Precision: f32 products run in f32 (`CUBLAS_COMPUTE_32F`); with the
+//! backend's `tf32` parameter, products whose every dimension exceeds
+//! [`TF32_MIN_DIM`] may use TF32 tensor cores. A router's products always have
+//! one dimension equal to the expert count (logits `[tokens, E]`, their weight
+//! gradient `[E, d]`, the input gradient's contraction over E), so router
+//! logits never see TF32. bf16 x bf16 products run on tensor cores with f32
+//! accumulation (`CUDA_R_16BF` operands, `CUBLAS_COMPUTE_32F`).
 
 use crate::probe::cuda_error;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 use ecdit_engine::{GemmDims, Result};
 use std::ffi::c_int;
+
+/// Products with a dimension at or below this stay full f32 even with TF32 on.
+pub const TF32_MIN_DIM: usize = 256;
+
+/// Whether a TF32 backend may run `dims` on TF32 tensor cores.
+pub fn tf32_allowed(dims: GemmDims) -> bool {
+    dims.m > TF32_MIN_DIM && dims.n > TF32_MIN_DIM && dims.k > TF32_MIN_DIM
+}
 
 fn to_c_int(what: &str, v: usize) -> Result<c_int> {
     c_int::try_from(v).map_err(|_| cuda_error(format!("gemm: {what} = {v} exceeds cuBLAS's 32-bit int")))
@@ -111,6 +127,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn router_sized_products_never_get_tf32() {
+        let (tokens, d, experts) = (8192, 1152, 64);
+        assert!(tf32_allowed(GemmDims::nt(tokens, 4 * d, d)));
+        // logits, their weight gradient, the input gradient through the router.
+        assert!(!tf32_allowed(GemmDims::nt(tokens, experts, d)));
+        assert!(!tf32_allowed(GemmDims::tn(experts, d, tokens)));
+        assert!(!tf32_allowed(GemmDims::nn(tokens, d, experts)));
+        assert!(!tf32_allowed(GemmDims::nn(TF32_MIN_DIM, 4096, 4096)));
     }
 
     #[test]

@@ -13,31 +13,39 @@
 //!   panic left inside cudarc is caught and returned as an error too.
 //! - **Device-resident.** [`Backend::alloc`] gives device memory (a cudarc slice,
 //!   [`storage::CudaStorage`]); `upload` / `download` are the only transfers, and
-//!   ops take views as device address plus byte offset, all queued on one stream.
-//!   Index checks of gather/scatter download the (small) index tensor once.
-//! - **Parity first.** Kernels (`kernels/*.cu`) are the plainest deterministic
-//!   versions; where the CPU backend's bits are the reference (axpby, adaLN,
-//!   layer norm, gather-dot, top-k) they round every operation as it does.
-//! - **Not yet on the GPU**: `router_softmax` (it returns `op router_softmax is not
-//!   implemented on the CUDA backend yet`: bit-identity with the host routers needs
-//!   the host's exact `exp` on the device). Float tensors are f32 only (bf16 storage
-//!   is refused, as is `dtype: bf16`; `copy` converts between the two).
+//!   every op of the trait runs on the device (none falls back to the host),
+//!   queued on one stream. No op waits for the host: scratch is stream-ordered,
+//!   routing (`router_softmax`, `top_k_tokens`) has static shapes, and row indices
+//!   are checked by the kernels, a bad one reported at the next download
+//!   ([`status`]).
+//! - **f32 and bf16 storage.** Every float op takes f32 or bf16 tensors in any
+//!   mix (the kernels load and store through a dtype tag, arithmetic in f32);
+//!   bf16 x bf16 products run on tensor cores with f32 accumulation. Router math
+//!   and optimiser state are f32, as on the CPU. TF32 (`tf32: true`) is an
+//!   option for large f32 products only, never a router's ([`gemm`]).
+//! - **Parity first.** Kernels (`kernels/*.cu`) are plain and deterministic;
+//!   where the CPU backend's bits are the reference (element-wise ops, adaLN,
+//!   layer norm, softmax, gather/scatter, top-k, optimisers) they round every
+//!   operation as it does and sum in its order, and the router softmax uses the
+//!   host's exact `exp` ([`exact`]), so device and host routing agree to the bit.
 #![warn(missing_docs)]
 
 pub mod backend;
-mod device;
+pub mod device;
+pub mod exact;
 pub mod gemm;
 pub mod kernels;
 mod memory;
 mod ops;
 pub mod probe;
+pub mod status;
 pub mod storage;
 
 pub use backend::CudaBackend;
 pub use probe::{probe_driver, DRIVER_LIBRARIES};
 
 use ecdit_engine::spec::get;
-use ecdit_engine::{Backend, ComponentInfo, EngineError, Family, ParamInfo, ParamType, Registry, Result};
+use ecdit_engine::{Backend, ComponentInfo, DType, Family, ParamInfo, ParamType, Registry, Result};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -58,7 +66,7 @@ pub fn param_infos() -> Vec<ParamInfo> {
             "dtype",
             ParamType::Choice(vec!["f32".into(), "bf16".into()]),
             Some(json!("f32")),
-            "storage type of activations and weights (bf16 not yet implemented)",
+            "storage type models should prefer for activations and weights (both are supported)",
         ),
     ]
 }
@@ -82,15 +90,11 @@ pub fn register(registry: &mut Registry) -> Result<()> {
             let device: usize = get(COMPONENT, params, "device")?;
             let tf32: bool = get(COMPONENT, params, "tf32")?;
             let dtype: String = get(COMPONENT, params, "dtype")?;
-            if dtype != "f32" {
-                return Err(EngineError::param(
-                    COMPONENT,
-                    "dtype",
-                    format!("\"{dtype}\""),
-                    "only f32 is implemented on cuda so far",
-                ));
-            }
-            Ok(Box::new(CudaBackend::new(device, tf32)?) as Box<dyn Backend>)
+            let dtype = match dtype.as_str() {
+                "bf16" => DType::BF16,
+                _ => DType::F32,
+            };
+            Ok(Box::new(CudaBackend::with_dtype(device, tf32, dtype)?) as Box<dyn Backend>)
         }),
     )
 }

@@ -2,8 +2,9 @@
 //! the driver's copies on the backend's stream.
 
 use crate::backend::CudaBackend;
-use crate::device::dev_ptr;
+use crate::device::raw_ptr;
 use crate::probe::cuda_error;
+use crate::status;
 use crate::storage::CudaStorage;
 use cudarc::driver::PushKernelArg;
 use cudarc::driver::{result, sys};
@@ -27,7 +28,7 @@ impl CudaBackend {
     pub(crate) fn upload_impl(&self, dst: TensorMut<'_>, src: &[u8]) -> Result<()> {
         let op = "upload";
         check_bytes(op, src.len(), dst.byte_len())?;
-        let ptr = dev_ptr(op, "dst", dst.as_ref(), dst.dtype())?;
+        let ptr = raw_ptr(op, dst.as_ref())?;
         if src.is_empty() {
             return Ok(());
         }
@@ -40,32 +41,52 @@ impl CudaBackend {
         })
     }
 
-    /// A view's bytes to the host; waits for the stream.
+    /// A view's bytes to the host; waits for the stream. The status words
+    /// come back with the data: a bad index flagged since the last download
+    /// makes this an error (see [`crate::status`]).
     pub(crate) fn download_bytes(&self, op: &str, dst: &mut [u8], src: TensorRef<'_>) -> Result<()> {
         check_bytes(op, dst.len(), src.byte_len())?;
-        let ptr = dev_ptr(op, "src", src, src.dtype())?;
-        if dst.is_empty() {
-            return Ok(());
-        }
+        let ptr = raw_ptr(op, src)?;
         self.run(op, || {
-            // SAFETY: as in `upload_impl`; the synchronize below completes the
-            // copy before `dst` is handed back.
-            unsafe { result::memcpy_dtoh_async(dst, ptr, self.stream().cu_stream()) }
-                .map_err(|e| cuda_error(format!("{op}: device-to-host copy: {e}")))?;
-            self.stream()
-                .synchronize()
-                .map_err(|e| cuda_error(format!("{op}: synchronize: {e}")))
+            if !dst.is_empty() {
+                // SAFETY: `ptr` addresses `dst.len()` bytes of a live buffer (the
+                // view was bounds-checked when made); the synchronize in
+                // `check_status` completes the copy before `dst` is handed back.
+                unsafe { result::memcpy_dtoh_async(dst, ptr, self.stream().cu_stream()) }
+                    .map_err(|e| cuda_error(format!("{op}: device-to-host copy: {e}")))?;
+            }
+            self.check_status(op)
         })
+    }
+
+    /// Waits for the stream, then reads and clears the status words.
+    pub(crate) fn check_status(&self, op: &str) -> Result<()> {
+        let mut words = [0u32; status::WORDS];
+        let stream = self.stream().cu_stream();
+        // SAFETY: the status allocation holds `status::WORDS` u32 words; the
+        // synchronize below completes the copy before `words` is read.
+        unsafe { result::memcpy_dtoh_async(&mut words[..], self.status_ptr(), stream) }
+            .map_err(|e| cuda_error(format!("{op}: reading the status words: {e}")))?;
+        self.stream()
+            .synchronize()
+            .map_err(|e| cuda_error(format!("{op}: synchronize: {e}")))?;
+        match status::error(words) {
+            None => Ok(()),
+            Some(e) => {
+                // SAFETY: as above; cleared in stream order.
+                unsafe { sys::cuMemsetD32Async(self.status_ptr(), 0, status::WORDS, stream) }
+                    .result()
+                    .map_err(|e| cuda_error(format!("{op}: clearing the status words: {e}")))?;
+                Err(e)
+            }
+        }
     }
 
     /// Device-to-device copy, converting between f32 and bf16.
     pub(crate) fn copy_impl(&self, dst: TensorMut<'_>, src: TensorRef<'_>) -> Result<()> {
         let op = "copy";
         dst.expect_len(op, "dst", src.numel())?;
-        let (d, s) = (
-            dev_ptr(op, "dst", dst.as_ref(), dst.dtype())?,
-            dev_ptr(op, "src", src, src.dtype())?,
-        );
+        let (d, s) = (raw_ptr(op, dst.as_ref())?, raw_ptr(op, src)?);
         let n = src.numel() as u64;
         if n == 0 {
             return Ok(());
@@ -98,7 +119,7 @@ impl CudaBackend {
     /// Every element of a float view set to `value`.
     pub(crate) fn fill_impl(&self, dst: TensorMut<'_>, value: f32) -> Result<()> {
         let op = "fill";
-        let ptr = dev_ptr(op, "dst", dst.as_ref(), dst.dtype())?;
+        let ptr = raw_ptr(op, dst.as_ref())?;
         let n = dst.numel();
         if n == 0 && dst.dtype().is_float() {
             return Ok(());

@@ -1,7 +1,7 @@
 //! adaLN ops: modulate and the gated residual, with their backward.
 
 use crate::backend::CudaBackend;
-use crate::device::{f32_ptr, numel};
+use crate::device::{numel, ten};
 use cudarc::driver::PushKernelArg;
 use ecdit_engine::error::check_len;
 use ecdit_engine::{EngineError, ModChunks, Result, RowDims, TensorMut, TensorRef};
@@ -65,9 +65,9 @@ impl CudaBackend {
         check_len(op, "inp", inp.numel(), act)?;
         check_len(op, "modulation", modulation.numel(), modl)?;
         let (o, i, m) = (
-            f32_ptr(op, "out", out.as_ref())?,
-            f32_ptr(op, "inp", inp)?,
-            f32_ptr(op, "modulation", modulation)?,
+            ten(op, "out", out.as_ref())?,
+            ten(op, "inp", inp)?,
+            ten(op, "modulation", modulation)?,
         );
         let s = sizes(which, dims);
         self.run(op, || {
@@ -105,11 +105,11 @@ impl CudaBackend {
         check_len(op, "inp", inp.numel(), act)?;
         check_len(op, "modulation", modulation.numel(), modl)?;
         let (di, dm, d, i, m) = (
-            f32_ptr(op, "dinp", dinp.as_ref())?,
-            f32_ptr(op, "dmodulation", dmodulation.as_ref())?,
-            f32_ptr(op, "dout", dout)?,
-            f32_ptr(op, "inp", inp)?,
-            f32_ptr(op, "modulation", modulation)?,
+            ten(op, "dinp", dinp.as_ref())?,
+            ten(op, "dmodulation", dmodulation.as_ref())?,
+            ten(op, "dout", dout)?,
+            ten(op, "inp", inp)?,
+            ten(op, "modulation", modulation)?,
         );
         let s = sizes(which, dims);
         self.run(op, || {
@@ -152,9 +152,9 @@ impl CudaBackend {
         check_len(op, "y", y.numel(), act)?;
         check_len(op, "modulation", modulation.numel(), modl)?;
         let (xp, yp, m) = (
-            f32_ptr(op, "x", x.as_ref())?,
-            f32_ptr(op, "y", y)?,
-            f32_ptr(op, "modulation", modulation)?,
+            ten(op, "x", x.as_ref())?,
+            ten(op, "y", y)?,
+            ten(op, "modulation", modulation)?,
         );
         let s = sizes(which, dims);
         self.run(op, || {
@@ -191,11 +191,11 @@ impl CudaBackend {
         check_len(op, "y", y.numel(), act)?;
         check_len(op, "modulation", modulation.numel(), modl)?;
         let (dyp, dm, dxp, yp, m) = (
-            f32_ptr(op, "dy", dy.as_ref())?,
-            f32_ptr(op, "dmodulation", dmodulation.as_ref())?,
-            f32_ptr(op, "dx", dx)?,
-            f32_ptr(op, "y", y)?,
-            f32_ptr(op, "modulation", modulation)?,
+            ten(op, "dy", dy.as_ref())?,
+            ten(op, "dmodulation", dmodulation.as_ref())?,
+            ten(op, "dx", dx)?,
+            ten(op, "y", y)?,
+            ten(op, "modulation", modulation)?,
         );
         let s = sizes(which, dims);
         self.run(op, || {

@@ -1,12 +1,17 @@
-//! Grouped-query attention (forward with or without probabilities, backward
-//! from the cached probabilities) on the plain kernels of `kernels/attention.cu`.
+//! Grouped-query attention on the kernels of `kernels/attention.cu`: a fused
+//! inference kernel that keeps no probabilities (one warp per query row,
+//! online softmax), and the training pair (probabilities, then their product
+//! with the values) with its backward from the cached probabilities.
 
 use crate::backend::CudaBackend;
-use crate::device::{dev_ptr, f32_ptr, numel};
-use crate::probe::cuda_error;
+use crate::device::{dev_ptr, numel, ten, DevTen};
 use cudarc::driver::{DevicePtr, DeviceRepr, PushKernelArg};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{AttnDims, DType, EngineError, Result, TensorMut, TensorRef};
+
+/// Head dims the fused inference kernel takes (`32 * ATTN_LANE_CHANNELS`);
+/// beyond, inference runs the training pair over scratch probabilities.
+pub const FUSED_MAX_HEAD_DIM: usize = 256;
 
 /// The kernels' `AttnDims` struct (six 64-bit sizes, passed by value).
 #[repr(C)]
@@ -58,6 +63,11 @@ fn scale(d: &AttnDims) -> f32 {
     1.0 / (d.head_dim.max(1) as f32).sqrt()
 }
 
+/// Threads of a warp-per-query-row kernel.
+fn warps(d: &AttnDims) -> usize {
+    (d.batch * d.heads * d.q_len).saturating_mul(32)
+}
+
 impl CudaBackend {
     /// `out = softmax(scale q k^T + mask) v`, probabilities kept when `probs` is given.
     #[allow(clippy::too_many_arguments)]
@@ -84,13 +94,13 @@ impl CudaBackend {
             check_len(op, "key_mask", m.numel(), nm)?;
         }
         let (o, qp, kp, vp) = (
-            f32_ptr(op, "out", out.as_ref())?,
-            f32_ptr(op, "q", q)?,
-            f32_ptr(op, "k", k)?,
-            f32_ptr(op, "v", v)?,
+            ten(op, "out", out.as_ref())?,
+            ten(op, "q", q)?,
+            ten(op, "k", k)?,
+            ten(op, "v", v)?,
         );
         let pp = match &probs {
-            Some(p) => Some(f32_ptr(op, "probs", p.as_ref())?),
+            Some(p) => Some(ten(op, "probs", p.as_ref())?),
             None => None,
         };
         let (mp, has_mask) = match key_mask {
@@ -102,22 +112,8 @@ impl CudaBackend {
             return self.fill_impl(out.reborrow(), 0.0);
         }
         let (dd, sc) = (DevAttnDims::from(d), scale(&d));
-        self.run(op, || match pp {
-            Some(pp) => {
-                let mut args = self.stream().launch_builder(&self.kernels().attention_probs);
-                args.arg(&pp)
-                    .arg(&qp)
-                    .arg(&kp)
-                    .arg(&mp)
-                    .arg(&has_mask)
-                    .arg(&dd)
-                    .arg(&sc);
-                self.launch(op, d.batch * d.heads * d.q_len, args)?;
-                let mut args = self.stream().launch_builder(&self.kernels().attention_apply);
-                args.arg(&o).arg(&pp).arg(&vp).arg(&dd);
-                self.launch(op, nq, args)
-            }
-            None => {
+        self.run(op, || {
+            if pp.is_none() && d.head_dim <= FUSED_MAX_HEAD_DIM {
                 let mut args = self.stream().launch_builder(&self.kernels().attention_infer);
                 args.arg(&o)
                     .arg(&qp)
@@ -127,8 +123,29 @@ impl CudaBackend {
                     .arg(&has_mask)
                     .arg(&dd)
                     .arg(&sc);
-                self.launch(op, d.batch * d.q_len * d.heads, args)
+                return self.launch(op, warps(&d), args);
             }
+            // Probabilities into the caller's tensor, or into f32 scratch.
+            let (pt, _scratch) = match pp {
+                Some(p) => (p, None),
+                None => {
+                    let s = self.scratch_f32(op, np)?;
+                    let ptr = s.device_ptr(self.stream()).0;
+                    (DevTen::f32(ptr), Some(s))
+                }
+            };
+            let mut args = self.stream().launch_builder(&self.kernels().attention_probs);
+            args.arg(&pt)
+                .arg(&qp)
+                .arg(&kp)
+                .arg(&mp)
+                .arg(&has_mask)
+                .arg(&dd)
+                .arg(&sc);
+            self.launch(op, warps(&d), args)?;
+            let mut args = self.stream().launch_builder(&self.kernels().attention_apply);
+            args.arg(&o).arg(&pt).arg(&vp).arg(&dd);
+            self.launch(op, nq, args)
         })
     }
 
@@ -157,16 +174,16 @@ impl CudaBackend {
         check_len(op, "k", k.numel(), nkv)?;
         check_len(op, "v", v.numel(), nkv)?;
         let (dqp, dkp, dvp) = (
-            f32_ptr(op, "dq", dq.as_ref())?,
-            f32_ptr(op, "dk", dk.as_ref())?,
-            f32_ptr(op, "dv", dv.as_ref())?,
+            ten(op, "dq", dq.as_ref())?,
+            ten(op, "dk", dk.as_ref())?,
+            ten(op, "dv", dv.as_ref())?,
         );
         let (gp, pp, qp, kp, vp) = (
-            f32_ptr(op, "dout", dout)?,
-            f32_ptr(op, "probs", probs)?,
-            f32_ptr(op, "q", q)?,
-            f32_ptr(op, "k", k)?,
-            f32_ptr(op, "v", v)?,
+            ten(op, "dout", dout)?,
+            ten(op, "probs", probs)?,
+            ten(op, "q", q)?,
+            ten(op, "k", k)?,
+            ten(op, "v", v)?,
         );
         if np == 0 {
             self.fill_impl(dq.reborrow(), 0.0)?;
@@ -176,33 +193,18 @@ impl CudaBackend {
         let (dd, sc) = (DevAttnDims::from(d), scale(&d));
         let rows = d.batch * d.heads * d.q_len;
         self.run(op, || {
-            // Per query row: sum_j p_j dp_j, read by the key-row pass.
-            let delta = self
-                .stream()
-                .alloc_zeros::<f32>(rows)
-                .map_err(|e| cuda_error(format!("{op}: scratch of {rows} floats: {e}")))?;
-            let (dl, _record) = delta.device_ptr(self.stream());
-            let mut args = self.stream().launch_builder(&self.kernels().attention_backward_dq);
-            args.arg(&dqp)
-                .arg(&dl)
-                .arg(&gp)
-                .arg(&pp)
-                .arg(&kp)
-                .arg(&vp)
-                .arg(&dd)
-                .arg(&sc);
+            // The score gradients ds [B, H, Tq, Tk] in f32 scratch.
+            let ds = self.scratch_f32(op, np)?;
+            let dsp = ds.device_ptr(self.stream()).0;
+            let mut args = self.stream().launch_builder(&self.kernels().attention_backward_ds);
+            args.arg(&dsp).arg(&gp).arg(&pp).arg(&vp).arg(&dd).arg(&sc);
             self.launch(op, rows, args)?;
+            let mut args = self.stream().launch_builder(&self.kernels().attention_backward_dq);
+            args.arg(&dqp).arg(&dsp).arg(&kp).arg(&dd);
+            self.launch(op, nq, args)?;
             let mut args = self.stream().launch_builder(&self.kernels().attention_backward_dkv);
-            args.arg(&dkp)
-                .arg(&dvp)
-                .arg(&dl)
-                .arg(&gp)
-                .arg(&pp)
-                .arg(&qp)
-                .arg(&vp)
-                .arg(&dd)
-                .arg(&sc);
-            self.launch(op, d.batch * d.kv_len * d.kv_heads, args)
+            args.arg(&dkp).arg(&dvp).arg(&dsp).arg(&gp).arg(&pp).arg(&qp).arg(&dd);
+            self.launch(op, nkv, args)
         })
     }
 }

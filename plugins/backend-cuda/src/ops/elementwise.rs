@@ -1,10 +1,10 @@
-//! Element-wise ops: broadcast add, axpby, activations, AdamW.
+//! Element-wise ops: broadcast add, axpby, activations, the optimiser steps.
 
 use crate::backend::CudaBackend;
-use crate::device::f32_ptr;
+use crate::device::{f32_ptr, ten};
 use cudarc::driver::PushKernelArg;
 use ecdit_engine::error::check_len;
-use ecdit_engine::{AdamW, EngineError, Result, TensorMut, TensorRef, Unary};
+use ecdit_engine::{AdamW, EngineError, Result, RmsProp, TensorMut, TensorRef, Unary};
 
 fn unary_code(op: Unary) -> i32 {
     match op {
@@ -17,7 +17,7 @@ impl CudaBackend {
     /// `out[i] += inp[i % inp.len()]`.
     pub(crate) fn add_broadcast_impl(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         let op = "add_broadcast";
-        let (o, i) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "inp", inp)?);
+        let (o, i) = (ten(op, "out", out.as_ref())?, ten(op, "inp", inp)?);
         let (n, len) = (out.numel(), inp.numel());
         if n == 0 {
             return Ok(());
@@ -41,7 +41,7 @@ impl CudaBackend {
     pub(crate) fn axpby_impl(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> Result<()> {
         let op = "axpby";
         check_len(op, "x", x.numel(), y.numel())?;
-        let (yp, xp) = (f32_ptr(op, "y", y.as_ref())?, f32_ptr(op, "x", x)?);
+        let (yp, xp) = (ten(op, "y", y.as_ref())?, ten(op, "x", x)?);
         let n = y.numel() as u64;
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().axpby);
@@ -54,7 +54,7 @@ impl CudaBackend {
     pub(crate) fn unary_impl(&self, act: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         let op = "unary";
         check_len(op, "out", out.numel(), inp.numel())?;
-        let (o, i) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "inp", inp)?);
+        let (o, i) = (ten(op, "out", out.as_ref())?, ten(op, "inp", inp)?);
         let (n, code) = (inp.numel() as u64, unary_code(act));
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().unary_forward);
@@ -75,9 +75,9 @@ impl CudaBackend {
         check_len(op, "dinp", dinp.numel(), inp.numel())?;
         check_len(op, "dout", dout.numel(), inp.numel())?;
         let (di, d, i) = (
-            f32_ptr(op, "dinp", dinp.as_ref())?,
-            f32_ptr(op, "dout", dout)?,
-            f32_ptr(op, "inp", inp)?,
+            ten(op, "dinp", dinp.as_ref())?,
+            ten(op, "dout", dout)?,
+            ten(op, "inp", inp)?,
         );
         let (n, code) = (inp.numel() as u64, unary_code(act));
         self.run(op, || {
@@ -87,7 +87,8 @@ impl CudaBackend {
         })
     }
 
-    /// One AdamW step; f32 parameter (no bf16 master weights here yet).
+    /// One AdamW step on f32 tensors, the CPU backend's arithmetic (bias
+    /// corrections in f64 on the host, rounded to f32).
     pub(crate) fn adamw_impl(
         &self,
         param: TensorMut<'_>,
@@ -103,7 +104,7 @@ impl CudaBackend {
         check_len(op, "m", m.numel(), n)?;
         check_len(op, "v", v.numel(), n)?;
         if step == 0 {
-            return Err(EngineError::Other(format!("{op}: step must count from 1, got 0")));
+            return Err(EngineError::param(op, "step", step, "steps count from 1"));
         }
         let (p, g, mp, vp) = (
             f32_ptr(op, "param", param.as_ref())?,
@@ -111,10 +112,11 @@ impl CudaBackend {
             f32_ptr(op, "m", m.as_ref())?,
             f32_ptr(op, "v", v.as_ref())?,
         );
-        // Bias corrections in f64 on the host: beta^step underflows gracefully there.
-        let exp = i32::try_from(step).unwrap_or(i32::MAX);
-        let bc1 = (1.0 - (hp.beta1 as f64).powi(exp)) as f32;
-        let bc2 = (1.0 - (hp.beta2 as f64).powi(exp)) as f32;
+        let t = step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
+        let bc2_sqrt = (1.0 - (hp.beta2 as f64).powi(t)).sqrt() as f32;
+        let step_size = (hp.lr as f64 / bc1) as f32;
+        let decay = 1.0 - hp.lr * hp.weight_decay;
         let n64 = n as u64;
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().adamw_step);
@@ -123,13 +125,49 @@ impl CudaBackend {
                 .arg(&vp)
                 .arg(&g)
                 .arg(&n64)
-                .arg(&hp.lr)
                 .arg(&hp.beta1)
                 .arg(&hp.beta2)
                 .arg(&hp.eps)
-                .arg(&hp.weight_decay)
-                .arg(&bc1)
-                .arg(&bc2);
+                .arg(&decay)
+                .arg(&step_size)
+                .arg(&bc2_sqrt);
+            self.launch(op, n, args)
+        })
+    }
+
+    /// One RMSProp-with-momentum step on f32 tensors ([`RmsProp::update`] per element).
+    pub(crate) fn rmsprop_impl(
+        &self,
+        param: TensorMut<'_>,
+        grad: TensorRef<'_>,
+        v: TensorMut<'_>,
+        buf: TensorMut<'_>,
+        hp: RmsProp,
+    ) -> Result<()> {
+        let op = "rmsprop_step";
+        let n = param.numel();
+        check_len(op, "grad", grad.numel(), n)?;
+        check_len(op, "v", v.numel(), n)?;
+        check_len(op, "buf", buf.numel(), n)?;
+        let (p, g, vp, bp) = (
+            f32_ptr(op, "param", param.as_ref())?,
+            f32_ptr(op, "grad", grad)?,
+            f32_ptr(op, "v", v.as_ref())?,
+            f32_ptr(op, "buf", buf.as_ref())?,
+        );
+        let n64 = n as u64;
+        self.run(op, || {
+            let mut args = self.stream().launch_builder(&self.kernels().rmsprop_step);
+            args.arg(&p)
+                .arg(&vp)
+                .arg(&bp)
+                .arg(&g)
+                .arg(&n64)
+                .arg(&hp.lr)
+                .arg(&hp.alpha)
+                .arg(&hp.eps)
+                .arg(&hp.momentum)
+                .arg(&hp.weight_decay);
             self.launch(op, n, args)
         })
     }

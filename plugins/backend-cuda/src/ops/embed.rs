@@ -1,9 +1,7 @@
 //! Embedding ops: patchify, unpatchify, timestep features.
 
 use crate::backend::CudaBackend;
-use crate::device::{f32_ptr, numel};
-use crate::probe::cuda_error;
-use cudarc::driver::DevicePtr;
+use crate::device::{numel, ten};
 use cudarc::driver::PushKernelArg;
 use ecdit_engine::error::check_len;
 use ecdit_engine::{EngineError, PatchDims, Result, TensorMut, TensorRef};
@@ -27,7 +25,7 @@ impl CudaBackend {
         let len = check_patch(op, &d)?;
         check_len(op, "out", out.numel(), len)?;
         check_len(op, "inp", inp.numel(), len)?;
-        let (o, i) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "inp", inp)?);
+        let (o, i) = (ten(op, "out", out.as_ref())?, ten(op, "inp", inp)?);
         let (b, c, h, w, p, cf) = (
             d.batch as u64,
             d.channels as u64,
@@ -48,9 +46,9 @@ impl CudaBackend {
         })
     }
 
-    /// DiT's sinusoidal timestep features. The frequencies are computed on the
-    /// host exactly as the CPU backend does and uploaded (`dim / 2` floats);
-    /// the device's `cosf`/`sinf` may differ from the host's in the last bits.
+    /// DiT's sinusoidal timestep features, all on the device: the
+    /// frequencies with the host's exact `exp` (the CPU backend's bits), cos
+    /// and sin in double rounded once (so within an ulp of the host's).
     pub(crate) fn timestep_features_impl(
         &self,
         out: TensorMut<'_>,
@@ -68,26 +66,24 @@ impl CudaBackend {
                 "must be a positive finite number",
             ));
         }
-        let (o, tp) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "t", t)?);
+        let (o, tp) = (ten(op, "out", out.as_ref())?, ten(op, "t", t)?);
         if out.numel() == 0 {
             return Ok(());
         }
         let half = dim / 2;
+        // The CPU backend's scale, computed the same way on the host.
         let scale = -((max_period as f64).ln()) as f32;
-        // At least one element: CUDA allocates no zero-sized memory.
-        let mut freqs: Vec<f32> = (0..half).map(|i| (scale * i as f32 / half as f32).exp()).collect();
-        if freqs.is_empty() {
-            freqs.push(0.0);
-        }
         let (batch, dim64, half64) = (t.numel() as u64, dim as u64, half as u64);
+        let fma = crate::exact::host_uses_fma() as i32;
         self.run(op, || {
-            let dev = self
-                .stream()
-                .clone_htod(&freqs)
-                .map_err(|e| cuda_error(format!("{op}: uploading the frequencies: {e}")))?;
-            let (f, _record) = dev.device_ptr(self.stream());
             let mut args = self.stream().launch_builder(&self.kernels().timestep_features);
-            args.arg(&o).arg(&tp).arg(&f).arg(&batch).arg(&dim64).arg(&half64);
+            args.arg(&o)
+                .arg(&tp)
+                .arg(&batch)
+                .arg(&dim64)
+                .arg(&half64)
+                .arg(&scale)
+                .arg(&fma);
             self.launch(op, out.numel(), args)
         })
     }

@@ -1,8 +1,12 @@
-//! Row gather, scatter-add and gather-dot (MoE dispatch, combine, gate gradient).
+//! Row gather, scatter-add and gather-dot (MoE dispatch, combine, gate
+//! gradient). Indices stay on the device: an index out of range is skipped by
+//! the kernels and reported at the next download ([`crate::status`]), so
+//! none of these ops waits for the host.
 
 use crate::backend::CudaBackend;
-use crate::device::{dev_ptr, f32_ptr, numel};
-use cudarc::driver::PushKernelArg;
+use crate::device::{dev_ptr, numel, opt_ten, ten};
+use crate::probe::cuda_error;
+use cudarc::driver::{DevicePtr, PushKernelArg};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{DType, EngineError, Result, TensorMut, TensorRef};
 
@@ -42,23 +46,25 @@ impl CudaBackend {
         check_len(op, "out", out.numel(), numel(op, &[n_idx, cols])?)?;
         let rows = rows_of(op, "inp", inp.numel(), cols)?;
         let (o, i, ix) = (
-            f32_ptr(op, "out", out.as_ref())?,
-            f32_ptr(op, "inp", inp)?,
+            ten(op, "out", out.as_ref())?,
+            ten(op, "inp", inp)?,
             dev_ptr(op, "idx", idx, DType::U32)?,
         );
         if out.numel() == 0 {
             return Ok(());
         }
-        self.check_indices(op, idx, rows)?;
-        let (n64, c64, r64) = (n_idx as u64, cols as u64, rows as u64);
+        let (n64, c64, r64, st) = (n_idx as u64, cols as u64, rows as u64, self.status_ptr());
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().gather_rows);
-            args.arg(&o).arg(&i).arg(&ix).arg(&n64).arg(&c64).arg(&r64);
+            args.arg(&o).arg(&i).arg(&ix).arg(&n64).arg(&c64).arg(&r64).arg(&st);
             self.launch(op, n_idx * cols, args)
         })
     }
 
-    /// `out[idx[i], :] += scale[i] * inp[i, :]`, indices in order.
+    /// `out[idx[i], :] += scale[i] * inp[i, :]`, each row's sources in
+    /// increasing `i`: a stable counting sort of the sources by destination
+    /// row (count, scan, place, sort each row's run), then one thread per
+    /// output element. Deterministic, parallel over rows and columns.
     pub(crate) fn scatter_add_rows_impl(
         &self,
         out: TensorMut<'_>,
@@ -75,31 +81,55 @@ impl CudaBackend {
         }
         let rows = rows_of(op, "out", out.numel(), cols)?;
         let (o, i, ix) = (
-            f32_ptr(op, "out", out.as_ref())?,
-            f32_ptr(op, "inp", inp)?,
+            ten(op, "out", out.as_ref())?,
+            ten(op, "inp", inp)?,
             dev_ptr(op, "idx", idx, DType::U32)?,
         );
-        // The kernel always takes a scale pointer; unused when absent.
-        let (sp, has_scale) = match scale {
-            Some(s) => (f32_ptr(op, "scale", s)?, 1i32),
-            None => (0u64, 0i32),
-        };
+        let (sp, has_scale) = opt_ten(op, "scale", scale)?;
         if inp.numel() == 0 {
             return Ok(());
         }
-        self.check_indices(op, idx, rows)?;
-        let (n64, c64, r64) = (n_idx as u64, cols as u64, rows as u64);
+        if u32::try_from(n_idx).is_err() {
+            return Err(EngineError::shape(op, "at most 2^32 - 1 indices", n_idx));
+        }
+        let (n64, c64, r64, st) = (n_idx as u64, cols as u64, rows as u64, self.status_ptr());
         self.run(op, || {
-            let mut args = self.stream().launch_builder(&self.kernels().scatter_add_rows);
+            let scratch = |n: usize| {
+                self.stream()
+                    .alloc_zeros::<u32>(n.max(1))
+                    .map_err(|e| cuda_error(format!("{op}: scratch of {n} u32: {e}")))
+            };
+            let (count, start, fill, order) = (scratch(rows)?, scratch(rows + 1)?, scratch(rows)?, scratch(n_idx)?);
+            let s = self.stream();
+            let (cp, sp0, fp, op_) = (
+                count.device_ptr(s).0,
+                start.device_ptr(s).0,
+                fill.device_ptr(s).0,
+                order.device_ptr(s).0,
+            );
+            let mut args = s.launch_builder(&self.kernels().scatter_count);
+            args.arg(&cp).arg(&ix).arg(&n64).arg(&r64).arg(&st);
+            self.launch(op, n_idx, args)?;
+            // One block scans the counts.
+            let mut args = s.launch_builder(&self.kernels().scatter_scan);
+            args.arg(&sp0).arg(&cp).arg(&r64);
+            self.launch(op, 1, args)?;
+            let mut args = s.launch_builder(&self.kernels().scatter_place);
+            args.arg(&op_).arg(&fp).arg(&sp0).arg(&ix).arg(&n64).arg(&r64);
+            self.launch(op, n_idx, args)?;
+            let mut args = s.launch_builder(&self.kernels().scatter_sort);
+            args.arg(&op_).arg(&sp0).arg(&r64);
+            self.launch(op, rows, args)?;
+            let mut args = s.launch_builder(&self.kernels().scatter_apply);
             args.arg(&o)
                 .arg(&i)
-                .arg(&ix)
+                .arg(&op_)
+                .arg(&sp0)
                 .arg(&sp)
                 .arg(&has_scale)
-                .arg(&n64)
-                .arg(&c64)
-                .arg(&r64);
-            self.launch(op, cols, args)
+                .arg(&r64)
+                .arg(&c64);
+            self.launch(op, rows * cols, args)
         })
     }
 
@@ -118,18 +148,15 @@ impl CudaBackend {
         check_len(op, "b", b.numel(), numel(op, &[n, cols])?)?;
         let rows = rows_of(op, "a", a.numel(), cols)?;
         let (o, ap, ix, bp) = (
-            f32_ptr(op, "out", out.as_ref())?,
-            f32_ptr(op, "a", a)?,
+            ten(op, "out", out.as_ref())?,
+            ten(op, "a", a)?,
             dev_ptr(op, "idx", idx, DType::U32)?,
-            f32_ptr(op, "b", b)?,
+            ten(op, "b", b)?,
         );
         if n == 0 {
             return Ok(());
         }
-        if cols > 0 {
-            self.check_indices(op, idx, rows)?;
-        }
-        let (n64, c64, r64) = (n as u64, cols as u64, rows as u64);
+        let (n64, c64, r64, st) = (n as u64, cols as u64, rows as u64, self.status_ptr());
         self.run(op, || {
             if cols == 0 {
                 // Empty dot products: zeros, whatever the indices.
@@ -138,7 +165,14 @@ impl CudaBackend {
                 return self.launch(op, n, args);
             }
             let mut args = self.stream().launch_builder(&self.kernels().gather_dot);
-            args.arg(&o).arg(&ap).arg(&ix).arg(&bp).arg(&n64).arg(&c64).arg(&r64);
+            args.arg(&o)
+                .arg(&ap)
+                .arg(&ix)
+                .arg(&bp)
+                .arg(&n64)
+                .arg(&c64)
+                .arg(&r64)
+                .arg(&st);
             self.launch(op, n, args)
         })
     }

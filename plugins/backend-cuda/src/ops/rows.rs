@@ -1,14 +1,20 @@
-//! Row ops: column sums, row softmax and its backward, layer norm and its backward.
+//! Row ops: column sums, row softmax and its backward, the router softmax,
+//! layer norm and its backward.
 
 use crate::backend::CudaBackend;
-use crate::device::{f32_ptr, numel, opt_f32_ptr};
-use cudarc::driver::PushKernelArg;
+use crate::device::{f32_ptr, numel, opt_ten, ten};
+use cudarc::driver::{DevicePtr, PushKernelArg};
 use ecdit_engine::error::check_len;
 use ecdit_engine::{Result, TensorMut, TensorRef};
 
 /// Rows per partial sum of the layer-norm parameter gradients: the CPU
 /// backend's chunking, so the sums round the same way.
 const DPARAM_CHUNK_ROWS: u64 = 64;
+
+/// Threads of a half-warp-per-row kernel (softmax, layer norm) for `rows` rows.
+fn half_warps(rows: usize) -> usize {
+    rows.saturating_mul(16)
+}
 
 fn check_opt(op: &str, what: &str, v: Option<TensorRef<'_>>, len: usize) -> Result<()> {
     match v {
@@ -30,7 +36,7 @@ impl CudaBackend {
         let op = "sum_rows";
         check_len(op, "out", out.numel(), cols)?;
         check_len(op, "inp", inp.numel(), numel(op, &[rows, cols])?)?;
-        let (o, i) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "inp", inp)?);
+        let (o, i) = (ten(op, "out", out.as_ref())?, ten(op, "inp", inp)?);
         let (r, c, acc) = (rows as u64, cols as u64, accumulate as i32);
         self.run(op, || {
             // rows = 0 runs too: the kernel writes 0 (or keeps out when accumulating).
@@ -52,7 +58,7 @@ impl CudaBackend {
         let len = numel(op, &[rows, cols])?;
         check_len(op, "out", out.numel(), len)?;
         check_len(op, "inp", inp.numel(), len)?;
-        let (o, i) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "inp", inp)?);
+        let (o, i) = (ten(op, "out", out.as_ref())?, ten(op, "inp", inp)?);
         if len == 0 {
             return Ok(());
         }
@@ -60,7 +66,7 @@ impl CudaBackend {
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().softmax_rows);
             args.arg(&o).arg(&i).arg(&r).arg(&c);
-            self.launch(op, rows, args)
+            self.launch(op, half_warps(rows), args)
         })
     }
 
@@ -79,9 +85,9 @@ impl CudaBackend {
         check_len(op, "dout", dout.numel(), len)?;
         check_len(op, "out", out.numel(), len)?;
         let (di, d, o) = (
-            f32_ptr(op, "dinp", dinp.as_ref())?,
-            f32_ptr(op, "dout", dout)?,
-            f32_ptr(op, "out", out)?,
+            ten(op, "dinp", dinp.as_ref())?,
+            ten(op, "dout", dout)?,
+            ten(op, "out", out)?,
         );
         if len == 0 {
             return Ok(());
@@ -90,6 +96,30 @@ impl CudaBackend {
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().softmax_rows_backward);
             args.arg(&di).arg(&d).arg(&o).arg(&r).arg(&c);
+            self.launch(op, rows, args)
+        })
+    }
+
+    /// The router softmax, f32, the host routers' bits.
+    pub(crate) fn router_softmax_impl(
+        &self,
+        out: TensorMut<'_>,
+        scores: TensorRef<'_>,
+        rows: usize,
+        experts: usize,
+    ) -> Result<()> {
+        let op = "router_softmax";
+        let len = numel(op, &[rows, experts])?;
+        check_len(op, "out", out.numel(), len)?;
+        check_len(op, "scores", scores.numel(), len)?;
+        let (o, s) = (f32_ptr(op, "out", out.as_ref())?, f32_ptr(op, "scores", scores)?);
+        if len == 0 {
+            return Ok(());
+        }
+        let (r, e, fma) = (rows as u64, experts as u64, crate::exact::host_uses_fma() as i32);
+        self.run(op, || {
+            let mut args = self.stream().launch_builder(&self.kernels().router_softmax);
+            args.arg(&o).arg(&s).arg(&r).arg(&e).arg(&fma);
             self.launch(op, rows, args)
         })
     }
@@ -117,12 +147,12 @@ impl CudaBackend {
         check_opt(op, "weight", weight, cols)?;
         check_opt(op, "bias", bias, cols)?;
         let (o, mu, rs, i) = (
-            f32_ptr(op, "out", out.as_ref())?,
-            f32_ptr(op, "mean", mean.as_ref())?,
-            f32_ptr(op, "rstd", rstd.as_ref())?,
-            f32_ptr(op, "inp", inp)?,
+            ten(op, "out", out.as_ref())?,
+            ten(op, "mean", mean.as_ref())?,
+            ten(op, "rstd", rstd.as_ref())?,
+            ten(op, "inp", inp)?,
         );
-        let ((w, has_w), (b, has_b)) = (opt_f32_ptr(op, "weight", weight)?, opt_f32_ptr(op, "bias", bias)?);
+        let ((w, has_w), (b, has_b)) = (opt_ten(op, "weight", weight)?, opt_ten(op, "bias", bias)?);
         let (r, c) = (rows as u64, cols as u64);
         self.run(op, || {
             let mut args = self.stream().launch_builder(&self.kernels().layer_norm);
@@ -137,7 +167,7 @@ impl CudaBackend {
                 .arg(&r)
                 .arg(&c)
                 .arg(&eps);
-            self.launch(op, rows, args)
+            self.launch(op, half_warps(rows), args)
         })
     }
 
@@ -167,15 +197,15 @@ impl CudaBackend {
         check_opt(op, "dweight", dweight.as_ref().map(|v| v.as_ref()), cols)?;
         check_opt(op, "dbias", dbias.as_ref().map(|v| v.as_ref()), cols)?;
         let (di, d, i, mu, rs) = (
-            f32_ptr(op, "dinp", dinp.as_ref())?,
-            f32_ptr(op, "dout", dout)?,
-            f32_ptr(op, "inp", inp)?,
-            f32_ptr(op, "mean", mean)?,
-            f32_ptr(op, "rstd", rstd)?,
+            ten(op, "dinp", dinp.as_ref())?,
+            ten(op, "dout", dout)?,
+            ten(op, "inp", inp)?,
+            ten(op, "mean", mean)?,
+            ten(op, "rstd", rstd)?,
         );
-        let (w, has_w) = opt_f32_ptr(op, "weight", weight)?;
-        let (dw, has_dw) = opt_f32_ptr(op, "dweight", dweight.as_ref().map(|v| v.as_ref()))?;
-        let (db, has_db) = opt_f32_ptr(op, "dbias", dbias.as_ref().map(|v| v.as_ref()))?;
+        let (w, has_w) = opt_ten(op, "weight", weight)?;
+        let (dw, has_dw) = opt_ten(op, "dweight", dweight.as_ref().map(|v| v.as_ref()))?;
+        let (db, has_db) = opt_ten(op, "dbias", dbias.as_ref().map(|v| v.as_ref()))?;
         if len == 0 {
             return Ok(());
         }
@@ -192,22 +222,33 @@ impl CudaBackend {
                 .arg(&r)
                 .arg(&c);
             self.launch(op, rows, args)?;
-            if has_dw + has_db > 0 {
-                let mut args = self.stream().launch_builder(&self.kernels().layer_norm_backward_params);
-                args.arg(&dw)
-                    .arg(&has_dw)
-                    .arg(&db)
-                    .arg(&has_db)
-                    .arg(&d)
-                    .arg(&i)
-                    .arg(&mu)
-                    .arg(&rs)
-                    .arg(&r)
-                    .arg(&c)
-                    .arg(&chunk);
-                self.launch(op, cols, args)?;
+            if has_dw + has_db == 0 {
+                return Ok(());
             }
-            Ok(())
+            // Partial sums per chunk of rows in parallel, then added in chunk order.
+            let chunks = rows.div_ceil(DPARAM_CHUNK_ROWS as usize);
+            let part = self.scratch_f32(op, 2 * chunks * cols)?;
+            let pp = part.device_ptr(self.stream()).0;
+            let mut args = self.stream().launch_builder(&self.kernels().layer_norm_dparams_partial);
+            args.arg(&pp)
+                .arg(&d)
+                .arg(&i)
+                .arg(&mu)
+                .arg(&rs)
+                .arg(&r)
+                .arg(&c)
+                .arg(&chunk);
+            self.launch(op, chunks * cols, args)?;
+            let chunks64 = chunks as u64;
+            let mut args = self.stream().launch_builder(&self.kernels().layer_norm_dparams_fold);
+            args.arg(&dw)
+                .arg(&has_dw)
+                .arg(&db)
+                .arg(&has_db)
+                .arg(&pp)
+                .arg(&chunks64)
+                .arg(&c);
+            self.launch(op, cols, args)
         })
     }
 }

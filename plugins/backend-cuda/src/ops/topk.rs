@@ -1,7 +1,7 @@
 //! Top-k selections: per row, and expert choice's per-(expert, group) selection.
 
 use crate::backend::CudaBackend;
-use crate::device::{dev_ptr, f32_ptr};
+use crate::device::{dev_ptr, f32_ptr, ten};
 use cudarc::driver::PushKernelArg;
 use ecdit_engine::backend::{check_top_k_rows, check_top_k_tokens};
 use ecdit_engine::{DType, Result, TensorMut, TensorRef};
@@ -22,8 +22,8 @@ impl CudaBackend {
         check_top_k_rows(idx.numel(), val.numel(), inp.numel(), rows, cols, k)?;
         let (ip, vp, x) = (
             dev_ptr(op, "idx", idx.as_ref(), DType::U32)?,
-            f32_ptr(op, "val", val.as_ref())?,
-            f32_ptr(op, "inp", inp)?,
+            ten(op, "val", val.as_ref())?,
+            ten(op, "inp", inp)?,
         );
         if k == 0 || rows == 0 {
             return Ok(());
