@@ -14,9 +14,9 @@ use crate::bench_forward::{matmul_peak_gflops, peak_rss_bytes, peak_shapes, with
 use crate::config::ModelConfig;
 use crate::data::{DataError, Dataset, Sample, ShapesConfig, ShapesWorld};
 use crate::info;
+use crate::limits::training_estimate;
 use crate::model::ModelResult;
 use crate::train::config::TrainConfig;
-use crate::train::run::estimate_memory;
 use crate::train::trainer::{TrainError, Trainer};
 use ecdit_engine::{Backend, EngineError, Registry};
 use rand::rngs::StdRng;
@@ -112,7 +112,7 @@ pub fn bench_train(
     let mut config = TrainConfig::for_model(cfg.clone());
     config.batch = batch;
     let other = |e: TrainError| EngineError::Other(format!("bench train: {e}"));
-    let estimate = estimate_memory(&config, registry).map_err(other)?.total();
+    let estimate = training_estimate(&config, registry)?.total();
     let captions = ShapesWorld::new(ShapesConfig::default()).map_err(|e| EngineError::Other(e.to_string()))?;
     let data = Box::new(RandomImages {
         channels: cfg.in_channels,

@@ -6,6 +6,7 @@
 //! layer. Components are named by registry specs, so any router, expert and
 //! scheduler plugs in.
 
+use crate::limits::{MAX_DEPTH, MAX_SIZE};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -143,7 +144,8 @@ impl ModelConfig {
     /// Rejects configs no model can be built from, naming the field and value:
     /// heads that do not divide the width, kv heads that do not divide the
     /// heads, a patch that does not divide the input, zero experts, a width the
-    /// 2-D sin-cos position table cannot split, and other zero sizes.
+    /// 2-D sin-cos position table cannot split, other zero sizes, and sizes
+    /// over the bounds of [`crate::limits`] (so shape products cannot overflow).
     pub fn validate(&self) -> ecdit_engine::Result<()> {
         use ecdit_engine::EngineError;
         let bad = |field: &str, value: &dyn std::fmt::Display, reason: String| {
@@ -165,6 +167,10 @@ impl ModelConfig {
         ] {
             if value == 0 {
                 return bad(field, &value, "must be at least 1".into());
+            }
+            let max = if field == "depth" { MAX_DEPTH } else { MAX_SIZE };
+            if value > max {
+                return bad(field, &value, format!("is over the limit of {max}"));
             }
         }
         if !self.input_size.is_multiple_of(self.patch_size) {
@@ -198,10 +204,21 @@ impl ModelConfig {
                 "must give a hidden width of at least 1".into(),
             );
         }
+        if self.mlp_hidden() > MAX_SIZE {
+            return bad(
+                "mlp_ratio",
+                &self.mlp_ratio,
+                format!("gives a hidden width over the limit of {MAX_SIZE}"),
+            );
+        }
         match &self.conditioning {
             Conditioning::Class { num_classes, dropout } => {
-                if *num_classes == 0 {
-                    return bad("conditioning.num_classes", num_classes, "must be at least 1".into());
+                if *num_classes == 0 || *num_classes > MAX_SIZE {
+                    return bad(
+                        "conditioning.num_classes",
+                        num_classes,
+                        format!("must be from 1 to {MAX_SIZE}"),
+                    );
                 }
                 if !(0.0..1.0).contains(dropout) {
                     return bad("conditioning.dropout", dropout, "must be in [0, 1)".into());
@@ -213,11 +230,36 @@ impl ModelConfig {
                 dropout,
                 ..
             } => {
-                if *text_dim == 0 {
-                    return bad("conditioning.text_dim", text_dim, "must be at least 1".into());
+                if *text_dim == 0 || *text_dim > MAX_SIZE {
+                    return bad(
+                        "conditioning.text_dim",
+                        text_dim,
+                        format!("must be from 1 to {MAX_SIZE}"),
+                    );
                 }
-                if *max_tokens == 0 {
-                    return bad("conditioning.max_tokens", max_tokens, "must be at least 1".into());
+                if *max_tokens == 0 || *max_tokens > MAX_SIZE {
+                    return bad(
+                        "conditioning.max_tokens",
+                        max_tokens,
+                        format!("must be from 1 to {MAX_SIZE}"),
+                    );
+                }
+                if let Some(enc) = &self.text_encoder {
+                    if enc.layers > MAX_DEPTH {
+                        return bad(
+                            "text_encoder.layers",
+                            &enc.layers,
+                            format!("is over the limit of {MAX_DEPTH}"),
+                        );
+                    }
+                    let width = enc.mlp_ratio as f64 * *text_dim as f64;
+                    if !(enc.mlp_ratio.is_finite() && enc.mlp_ratio > 0.0 && width <= MAX_SIZE as f64) {
+                        return bad(
+                            "text_encoder.mlp_ratio",
+                            &enc.mlp_ratio,
+                            format!("must be positive and give a hidden width of at most {MAX_SIZE}"),
+                        );
+                    }
                 }
                 if !(0.0..1.0).contains(dropout) {
                     return bad("conditioning.dropout", dropout, "must be in [0, 1)".into());
@@ -231,6 +273,9 @@ impl ModelConfig {
                     &moe.experts,
                     "a MoE layer needs at least 1 expert".into(),
                 );
+            }
+            if moe.experts > MAX_SIZE {
+                return bad("moe.experts", &moe.experts, format!("is over the limit of {MAX_SIZE}"));
             }
             if moe.every == 0 {
                 return bad("moe.every", &moe.every, "must be at least 1".into());

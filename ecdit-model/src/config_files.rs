@@ -27,11 +27,11 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid JSON for a `ModelConfig` (syntax, unknown or missing field).
-    #[error("bad config {path} at line {line}, column {column}: {message}")]
+    #[error("bad config {path}{}: {message}", position(*line, *column))]
     Parse {
         /// The file.
         path: PathBuf,
-        /// 1-based line of the error.
+        /// 1-based line of the error (0: not known).
         line: usize,
         /// 1-based column of the error.
         column: usize,
@@ -64,6 +64,15 @@ pub enum ConfigError {
         /// The matching files, comma-separated.
         paths: String,
     },
+}
+
+/// ` at line L, column C`, or nothing for line 0 (no position known).
+fn position(line: usize, column: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(" at line {line}, column {column}")
+    }
 }
 
 /// The config directories that exist, in search order.
@@ -107,21 +116,39 @@ pub fn list_configs(dir: &Path) -> Vec<(String, PathBuf)> {
 
 /// Reads, parses and validates one config file.
 pub fn load_config(path: &Path) -> Result<ModelConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+    let text = crate::limits::read_text_file(path).map_err(|source| ConfigError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        line: e.line(),
-        column: e.column(),
-        message: e.to_string(),
-    })?;
+    parse_config(&text, path)
+}
+
+/// Parses and validates the text of a config file; `path` names it in errors.
+pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig, ConfigError> {
+    let cfg: ModelConfig = serde_json::from_str(text).map_err(|e| parse_error(path, text, e))?;
     cfg.validate().map_err(|source| ConfigError::Invalid {
         path: path.to_path_buf(),
         source: Box::new(source),
     })?;
     Ok(cfg)
+}
+
+/// A JSON error in the config file `path` of text `text`, quoting the line
+/// it is on (serde names an unknown or missing field, not a mistyped one).
+pub fn parse_error(path: &Path, text: &str, e: serde_json::Error) -> ConfigError {
+    let quoted = match text.lines().nth(e.line().saturating_sub(1)).map(str::trim) {
+        Some(line) if !line.is_empty() && e.line() > 0 => {
+            let short: String = line.chars().take(80).collect();
+            format!(" (the line reads `{short}`)")
+        }
+        _ => String::new(),
+    };
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line: e.line(),
+        column: e.column(),
+        message: format!("{e}{quoted}"),
+    }
 }
 
 /// Whether `s` reads as a path rather than a bare config name.

@@ -113,7 +113,7 @@ pub fn param_shapes_with(registry: &Registry, cfg: &ModelConfig) -> Result<Vec<(
 
 /// Elements of a shape.
 fn numel(shape: &[usize]) -> u64 {
-    shape.iter().map(|&n| n as u64).product()
+    shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64))
 }
 
 /// How many experts an average token uses in a MoE layer (`a`), and the
@@ -212,7 +212,7 @@ impl ParamBreakdown {
         } else {
             &mut self.adaln
         };
-        *slot += n;
+        *slot = slot.saturating_add(n);
     }
 }
 
@@ -316,16 +316,18 @@ pub struct ActivationMemory {
 
 /// Activation estimate at batch `batch` (f32 buffers; see the fields).
 pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<ActivationMemory> {
+    // Counted in f64: exact below 2^53 bytes, and a config with absurd sizes
+    // gets an absurd estimate (saturating to u64::MAX) rather than an overflow.
     let (t, d, h, heads) = (
-        cfg.tokens() as u64,
-        cfg.hidden as u64,
-        cfg.mlp_hidden() as u64,
-        cfg.heads as u64,
+        cfg.tokens() as f64,
+        cfg.hidden as f64,
+        cfg.mlp_hidden() as f64,
+        cfg.heads as f64,
     );
-    let kv_dim = (cfg.kv_heads * cfg.head_dim()) as u64;
+    let kv_dim = (cfg.kv_heads * cfg.head_dim()) as f64;
     let l = match cfg.conditioning {
-        Conditioning::Text { max_tokens, .. } => max_tokens as u64,
-        Conditioning::Class { .. } => 0,
+        Conditioning::Text { max_tokens, .. } => max_tokens as f64,
+        Conditioning::Class { .. } => 0.0,
     };
     let moe = match &cfg.moe {
         Some(moe) => Some((moe, activation(registry, cfg, moe)?)),
@@ -334,32 +336,32 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
     // Per image, in floats. Persistent: residual stream, caption tokens.
     let persistent = t * d + l * d;
     // Self-attention: norm, q, k, v, output; training also keeps the probabilities.
-    let attn = t * d + t * (d + 2 * kv_dim) + t * d;
+    let attn = t * d + t * (d + 2.0 * kv_dim) + t * d;
     let attn_probs = heads * t * t;
     // Cross-attention: q, k, v over the caption, attention output, projection;
     // training also keeps the probabilities.
-    let (cross, cross_probs) = if l > 0 {
-        (t * d + 2 * l * kv_dim + 2 * t * d, heads * t * l)
+    let (cross, cross_probs) = if l > 0.0 {
+        (t * d + 2.0 * l * kv_dim + 2.0 * t * d, heads * t * l)
     } else {
-        (0, 0)
+        (0.0, 0.0)
     };
-    let dense_ffn = t * d + 2 * t * h + t * d;
+    let dense_ffn = t * d + 2.0 * t * h + t * d;
     // The shared block buffers: input, two norms and modulated inputs,
     // residuals after attention and cross-attention, the FFN output.
-    let block_io = 8 * t * d;
+    let block_io = 8.0 * t * d;
     let mut inference = persistent + block_io + attn + cross;
-    let (mut any_dense, mut moe_set) = (false, 0u64);
-    let mut training = 0u64;
+    let (mut any_dense, mut moe_set) = (false, 0.0f64);
+    let mut training = 0.0f64;
     for i in 0..cfg.depth {
         // Block input, two normalised+modulated inputs, attention, cross-attention.
-        let mut block = 3 * t * d + attn + attn_probs + cross + cross_probs;
+        let mut block = 3.0 * t * d + attn + attn_probs + cross + cross_probs;
         match &moe {
             Some((moe, act)) if moe.is_moe_block(i) => {
-                let rows = act.expert_rows_per_image.ceil() as u64;
+                let rows = act.expert_rows_per_image.ceil();
                 // Input, router scores and probabilities, gathered rows, fc1
                 // pre/post GELU, expert outputs, and the combined output
                 // (`MoeLayer::forward` writes it while its input is borrowed).
-                let moe_live = 2 * t * d + 2 * t * moe.experts as u64 + rows * (d + 2 * h + d);
+                let moe_live = 2.0 * t * d + 2.0 * t * moe.experts as f64 + rows * (d + 2.0 * h + d);
                 moe_set = moe_set.max(moe_live);
                 block += moe_live;
             }
@@ -371,18 +373,19 @@ pub fn activation_memory(registry: &Registry, cfg: &ModelConfig, batch: usize) -
         training += block;
     }
     inference += moe_set;
-    let bytes = |floats: u64| floats * batch as u64 * 4;
+    let bytes = |floats: f64| floats * batch as f64 * 4.0;
     // The dense MLP's input and output per image; its hidden buffers hold one
     // chunk of rows whatever the batch.
     let dense_inference = if any_dense {
-        bytes(2 * t * d) + 4 * 2 * h * crate::model::chunk_rows(batch, t as usize) as u64
+        bytes(2.0 * t * d) + 4.0 * 2.0 * h * crate::model::chunk_rows(batch, cfg.tokens()) as f64
     } else {
-        0
+        0.0
     };
     Ok(ActivationMemory {
         batch,
-        inference_bytes: bytes(inference) + dense_inference,
-        training_bytes: bytes(training),
+        // `as` saturates: an estimate past u64 reads as u64::MAX.
+        inference_bytes: (bytes(inference) + dense_inference) as u64,
+        training_bytes: bytes(training) as u64,
     })
 }
 
@@ -507,27 +510,28 @@ pub fn report(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<In
     let mut breakdown = ParamBreakdown::default();
     let (mut total, mut fixed, mut expert_bias) = (0u64, 0u64, 0u64);
     for (name, shape) in &shapes {
+        // Saturating: a config with absurd sizes reports absurd counts, never overflows.
         let n = numel(shape);
-        total += n;
+        total = total.saturating_add(n);
         breakdown.add(name, n);
         if FIXED_PARAMS.contains(&name.as_str()) {
-            fixed += n;
+            fixed = fixed.saturating_add(n);
         }
         if name.contains(".moe.experts.") && name.ends_with(".bias") {
-            expert_bias += n;
+            expert_bias = expert_bias.saturating_add(n);
         }
     }
     let dense_cfg = dense_equivalent(cfg);
     let dense: u64 = param_shapes_with(registry, &dense_cfg)?
         .iter()
         .map(|(_, s)| numel(s))
-        .sum();
+        .fold(0, u64::saturating_add);
     let (activation, activated, moe_layers, experts) = match &cfg.moe {
         Some(moe) => {
             let act = activation(registry, cfg, moe)?;
             // Experts are used a of E at a time; everything else always.
             let a_over_e = act.experts_per_token / moe.experts as f64;
-            let activated = (total - breakdown.experts) as f64 + breakdown.experts as f64 * a_over_e;
+            let activated = total.saturating_sub(breakdown.experts) as f64 + breakdown.experts as f64 * a_over_e;
             let layers = (0..cfg.depth).filter(|&i| moe.is_moe_block(i)).count();
             (Some(act), activated.round() as u64, layers, moe.experts)
         }
@@ -543,7 +547,7 @@ pub fn report(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<In
                 text::param_shapes(&te, vocab, *text_dim, *max_tokens)
                     .iter()
                     .map(|(_, s)| numel(s))
-                    .sum(),
+                    .fold(0, u64::saturating_add),
             )
         }
         Conditioning::Class { .. } => None,
@@ -554,11 +558,11 @@ pub fn report(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<In
     Ok(InfoReport {
         name: cfg.name.clone(),
         total_params: total,
-        trainable_params: total - fixed,
+        trainable_params: total.saturating_sub(fixed),
         activated_params: activated,
         dense_params: dense,
-        moe_delta: total as i64 - dense as i64,
-        activated_delta: activated as i64 - dense as i64,
+        moe_delta: (total as i64).saturating_sub(dense as i64),
+        activated_delta: (activated as i64).saturating_sub(dense as i64),
         expert_bias_params: expert_bias,
         breakdown,
         moe_layers,
@@ -569,8 +573,8 @@ pub fn report(registry: &Registry, cfg: &ModelConfig, batch: usize) -> Result<In
         flops_per_image: flops.total(),
         flops,
         dense_flops_per_image: dense_flops,
-        weight_bytes_f32: total * 4,
-        weight_bytes_bf16: total * 2,
+        weight_bytes_f32: total.saturating_mul(4),
+        weight_bytes_bf16: total.saturating_mul(2),
         activation_memory: activation_memory(registry, cfg, batch)?,
         paper,
     })

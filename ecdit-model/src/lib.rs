@@ -13,6 +13,7 @@ pub mod data;
 pub mod eval;
 pub mod info;
 pub mod inspect;
+pub mod limits;
 pub mod model;
 pub mod plot;
 pub mod sample;

@@ -99,6 +99,14 @@ pub enum WeightsError {
         /// Names of the unused tensors (sorted).
         names: Vec<String>,
     },
+    /// The header's length is over the file's or [`crate::limits::MAX_HEADER`].
+    #[error("weights file {path} is not a valid safetensors file: {reason}")]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The file's metadata is missing a key or holds a bad value.
     #[error("weights file {path}: metadata '{key}': {reason}")]
     Metadata {
@@ -133,10 +141,26 @@ fn format_hint(e: &SafeTensorError) -> &'static str {
     }
 }
 
-/// A memory-mapped safetensors file.
+/// The bytes of a weights file: mapped from disk, or held in memory.
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A memory-mapped (or in-memory) safetensors file.
 pub struct Weights {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: Bytes,
     header_len: usize,
     metadata: Metadata,
     used: Mutex<BTreeSet<String>>,
@@ -163,6 +187,21 @@ impl Weights {
         // SAFETY: the map is read-only; a file changed underneath us while
         // mapped is outside what any safetensors reader can guard against.
         let mmap = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(io)?;
+        Self::from_storage(path, Bytes::Mapped(mmap))
+    }
+
+    /// A safetensors file already in memory; `path` names it in errors.
+    /// Checked exactly as [`Weights::open`] checks a file.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> WeightsResult<Self> {
+        Self::from_storage(path.into(), Bytes::Owned(bytes))
+    }
+
+    fn from_storage(path: PathBuf, mmap: Bytes) -> WeightsResult<Self> {
+        // The header's length is bounded before the header is parsed.
+        crate::limits::check_safetensors_header(&mmap).map_err(|reason| WeightsError::Header {
+            path: path.clone(),
+            reason,
+        })?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|source| WeightsError::Format {
             path: path.clone(),
             hint: format_hint(&source),

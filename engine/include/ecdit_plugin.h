@@ -47,8 +47,9 @@
  *  - instance handles may be called from several threads at once;
  *  - never let an exception or longjmp cross the boundary.
  *
- * The host validates every dispatch a router returns (token indices in range,
- * no token twice under one expert, gates finite and in [0, 1]).
+ * The host validates every dispatch a router returns (at most tokens x experts
+ * slots, token indices in range, no token twice under one expert, gates finite
+ * and in [0, 1]).
  *
  * Version 1 (ecdit_plugin_v1.h): a version 1 router or scheduler library still
  * loads (its tables are prefixes of these); a version 1 library with backends

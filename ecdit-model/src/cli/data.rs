@@ -77,10 +77,11 @@ pub fn run(args: DataArgs) -> Result<()> {
 
 fn preview(args: PreviewArgs) -> Result<()> {
     let s = &args.source;
-    let dataset = data::open(&s.data, s.seed, s.size).with_context(|| format!("--data {}", s.data))?;
-    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if args.n == 0 {
+        anyhow::bail!("--count must be at least 1");
     }
+    let dataset = data::open(&s.data, s.seed, s.size).with_context(|| format!("--data {}", s.data))?;
+    super::check_output_file(&args.output, "--output", true)?;
     let batch = dataset.batch(s.start, args.n)?;
     let per_image = batch.channels * batch.size * batch.size;
     let images: Vec<Vec<f32>> = batch.images.chunks(per_image.max(1)).map(<[f32]>::to_vec).collect();

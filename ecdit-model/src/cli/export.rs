@@ -35,7 +35,7 @@ pub fn run(plugins: &[PathBuf], args: ExportArgs) -> Result<()> {
     let which = if args.live { "param" } else { "ema" };
     let (mut model, encoder, step) = load_checkpoint_weights(&args.run, &registry, backend, which)?;
     model.to_dtype(args.dtype)?;
-    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+    super::create_output_dir(&args.output, "--output")?;
     model.save(args.output.join(MODEL_FILE))?;
     if let Some(enc) = encoder {
         enc.save(args.output.join(TEXT_ENCODER_FILE))?;

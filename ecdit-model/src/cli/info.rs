@@ -20,6 +20,9 @@ pub struct InfoArgs {
 
 /// Prints the report.
 pub fn run(plugins: &[PathBuf], args: InfoArgs) -> Result<()> {
+    if args.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
     let registry = super::registry(plugins)?;
     let (path, cfg) = ecdit_model::config_files::resolve_config(&args.config)?;
     let report =

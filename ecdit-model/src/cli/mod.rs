@@ -11,10 +11,10 @@ mod inspect;
 mod plot;
 mod train;
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
 use ecdit_engine::Registry;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// ecdit: a Mixture-of-Experts diffusion transformer engine with expert-choice routing.
 #[derive(Parser, Debug)]
@@ -53,6 +53,60 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// A training run's EMA weights as a model directory.
     Export(export::ExportArgs),
+}
+
+/// The memory limit of the commands that build a model (train, generate,
+/// eval, inspect).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct MemoryArgs {
+    /// Refuse a model whose estimated memory (weights, activations and, in
+    /// training, optimiser state) exceeds this, e.g. 8G or 512M; checked
+    /// before anything is allocated. Default: 90% of the memory available now.
+    #[arg(long, value_name = "SIZE", value_parser = ecdit_model::limits::parse_size)]
+    pub max_memory: Option<u64>,
+}
+
+/// Refuses an output directory `dir` (named by `flag` in errors) that a file
+/// is in the way of, saying which; checked before any work is spent.
+pub fn check_output_dir(dir: &Path, flag: &str) -> Result<()> {
+    if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+        bail!(
+            "{flag} {}: {} is a file, not a directory",
+            dir.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates the output directory `dir` (see [`check_output_dir`]).
+pub fn create_output_dir(dir: &Path, flag: &str) -> Result<()> {
+    check_output_dir(dir, flag)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{flag} {}: cannot create the directory", dir.display()))
+}
+
+/// Refuses an output file `path` that is a directory, or whose directory a
+/// file is in the way of, or (without `create`) does not exist; with
+/// `create`, makes its directory.
+pub fn check_output_file(path: &Path, flag: &str, create: bool) -> Result<()> {
+    if path.is_dir() {
+        bail!("{flag} {}: is a directory, not a file", path.display());
+    }
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if create => create_output_dir(dir, flag),
+        Some(dir) => {
+            check_output_dir(dir, flag)?;
+            if !dir.is_dir() {
+                bail!(
+                    "{flag} {}: the directory {} does not exist",
+                    path.display(),
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 /// Sets up tracing to stderr.

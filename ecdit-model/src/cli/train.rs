@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ecdit_model::train::config::{OptimizerConfig, TrainConfig};
-use ecdit_model::train::run::{run as run_training, RunOptions};
+use ecdit_model::train::run::{read_run_config, run as run_training, RunOptions};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `ecdit train`.
@@ -68,47 +68,18 @@ pub struct TrainArgs {
     /// The validation loss every N steps (0: never).
     #[arg(long)]
     pub val_every: Option<u64>,
-    /// Refuse a run whose estimated memory exceeds this (e.g. 8G, 512M);
-    /// default: the memory available now.
-    #[arg(long, value_parser = parse_bytes)]
-    pub max_memory: Option<u64>,
+    #[command(flatten)]
+    pub memory: super::MemoryArgs,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// `8G`, `512M`, `100K` or plain bytes.
-fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (digits, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, ""),
-    };
-    let value: f64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 8G, 512M)"))?;
-    let scale = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-        "" => 1u64,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        "T" => 1 << 40,
-        other => return Err(format!("unknown size unit '{other}' in '{s}' (K, M, G, T)")),
-    };
-    Ok((value * scale as f64) as u64)
 }
 
 /// The config to train: the named one with the flags applied.
 fn config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg = match (&args.config, args.resume) {
         (Some(name), _) => TrainConfig::resolve(name)?,
-        (None, true) => {
-            let path = args.out.join("run.json");
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("--resume without --config reads {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{} is not a training config", path.display()))?
-        }
+        (None, true) => read_run_config(&args.out).context("--resume without --config")?,
         (None, false) => bail!("--config is required (a model or training config, by name or path)"),
     };
     if let Some(v) = args.steps {
@@ -173,7 +144,7 @@ pub fn run(plugins: &[PathBuf], args: TrainArgs) -> Result<()> {
     let opts = RunOptions {
         out: args.out.clone(),
         resume: args.resume,
-        max_memory: args.max_memory,
+        max_memory: args.memory.max_memory,
         backend: serde_json::json!({"kind": "cpu", "threads": threads}),
         progress: !args.quiet,
     };
@@ -198,19 +169,4 @@ pub fn run(plugins: &[PathBuf], args: TrainArgs) -> Result<()> {
 
 fn display(p: &Path) -> String {
     p.display().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_bytes;
-
-    #[test]
-    fn sizes_parse_with_units_and_bad_ones_are_named() {
-        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
-        assert_eq!(parse_bytes("8G"), Ok(8 << 30));
-        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_bytes("100"), Ok(100));
-        assert!(parse_bytes("8Q").unwrap_err().contains("8Q"));
-        assert!(parse_bytes("lots").is_err());
-    }
 }

@@ -111,7 +111,7 @@ fn read_caption(image: &Path) -> Result<String, DataError> {
     if !file.is_file() {
         return Err(bad(format!("no caption file {}", file.display())));
     }
-    let text = std::fs::read_to_string(&file).map_err(|e| bad(format!("cannot read {}: {e}", file.display())))?;
+    let text = crate::limits::read_text_file(&file).map_err(|e| bad(format!("cannot read {}: {e}", file.display())))?;
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let Some((_, caption)) = lines.next() else {
         return Err(bad(format!("caption file {} is empty", file.display())));

@@ -283,10 +283,16 @@ fn requirement(value: &Value, include: bool, index: usize) -> Result<Requirement
 /// (for a bad line) the line number, counted from 1.
 pub fn read_prompts(path: impl AsRef<Path>) -> Result<Vec<PromptSpec>, EvalError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+    let text = crate::limits::read_text_file(path).map_err(|source| EvalError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_prompts(&text, path)
+}
+
+/// Parses the text of a metadata file as [`read_prompts`] does; `path` names
+/// it in errors.
+pub fn parse_prompts(text: &str, path: &Path) -> Result<Vec<PromptSpec>, EvalError> {
     let mut specs = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -42,7 +42,7 @@ impl Vocab {
     /// Reads a vocabulary file: one token per line, no blank lines, no
     /// duplicates, and the four special tokens somewhere in it.
     pub fn from_path(path: &Path) -> Result<Self, TextError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TextError::Io {
+        let text = crate::limits::read_text_file(path).map_err(|source| TextError::Io {
             path: PathBuf::from(path),
             source,
         })?;

@@ -3,7 +3,7 @@
 //! model config trains with the defaults below. Flags override fields.
 
 use crate::config::ModelConfig;
-use crate::config_files::{config_dirs, list_configs, load_config, resolve_config, ConfigError};
+use crate::config_files::{config_dirs, list_configs, load_config, parse_error, resolve_config, ConfigError};
 use ecdit_engine::{AdamW, RmsProp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -345,31 +345,45 @@ impl TrainConfig {
     /// path), or a model config, trained with the defaults.
     pub fn resolve(name_or_path: &str) -> Result<Self, TrainConfigError> {
         let path = find(name_or_path)?;
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+        let text = crate::limits::read_text_file(&path).map_err(|source| ConfigError::Io {
             path: path.clone(),
             source,
         })?;
-        let parse_error = |e: serde_json::Error| ConfigError::Parse {
-            path: path.clone(),
-            line: e.line(),
-            column: e.column(),
-            message: e.to_string(),
-        };
-        let mut value: Value = serde_json::from_str(&text).map_err(parse_error)?;
+        let mut value: Value = serde_json::from_str(&text).map_err(|e| parse_error(&path, &text, e))?;
         let Some(model) = value.get("model").cloned() else {
             // A model config: the default training around it.
             return Ok(Self::for_model(load_config(&path)?));
         };
-        if let Value::String(name) = model {
+        let config: Self = if let Value::String(name) = model {
             let (_, config) = resolve_config(&name)?;
-            value["model"] = serde_json::to_value(config).expect("a model config serialises");
-        }
-        let config: Self = serde_json::from_value(value).map_err(|e| ConfigError::Parse {
-            path: path.clone(),
-            line: 0,
-            column: 0,
-            message: e.to_string(),
-        })?;
+            value["model"] = serde_json::to_value(config).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                line: 0,
+                column: 0,
+                message: format!("model '{name}': {e}"),
+            })?;
+            // serde's errors from a Value have no position: name the field
+            // that fails on its own beside the model.
+            serde_json::from_value(value.clone()).map_err(|e| {
+                let field = value.as_object().and_then(|map| {
+                    map.iter().filter(|(k, _)| k.as_str() != "model").find_map(|(k, v)| {
+                        let one = serde_json::json!({ "model": value["model"], k.as_str(): v });
+                        serde_json::from_value::<Self>(one).is_err().then(|| k.clone())
+                    })
+                });
+                ConfigError::Parse {
+                    path: path.clone(),
+                    line: 0,
+                    column: 0,
+                    message: match field {
+                        Some(field) => format!("field '{field}': {e}"),
+                        None => e.to_string(),
+                    },
+                }
+            })?
+        } else {
+            serde_json::from_str(&text).map_err(|e| parse_error(&path, &text, e))?
+        };
         config.model.validate().map_err(|source| ConfigError::Invalid {
             path: path.clone(),
             source: Box::new(source),
@@ -389,6 +403,9 @@ impl TrainConfig {
         let lr = self.optimizer.lr();
         if !(lr.is_finite() && lr > 0.0) {
             return Err(bad("optimizer.lr", lr.to_string(), "must be a positive number"));
+        }
+        if self.steps == 0 {
+            return Err(bad("steps", "0".into(), "must be at least 1"));
         }
         if self.batch == 0 {
             return Err(bad("batch", "0".into(), "must be at least 1"));

@@ -11,13 +11,12 @@
 //! export the EMA weights
 //! ```
 
-use super::checkpoint::{CheckpointStore, Loaded, TensorData};
+use super::checkpoint::{writer_alive, CheckpointError, CheckpointStore, Loaded, TensorData};
 use super::config::TrainConfig;
 use super::metrics::{MetricsLog, MetricsRow, MoeMetrics};
 use super::trainer::{TrainError, Trainer};
 use crate::config::Conditioning;
-use crate::info;
-use crate::text::{param_shapes as text_param_shapes, Tokenizer};
+use crate::limits;
 use ecdit_engine::{Backend, Registry};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -31,8 +30,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Continue the run in `out` from its newest complete checkpoint.
     pub resume: bool,
-    /// Refuse configs whose estimated memory exceeds this (bytes); None: the
-    /// machine's available memory.
+    /// Refuse configs whose estimated memory exceeds this (bytes); None:
+    /// [`limits::default_limit`].
     pub max_memory: Option<u64>,
     /// The backend spec (`{"kind": "cpu", "threads": T}`).
     pub backend: serde_json::Value,
@@ -55,96 +54,29 @@ pub struct RunSummary {
     pub model_path: PathBuf,
 }
 
-/// The memory a run needs, estimated before anything is allocated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryEstimate {
-    /// Parameters (model and text encoder).
-    pub weights: u64,
-    /// Gradients, optimiser state (two tensors) and the EMA: 4x the weights.
-    pub training_state: u64,
-    /// Activations kept for the backward and the backward's buffers.
-    pub activations: u64,
-}
-
-impl MemoryEstimate {
-    /// Everything.
-    pub fn total(&self) -> u64 {
-        self.weights + self.training_state + self.activations
-    }
-}
-
-/// The estimate for `config` (f32 storage).
-pub fn estimate_memory(config: &TrainConfig, registry: &Registry) -> Result<MemoryEstimate, TrainError> {
-    let m = &config.model;
-    let numel = |shapes: Vec<(String, Vec<usize>)>| {
-        shapes
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>() as u64)
-            .sum::<u64>()
-    };
-    let mut params = numel(info::param_shapes_with(registry, m).map_err(|e| TrainError::Other(e.to_string()))?);
-    if let Conditioning::Text {
-        text_dim, max_tokens, ..
-    } = m.conditioning
-    {
-        let cfg = m.text_encoder.clone().unwrap_or_default();
-        let vocab = Tokenizer::new(cfg.load_vocab()?, max_tokens)?.vocab().len();
-        params += numel(text_param_shapes(&cfg, vocab, text_dim, max_tokens));
-    }
-    let kept = 1.0 - config.mask_ratio as f64;
-    let acts = info::activation_memory(registry, m, config.batch).map_err(|e| TrainError::Other(e.to_string()))?;
-    // The backward's shared buffers and what the backend's buffer pool keeps
-    // between calls add about a fifth (measured on ec-s-8e at batch 32).
-    let activations = (acts.training_bytes as f64 * kept * 1.2) as u64;
-    Ok(MemoryEstimate {
-        weights: 4 * params,
-        training_state: 16 * params,
-        activations,
-    })
-}
-
-/// Available memory (`MemAvailable` of /proc/meminfo), if known.
-pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 const RUN_FILE: &str = "run.json";
 
 /// Runs (or resumes) training as `config` says, in `opts.out`.
 pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let out = &opts.out;
+    // Refuse what does not fit before allocating (or creating) anything.
+    let estimate = limits::training_estimate(&config, registry)?;
+    limits::check_memory(
+        format!("model '{}' at batch {}", config.model.name, config.batch),
+        estimate,
+        opts.max_memory,
+        "lower --batch or raise --max-memory",
+    )
+    .map_err(|e| TrainError::Other(e.to_string()))?;
+
     let io = |what: &str, path: &Path, e: std::io::Error| TrainError::Other(format!("{what} {}: {e}", path.display()));
     std::fs::create_dir_all(out).map_err(|e| io("cannot create the run directory", out, e))?;
     let run_file = out.join(RUN_FILE);
     check_directory(&config, out, &run_file, opts.resume)?;
-
-    // Refuse what does not fit before allocating anything.
-    let estimate = estimate_memory(&config, registry)?;
-    if let Some(limit) = opts.max_memory.or_else(available_memory) {
-        if estimate.total() > limit {
-            return Err(TrainError::Other(format!(
-                "model '{}' at batch {} needs about {} (weights {}, gradients + optimiser + EMA {}, \
-                 activations {}), more than the limit of {}{}; lower --batch or raise --max-memory",
-                config.model.name,
-                config.batch,
-                gib(estimate.total()),
-                gib(estimate.weights),
-                gib(estimate.training_state),
-                gib(estimate.activations),
-                gib(limit),
-                if opts.max_memory.is_some() {
-                    ""
-                } else {
-                    " (the memory available now)"
-                },
-            )));
+    // What a writer killed mid-write left (a whole model's size, for an export).
+    for path in stale_temp_files(out) {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), "could not remove a leftover temporary file: {e}");
         }
     }
 
@@ -248,7 +180,7 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
 /// resumed one a run of a compatible config.
 fn check_directory(config: &TrainConfig, out: &Path, run_file: &Path, resume: bool) -> Result<(), TrainError> {
     if run_file.exists() {
-        let text = std::fs::read_to_string(run_file)
+        let text = limits::read_text_file(run_file)
             .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
         let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| {
             TrainError::Other(format!(
@@ -272,14 +204,40 @@ fn check_directory(config: &TrainConfig, out: &Path, run_file: &Path, resume: bo
         }
         return Ok(());
     }
+    // A run killed while writing its run.json leaves only that file's
+    // temporary: still a new run's directory (run() removes it).
+    let stale = stale_temp_files(out);
     let mut entries = std::fs::read_dir(out).map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
-    if entries.next().is_some() {
+    if entries.any(|e| e.map_or(true, |e| !stale.contains(&e.path()))) {
         return Err(TrainError::Other(format!(
             "{} is not empty and holds no training run ({RUN_FILE} missing); choose an empty or new directory",
             out.display()
         )));
     }
     Ok(())
+}
+
+/// The temporary files of a run's own atomic writes (`run.json`,
+/// `metrics.csv`, the exported models) whose writer is dead: `NAME.tmp-PID`,
+/// as [`write_atomic`], the metrics log and `weights::save_tensors` name them.
+fn stale_temp_files(out: &Path) -> Vec<PathBuf> {
+    const WRITTEN: [&str; 4] = ["run", "metrics.csv", ".model.safetensors", ".text_encoder.safetensors"];
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name();
+            let Some((stem, pid)) = name.to_str().and_then(|n| n.rsplit_once(".tmp-")) else {
+                return false;
+            };
+            WRITTEN.contains(&stem)
+                && e.file_type().is_ok_and(|t| t.is_file())
+                && pid.parse().is_ok_and(|pid| !writer_alive(pid))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Names of a trainable parameter's tensors in a checkpoint.
@@ -324,7 +282,25 @@ pub fn save_checkpoint(trainer: &Trainer, store: &CheckpointStore) -> Result<Pat
     });
     store
         .save(trainer.step, &tensors, &meta)
-        .map_err(|e| TrainError::Other(e.to_string()))
+        .map_err(|e| save_error(e, store, trainer.step))
+}
+
+/// A failed save, said so that a full disk reads as one: the error names the
+/// file, and the hint the checkpoint that is kept.
+fn save_error(e: CheckpointError, store: &CheckpointStore, step: u64) -> TrainError {
+    let full = matches!(&e, CheckpointError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull);
+    if !full {
+        return TrainError::Other(format!("cannot save the checkpoint of step {step}: {e}"));
+    }
+    let kept = match store.list().ok().and_then(|list| list.first().map(|(s, _)| *s)) {
+        Some(newest) => format!("the checkpoints saved before are kept (the newest is of step {newest})"),
+        None => "no checkpoint was saved before".to_string(),
+    };
+    TrainError::Other(format!(
+        "cannot save the checkpoint of step {step}: {e}. The disk holding {} is full; {kept}. \
+         Free some space and continue with --resume",
+        store.dir().display()
+    ))
 }
 
 /// Sets the trainer's whole state from a checkpoint of a compatible run.
@@ -395,16 +371,30 @@ pub fn load_checkpoint_weights(
     backend: Arc<dyn Backend>,
     which: &str,
 ) -> Result<(crate::model::Model, Option<crate::text::TransformerTextEncoder>, u64), TrainError> {
-    let run_file = run_dir.join(RUN_FILE);
-    let text = std::fs::read_to_string(&run_file)
-        .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
-    let config: TrainConfig = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Other(format!("{} is not a training config: {e}", run_file.display())))?;
+    let config = read_run_config(run_dir)?;
     let store = CheckpointStore::new(run_dir, config.keep_checkpoints);
     let loaded = store
         .load_latest()
         .map_err(|e| TrainError::Other(e.to_string()))?
         .ok_or_else(|| TrainError::Other(format!("{} holds no checkpoint yet", store.dir().display())))?;
+    let at = loaded.path.display().to_string();
+    // Every tensor the config needs is in the checkpoint, of its size, before
+    // the model is allocated: run.json cannot make us allocate more than the
+    // checkpoint holds.
+    for (name, shape) in limits::trainable_shapes(&config.model, registry)? {
+        let name = format!("{which}/{name}");
+        let numel = shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
+        match loaded.tensors.get(&name) {
+            None => return Err(TrainError::Other(format!("checkpoint {at}: tensor '{name}' missing"))),
+            Some(data) if data.shape.iter().map(|&d| d as u64).product::<u64>() != numel => {
+                return Err(TrainError::Other(format!(
+                    "checkpoint {at}: tensor '{name}' has shape {:?}, the config wants {numel} values ({shape:?})",
+                    data.shape
+                )))
+            }
+            Some(_) => {}
+        }
+    }
     let mut model = crate::model::Model::new(config.model.clone(), registry, backend.clone(), config.seed)?;
     let mut encoder = match config.model.conditioning {
         Conditioning::Text { .. } => Some(crate::text::TransformerTextEncoder::for_model(
@@ -414,7 +404,6 @@ pub fn load_checkpoint_weights(
         )?),
         Conditioning::Class { .. } => None,
     };
-    let at = loaded.path.display().to_string();
     let mut params: Vec<&mut ecdit_engine::Param> = model
         .params_mut()
         .into_iter()
@@ -437,6 +426,20 @@ pub fn load_checkpoint_weights(
         backend.upload(p.tensor.view_mut(), &data.bytes)?;
     }
     Ok((model, encoder, loaded.step))
+}
+
+/// The training config of the run in `run_dir` (its `run.json`), its model config validated.
+pub fn read_run_config(run_dir: &Path) -> Result<TrainConfig, TrainError> {
+    let run_file = run_dir.join(RUN_FILE);
+    let text = limits::read_text_file(&run_file)
+        .map_err(|e| TrainError::Other(format!("cannot read {}: {e}", run_file.display())))?;
+    let config: TrainConfig = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Other(format!("{} is not a training config: {e}", run_file.display())))?;
+    config
+        .model
+        .validate()
+        .map_err(|e| TrainError::Other(format!("{}: {e}", run_file.display())))?;
+    Ok(config)
 }
 
 /// Saves the model (and text encoder) as they are now.

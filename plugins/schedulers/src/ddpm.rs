@@ -90,10 +90,23 @@ impl Ddpm {
     pub const DESCRIPTION: &'static str =
         "DDPM with linear betas and epsilon target (DiT checkpoints); deterministic DDIM sampling";
 
+    /// The most timesteps T: 2^20, a thousand times DiT's 1000 (the schedule
+    /// is a table of T f64s, built when the spec is, so a bigger T is a typo,
+    /// and timesteps cross the scheduler API as f32, exact integers only up to 2^24).
+    pub const MAX_TRAIN_STEPS: usize = 1 << 20;
+
     /// A DDPM schedule; errors name the first bad parameter.
     pub fn new(train_steps: usize, beta_start: f64, beta_end: f64, spacing: TimestepSpacing) -> Result<Self> {
         if train_steps == 0 {
             return Err(EngineError::param(COMPONENT, "train_steps", 0, "must be >= 1"));
+        }
+        if train_steps > Self::MAX_TRAIN_STEPS {
+            return Err(EngineError::param(
+                COMPONENT,
+                "train_steps",
+                train_steps,
+                format!("must be at most {}", Self::MAX_TRAIN_STEPS),
+            ));
         }
         check_number(COMPONENT, "beta_start", beta_start, true)?;
         check_number(COMPONENT, "beta_end", beta_end, true)?;
@@ -146,7 +159,7 @@ impl Ddpm {
                 "train_steps",
                 ParamType::Int,
                 Some(json!(1000)),
-                "number of diffusion timesteps T (>= 1)",
+                "number of diffusion timesteps T (1 to 2^20)",
             ),
             ParamInfo::new(
                 "beta_start",

@@ -4,9 +4,10 @@
 //! example; the C example) and comparing results bit for bit.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// The shipped plugin crates.
 pub const SHIPPED: [&str; 4] = [
@@ -94,29 +95,39 @@ pub fn rust_example() -> PathBuf {
 
 /// The C example router, compiled with the system C compiler.
 pub fn c_example() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-examples");
-            std::fs::create_dir_all(&dir).unwrap();
-            let out = dir.join(format!("libc_hash_router.{}", std::env::consts::DLL_EXTENSION));
-            let tmp = dir.join(format!("libc_hash_router.{}.tmp", std::process::id()));
-            let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-            let ws = workspace_dir();
-            let status = Command::new(&cc)
-                .args(["-shared", "-fPIC", "-O2", "-Wall", "-I"])
-                .arg(ws.join("engine/include"))
-                .arg(ws.join("examples/c-router/c_hash_router.c"))
-                .arg("-o")
-                .arg(&tmp)
-                .arg("-lm")
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}` (set CC): {e}"));
-            assert!(status.success(), "{cc} failed on examples/c-router");
-            std::fs::rename(&tmp, &out).unwrap();
-            out
-        })
-        .clone()
+    c_plugin("examples/c-router/c_hash_router.c", &[], "c_hash_router")
+}
+
+/// A C plugin (`source` relative to the workspace) compiled with `-D` flags
+/// `flags` into `lib<name>` with the system C compiler, once per test binary
+/// and name (written under a temporary name, then renamed, so a library
+/// another process has mapped is never rewritten in place).
+pub fn c_plugin(source: &str, flags: &[&str], name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-examples");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("lib{name}.{}", std::env::consts::DLL_EXTENSION));
+    let tmp = dir.join(format!("lib{name}.{}.tmp", std::process::id()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let ws = workspace_dir();
+    let status = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-pthread", "-I"])
+        .arg(ws.join("engine/include"))
+        .args(flags)
+        .arg(ws.join(source))
+        .arg("-o")
+        .arg(&tmp)
+        .arg("-lm")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}` (set CC): {e}"));
+    assert!(status.success(), "{cc} failed on {source} {flags:?}");
+    std::fs::rename(&tmp, &out).unwrap();
+    built.insert(name.to_string(), out.clone());
+    out
 }
 
 /// The bit patterns of `v`, so `assert_eq!` compares floats exactly (NaN and -0.0 included).

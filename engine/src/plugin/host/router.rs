@@ -99,6 +99,16 @@ impl PluginRouter {
         if probs_len > 0 && v.probs.is_null() {
             return Err(self.bad("returned null probabilities".into()));
         }
+        // No token goes to an expert twice, so a larger count is a bug; it is
+        // refused before it sizes a read of the plugin's buffers.
+        if v.slots > probs_len {
+            return Err(self.bad(format!(
+                "returned {} dispatch slots, more than the {probs_len} that {} tokens x {} experts allow",
+                v.slots,
+                shape.tokens(),
+                shape.experts
+            )));
+        }
         let offsets = std::slice::from_raw_parts(v.offsets, v.experts + 1).to_vec();
         let (tokens, gates) = if v.slots == 0 {
             (Vec::new(), Vec::new())
