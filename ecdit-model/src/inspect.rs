@@ -113,6 +113,43 @@ pub fn record_step(
     })
 }
 
+/// Patches of a `grid x grid` patch grid over a `size x size` image that
+/// overlap an object's box (`[x0, y0, x1, y1]`, pixels, exclusive ends).
+pub fn object_patches(boxes: &[[f32; 4]], size: usize, grid: usize) -> Vec<bool> {
+    let patch = size as f32 / grid.max(1) as f32;
+    (0..grid * grid)
+        .map(|p| {
+            let (px0, py0) = ((p % grid) as f32 * patch, (p / grid) as f32 * patch);
+            boxes
+                .iter()
+                .any(|b| b[0] < px0 + patch && px0 < b[2] && b[1] < py0 + patch && py0 < b[3])
+        })
+        .collect()
+}
+
+/// How much more expert compute object patches get than an even spread:
+/// (share of the expert assignments on object patches) / (share of patches
+/// that are object patches). 1: no preference; above 1: compute
+/// concentrates on objects. `None` when there are no object or no
+/// background patches (nothing to compare).
+pub fn object_concentration(counts: &[u32], objects: &[bool]) -> Option<f64> {
+    let on = objects.iter().filter(|&&o| o).count();
+    if on == 0 || on == objects.len() {
+        return None;
+    }
+    let total: u64 = counts.iter().map(|&n| n as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let on_objects: u64 = counts
+        .iter()
+        .zip(objects)
+        .filter(|(_, &o)| o)
+        .map(|(&n, _)| n as u64)
+        .sum();
+    Some((on_objects as f64 / total as f64) / (on as f64 / objects.len() as f64))
+}
+
 /// A heat map of counts on a `grid x grid` patch grid, `cell` pixels per patch,
 /// from black (0) through purple and orange to yellow (`max`), RGB8.
 pub fn heat_map(counts: &[u32], grid: usize, max: u32, cell: usize) -> Vec<u8> {
@@ -149,6 +186,34 @@ fn ramp(v: f32) -> [u8; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_patches_are_those_a_box_overlaps() {
+        // 32x32 in a 4x4 grid of 8-pixel patches; a box over pixels 6..10 x 0..3
+        // touches patches 0 and 1 of the top row only.
+        let m = object_patches(&[[6.0, 0.0, 10.0, 3.0]], 32, 4);
+        let on: Vec<usize> = (0..16).filter(|&p| m[p]).collect();
+        assert_eq!(on, vec![0, 1]);
+        // A box ending exactly at a patch edge does not spill over.
+        let m = object_patches(&[[0.0, 0.0, 8.0, 8.0]], 32, 4);
+        assert_eq!(m.iter().filter(|&&o| o).count(), 1);
+    }
+
+    #[test]
+    fn concentration_compares_compute_share_with_area_share() {
+        let objects = [true, false, false, false];
+        // Even compute: 1; all compute on the one object patch: 4; none there: 0.
+        assert_eq!(object_concentration(&[2, 2, 2, 2], &objects), Some(1.0));
+        assert_eq!(object_concentration(&[8, 0, 0, 0], &objects), Some(4.0));
+        assert_eq!(object_concentration(&[0, 3, 3, 2], &objects), Some(0.0));
+        // 3 of 6 assignments on half the patches.
+        assert_eq!(
+            object_concentration(&[2, 1, 3, 0], &[true, true, false, false]),
+            Some(1.0)
+        );
+        assert_eq!(object_concentration(&[1, 1], &[true, true]), None);
+        assert_eq!(object_concentration(&[0, 0], &[true, false]), None);
+    }
 
     #[test]
     fn heat_map_paints_each_patch_its_count() {

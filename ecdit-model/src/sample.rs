@@ -14,7 +14,7 @@ use crate::config::Conditioning;
 use crate::model::{CfgChannels, CfgOptions, Condition, ForwardOptions, Model, ModelActs, ModelError, TextInput};
 use crate::text::{TextEncoder, TextError, TransformerTextEncoder};
 use crate::weights::Weights;
-use ecdit_engine::{Backend, Registry, RoutingStats, Scheduler};
+use ecdit_engine::{Backend, DType, Registry, RoutingStats, Scheduler};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -58,6 +58,22 @@ pub struct SampleOptions {
     pub cfg: f32,
     /// Image i starts from the noise of seed `seed + i`.
     pub seed: u64,
+}
+
+impl SampleOptions {
+    /// Refuses zero steps and a guidance scale that is not finite.
+    pub fn check(&self) -> Result<(), SampleError> {
+        if self.steps == 0 {
+            return Err(SampleError::Options("--steps must be at least 1".into()));
+        }
+        if !self.cfg.is_finite() {
+            return Err(SampleError::Options(format!(
+                "--cfg {}: the guidance scale must be finite",
+                self.cfg
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SampleOptions {
@@ -109,11 +125,47 @@ pub const MODEL_FILE: &str = "model.safetensors";
 /// The text encoder file of a model directory.
 pub const TEXT_ENCODER_FILE: &str = "text_encoder.safetensors";
 
+/// How to load a model directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Refuse a model whose estimated memory (weights and activations for
+    /// `images`) exceeds this many bytes; None: [`crate::limits::default_limit`].
+    pub max_memory: Option<u64>,
+    /// Images sampled at once (guidance runs the model on twice as many).
+    pub images: usize,
+    /// Storage dtype of the model's weights and activations while sampling
+    /// (f32 or bf16; the router logits, softmaxes and norms compute in f32).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            max_memory: None,
+            images: 1,
+            dtype: DType::F32,
+        }
+    }
+}
+
 impl Generator {
-    /// Loads `dir/model.safetensors` (the config in its metadata) and, for a
-    /// text model, `dir/text_encoder.safetensors`. Missing or mismatched files
-    /// are errors naming the file.
+    /// [`Generator::load_with`] with the default options (one image at a
+    /// time, the machine's memory limit).
     pub fn load(dir: &Path, registry: &Registry, backend: Arc<dyn Backend>) -> Result<Self, SampleError> {
+        Self::load_with(dir, registry, backend, LoadOptions::default())
+    }
+
+    /// Loads `dir/model.safetensors` (the config in its metadata) and, for a
+    /// text model, `dir/text_encoder.safetensors`; or, for a training run
+    /// without its final export, the EMA weights of its newest checkpoint.
+    /// Missing or mismatched files are errors naming the file; a model whose
+    /// estimated memory is over the limit is refused before it is allocated.
+    pub fn load_with(
+        dir: &Path,
+        registry: &Registry,
+        backend: Arc<dyn Backend>,
+        opts: LoadOptions,
+    ) -> Result<Self, SampleError> {
         let bad = |reason: String| SampleError::ModelDir {
             dir: dir.to_path_buf(),
             reason,
@@ -122,23 +174,48 @@ impl Generator {
             return Err(bad("not a directory".into()));
         }
         let model_path = dir.join(MODEL_FILE);
-        if !model_path.is_file() && dir.join("run.json").is_file() {
+        let is_run = !model_path.is_file() && dir.join("run.json").is_file();
+        // The config alone (a header or run.json), to refuse what does not fit
+        // before anything is allocated.
+        let config = if is_run {
+            crate::train::run::read_run_config(dir)
+                .map_err(|e| bad(e.to_string()))?
+                .model
+        } else if model_path.is_file() {
+            let weights = Weights::open(&model_path).map_err(|e| bad(format!("{MODEL_FILE}: {e}")))?;
+            crate::model::config_from_metadata(&weights).map_err(|e| bad(format!("{MODEL_FILE}: {e}")))?
+        } else {
+            return Err(bad(format!("{MODEL_FILE} is missing")));
+        };
+        let source = if is_run { "run.json" } else { MODEL_FILE };
+        let estimate = crate::limits::inference_estimate(&config, registry, 2 * opts.images.max(1))
+            .map_err(|e| bad(format!("{source}: {e}")))?;
+        crate::limits::check_memory(
+            format!(
+                "model '{}' sampling {} image(s) at once",
+                config.name,
+                opts.images.max(1)
+            ),
+            estimate,
+            opts.max_memory,
+            "sample fewer images at once (-n, --samples-per-prompt) or raise --max-memory",
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        if is_run {
             // A training run without its final export: its newest checkpoint's EMA.
-            let (model, encoder, step) =
+            let (mut model, encoder, step) =
                 crate::train::run::load_ema(dir, registry, backend).map_err(|e| bad(e.to_string()))?;
             eprintln!(
                 "{}: a training run; using the EMA weights of its step {step}",
                 dir.display()
             );
+            model.to_dtype(opts.dtype)?;
             return Self::new(model, encoder, registry);
-        }
-        if !model_path.is_file() {
-            return Err(bad(format!("{MODEL_FILE} is missing")));
         }
         let mut model =
             Model::load(&model_path, registry, backend.clone()).map_err(|e| bad(format!("{MODEL_FILE}: {e}")))?;
-        // Weights stored in bf16 (to ship small) sample in f32: widening is exact.
-        model.to_dtype(ecdit_engine::DType::F32)?;
+        // Weights are stored in bf16 to ship small; sampling in f32 widens them exactly.
+        model.to_dtype(opts.dtype)?;
         let encoder = match model.config().conditioning {
             Conditioning::Text { .. } => {
                 let path = dir.join(TEXT_ENCODER_FILE);
@@ -245,15 +322,7 @@ impl Generator {
         mut on_step: impl FnMut(StepInfo<'_>),
     ) -> Result<Vec<Vec<f32>>, SampleError> {
         let c = self.model.config();
-        if opts.steps == 0 {
-            return Err(SampleError::Options("--steps must be at least 1".into()));
-        }
-        if !opts.cfg.is_finite() {
-            return Err(SampleError::Options(format!(
-                "guidance scale {} is not finite",
-                opts.cfg
-            )));
-        }
+        opts.check()?;
         let n = prompts.len();
         let image = c.in_channels * c.input_size * c.input_size;
         // Noise: image i from its own seed.

@@ -61,10 +61,10 @@ pub fn run(plugins: &[PathBuf], args: EvalArgs) -> Result<()> {
         bail!("{} holds no prompts", path.display());
     }
     if let Some(dir) = &args.output {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        super::create_output_dir(dir, "--output")?;
     }
     let sampling = &args.sampling;
-    let (generator, _) = load_generator(plugins, sampling.model.as_deref(), "cpu", sampling.threads)?;
+    let (generator, _) = load_generator(plugins, sampling, "cpu", args.samples_per_prompt)?;
     let size = generator.model.config().input_size;
     let opts = sampling.options();
     let bar = indicatif::ProgressBar::new(specs.len() as u64);
@@ -100,6 +100,7 @@ pub fn run(plugins: &[PathBuf], args: EvalArgs) -> Result<()> {
     json["samples_per_prompt"] = args.samples_per_prompt.into();
     json["steps"] = opts.steps.into();
     json["cfg"] = (opts.cfg as f64).into();
+    json["dtype"] = sampling.dtype.to_string().into();
     if args.json {
         println!("{}", serde_json::to_string(&json)?);
     } else {

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ecdit_model::data::write_grid;
-use ecdit_model::sample::{Generator, SampleOptions};
+use ecdit_model::sample::{Generator, LoadOptions, SampleOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,6 +30,12 @@ pub struct SamplingArgs {
     /// Backend threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Storage dtype of weights and activations while sampling: f32 or bf16
+    /// (router logits, softmaxes and norms compute in f32 either way).
+    #[arg(long, default_value = "f32", value_parser = super::bench::parse_dtype)]
+    pub dtype: ecdit_engine::DType,
+    #[command(flatten)]
+    pub memory: super::MemoryArgs,
 }
 
 impl SamplingArgs {
@@ -83,19 +89,27 @@ pub fn model_dir(asked: Option<&Path>) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(BUNDLED_MODEL)
 }
 
-/// Loads a generator on the backend asked for.
+/// Loads a generator on the backend asked for, to sample `images` at once
+/// (refused before anything is allocated if that does not fit --max-memory).
+/// The sampling options are checked first: a bad flag costs no model load.
 pub fn load_generator(
     plugins: &[PathBuf],
-    model: Option<&Path>,
+    sampling: &SamplingArgs,
     backend: &str,
-    threads: usize,
+    images: usize,
 ) -> Result<(Generator, ecdit_engine::Registry)> {
+    sampling.options().check()?;
     let registry = super::registry(plugins)?;
     let backend = registry
-        .backend(&serde_json::json!({"kind": backend, "threads": threads}))
+        .backend(&serde_json::json!({"kind": backend, "threads": sampling.threads}))
         .with_context(|| format!("--backend {backend}"))?;
-    let dir = model_dir(model);
-    let generator = Generator::load(&dir, &registry, Arc::from(backend))?;
+    let dir = model_dir(sampling.model.as_deref());
+    let opts = LoadOptions {
+        max_memory: sampling.memory.max_memory,
+        images,
+        dtype: sampling.dtype,
+    };
+    let generator = Generator::load_with(&dir, &registry, Arc::from(backend), opts)?;
     Ok((generator, registry))
 }
 
@@ -123,9 +137,9 @@ pub fn run(plugins: &[PathBuf], args: GenerateArgs) -> Result<()> {
     if args.scale == 0 {
         bail!("--scale must be at least 1");
     }
+    super::check_output_file(&args.output, "--output", false)?;
     let sampling = &args.sampling;
-    let (mut generator, registry) =
-        load_generator(plugins, sampling.model.as_deref(), &args.backend, sampling.threads)?;
+    let (mut generator, registry) = load_generator(plugins, sampling, &args.backend, args.n)?;
     if args.sampler.is_some() || args.shift.is_some() {
         let default = match generator.model.config().scheduler["kind"].as_str() {
             Some("ddpm") => "ddim",

@@ -7,7 +7,8 @@ use super::generate::{explain_prompt, load_generator, SamplingArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use ecdit_model::data::{image_to_rgb8, write_png};
-use ecdit_model::inspect::{heat_map, record_step, StepRecord};
+use ecdit_model::eval::detect;
+use ecdit_model::inspect::{heat_map, object_concentration, object_patches, record_step, StepRecord};
 use ecdit_model::model::ModelActs;
 use std::path::{Path, PathBuf};
 
@@ -28,14 +29,15 @@ const CELL: usize = 16;
 
 /// Runs `ecdit inspect`.
 pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
+    super::check_output_dir(&args.output, "--output")?;
     let sampling = &args.sampling;
-    let (generator, _) = load_generator(plugins, sampling.model.as_deref(), "cpu", sampling.threads)?;
+    let (generator, _) = load_generator(plugins, sampling, "cpu", 1)?;
     explain_prompt(&generator, &args.prompt);
     let c = generator.model.config().clone();
     if c.moe.is_none() {
         anyhow::bail!("model '{}' has no MoE layers to inspect", c.name);
     }
-    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+    super::create_output_dir(&args.output, "--output")?;
     let tokens: Vec<String> = match &generator.encoder {
         Some(enc) => {
             let vocab: Vec<&str> = enc.tokenizer().vocab().tokens().collect();
@@ -82,8 +84,24 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
             written += 1;
         }
     }
+    // Where the objects ended up (the detector's boxes), and per step and
+    // layer how much more compute their patches got than an even spread.
+    let boxes: Vec<[f32; 4]> = detect(&images[0], size).iter().map(|d| d.bbox).collect();
+    let objects = object_patches(&boxes, size, grid);
+    let concentration: Vec<Vec<Option<f64>>> = records
+        .iter()
+        .map(|r| {
+            r.layers
+                .iter()
+                .map(|l| object_concentration(&l.experts_per_patch, &objects))
+                .collect()
+        })
+        .collect();
     let json = serde_json::json!({
         "prompt": args.prompt,
+        "object_boxes": boxes,
+        "object_patches": objects,
+        "object_concentration": concentration,
         "tokens": tokens,
         "model": c.name,
         "steps": opts.steps,
@@ -96,8 +114,13 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("{} files in {}", written + 1, display(&args.output));
+    let ratio = |step: Option<&Vec<Option<f64>>>, layer: usize| match step.and_then(|s| s.get(layer).copied().flatten())
+    {
+        Some(r) => format!("{r:.2}x"),
+        None => "-".to_string(),
+    };
     if let Some(last) = records.last() {
-        for layer in &last.layers {
+        for (l, layer) in last.layers.iter().enumerate() {
             let top = layer
                 .word_compute
                 .iter()
@@ -105,10 +128,13 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
                 .map(|(w, s)| format!(", most compute on '{w}' ({:.0}%)", 100.0 * s))
                 .unwrap_or_default();
             println!(
-                "block {}: up to {:.0}% of the experts on one patch, {:.0}% of patches unchosen{top}",
+                "block {}: up to {:.0}% of the experts on one patch, {:.0}% of patches unchosen{top}; \
+                 object patches get {} an even share of the compute (first step {})",
                 layer.block,
                 100.0 * layer.max_fraction,
-                100.0 * layer.unchosen_fraction
+                100.0 * layer.unchosen_fraction,
+                ratio(concentration.last(), l),
+                ratio(concentration.first(), l),
             );
         }
     }

@@ -25,12 +25,12 @@ mod score;
 
 pub use detector::{
     detect, min_pixels, Detection, MAX_HUE_ANGLE_DEG, MIN_CORE, MIN_CORE_PIXELS, MIN_COVERAGE, MIN_PIXELS_32,
-    SQUARE_FILL, TRIANGLE_FILL, TRIANGLE_SKEW,
+    MIN_TEMPLATE_SIDE, SQUARE_FILL, SQUARE_IOU_MARGIN, TRIANGLE_FILL, TRIANGLE_SKEW,
 };
 pub use grid::write_marked_grid;
 pub use prompts::{
-    colour_from_name, make_prompts, parse_prompt, read_prompts, relation_from_name, shape_from_name, tag_from_name,
-    write_prompts, PromptSpec, Requirement,
+    colour_from_name, make_prompts, parse_prompt, parse_prompts, read_prompts, relation_from_name, shape_from_name,
+    tag_from_name, write_prompts, PromptSpec, Requirement,
 };
 pub use render::{corrupt, render_prompt, Corruption};
 pub use score::{judge, relative_position, Judgement, Report};
