@@ -84,6 +84,10 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
             written += 1;
         }
     }
+    if let Some(overview) = overview(&records, &big, side, grid) {
+        write_png(&args.output.join("overview.png"), &overview.0, overview.1, overview.2)?;
+        written += 1;
+    }
     // Where the objects ended up (the detector's boxes), and per step and
     // layer how much more compute their patches got than an even spread.
     let boxes: Vec<[f32; 4]> = detect(&images[0], size).iter().map(|d| d.bbox).collect();
@@ -143,6 +147,39 @@ pub fn run(plugins: &[PathBuf], args: InspectArgs) -> Result<()> {
 
 fn display(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// Sampling steps shown in the overview (evenly spread, first and last included).
+const OVERVIEW_STEPS: usize = 5;
+
+/// One picture of it all: a row per MoE layer, the image first and then the
+/// heat maps of [`OVERVIEW_STEPS`] steps from noise to the end; RGB8 with
+/// its width and height. None without records.
+fn overview(records: &[StepRecord], image: &[u8], side: usize, grid: usize) -> Option<(Vec<u8>, usize, usize)> {
+    let layers = records.first()?.layers.len();
+    let cell = side.max(grid * CELL);
+    let gap = 4;
+    let picks: Vec<usize> = (0..OVERVIEW_STEPS.min(records.len()))
+        .map(|i| i * (records.len() - 1) / (OVERVIEW_STEPS.min(records.len()) - 1).max(1))
+        .collect();
+    let (w, h) = ((picks.len() + 1) * (cell + gap), layers.max(1) * (cell + gap));
+    let mut out = vec![32u8; w * h * 3];
+    let mut paste = |tile: &[u8], tile_side: usize, col: usize, row: usize| {
+        let (x0, y0) = (col * (cell + gap), row * (cell + gap));
+        for y in 0..tile_side {
+            let dst = ((y0 + y) * w + x0) * 3;
+            out[dst..dst + tile_side * 3].copy_from_slice(&tile[y * tile_side * 3..(y + 1) * tile_side * 3]);
+        }
+    };
+    for row in 0..layers {
+        paste(image, side, 0, row);
+        for (col, &k) in picks.iter().enumerate() {
+            let layer = records[k].layers.get(row)?;
+            let map = heat_map(&layer.experts_per_patch, grid, layer.experts as u32, CELL);
+            paste(&map, grid * CELL, col + 1, row);
+        }
+    }
+    Some((out, w, h))
 }
 
 /// Nearest-neighbour upscale of an RGB8 image.
