@@ -111,7 +111,11 @@ fn generate_inspect_and_eval_run_end_to_end() {
     // The overview: a row per MoE layer, the image and both steps' maps in each.
     let moe_layers = records[0]["layers"].as_array().unwrap().len();
     let (ow, oh) = png_size(&dir.join("overview.png"));
-    assert_eq!(ow as usize * moe_layers, oh as usize * 3, "{ow}x{oh} for {moe_layers} layers");
+    assert_eq!(
+        ow as usize * moe_layers,
+        oh as usize * 3,
+        "{ow}x{oh} for {moe_layers} layers"
+    );
     // One concentration per step and layer, each finite where defined.
     let conc = json["object_concentration"].as_array().unwrap();
     assert_eq!(conc.len(), 2);
