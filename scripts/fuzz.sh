@@ -4,6 +4,9 @@
 #
 #   scripts/fuzz.sh SECONDS [TARGET...]
 #
+# RUNS=N stops a target after N executions if that comes first (the bar is
+# 10 million executions or one hour: RUNS=10000000 scripts/fuzz.sh 3600).
+#
 # Caps, the same for every target (fuzz/README.md):
 #   -rss_limit_mb=2048     the whole process stays under 2 GiB resident;
 #   -malloc_limit_mb=512   no single allocation over 512 MiB;
@@ -63,6 +66,7 @@ for t in "${targets[@]}"; do
     start=$(date +%s)
     nice -n "$nice_n" "$bin_dir/$t" "grown/$t" "corpus/$t" \
         -max_total_time="$secs" \
+        ${RUNS:+-runs="$RUNS"} \
         -rss_limit_mb="$RSS_LIMIT_MB" \
         -malloc_limit_mb="$MALLOC_LIMIT_MB" \
         -timeout="$TIMEOUT_S" \
