@@ -6,6 +6,83 @@ mod common;
 
 use common::{all_checkpoints_whole, stderr, train, write_config};
 use ecdit_model::train::checkpoint::CheckpointStore;
+use ecdit_model::weights::Weights;
+use std::path::Path;
+
+/// The largest difference between two saved models' tensors of the same names.
+fn max_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (Weights::open(a).unwrap(), Weights::open(b).unwrap());
+    assert_eq!(a.names(), b.names());
+    let mut worst = 0.0f32;
+    for name in a.names() {
+        let shape = a.shape(&name).unwrap();
+        let (x, y) = (a.get(&name, &shape).unwrap(), b.get(&name, &shape).unwrap());
+        worst = x.iter().zip(&y).fold(worst, |m, (p, q)| m.max((p - q).abs()));
+    }
+    worst
+}
+
+#[test]
+fn a_fine_tune_starts_from_the_given_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 6, 3);
+    let source = tmp.path().join("source");
+    assert!(train(&config, &source, &[]).status.success());
+    // A learning rate far below an f32 weight's last bit (it must be positive)
+    // leaves the live weights the given ones, and so their EMA.
+    let tuned = tmp.path().join("tuned");
+    let fixed = ["--lr", "1e-20", "--steps", "1", "--seed", "7"];
+    let out = train(
+        &config,
+        &tuned,
+        &[&["--init-from", source.to_str().unwrap()], &fixed[..]].concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("starting from the weights in"),
+        "{}",
+        stderr(&out)
+    );
+    let fresh = tmp.path().join("fresh");
+    assert!(train(&config, &fresh, &fixed).status.success());
+    for file in ["model.safetensors", "text_encoder.safetensors"] {
+        let kept = max_difference(&source.join(file), &tuned.join(file));
+        assert!(
+            kept < 1e-6,
+            "{file}: the fine-tune moved a weight by {kept} at lr 1e-20"
+        );
+        let other = max_difference(&source.join(file), &fresh.join(file));
+        assert!(
+            other > 1e-2,
+            "{file}: a fresh run of another seed is {other} from the source"
+        );
+    }
+}
+
+#[test]
+fn a_fine_tune_of_another_architecture_is_refused_naming_the_difference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 3, 3);
+    let source = tmp.path().join("source");
+    assert!(train(&config, &source, &[]).status.success());
+    let mut wider: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    wider["model"]["hidden"] = 48.into();
+    let wider_config = tmp.path().join("wider.json");
+    std::fs::write(&wider_config, wider.to_string()).unwrap();
+    let out_dir = tmp.path().join("tuned");
+    let refused = train(&wider_config, &out_dir, &["--init-from", source.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let msg = stderr(&refused);
+    assert!(
+        msg.contains("--init-from") && msg.contains("hidden (32 there, 48 here)"),
+        "{msg}"
+    );
+    assert!(!out_dir.join("model.safetensors").exists());
+
+    let missing = train(&config, &tmp.path().join("other"), &["--init-from", "no/such/model"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no/such/model"), "{}", stderr(&missing));
+}
 
 #[test]
 fn a_directory_holding_a_run_or_other_files_is_refused_untouched() {

@@ -20,6 +20,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its newest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start from this model directory's weights (a fine-tune of the same
+    /// architecture, e.g. models/shapes-ec) instead of fresh ones.
+    #[arg(long, value_name = "MODEL_DIR")]
+    pub init_from: Option<PathBuf>,
     /// Optimiser steps in all.
     #[arg(long)]
     pub steps: Option<u64>,
@@ -147,6 +151,7 @@ pub fn run(plugins: &[PathBuf], args: TrainArgs) -> Result<()> {
         max_memory: args.memory.max_memory,
         backend: serde_json::json!({"kind": "cpu", "threads": threads}),
         progress: !args.quiet,
+        init_from: args.init_from.clone(),
     };
     eprintln!(
         "training '{}' for {} steps at batch {} on {} threads into {}",

@@ -17,6 +17,8 @@ use super::metrics::{MetricsLog, MetricsRow, MoeMetrics};
 use super::trainer::{TrainError, Trainer};
 use crate::config::Conditioning;
 use crate::limits;
+use crate::model::ModelError;
+use crate::weights::Weights;
 use ecdit_engine::{Backend, Registry};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,10 @@ pub struct RunOptions {
     pub backend: serde_json::Value,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// A new run starts from this model directory's weights (`model.safetensors`,
+    /// and `text_encoder.safetensors` for a text-conditioned model) instead of
+    /// fresh ones: a fine-tune. Its model config must be the run's.
+    pub init_from: Option<PathBuf>,
 }
 
 /// What a run did.
@@ -80,11 +86,7 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
         }
     }
 
-    let backend: Arc<dyn Backend> = Arc::from(
-        registry
-            .backend(&opts.backend)
-            .map_err(crate::model::ModelError::from)?,
-    );
+    let backend: Arc<dyn Backend> = Arc::from(registry.backend(&opts.backend).map_err(ModelError::from)?);
     let data = crate::data::open(&config.data.source, config.data.seed, config.model.input_size)?;
     let mut trainer = Trainer::new(config.clone(), registry, backend, data)?;
     let store = CheckpointStore::new(out, config.keep_checkpoints);
@@ -106,6 +108,11 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
             }
             None => eprintln!("no checkpoint in {}: starting from step 0", store.dir().display()),
         }
+    }
+    // A fine-tune's weights, unless a checkpoint of it has them already.
+    if let (Some(dir), None) = (&opts.init_from, resumed_from) {
+        warm_start(&mut trainer, dir)?;
+        eprintln!("starting from the weights in {}", dir.display());
     }
     if !run_file.exists() {
         let json = serde_json::to_string_pretty(&config).map_err(|e| TrainError::Other(e.to_string()))?;
@@ -174,6 +181,59 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
         skipped: trainer.skipped,
         model_path,
     })
+}
+
+/// Sets the live weights and the EMA of a new run from an exported model
+/// directory, after checking that it is a model of the run's config.
+fn warm_start(trainer: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
+    let model_file = dir.join("model.safetensors");
+    let weights = Weights::open(&model_file).map_err(ModelError::from)?;
+    let mut theirs = crate::model::config_from_metadata(&weights)?;
+    // The architecture must match; the name is the run's.
+    theirs.name.clone_from(&trainer.config.model.name);
+    if theirs != trainer.config.model {
+        return Err(TrainError::Other(format!(
+            "--init-from {}: its model config differs from the run's in {}; a fine-tune keeps the architecture",
+            model_file.display(),
+            config_differences(&theirs, &trainer.config.model)
+        )));
+    }
+    let backend = trainer.backend_arc();
+    let model_params = trainer
+        .model
+        .params_mut()
+        .into_iter()
+        .filter(|p| p.init != ecdit_engine::Init::Fixed);
+    let read = |r: Result<(), crate::weights::WeightsError>| r.map_err(ModelError::from);
+    read(weights.load_params(backend.as_ref(), model_params))?;
+    // The fixed sin-cos table is the run's own; every other tensor was read.
+    read(weights.check_all_used(&["pos_embed"]))?;
+    if let Some(enc) = &mut trainer.encoder {
+        let enc_weights = Weights::open(dir.join("text_encoder.safetensors")).map_err(ModelError::from)?;
+        read(enc.load_weights(&enc_weights))?;
+        read(enc_weights.check_all_used(&[]))?;
+    }
+    trainer.reset_ema()?;
+    Ok(())
+}
+
+/// The fields in which two model configs differ: `hidden (32 there, 48 here)`.
+fn config_differences(there: &crate::config::ModelConfig, here: &crate::config::ModelConfig) -> String {
+    let (a, b) = (json!(there), json!(here));
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return "its fields".into();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("none".to_string(), |v| v.to_string());
+            format!("{k} ({} there, {} here)", show(a.get(k)), show(b.get(k)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A new run needs a directory without another run (or anything else); a

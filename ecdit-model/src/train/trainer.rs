@@ -513,6 +513,15 @@ impl Trainer {
         Ok(())
     }
 
+    /// Sets the EMA to the live weights (a run starting from given weights).
+    pub fn reset_ema(&mut self) -> Result<(), TrainError> {
+        let be = self.backend.clone();
+        for (ema, p) in self.ema.iter_mut().zip(trainable(&self.model, self.encoder.as_ref())) {
+            be.copy(ema.view_mut(), p.tensor.view())?;
+        }
+        Ok(())
+    }
+
     /// Swaps the live weights with the EMA (call again to swap back): the
     /// model and encoder then hold the averaged weights, e.g. for saving.
     pub fn swap_ema(&mut self) {
