@@ -18,7 +18,7 @@ use crate::limits::training_estimate;
 use crate::model::ModelResult;
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{TrainError, Trainer};
-use ecdit_engine::{Backend, EngineError, Registry};
+use ecdit_engine::{Backend, DType, EngineError, Registry};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -38,6 +38,8 @@ pub struct TrainBenchRecord {
     pub batch: usize,
     /// Backend threads.
     pub threads: usize,
+    /// The DiT's dtype in the forward and backward (`bf16`: mixed precision).
+    pub dtype: String,
     /// Median milliseconds of one step.
     pub ms: f64,
     /// Fastest step, milliseconds.
@@ -97,6 +99,7 @@ pub fn bench_train(
     cfg: &ModelConfig,
     backend: Arc<dyn Backend>,
     batch: usize,
+    dtype: DType,
     reps: usize,
     profile: bool,
 ) -> ModelResult<TrainBenchRecord> {
@@ -111,6 +114,7 @@ pub fn bench_train(
     };
     let mut config = TrainConfig::for_model(cfg.clone());
     config.batch = batch;
+    config.dtype = dtype;
     let other = |e: TrainError| EngineError::Other(format!("bench train: {e}"));
     let estimate = training_estimate(&config, registry)?.total();
     let captions = ShapesWorld::new(ShapesConfig::default()).map_err(|e| EngineError::Other(e.to_string()))?;
@@ -140,6 +144,7 @@ pub fn bench_train(
         config: cfg.name.clone(),
         batch,
         threads,
+        dtype: dtype.name().to_string(),
         ms: median * 1e3,
         min_ms: times[0] * 1e3,
         images_per_sec: batch as f64 / median,

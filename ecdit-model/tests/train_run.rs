@@ -149,3 +149,25 @@ fn a_run_that_does_not_fit_in_memory_is_refused_with_the_estimate() {
     );
     assert!(!out.join("run.json").exists(), "nothing written for a refused run");
 }
+
+#[test]
+fn a_bf16_run_records_its_dtype_and_exports_bf16_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 3, 3);
+    let out = tmp.path().join("run");
+    let run = train(&config, &out, &["--dtype", "bf16"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(saved["dtype"], "bf16");
+    let model = Weights::open(out.join("model.safetensors")).unwrap();
+    assert_eq!(model.metadata("dtype"), Some("bf16"));
+    assert_eq!(model.dtype("blocks.0.attn.qkv.weight").as_deref(), Some("BF16"));
+
+    let refused = train(&config, &tmp.path().join("other"), &["--dtype", "f16"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("f16") && stderr(&refused).contains("bf16"),
+        "{}",
+        stderr(&refused)
+    );
+}

@@ -93,6 +93,9 @@ pub enum BenchWhat {
         /// Timed steps (median reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// The DiT's weights and activations: f32, or bf16 (mixed precision, f32 masters).
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: DType,
         /// Also print the time spent in each backend op.
         #[arg(long)]
         profile: bool,
@@ -231,6 +234,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             batch,
             threads,
             reps,
+            dtype,
             profile,
             json,
         } => {
@@ -238,7 +242,7 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             // A model config, or a training config's model.
             let cfg = ecdit_model::train::config::TrainConfig::resolve(&config)?.model;
             let backend = registry.backend(&serde_json::json!({"kind": "cpu", "threads": threads}))?;
-            let r = ecdit_model::bench_train::bench_train(&registry, &cfg, backend.into(), batch, reps, profile)
+            let r = ecdit_model::bench_train::bench_train(&registry, &cfg, backend.into(), batch, dtype, reps, profile)
                 .with_context(|| format!("bench train of {config}"))?;
             if json {
                 println!("{}", with_library(&r)?);
@@ -246,7 +250,10 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             }
             println!("matrix library: {}", ecdit_backend_cpu::bench::matmul_library());
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-            println!("training step {}: batch {}, {} threads", r.config, r.batch, r.threads);
+            println!(
+                "training step {}: batch {}, {}, {} threads",
+                r.config, r.batch, r.dtype, r.threads
+            );
             print_speed(
                 r.ms,
                 r.min_ms,

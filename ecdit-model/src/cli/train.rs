@@ -24,6 +24,10 @@ pub struct TrainArgs {
     /// architecture, e.g. models/shapes-ec) instead of fresh ones.
     #[arg(long, value_name = "MODEL_DIR")]
     pub init_from: Option<PathBuf>,
+    /// The DiT's weights and activations: f32, or bf16 (mixed precision: f32
+    /// master weights, gradients, optimiser state and EMA).
+    #[arg(long, value_parser = super::bench::parse_dtype)]
+    pub dtype: Option<ecdit_engine::DType>,
     /// Optimiser steps in all.
     #[arg(long)]
     pub steps: Option<u64>,
@@ -88,6 +92,9 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
     };
     if let Some(v) = args.steps {
         cfg.steps = v;
+    }
+    if let Some(v) = args.dtype {
+        cfg.dtype = v;
     }
     if let Some(v) = args.batch {
         cfg.batch = v;
@@ -154,8 +161,9 @@ pub fn run(plugins: &[PathBuf], args: TrainArgs) -> Result<()> {
         init_from: args.init_from.clone(),
     };
     eprintln!(
-        "training '{}' for {} steps at batch {} on {} threads into {}",
+        "training '{}' ({}) for {} steps at batch {} on {} threads into {}",
         cfg.model.name,
+        cfg.dtype,
         cfg.steps,
         cfg.batch,
         threads,

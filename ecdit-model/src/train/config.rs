@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::config_files::{config_dirs, list_configs, load_config, parse_error, resolve_config, ConfigError};
-use ecdit_engine::{AdamW, RmsProp};
+use ecdit_engine::{AdamW, DType, RmsProp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -280,6 +280,30 @@ pub struct TrainConfig {
     /// Training stops after this many non-finite steps in a row.
     #[serde(default = "max_bad_steps")]
     pub max_bad_steps: u64,
+    /// The DiT's weights and activations in the forward and backward: `f32`,
+    /// or `bf16` (mixed precision: f32 master weights, gradients, optimiser
+    /// state and EMA; the text encoder stays f32).
+    #[serde(default = "f32_dtype", with = "dtype_name")]
+    pub dtype: DType,
+}
+
+fn f32_dtype() -> DType {
+    DType::F32
+}
+
+/// A float dtype in a config file, by name (`"f32"`, `"bf16"`).
+mod dtype_name {
+    use ecdit_engine::DType;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(dtype: &DType, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(dtype.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DType, D::Error> {
+        let name = String::deserialize(d)?;
+        DType::parse_float(&name).ok_or_else(|| D::Error::custom(format!("'{name}' is not a dtype: f32 or bf16")))
+    }
 }
 
 fn steps() -> u64 {

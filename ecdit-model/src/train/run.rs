@@ -170,9 +170,9 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
 
     // The EMA weights, loadable by `Model::load` (and the encoder's beside them).
     let model_path = out.join("model.safetensors");
-    trainer.swap_ema();
+    trainer.swap_ema()?;
     let saved = export(&trainer, out, &model_path);
-    trainer.swap_ema();
+    trainer.swap_ema()?;
     saved?;
     Ok(RunSummary {
         resumed_from,
@@ -199,20 +199,25 @@ fn warm_start(trainer: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
         )));
     }
     let backend = trainer.backend_arc();
-    let model_params = trainer
-        .model
-        .params_mut()
-        .into_iter()
-        .filter(|p| p.init != ecdit_engine::Init::Fixed);
+    let enc_weights = match &trainer.encoder {
+        Some(_) => Some(Weights::open(dir.join("text_encoder.safetensors")).map_err(ModelError::from)?),
+        None => None,
+    };
     let read = |r: Result<(), crate::weights::WeightsError>| r.map_err(ModelError::from);
-    read(weights.load_params(backend.as_ref(), model_params))?;
+    // Into what the optimiser steps (the f32 masters in mixed precision).
+    for p in trainer.params_mut() {
+        let file = match &enc_weights {
+            Some(enc) if enc.contains(&p.name) => enc,
+            _ => &weights,
+        };
+        read(file.load_param(backend.as_ref(), p))?;
+    }
     // The fixed sin-cos table is the run's own; every other tensor was read.
     read(weights.check_all_used(&["pos_embed"]))?;
-    if let Some(enc) = &mut trainer.encoder {
-        let enc_weights = Weights::open(dir.join("text_encoder.safetensors")).map_err(ModelError::from)?;
-        read(enc.load_weights(&enc_weights))?;
-        read(enc_weights.check_all_used(&[]))?;
+    if let Some(enc) = &enc_weights {
+        read(enc.check_all_used(&[]))?;
     }
+    trainer.sync_model()?;
     trainer.reset_ema()?;
     Ok(())
 }
@@ -411,7 +416,7 @@ pub fn restore(trainer: &mut Trainer, loaded: &Loaded) -> Result<(), TrainError>
     *steps = opt_steps;
     trainer.step = step;
     trainer.skipped = skipped;
-    Ok(())
+    trainer.sync_model()
 }
 
 /// The EMA weights of a run's newest complete checkpoint as a model and its

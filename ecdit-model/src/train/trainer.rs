@@ -97,6 +97,11 @@ pub struct Trainer {
     scheduler: Box<dyn Scheduler>,
     data: Box<dyn Dataset>,
     backend: Arc<dyn Backend>,
+    /// Mixed precision (`dtype` bf16): an f32 master of each of the model's
+    /// trainable parameters. The optimiser steps them, the EMA follows them,
+    /// checkpoints hold them; the model's bf16 weights are rounded from them
+    /// after every change. Empty when the model trains in f32.
+    masters: Vec<Param>,
     grads: Grads,
     optimizer: Optimizer,
     /// The EMA of every trainable parameter (f32, memory layout, training order).
@@ -150,7 +155,28 @@ impl Trainer {
             )));
         }
         let scheduler = registry.scheduler(&m.scheduler).map_err(ModelError::from)?;
-        let model = Model::new(m.clone(), registry, backend.clone(), config.seed)?;
+        let mut model = Model::new(m.clone(), registry, backend.clone(), config.seed)?;
+        let masters = if config.dtype == DType::F32 {
+            Vec::new()
+        } else {
+            let be = backend.as_ref();
+            let masters = trainable(&model, None)
+                .into_iter()
+                .map(|p| {
+                    let mut tensor = p.zeros_like(be)?;
+                    be.copy(tensor.view_mut(), p.tensor.view())?;
+                    Ok(Param {
+                        name: p.name.clone(),
+                        shape: p.shape.clone(),
+                        layout: p.layout,
+                        init: p.init,
+                        tensor,
+                    })
+                })
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            model.to_dtype(config.dtype)?;
+            masters
+        };
         let encoder = match m.conditioning {
             Conditioning::Text { .. } => Some(TransformerTextEncoder::for_model(
                 backend.clone(),
@@ -160,7 +186,7 @@ impl Trainer {
             Conditioning::Class { .. } => None,
         };
         let be = backend.as_ref();
-        let params = trainable(&model, encoder.as_ref());
+        let params = recorded(&masters, &model, encoder.as_ref());
         let grads = Grads::new(be, &params)?;
         let optimizer = Optimizer::new(be, config.optimizer, &params)?;
         let ema = params
@@ -178,6 +204,7 @@ impl Trainer {
             scheduler,
             data,
             backend,
+            masters,
             grads,
             optimizer,
             ema,
@@ -202,9 +229,10 @@ impl Trainer {
         self.backend.clone()
     }
 
-    /// Every trainable parameter in training order: the model's, then the encoder's.
+    /// Every trainable parameter in training order, the model's then the
+    /// encoder's, as the optimiser steps them (the f32 masters in mixed precision).
     pub fn params(&self) -> Vec<&Param> {
-        trainable(&self.model, self.encoder.as_ref())
+        recorded(&self.masters, &self.model, self.encoder.as_ref())
     }
 
     /// The EMA tensors, in the order of [`Trainer::params`].
@@ -227,9 +255,20 @@ impl Trainer {
         &mut self.ema
     }
 
-    /// Every trainable parameter, mutably, in training order.
+    /// [`Trainer::params`], mutably; after changing them, [`Trainer::sync_model`].
     pub fn params_mut(&mut self) -> Vec<&mut Param> {
-        trainable_mut(&mut self.model, self.encoder.as_mut())
+        recorded_mut(&mut self.masters, &mut self.model, self.encoder.as_mut())
+    }
+
+    /// Rounds the f32 masters into the model's bf16 weights (mixed
+    /// precision; in f32 the model's weights are the masters, nothing to do).
+    pub fn sync_model(&mut self) -> Result<(), TrainError> {
+        let be = self.backend.clone();
+        let live = self.model.params_mut().into_iter().filter(|p| p.init != Init::Fixed);
+        for (master, p) in self.masters.iter().zip(live) {
+            be.copy(p.tensor.view_mut(), master.tensor.view())?;
+        }
+        Ok(())
     }
 
     /// The learning rate of step `step` (1-based).
@@ -284,8 +323,9 @@ impl Trainer {
             }
         }
         let backend = self.backend.clone();
-        let params = trainable_mut(&mut self.model, self.encoder.as_mut());
+        let params = recorded_mut(&mut self.masters, &mut self.model, self.encoder.as_mut());
         self.optimizer.step(backend.as_ref(), params, &self.grads, lr)?;
+        self.sync_model()?;
         self.update_ema()?;
         Ok(StepReport {
             step,
@@ -495,7 +535,7 @@ impl Trainer {
     /// Every gradient times `scale`.
     fn scale_grads(&mut self, scale: f32) -> Result<(), TrainError> {
         let be = self.backend.as_ref();
-        let params = trainable(&self.model, self.encoder.as_ref());
+        let params = recorded(&self.masters, &self.model, self.encoder.as_ref());
         // g = 0 * w + scale * g (the weight only lends a tensor of the right count).
         for ((_, g), p) in self.grads.iter_mut().zip(params) {
             be.axpby(g?, 0.0, p.tensor.view(), scale)?;
@@ -507,7 +547,8 @@ impl Trainer {
     fn update_ema(&mut self) -> Result<(), TrainError> {
         let d = self.config.ema_decay;
         let be = self.backend.as_ref();
-        for (ema, p) in self.ema.iter_mut().zip(trainable(&self.model, self.encoder.as_ref())) {
+        let params = recorded(&self.masters, &self.model, self.encoder.as_ref());
+        for (ema, p) in self.ema.iter_mut().zip(params) {
             be.axpby(ema.view_mut(), 1.0 - d, p.tensor.view(), d)?;
         }
         Ok(())
@@ -516,7 +557,8 @@ impl Trainer {
     /// Sets the EMA to the live weights (a run starting from given weights).
     pub fn reset_ema(&mut self) -> Result<(), TrainError> {
         let be = self.backend.clone();
-        for (ema, p) in self.ema.iter_mut().zip(trainable(&self.model, self.encoder.as_ref())) {
+        let params = recorded(&self.masters, &self.model, self.encoder.as_ref());
+        for (ema, p) in self.ema.iter_mut().zip(params) {
             be.copy(ema.view_mut(), p.tensor.view())?;
         }
         Ok(())
@@ -524,12 +566,13 @@ impl Trainer {
 
     /// Swaps the live weights with the EMA (call again to swap back): the
     /// model and encoder then hold the averaged weights, e.g. for saving.
-    pub fn swap_ema(&mut self) {
+    pub fn swap_ema(&mut self) -> Result<(), TrainError> {
         let mut ema = std::mem::take(&mut self.ema);
         for (p, e) in self.params_mut().into_iter().zip(ema.iter_mut()) {
             std::mem::swap(&mut p.tensor, e);
         }
         self.ema = ema;
+        self.sync_model()
     }
 }
 
@@ -539,6 +582,36 @@ fn trainable<'a>(model: &'a Model, encoder: Option<&'a TransformerTextEncoder>) 
     let mut out: Vec<&Param> = model.params().into_iter().filter(|p| p.init != Init::Fixed).collect();
     if let Some(enc) = encoder {
         ecdit_engine::Params::collect(enc, &mut out);
+    }
+    out
+}
+
+/// What the optimiser steps, the EMA follows and a checkpoint holds: the
+/// model's trainable parameters, or their f32 `masters` in mixed precision,
+/// then the encoder's.
+fn recorded<'a>(masters: &'a [Param], model: &'a Model, encoder: Option<&'a TransformerTextEncoder>) -> Vec<&'a Param> {
+    if masters.is_empty() {
+        return trainable(model, encoder);
+    }
+    let mut out: Vec<&Param> = masters.iter().collect();
+    if let Some(enc) = encoder {
+        ecdit_engine::Params::collect(enc, &mut out);
+    }
+    out
+}
+
+/// [`recorded`], mutably.
+fn recorded_mut<'a>(
+    masters: &'a mut [Param],
+    model: &'a mut Model,
+    encoder: Option<&'a mut TransformerTextEncoder>,
+) -> Vec<&'a mut Param> {
+    if masters.is_empty() {
+        return trainable_mut(model, encoder);
+    }
+    let mut out: Vec<&mut Param> = masters.iter_mut().collect();
+    if let Some(enc) = encoder {
+        ecdit_engine::Params::collect_mut(enc, &mut out);
     }
     out
 }
