@@ -88,17 +88,26 @@ impl Element for u8 {
     const DTYPE: DType = DType::U8;
 }
 
-/// Rounds f32 values to bf16 (round to nearest even), as storage conversion does.
+/// Rounds f32 values to bf16 (round to nearest even; a NaN stays a quiet
+/// NaN), as storage conversion does: `half`'s `bf16::from_f32` bit for bit,
+/// written without branches so that the loop vectorises.
 pub fn f32_to_bf16(dst: &mut [bf16], src: &[f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = bf16::from_f32(s);
+        let x = s.to_bits();
+        // Adding 0x7FFF plus the kept part's lowest bit carries into the kept
+        // part exactly when the dropped half is above one half, or one half
+        // with an odd kept part (it wraps only for negative NaNs, not kept).
+        let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+        let nan = (x & 0x7FFF_FFFF) > 0x7F80_0000;
+        let quiet = (x >> 16) | 0x0040;
+        *d = bf16::from_bits(if nan { quiet } else { rounded } as u16);
     }
 }
 
-/// Widens bf16 values to f32 (exact).
+/// Widens bf16 values to f32 (exact: the bits move up 16 places).
 pub fn bf16_to_f32(dst: &mut [f32], src: &[bf16]) {
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
+        *d = f32::from_bits((s.to_bits() as u32) << 16);
     }
 }
 
@@ -114,6 +123,33 @@ mod tests {
         assert_eq!(DType::from_code(9), None);
         assert_eq!(DType::F32.size(), std::mem::size_of::<f32>());
         assert_eq!(DType::BF16.size(), std::mem::size_of::<bf16>());
+    }
+
+    #[test]
+    fn bf16_conversions_match_the_half_crate_bit_for_bit() {
+        // Every low half (the rounding) under upper halves across the range:
+        // zeros, subnormals, ordinary values, the largest finite, infinities
+        // and NaNs, both signs.
+        let uppers = [
+            0x0000u32, 0x0001, 0x007F, 0x0080, 0x3F80, 0x3FFF, 0x4B00, 0x7F7F, 0x7F80, 0x7F81, 0x7FC0, 0x7FFF,
+        ];
+        let mut src = Vec::new();
+        for sign in [0u32, 0x8000] {
+            for upper in uppers {
+                src.extend((0..=0xFFFFu32).map(|low| f32::from_bits(((upper | sign) << 16) | low)));
+            }
+        }
+        let mut ours = vec![bf16::ZERO; src.len()];
+        f32_to_bf16(&mut ours, &src);
+        for (x, got) in src.iter().zip(&ours) {
+            let want = bf16::from_f32(*x);
+            assert_eq!(got.to_bits(), want.to_bits(), "{:#010x}", x.to_bits());
+        }
+        let mut back = vec![0.0f32; ours.len()];
+        bf16_to_f32(&mut back, &ours);
+        for (b, h) in back.iter().zip(&ours) {
+            assert_eq!(b.to_bits(), h.to_f32().to_bits());
+        }
     }
 
     #[test]

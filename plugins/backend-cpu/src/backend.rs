@@ -9,7 +9,7 @@ use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
 use crate::pool::BufferPool;
 use crate::slices::{
-    bytes, bytes_mut, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output, output_opt,
+    bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output, output_opt,
 };
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
@@ -489,12 +489,7 @@ impl Backend for CpuBackend {
 
     fn axpby(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> Result<()> {
         const OP: &str = "axpby";
-        self.pool.install(|| {
-            let mut yo = output(OP, "y", y, true)?;
-            ops::axpby::axpby(&mut yo, a, &input(OP, "x", x)?, b)?;
-            yo.finish();
-            Ok(())
-        })
+        self.pool.install(|| elementwise(OP, y, true, [("x", x)], |y, [x]| ops::axpby::axpby(y, a, x, b)))
     }
 
     fn sum_rows(
@@ -620,21 +615,16 @@ impl Backend for CpuBackend {
     fn unary(&self, op: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         const OP: &str = "unary";
         self.pool.install(|| {
-            let mut o = output(OP, "out", out, false)?;
-            ops::activation::unary(op, &mut o, &input(OP, "inp", inp)?)?;
-            o.finish();
-            Ok(())
+            elementwise(OP, out, false, [("inp", inp)], |o, [i]| ops::activation::unary(op, o, i))
         })
     }
 
     fn unary_backward(&self, op: Unary, dinp: TensorMut<'_>, dout: TensorRef<'_>, inp: TensorRef<'_>) -> Result<()> {
         const OP: &str = "unary_backward";
         self.pool.install(|| {
-            let mut di = output(OP, "dinp", dinp, false)?;
-            let (dout, inp) = (input(OP, "dout", dout)?, input(OP, "inp", inp)?);
-            ops::activation::unary_backward(op, &mut di, &dout, &inp)?;
-            di.finish();
-            Ok(())
+            elementwise(OP, dinp, false, [("dout", dout), ("inp", inp)], |di, [d, i]| {
+                ops::activation::unary_backward(op, di, d, i)
+            })
         })
     }
 

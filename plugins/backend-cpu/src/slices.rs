@@ -112,6 +112,94 @@ pub(crate) fn output_opt<'a>(op: &str, what: &str, v: Option<TensorMut<'a>>, rea
     v.map(|v| output(op, what, v, read)).transpose()
 }
 
+/// Elements per chunk of a bf16 element-wise op: two inputs and the output
+/// as f32 (96 KiB) stay in a core's L2 while they are converted and used.
+const ELEMENTWISE_CHUNK: usize = 1 << 13;
+
+/// A float view as stored, not widened.
+enum Stored<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+fn stored<'a>(op: &str, what: &str, v: TensorRef<'a>) -> Result<Stored<'a>> {
+    match v.dtype() {
+        DType::F32 => Ok(Stored::F32(v.host::<f32>()?)),
+        DType::BF16 => Ok(Stored::Bf16(v.host::<bf16>()?)),
+        other => Err(not_float(op, what, other)),
+    }
+}
+
+/// Runs the element-wise `kernel(out, inputs)` over views of one length.
+/// All f32: one call on the whole slices (the kernel splits the work). Any
+/// bf16: in parallel chunks, each input widened into a chunk-sized buffer
+/// and the output narrowed back while they are in cache, so no tensor-sized
+/// scratch is allocated (its first touch costs more than the arithmetic).
+/// `read_out`: the kernel reads the output's old values. Element-wise, the
+/// chunking cannot change a bit.
+pub(crate) fn elementwise<const N: usize>(
+    op: &str,
+    out: TensorMut<'_>,
+    read_out: bool,
+    inputs: [(&str, TensorRef<'_>); N],
+    kernel: impl Fn(&mut [f32], [&[f32]; N]) -> Result<()> + Sync,
+) -> Result<()> {
+    let n = out.numel();
+    let all_f32 = out.dtype() == DType::F32 && inputs.iter().all(|(_, v)| v.dtype() == DType::F32);
+    // All f32, or lengths the kernel will refuse (naming them its own way): whole slices.
+    if all_f32 || inputs.iter().any(|(_, v)| v.numel() != n) {
+        let mut o = output(op, "out", out, read_out)?;
+        let mut whole = Vec::with_capacity(N);
+        for (what, v) in inputs {
+            whole.push(input(op, what, v)?);
+        }
+        kernel(&mut o, std::array::from_fn(|j| &whole[j][..]))?;
+        o.finish();
+        return Ok(());
+    }
+    let mut ins = Vec::with_capacity(N);
+    for (what, v) in inputs {
+        ins.push(stored(op, what, v)?);
+    }
+    // One chunk: the inputs' f32 values (borrowed or widened into `bufs`).
+    let run_chunk = |c: usize, o: &mut [f32]| -> Result<()> {
+        let range = c * ELEMENTWISE_CHUNK..c * ELEMENTWISE_CHUNK + o.len();
+        let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        for (buf, s) in bufs.iter_mut().zip(&ins) {
+            if let Stored::Bf16(s) = s {
+                buf.resize(range.len(), 0.0);
+                bf16_to_f32(buf, &s[range.clone()]);
+            }
+        }
+        let chunk: [&[f32]; N] = std::array::from_fn(|j| match ins[j] {
+            Stored::F32(s) => &s[range.clone()],
+            Stored::Bf16(_) => &bufs[j][..],
+        });
+        kernel(o, chunk)
+    };
+    match out.dtype() {
+        DType::F32 => out
+            .host_mut::<f32>()?
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .enumerate()
+            .try_for_each(|(c, o)| run_chunk(c, o)),
+        DType::BF16 => out
+            .host_mut::<bf16>()?
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .enumerate()
+            .try_for_each(|(c, dst)| {
+                let mut o = vec![0.0f32; dst.len()];
+                if read_out {
+                    bf16_to_f32(&mut o, dst);
+                }
+                run_chunk(c, &mut o)?;
+                f32_to_bf16(dst, &o);
+                Ok(())
+            }),
+        other => Err(not_float(op, "out", other)),
+    }
+}
+
 /// An f32-only input (router math, optimiser state).
 pub(crate) fn f32_input<'a>(op: &str, what: &str, v: TensorRef<'a>) -> Result<&'a [f32]> {
     v.expect_dtype(op, what, DType::F32)?;

@@ -229,6 +229,39 @@ fn row_and_element_ops_accept_bf16() {
 }
 
 #[test]
+fn element_ops_over_many_chunks_and_mixed_dtypes_round_once() {
+    // Several of the backend's conversion chunks and a ragged end, each
+    // operand stored f32 or bf16 on its own: every output is the all-f32
+    // output rounded where it is stored bf16.
+    let n = 3 * 8192 + 77;
+    let x = bf16_exact(21, n, 4.0);
+    let d = bf16_exact(22, n, 1.0);
+    let y0 = bf16_exact(23, n, 1.0);
+    let run = |out: DType, a: DType, b: DType| -> Vec<Vec<f32>> {
+        let mut gelu = be().zeros(&[n], out).unwrap();
+        be().unary(Unary::GeluTanh, gelu.view_mut(), t(a, &x).view()).unwrap();
+        let mut back = be().zeros(&[n], out).unwrap();
+        be().unary_backward(Unary::GeluTanh, back.view_mut(), t(a, &d).view(), t(b, &x).view())
+            .unwrap();
+        let mut y = t(out, &y0);
+        be().axpby(y.view_mut(), 0.75, t(a, &x).view(), -1.5).unwrap();
+        vec![read(&gelu), read(&back), read(&y)]
+    };
+    let wide = run(DType::F32, DType::F32, DType::F32);
+    for out in [DType::F32, DType::BF16] {
+        for a in [DType::F32, DType::BF16] {
+            for b in [DType::F32, DType::BF16] {
+                for (i, (got, w)) in run(out, a, b).iter().zip(&wide).enumerate() {
+                    let want = if out == DType::BF16 { round(w) } else { w.clone() };
+                    let same = got.iter().zip(&want).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "output {i} with out {out}, inputs {a} and {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn adaln_embedding_and_gather_ops_accept_bf16() {
     let dims = RowDims {
         batch: 2,
