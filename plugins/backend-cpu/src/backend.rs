@@ -9,7 +9,8 @@ use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
 use crate::pool::BufferPool;
 use crate::slices::{
-    bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output, output_opt,
+    bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output,
+    output_opt,
 };
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
@@ -489,7 +490,8 @@ impl Backend for CpuBackend {
 
     fn axpby(&self, y: TensorMut<'_>, a: f32, x: TensorRef<'_>, b: f32) -> Result<()> {
         const OP: &str = "axpby";
-        self.pool.install(|| elementwise(OP, y, true, [("x", x)], |y, [x]| ops::axpby::axpby(y, a, x, b)))
+        self.pool
+            .install(|| elementwise(OP, y, true, [("x", x)], |y, [x]| ops::axpby::axpby(y, a, x, b)))
     }
 
     fn sum_rows(
@@ -615,7 +617,9 @@ impl Backend for CpuBackend {
     fn unary(&self, op: Unary, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         const OP: &str = "unary";
         self.pool.install(|| {
-            elementwise(OP, out, false, [("inp", inp)], |o, [i]| ops::activation::unary(op, o, i))
+            elementwise(OP, out, false, [("inp", inp)], |o, [i]| {
+                ops::activation::unary(op, o, i)
+            })
         })
     }
 

@@ -9,6 +9,7 @@ use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::{DType, EngineError, Result, TensorMut, TensorRef};
 use rayon::prelude::*;
 use std::ops::{Deref, DerefMut};
+use std::sync::Mutex;
 
 /// Elements per parallel conversion task.
 const CONVERT_CHUNK: usize = 1 << 14;
@@ -17,10 +18,44 @@ fn not_float(op: &str, what: &str, dtype: DType) -> EngineError {
     EngineError::shape(format!("{op} ({what} dtype)"), "f32 or bf16", dtype)
 }
 
+/// Widening scratch kept for reuse, at most this many bytes: a fresh
+/// tensor-sized buffer costs a page fault per 4 KiB on first touch, more
+/// than the conversion that fills it.
+const SCRATCH_KEEP_BYTES: usize = 256 << 20;
+
+static SCRATCH: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// An f32 buffer of `len` zeros, reusing a kept one where one is large enough.
+fn scratch(len: usize) -> Scratch {
+    let mut kept = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    let best = (0..kept.len())
+        .filter(|&i| kept[i].capacity() >= len)
+        .min_by_key(|&i| kept[i].capacity());
+    let mut v = best.map(|i| kept.swap_remove(i)).unwrap_or_default();
+    drop(kept);
+    v.clear();
+    v.resize(len, 0.0);
+    Scratch(v)
+}
+
+/// A widening buffer that goes back to the kept ones when dropped.
+pub(crate) struct Scratch(Vec<f32>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        let mut kept = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes: usize = kept.iter().map(|k| k.capacity() * 4).sum();
+        if bytes + v.capacity() * 4 <= SCRATCH_KEEP_BYTES {
+            kept.push(v);
+        }
+    }
+}
+
 /// A float input as f32: borrowed when stored f32, widened when bf16.
 pub(crate) enum Input<'a> {
     Borrowed(&'a [f32]),
-    Widened(Vec<f32>),
+    Widened(Scratch),
 }
 
 impl Deref for Input<'_> {
@@ -28,14 +63,15 @@ impl Deref for Input<'_> {
     fn deref(&self) -> &[f32] {
         match self {
             Input::Borrowed(s) => s,
-            Input::Widened(v) => v,
+            Input::Widened(v) => &v.0,
         }
     }
 }
 
-fn widen(src: &[bf16]) -> Vec<f32> {
-    let mut out = vec![0.0f32; src.len()];
-    out.par_chunks_mut(CONVERT_CHUNK)
+fn widen(src: &[bf16]) -> Scratch {
+    let mut out = scratch(src.len());
+    out.0
+        .par_chunks_mut(CONVERT_CHUNK)
         .zip(src.par_chunks(CONVERT_CHUNK))
         .for_each(|(d, s)| bf16_to_f32(d, s));
     out
@@ -60,7 +96,7 @@ pub(crate) fn input_opt<'a>(op: &str, what: &str, v: Option<TensorRef<'a>>) -> R
 /// back by [`Output::finish`], which every op calls after its kernel.
 pub(crate) enum Output<'a> {
     Direct(&'a mut [f32]),
-    Narrowed { dst: &'a mut [bf16], scratch: Vec<f32> },
+    Narrowed { dst: &'a mut [bf16], scratch: Scratch },
 }
 
 impl Deref for Output<'_> {
@@ -68,7 +104,7 @@ impl Deref for Output<'_> {
     fn deref(&self) -> &[f32] {
         match self {
             Output::Direct(s) => s,
-            Output::Narrowed { scratch, .. } => scratch,
+            Output::Narrowed { scratch, .. } => &scratch.0,
         }
     }
 }
@@ -77,7 +113,7 @@ impl DerefMut for Output<'_> {
     fn deref_mut(&mut self) -> &mut [f32] {
         match self {
             Output::Direct(s) => s,
-            Output::Narrowed { scratch, .. } => scratch,
+            Output::Narrowed { scratch, .. } => &mut scratch.0,
         }
     }
 }
@@ -87,7 +123,7 @@ impl Output<'_> {
     pub(crate) fn finish(self) {
         if let Output::Narrowed { dst, scratch } = self {
             dst.par_chunks_mut(CONVERT_CHUNK)
-                .zip(scratch.par_chunks(CONVERT_CHUNK))
+                .zip(scratch.0.par_chunks(CONVERT_CHUNK))
                 .for_each(|(d, s)| f32_to_bf16(d, s));
         }
     }
@@ -100,7 +136,7 @@ pub(crate) fn output<'a>(op: &str, what: &str, v: TensorMut<'a>, read: bool) -> 
         DType::F32 => Ok(Output::Direct(v.host_mut::<f32>()?)),
         DType::BF16 => {
             let dst = v.host_mut::<bf16>()?;
-            let scratch = if read { widen(dst) } else { vec![0.0f32; dst.len()] };
+            let scratch = if read { widen(dst) } else { scratch(dst.len()) };
             Ok(Output::Narrowed { dst, scratch })
         }
         other => Err(not_float(op, what, other)),
