@@ -486,6 +486,23 @@ impl Backend for ProfiledBackend {
             self.inner.modulate(out, inp, modulation, which, dims)
         })
     }
+    fn layer_norm_modulate(
+        &self,
+        out: TensorMut<'_>,
+        ln: Option<TensorMut<'_>>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+        eps: f32,
+    ) -> EResult<()> {
+        self.timed("layer_norm_modulate", 0.0, || {
+            self.inner
+                .layer_norm_modulate(out, ln, mean, rstd, inp, modulation, which, dims, eps)
+        })
+    }
     fn modulate_backward(
         &self,
         dinp: TensorMut<'_>,

@@ -24,6 +24,7 @@ use crate::buffer::Buffer;
 use crate::dtype::DType;
 use crate::error::{check_len, numel, EngineError, Result};
 use crate::tensor::{TensorMut, TensorRef};
+use crate::transfer::BackendExt;
 
 /// Dimensions of `out[m, n] = alpha * op(a)[m, k] @ op(b)[k, n] + beta * out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -513,6 +514,36 @@ pub trait Backend: Send + Sync {
         which: ModChunks,
         dims: RowDims,
     ) -> Result<()>;
+
+    /// `out = LN(inp) * (1 + scale) + shift`: a layer norm without affine
+    /// over the last axis fused with [`Backend::modulate`] of the chunks
+    /// `which`. Writes `mean` and `rstd` (f32, [B*T]) and, when given, LN(inp)
+    /// into `ln` (a training forward keeps it for the backward; inference
+    /// passes `None`, and nothing [B, T, d] is written but `out`). Within
+    /// f32, the bits of [`Backend::layer_norm`] then [`Backend::modulate`],
+    /// which is what this default runs (through a scratch for a missing `ln`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_modulate(
+        &self,
+        out: TensorMut<'_>,
+        ln: Option<TensorMut<'_>>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+        eps: f32,
+    ) -> Result<()> {
+        let rows = dims.batch * dims.tokens;
+        let mut scratch = None;
+        let mut ln = match ln {
+            Some(ln) => ln,
+            None => scratch.insert(self.zeros(inp.shape(), out.dtype())?).view_mut(),
+        };
+        self.layer_norm(ln.reborrow(), mean, rstd, inp, None, None, rows, dims.d, eps)?;
+        self.modulate(out, ln.as_ref(), modulation, which, dims)
+    }
 
     /// Backward of [`Backend::modulate`]: overwrites `dinp`, accumulates the
     /// shift and scale gradients into their chunks of `dmodulation`.

@@ -291,6 +291,30 @@ impl Backend for CountingBackend {
     ) -> Result<()> {
         self.inner.modulate(m(out)?, r(inp)?, r(modulation)?, which, dims)
     }
+    fn layer_norm_modulate(
+        &self,
+        out: TensorMut<'_>,
+        ln: Option<TensorMut<'_>>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+        eps: f32,
+    ) -> Result<()> {
+        self.inner.layer_norm_modulate(
+            m(out)?,
+            ln.map(m).transpose()?,
+            m(mean)?,
+            m(rstd)?,
+            r(inp)?,
+            r(modulation)?,
+            which,
+            dims,
+            eps,
+        )
+    }
     fn modulate_backward(
         &self,
         dinp: TensorMut<'_>,

@@ -30,14 +30,14 @@ pub fn chunks(chunks: usize, first: usize, second: usize) -> ModChunks {
     ModChunks { chunks, first, second }
 }
 
-/// out = `LN(x) * (1 + scale) + shift` (no affine LN, [`LN_EPS`]); `ln`
-/// receives LN(x) (kept for a backward, or scratch at inference); mean,
+/// out = `LN(x) * (1 + scale) + shift` (no affine LN, [`LN_EPS`]) in one
+/// backend op; `ln` receives LN(x) when given (kept for a backward); mean,
 /// rstd (f32): [B*T]; x, out, ln: [B, T, d]; modulation: [B, k*d].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ln_modulate(
     backend: &dyn Backend,
     out: TensorMut<'_>,
-    mut ln: TensorMut<'_>,
+    ln: Option<TensorMut<'_>>,
     mean: TensorMut<'_>,
     rstd: TensorMut<'_>,
     x: TensorRef<'_>,
@@ -45,7 +45,5 @@ pub(crate) fn ln_modulate(
     which: ModChunks,
     dims: RowDims,
 ) -> Result<()> {
-    let rows = dims.batch * dims.tokens;
-    backend.layer_norm(ln.reborrow(), mean, rstd, x, None, None, rows, dims.d, LN_EPS)?;
-    backend.modulate(out, ln.as_ref(), modulation, which, dims)
+    backend.layer_norm_modulate(out, ln, mean, rstd, x, modulation, which, dims, LN_EPS)
 }

@@ -261,7 +261,8 @@ impl Block {
         ln_modulate(
             backend,
             a.attn_in.view_mut()?,
-            a.ln1.view_mut()?,
+            // Kept for the backward; at inference the buffer serves attention below.
+            if keep { Some(a.ln1.view_mut()?) } else { None },
             a.ln1_mean.view_mut()?,
             a.ln1_rstd.view_mut()?,
             x.as_ref(),
@@ -339,7 +340,7 @@ impl Block {
             ln_modulate(
                 backend,
                 ffn_in.view_mut()?,
-                ln.view_mut()?,
+                if keep { Some(ln.view_mut()?) } else { None },
                 mean.view_mut()?,
                 rstd.view_mut()?,
                 x.as_ref(),

@@ -84,7 +84,7 @@ impl FinalLayer {
         ln_modulate(
             backend,
             acts.modulated.view_mut()?,
-            acts.ln.view_mut()?,
+            Some(acts.ln.view_mut()?),
             acts.ln_mean.view_mut()?,
             acts.ln_rstd.view_mut()?,
             x,

@@ -652,6 +652,35 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn layer_norm_modulate(
+        &self,
+        out: TensorMut<'_>,
+        ln: Option<TensorMut<'_>>,
+        mean: TensorMut<'_>,
+        rstd: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        modulation: TensorRef<'_>,
+        which: ModChunks,
+        dims: RowDims,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "layer_norm_modulate";
+        self.pool.install(|| {
+            let mut o = output(OP, "out", out, false)?;
+            let mut l = output_opt(OP, "ln", ln, false)?;
+            let (mut mu, mut rs) = (output(OP, "mean", mean, false)?, output(OP, "rstd", rstd, false)?);
+            let (x, md) = (input(OP, "inp", inp)?, input(OP, "modulation", modulation)?);
+            ops::adaln::layer_norm_modulate(&mut o, l.as_deref_mut(), &mut mu, &mut rs, &x, &md, which, dims, eps)?;
+            o.finish();
+            if let Some(l) = l {
+                l.finish();
+            }
+            mu.finish();
+            rs.finish();
+            Ok(())
+        })
+    }
+
     fn modulate_backward(
         &self,
         dinp: TensorMut<'_>,

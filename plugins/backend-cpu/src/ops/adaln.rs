@@ -92,6 +92,94 @@ fn accumulate_tokens(acc: &mut [f32], tokens: usize, f: impl Fn(usize, usize) ->
     }
 }
 
+/// `out = LN(inp) * (1 + scale) + shift` per row in one pass: the layer
+/// norm without affine of [`super::norm::layer_norm`] (the same row
+/// statistics, bit for bit) and then [`modulate`]'s arithmetic on the
+/// unrounded normalised values. Writes LN(inp) into `ln` when given, and the
+/// row mean and rstd. out, ln, inp: [B, T, d]; mean, rstd: [B*T];
+/// modulation: [B, chunks * d].
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_modulate(
+    out: &mut [f32],
+    ln: Option<&mut [f32]>,
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    modulation: &[f32],
+    which: ModChunks,
+    dims: RowDims,
+    eps: f32,
+) -> Result<()> {
+    let op = "layer_norm_modulate";
+    let n = lens(op, which, dims, true)?;
+    let (rows, d) = (dims.batch * dims.tokens, dims.d);
+    check_len(op, "out", out.len(), n.act)?;
+    if let Some(ln) = &ln {
+        check_len(op, "ln", ln.len(), n.act)?;
+    }
+    check_len(op, "inp", inp.len(), n.act)?;
+    check_len(op, "mean", mean.len(), rows)?;
+    check_len(op, "rstd", rstd.len(), rows)?;
+    check_len(op, "modulation", modulation.len(), n.modulation)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    if d == 0 {
+        mean.fill(0.0);
+        rstd.fill(1.0 / eps.sqrt());
+        return Ok(());
+    }
+    let task_rows = rows_per_task(rows, d);
+    // Rows `t * task_rows ..` of every buffer.
+    let task = |t: usize, out: &mut [f32], mut ln: Option<&mut [f32]>, mean: &mut [f32], rstd: &mut [f32]| {
+        for (j, o) in out.chunks_exact_mut(d).enumerate() {
+            let i = t * task_rows + j;
+            let x = &inp[i * d..][..d];
+            let (m, s) = super::norm::row_stats(x, eps);
+            (mean[j], rstd[j]) = (m, s);
+            let b = i / dims.tokens;
+            let (sh, sc) = (
+                chunk(modulation, which, which.first, b, d),
+                chunk(modulation, which, which.second, b, d),
+            );
+            match ln.as_deref_mut() {
+                Some(ln) => {
+                    let l = &mut ln[j * d..][..d];
+                    for c in 0..d {
+                        let norm = (x[c] - m) * s;
+                        l[c] = norm;
+                        o[c] = norm * (1.0 + sc[c]) + sh[c];
+                    }
+                }
+                None => {
+                    for c in 0..d {
+                        o[c] = (x[c] - m) * s * (1.0 + sc[c]) + sh[c];
+                    }
+                }
+            }
+        }
+    };
+    let (out, mean, rstd) = (
+        out.par_chunks_mut(task_rows * d),
+        mean.par_chunks_mut(task_rows),
+        rstd.par_chunks_mut(task_rows),
+    );
+    match ln {
+        Some(ln) => out
+            .zip(ln.par_chunks_mut(task_rows * d))
+            .zip(mean)
+            .zip(rstd)
+            .enumerate()
+            .for_each(|(t, (((o, l), mu), rs))| task(t, o, Some(l), mu, rs)),
+        None => out
+            .zip(mean)
+            .zip(rstd)
+            .enumerate()
+            .for_each(|(t, ((o, mu), rs))| task(t, o, None, mu, rs)),
+    }
+    Ok(())
+}
+
 /// Backward of [`modulate`]: `dinp = dout * (1 + scale)` (overwrites);
 /// `dshift += sum_t dout`, `dscale += sum_t dout * inp` into their chunks of
 /// `dmodulation`. dinp, dout, inp: [B, T, d]; dmodulation, modulation: [B, chunks * d].

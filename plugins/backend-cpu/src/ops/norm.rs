@@ -15,6 +15,16 @@ fn check_affine(op: &str, what: &str, p: Option<&[f32]>, cols: usize) -> Result<
     }
 }
 
+/// The mean and the reciprocal standard deviation of one non-empty row.
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    // Two passes: the centred variance loses less precision. Each sum runs
+    // in independent lanes (a single running sum is a chain of dependent
+    // adds, most of a layer norm's time).
+    let m = lane_sum(x, |v| v) / x.len() as f32;
+    let var = lane_sum(x, |v| (v - m) * (v - m)) / x.len() as f32;
+    (m, 1.0 / (var + eps).sqrt())
+}
+
 /// `out = (inp - mean) * rstd * weight + bias` per row, caching mean and rstd.
 /// out, inp: [rows, cols]; mean, rstd: [rows]; weight, bias: [cols].
 #[allow(clippy::too_many_arguments)]
@@ -57,12 +67,7 @@ pub fn layer_norm(
                 .zip(mean.iter_mut())
                 .zip(rstd.iter_mut())
             {
-                // Two passes: the centred variance loses less precision. Each
-                // sum runs in independent lanes (a single running sum is a
-                // chain of dependent adds, most of this op's time).
-                let m = lane_sum(x, |v| v) / cols as f32;
-                let var = lane_sum(x, |v| (v - m) * (v - m)) / cols as f32;
-                let s = 1.0 / (var + eps).sqrt();
+                let (m, s) = row_stats(x, eps);
                 match (weight, bias) {
                     (None, None) => o.iter_mut().zip(x).for_each(|(o, v)| *o = (v - m) * s),
                     _ => {
