@@ -125,8 +125,7 @@ impl CpuBackend {
         if !(floats(a) && floats(b) && floats(out)) || rayon::current_thread_index().is_some() {
             return None;
         }
-        let bf16_inputs = a == DType::BF16 && b == DType::BF16;
-        ops::gemm::onednn_takes(self.onednn_mode, dims, bf16_inputs).then_some(lib)
+        ops::gemm::onednn_takes(self.onednn_mode, dims, (a, b)).then_some(lib)
     }
 
     /// [`CpuBackend::onednn_for`] plus the primitive for `batch` such

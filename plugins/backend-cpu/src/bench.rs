@@ -111,7 +111,8 @@ pub fn bench_gemm_paths(
     }
     let auto = if with_onednn { OneDnnMode::Auto } else { OneDnnMode::Off };
     for r in &mut records {
-        let takes = crate::ops::gemm::onednn_takes(auto, GemmDims::nn(r.m, r.n, r.k), r.dtype == "bf16");
+        let dtype = if r.dtype == "bf16" { DType::BF16 } else { DType::F32 };
+        let takes = crate::ops::gemm::onednn_takes(auto, GemmDims::nn(r.m, r.n, r.k), (dtype, dtype));
         r.default = takes == (r.library == "onednn");
     }
     Ok(records)

@@ -12,7 +12,7 @@ use super::{numel, rows_per_task};
 use crate::onednn::OneDnnMode;
 use ecdit_engine::backend::check_grouped;
 use ecdit_engine::error::{check_len, EngineError, Result};
-use ecdit_engine::GemmDims;
+use ecdit_engine::{DType, GemmDims};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,15 +47,19 @@ const GROUP_CHUNKS_PER_THREAD: usize = 2;
 /// looks at `n`, `k` and the dtypes, never at `m`: a row's kernel, and so its
 /// bits, must not depend on how many rows share the product, or a sample's
 /// output would depend on its batch.
-pub(crate) fn onednn_takes(mode: OneDnnMode, dims: GemmDims, bf16_inputs: bool) -> bool {
+pub(crate) fn onednn_takes(mode: OneDnnMode, dims: GemmDims, inputs: (DType, DType)) -> bool {
     let GemmDims { m, n, k, .. } = dims;
     if m == 0 || n == 0 || k == 0 || (m <= FEW_ROWS && !dims.trans_a && !dims.trans_b) {
         return false;
     }
-    match mode {
-        OneDnnMode::Off => false,
-        OneDnnMode::Always => true,
-        OneDnnMode::Auto => bf16_inputs && k >= ONEDNN_BF16_MIN_K && n >= ONEDNN_BF16_MIN_N,
+    match (mode, inputs) {
+        (OneDnnMode::Off, _) => false,
+        (OneDnnMode::Always, _) => true,
+        (OneDnnMode::Auto, (DType::BF16, DType::BF16)) => k >= ONEDNN_BF16_MIN_K && n >= ONEDNN_BF16_MIN_N,
+        (OneDnnMode::Auto, (DType::F32, DType::F32)) => {
+            crate::onednn::f32_faster_here() && k >= ONEDNN_F32_MIN_K && n >= ONEDNN_BF16_MIN_N
+        }
+        (OneDnnMode::Auto, _) => false,
     }
 }
 
@@ -68,6 +72,13 @@ pub(crate) fn onednn_takes(mode: OneDnnMode, dims: GemmDims, bf16_inputs: bool) 
 /// oneDNN's f32 kernel (`brg:avx512_core`) measured 0.85-1.1x of it on the
 /// DiT-S shapes.
 pub(crate) const ONEDNN_BF16_MIN_K: usize = 32;
+
+/// Smallest `k` of an f32 product oneDNN takes in `Auto` mode, on CPUs where
+/// its f32 kernel is the faster (`onednn::f32_faster_here`), with n >= 32 as
+/// for bf16. Measured on an AMD EPYC (Zen 4, 2 threads): at k = 64 (256 x 256)
+/// the `gemm` crate was faster (138 against 96 GFLOP/s); from k = 256 oneDNN
+/// won at every shape (105-356 against 50-238).
+pub(crate) const ONEDNN_F32_MIN_K: usize = 128;
 
 /// Smallest `n` of a bf16 product oneDNN takes in `Auto` mode: at n = 8
 /// oneDNN 2.6 computes products of up to 32 rows with other bits than the
