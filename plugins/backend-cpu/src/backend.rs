@@ -504,7 +504,10 @@ impl Backend for CpuBackend {
         const OP: &str = "sum_rows";
         self.pool.install(|| {
             let mut o = output(OP, "out", out, accumulate)?;
-            ops::bias::sum_rows(&mut o, &input(OP, "inp", inp)?, rows, cols, accumulate)?;
+            match inp.dtype() {
+                DType::BF16 => ops::bias::sum_rows_bf16(&mut o, inp.host::<bf16>()?, rows, cols, accumulate)?,
+                _ => ops::bias::sum_rows(&mut o, &input(OP, "inp", inp)?, rows, cols, accumulate)?,
+            }
             o.finish();
             Ok(())
         })

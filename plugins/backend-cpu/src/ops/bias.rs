@@ -1,6 +1,7 @@
 //! Broadcast add (bias, position table) and the bias backward, the column sum.
 
 use super::{numel, rows_per_task, PAR_MIN_ELEMS};
+use ecdit_engine::dtype::bf16;
 use ecdit_engine::error::{check_len, EngineError, Result};
 use rayon::prelude::*;
 
@@ -34,6 +35,23 @@ pub fn add_broadcast(out: &mut [f32], inp: &[f32]) -> Result<()> {
 /// Threads split the columns, and every column is summed over the rows in
 /// order, so the result is the same bits for any thread count.
 pub fn sum_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+    sum_rows_of(out, inp, rows, cols, accumulate, |x| x)
+}
+
+/// [`sum_rows`] of bf16 values, each widened as it is read (the same bits as
+/// widening the whole input first, without its tensor-sized copy).
+pub fn sum_rows_bf16(out: &mut [f32], inp: &[bf16], rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+    sum_rows_of(out, inp, rows, cols, accumulate, bf16::to_f32)
+}
+
+fn sum_rows_of<T: Copy + Sync>(
+    out: &mut [f32],
+    inp: &[T],
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+    widen: impl Fn(T) -> f32 + Sync,
+) -> Result<()> {
     check_len("sum_rows", "inp", inp.len(), numel("sum_rows", &[rows, cols])?)?;
     check_len("sum_rows", "out", out.len(), cols)?;
     if cols == 0 {
@@ -45,7 +63,9 @@ pub fn sum_rows(out: &mut [f32], inp: &[f32], rows: usize, cols: usize, accumula
         }
         let width = acc.len();
         for row in inp.chunks_exact(cols) {
-            acc.iter_mut().zip(&row[c0..c0 + width]).for_each(|(a, x)| *a += x);
+            acc.iter_mut()
+                .zip(&row[c0..c0 + width])
+                .for_each(|(a, &x)| *a += widen(x));
         }
     };
     // Column blocks of at least 64 floats keep each row read contiguous.
