@@ -98,6 +98,21 @@ fn found_ddpm_train_steps_too_large_to_allocate() {
     );
 }
 
+/// plugin_descriptor, crash-e22e7e8f (after 315,611 runs): a version 2
+/// descriptor with struct_size 74, two bytes into the `features` pointer (at
+/// 72): the host read those two bytes and six zeros as the pointer and
+/// dereferenced it (a SEGV). Sizes that are not a whole number of pointers
+/// are now refused.
+#[test]
+fn found_struct_size_cutting_a_pointer_in_part() {
+    let input = std::fs::read(repo().join("fuzz/regressions/plugin_descriptor-crash-e22e7e8f")).unwrap();
+    refused(
+        "plugin_descriptor",
+        &input,
+        &["plugin descriptor", "struct_size", "not a multiple of 8"],
+    );
+}
+
 /// Regenerates the seeds the project's writers make (weights files,
 /// checkpoints, plugin descriptors, specs) and copies the shipped files
 /// (configs, prompts, vocabulary) the others come from:

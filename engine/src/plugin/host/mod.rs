@@ -237,6 +237,15 @@ pub(crate) fn check_header(
              the plugin was built against a different ecdit_plugin.h"
         ));
     }
+    // Every ABI struct holds pointers, so its size is a whole number of them;
+    // any other size would make the host read a pointer in part (found by fuzzing).
+    let align = std::mem::align_of::<*const c_void>();
+    if !(size as usize).is_multiple_of(align) {
+        return Err(format!(
+            "{what} has struct_size {size} bytes, not a multiple of {align}: no C struct of this ABI has \
+             that size (its last pointer would be read in part); the plugin fills struct_size wrongly"
+        ));
+    }
     Ok(())
 }
 
