@@ -141,6 +141,14 @@ impl TableBackend {
                 "the lent backend speaks ABI version {version}, this engine speaks version {ABI_VERSION}"
             )));
         }
+        super::check_header(
+            "the lent backend's table",
+            version,
+            ABI_VERSION,
+            size,
+            std::mem::offset_of!(BackendVtable, copy),
+        )
+        .map_err(bad)?;
         let vt: BackendVtable = read_table(r.vtable as *const c_void, size as usize);
         let missing = missing_slots(&vt, false);
         if !missing.is_empty() {
@@ -901,4 +909,38 @@ pub(crate) fn register(
             Ok(Box::new(TableBackend::owned(vt, handle, plugin.clone(), &kind)) as Box<dyn Backend>)
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lent table of `struct_size` (all slots NULL), as a buggy plugin might hand back.
+    fn lent_with_size(struct_size: u32) -> String {
+        // SAFETY: all-zero is a valid table (NULL pointers).
+        let mut vt: BackendVtable = unsafe { std::mem::zeroed() };
+        vt.abi_version = ABI_VERSION;
+        vt.struct_size = struct_size;
+        let r = BackendRef {
+            vtable: &vt,
+            handle: std::ptr::null_mut(),
+        };
+        // SAFETY: `r` and its table outlive the call; the size is what is tested.
+        match unsafe { TableBackend::lent(&r, "bad-plugin") } {
+            Ok(_) => "accepted".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_lent_table_of_a_wrong_size_is_refused_naming_the_plugin() {
+        let copy = std::mem::offset_of!(BackendVtable, copy) as u32;
+        let short = lent_with_size(copy - 8);
+        assert!(
+            short.contains("bad-plugin") && short.contains("needs at least"),
+            "{short}"
+        );
+        let ragged = lent_with_size(copy + 3);
+        assert!(ragged.contains("not a multiple of 8"), "{ragged}");
+    }
 }
