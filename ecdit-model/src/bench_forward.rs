@@ -7,7 +7,8 @@
 //! [`info::flops_per_image`] with the text length the benchmark uses, and MFU
 //! is the achieved FLOP/s over the matrix-product peak measured in the same
 //! run: the best GFLOP/s of the backend's GEMM on the model's two largest
-//! products, `(B*T, 4d, d)` and `(B*T, d, 4d)`, at the same thread count.
+//! products, `(B*T, 4d, d)` and `(B*T, d, 4d)`, at the same thread count and
+//! with the model's dtype (a bf16 model against the bf16 matrix engine).
 //!
 //! Timing: one untimed forward (buffers sized, pool started), then `reps`
 //! inference forwards ([`Model::forward`] with [`ForwardOptions::inference`]:
@@ -113,9 +114,16 @@ pub fn peak_shapes(cfg: &ModelConfig, batch: usize) -> Vec<(usize, usize, usize)
     vec![(m, h, d), (m, d, h)]
 }
 
-/// Best GFLOP/s of the CPU backend's GEMM over `shapes` at `threads` threads.
-pub fn matmul_peak_gflops(shapes: &[(usize, usize, usize)], threads: usize, reps: usize) -> ModelResult<f64> {
-    let records = ecdit_backend_cpu::bench::bench_gemm(shapes, &[threads], reps)?;
+/// Best GFLOP/s of the CPU backend's GEMM over `shapes` at `threads` threads with
+/// `dtype` inputs (the matrix engine the model's products run on: bf16 for a
+/// bf16 model).
+pub fn matmul_peak_gflops(
+    shapes: &[(usize, usize, usize)],
+    threads: usize,
+    reps: usize,
+    dtype: DType,
+) -> ModelResult<f64> {
+    let records = ecdit_backend_cpu::bench::bench_gemm(shapes, &[threads], reps, dtype)?;
     Ok(records.iter().map(|r| r.gflops).fold(0.0, f64::max))
 }
 
@@ -227,7 +235,7 @@ pub fn bench_forward(
     let counted = with_text_len(cfg, text_len.max(1));
     let flops_per_image = info::flops_per_image(registry, &counted)?.total();
     let shapes = peak_shapes(cfg, batch);
-    let peak_gflops = matmul_peak_gflops(&shapes, threads, opts.peak_reps)?;
+    let peak_gflops = matmul_peak_gflops(&shapes, threads, opts.peak_reps, opts.dtype)?;
     let achieved_gflops = flops_per_image * batch as f64 / median / 1e9;
     let report = info::report(registry, &counted, batch)?;
     Ok(ForwardBenchRecord {

@@ -138,7 +138,7 @@ pub fn bench_train(
     let median = crate::bench_moe::median(&mut times);
     let peak_rss = peak_rss_bytes();
     let flops_per_image = 3.0 * info::flops_per_image(registry, &with_text_len(cfg, TEXT_LEN))?.total();
-    let peak_gflops = matmul_peak_gflops(&peak_shapes(cfg, batch), threads, 5)?;
+    let peak_gflops = matmul_peak_gflops(&peak_shapes(cfg, batch), threads, 5, dtype)?;
     let achieved_gflops = flops_per_image * batch as f64 / median / 1e9;
     Ok(TrainBenchRecord {
         config: cfg.name.clone(),

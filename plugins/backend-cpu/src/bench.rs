@@ -76,11 +76,16 @@ pub fn dit_s2_gemm_shapes() -> Vec<(usize, usize, usize)> {
 /// warm-up, on the backend as `CpuBackend::new` makes it (oneDNN where it is
 /// faster, as `ECDIT_ONEDNN` allows): one record per shape and thread count,
 /// all marked `default`. The model benchmarks take their matmul peak from it.
-pub fn bench_gemm(shapes: &[(usize, usize, usize)], threads: &[usize], reps: usize) -> Result<Vec<GemmRecord>> {
+pub fn bench_gemm(
+    shapes: &[(usize, usize, usize)],
+    threads: &[usize],
+    reps: usize,
+    dtype: DType,
+) -> Result<Vec<GemmRecord>> {
     let mut records = Vec::new();
     for &t in threads {
         let backend = CpuBackend::new(t)?;
-        records.extend(bench_backends(&[(&backend, true)], shapes, reps, &[DType::F32])?);
+        records.extend(bench_backends(&[(&backend, true)], shapes, reps, &[dtype])?);
     }
     Ok(records)
 }
@@ -242,7 +247,7 @@ mod tests {
             assert_eq!((bf16.dtype.as_str(), bf16.library.as_str()), ("bf16", "onednn"));
             assert!(bf16.default, "bf16 30x40x64 goes to oneDNN: {bf16:?}");
         }
-        let plain = bench_gemm(&[(30, 40, 64)], &[2], 1).unwrap();
+        let plain = bench_gemm(&[(30, 40, 64)], &[2], 1, DType::F32).unwrap();
         assert_eq!(plain.len(), 1);
         assert!(plain[0].default && plain[0].dtype == "f32");
     }
