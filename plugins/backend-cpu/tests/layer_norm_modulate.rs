@@ -149,46 +149,37 @@ fn wrong_lengths_and_chunks_are_errors_naming_them() {
     let c = case(2, 3, 8, 6, 0, 1, 7);
     let rows = 6;
     let (x, m) = (up(DType::F32, &c.x), up(DType::F32, &c.modulation));
-    let mut out = be.zeros(&[c.x.len() - 1], DType::F32).unwrap();
-    let (mut mean, mut rstd) = (
-        be.zeros(&[rows], DType::F32).unwrap(),
-        be.zeros(&[rows], DType::F32).unwrap(),
-    );
-    let err = be
-        .layer_norm_modulate(
+    let run = |out_len: usize, which: ModChunks| {
+        let mut out = be.zeros(&[out_len], DType::F32).unwrap();
+        let (mut mean, mut rstd) = (
+            be.zeros(&[rows], DType::F32).unwrap(),
+            be.zeros(&[rows], DType::F32).unwrap(),
+        );
+        let r = be.layer_norm_modulate(
             out.view_mut(),
             None,
             mean.view_mut(),
             rstd.view_mut(),
             x.view(),
             m.view(),
-            c.which,
+            which,
             c.dims,
             EPS,
-        )
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("layer_norm_modulate") && err.to_string().contains("out"),
-        "{err}"
-    );
-    let mut out = be.zeros(&[c.x.len()], DType::F32).unwrap();
-    let bad = ModChunks {
-        chunks: 6,
-        first: 0,
-        second: 6,
+        );
+        r.unwrap_err().to_string()
     };
-    let err = be
-        .layer_norm_modulate(
-            out.view_mut(),
-            None,
-            mean.view_mut(),
-            rstd.view_mut(),
-            x.view(),
-            m.view(),
-            bad,
-            c.dims,
-            EPS,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("second chunk"), "{err}");
+    let short = run(c.x.len() - 1, c.which);
+    assert!(
+        short.contains("layer_norm_modulate") && short.contains("out"),
+        "{short}"
+    );
+    let bad = run(
+        c.x.len(),
+        ModChunks {
+            chunks: 6,
+            first: 0,
+            second: 6,
+        },
+    );
+    assert!(bad.contains("second chunk"), "{bad}");
 }
