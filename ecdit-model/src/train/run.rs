@@ -75,6 +75,12 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
     )
     .map_err(|e| TrainError::Other(e.to_string()))?;
 
+    // A fine-tune's files are checked before anything is created.
+    let init = match &opts.init_from {
+        Some(dir) => Some(InitWeights::open(dir, &config.model)?),
+        None => None,
+    };
+
     let io = |what: &str, path: &Path, e: std::io::Error| TrainError::Other(format!("{what} {}: {e}", path.display()));
     std::fs::create_dir_all(out).map_err(|e| io("cannot create the run directory", out, e))?;
     let run_file = out.join(RUN_FILE);
@@ -110,9 +116,9 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
         }
     }
     // A fine-tune's weights, unless a checkpoint of it has them already.
-    if let (Some(dir), None) = (&opts.init_from, resumed_from) {
-        warm_start(&mut trainer, dir)?;
-        eprintln!("starting from the weights in {}", dir.display());
+    if let (Some(init), None) = (&init, resumed_from) {
+        init.load_into(&mut trainer)?;
+        eprintln!("starting from the weights in {}", init.dir.display());
     }
     if !run_file.exists() {
         let json = serde_json::to_string_pretty(&config).map_err(|e| TrainError::Other(e.to_string()))?;
@@ -183,43 +189,62 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
     })
 }
 
-/// Sets the live weights and the EMA of a new run from an exported model
-/// directory, after checking that it is a model of the run's config.
-fn warm_start(trainer: &mut Trainer, dir: &Path) -> Result<(), TrainError> {
-    let model_file = dir.join("model.safetensors");
-    let weights = Weights::open(&model_file).map_err(ModelError::from)?;
-    let mut theirs = crate::model::config_from_metadata(&weights)?;
-    // The architecture must match; the name is the run's.
-    theirs.name.clone_from(&trainer.config.model.name);
-    if theirs != trainer.config.model {
-        return Err(TrainError::Other(format!(
-            "--init-from {}: its model config differs from the run's in {}; a fine-tune keeps the architecture",
-            model_file.display(),
-            config_differences(&theirs, &trainer.config.model)
-        )));
-    }
-    let backend = trainer.backend_arc();
-    let enc_weights = match &trainer.encoder {
-        Some(_) => Some(Weights::open(dir.join("text_encoder.safetensors")).map_err(ModelError::from)?),
-        None => None,
-    };
-    let read = |r: Result<(), crate::weights::WeightsError>| r.map_err(ModelError::from);
-    // Into what the optimiser steps (the f32 masters in mixed precision).
-    for p in trainer.params_mut() {
-        let file = match &enc_weights {
-            Some(enc) if enc.contains(&p.name) => enc,
-            _ => &weights,
+/// The weights of an exported model a new run starts from (`--init-from`).
+struct InitWeights {
+    dir: PathBuf,
+    model: Weights,
+    /// The text encoder's, for a text-conditioned model.
+    encoder: Option<Weights>,
+}
+
+impl InitWeights {
+    /// Opens the model directory's files and checks that they hold a model of `config`.
+    fn open(dir: &Path, config: &crate::config::ModelConfig) -> Result<Self, TrainError> {
+        let model_file = dir.join("model.safetensors");
+        let model = Weights::open(&model_file).map_err(ModelError::from)?;
+        let mut theirs = crate::model::config_from_metadata(&model)?;
+        // The architecture must match; the name is the run's.
+        theirs.name.clone_from(&config.name);
+        if &theirs != config {
+            return Err(TrainError::Other(format!(
+                "--init-from {}: its model config differs from the run's in {}; a fine-tune keeps the architecture",
+                model_file.display(),
+                config_differences(&theirs, config)
+            )));
+        }
+        let encoder = match config.conditioning {
+            Conditioning::Text { .. } => {
+                Some(Weights::open(dir.join("text_encoder.safetensors")).map_err(ModelError::from)?)
+            }
+            Conditioning::Class { .. } => None,
         };
-        read(file.load_param(backend.as_ref(), p))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            model,
+            encoder,
+        })
     }
-    // The fixed sin-cos table is the run's own; every other tensor was read.
-    read(weights.check_all_used(&["pos_embed"]))?;
-    if let Some(enc) = &enc_weights {
-        read(enc.check_all_used(&[]))?;
+
+    /// Sets the trainer's live weights (the f32 masters in mixed precision)
+    /// and its EMA from the files.
+    fn load_into(&self, trainer: &mut Trainer) -> Result<(), TrainError> {
+        let backend = trainer.backend_arc();
+        let read = |r: Result<(), crate::weights::WeightsError>| r.map_err(ModelError::from);
+        for p in trainer.params_mut() {
+            let file = match &self.encoder {
+                Some(enc) if enc.contains(&p.name) => enc,
+                _ => &self.model,
+            };
+            read(file.load_param(backend.as_ref(), p))?;
+        }
+        // The fixed sin-cos table is the run's own; every other tensor was read.
+        read(self.model.check_all_used(&["pos_embed"]))?;
+        if let Some(enc) = &self.encoder {
+            read(enc.check_all_used(&[]))?;
+        }
+        trainer.sync_model()?;
+        trainer.reset_ema()
     }
-    trainer.sync_model()?;
-    trainer.reset_ema()?;
-    Ok(())
 }
 
 /// The fields in which two model configs differ: `hidden (32 there, 48 here)`.
