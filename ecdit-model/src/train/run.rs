@@ -75,10 +75,11 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
     )
     .map_err(|e| TrainError::Other(e.to_string()))?;
 
-    // A fine-tune's files are checked before anything is created.
-    let init = match &opts.init_from {
-        Some(dir) => Some(InitWeights::open(dir, &config.model)?),
-        None => None,
+    // A new fine-tune's files are checked before anything is created (a
+    // resumed one reads them only if no checkpoint holds its weights yet).
+    let mut init = match (&opts.init_from, opts.resume) {
+        (Some(dir), false) => Some(InitWeights::open(dir, &config.model)?),
+        _ => None,
     };
 
     let io = |what: &str, path: &Path, e: std::io::Error| TrainError::Other(format!("{what} {}: {e}", path.display()));
@@ -116,7 +117,11 @@ pub fn run(config: TrainConfig, registry: &Registry, opts: &RunOptions) -> Resul
         }
     }
     // A fine-tune's weights, unless a checkpoint of it has them already.
-    if let (Some(init), None) = (&init, resumed_from) {
+    if let (Some(dir), None) = (&opts.init_from, resumed_from) {
+        let init = match init.take() {
+            Some(init) => init,
+            None => InitWeights::open(dir, &config.model)?,
+        };
         init.load_into(&mut trainer)?;
         eprintln!("starting from the weights in {}", init.dir.display());
     }
