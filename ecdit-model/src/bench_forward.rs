@@ -404,6 +404,42 @@ impl Backend for ProfiledBackend {
                 .gemm_grouped(out, a, b, group_rows, n, k, trans_b, alpha, beta)
         })
     }
+    fn gemm_act(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        act: Unary,
+    ) -> EResult<()> {
+        self.timed("gemm + activation", dims.flops(), || {
+            self.inner.gemm_act(out, a, b, bias, dims, act)
+        })
+    }
+    fn gemm_grouped_bias(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> EResult<()> {
+        let flops = 2.0 * group_rows.iter().sum::<usize>() as f64 * n as f64 * k as f64;
+        let op = if act.is_some() {
+            "gemm_grouped + bias + activation"
+        } else {
+            "gemm_grouped + bias"
+        };
+        self.timed(op, flops, || {
+            self.inner
+                .gemm_grouped_bias(out, a, b, bias, group_rows, n, k, trans_b, act)
+        })
+    }
     fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> EResult<()> {
         self.timed("add_broadcast", 0.0, || self.inner.add_broadcast(out, inp))
     }

@@ -285,6 +285,30 @@ pub fn gemm_grouped_by_gemm<B: Backend + ?Sized>(
     Ok(())
 }
 
+/// `out[rows of g] += bias[g]`, one [`Backend::add_broadcast`] per non-empty
+/// group: the bias step of [`Backend::gemm_grouped_bias`]'s default.
+/// out: [R, n]; bias: [G, n]; `R = sum(group_rows)`, `G = group_rows.len()`.
+pub fn add_group_bias<B: Backend + ?Sized>(
+    be: &B,
+    mut out: TensorMut<'_>,
+    bias: TensorRef<'_>,
+    group_rows: &[usize],
+    n: usize,
+) -> Result<()> {
+    const OP: &str = "gemm_grouped_bias";
+    bias.expect_len(OP, "bias", group_rows.len() * n)?;
+    out.expect_len(OP, "out", group_rows.iter().sum::<usize>() * n)?;
+    let bias = bias.flat(0, bias.numel())?;
+    let mut r0 = 0;
+    for (g, &m) in group_rows.iter().enumerate() {
+        if m > 0 {
+            be.add_broadcast(out.reborrow().flat(r0 * n, m * n)?, bias.flat(g * n, n)?)?;
+        }
+        r0 += m;
+    }
+    Ok(())
+}
+
 /// Which chunks of an adaLN modulation `[B, chunks * d]` an op reads
 /// (upstream order: `shift, scale, gate, ...`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,6 +449,63 @@ pub trait Backend: Send + Sync {
         beta: f32,
     ) -> Result<()> {
         gemm_grouped_by_gemm(self, out, a, b, group_rows, n, k, trans_b, alpha, beta)
+    }
+
+    /// [`Backend::gemm`] (alpha 1, beta 0) with an activation after the bias:
+    /// `out = act(op(a) @ op(b) + bias)`, the first layer of an MLP at
+    /// inference. The default runs `gemm` into a scratch, then
+    /// [`Backend::unary`]; a backend may fuse the activation into the product
+    /// (in bf16 rounding once instead of twice), within the activation's
+    /// accuracy of the default. out: [m, n]; a, b, bias as in `gemm`.
+    fn gemm_act(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        act: Unary,
+    ) -> Result<()> {
+        let mut pre = self.zeros(out.shape(), out.dtype())?;
+        self.gemm(pre.view_mut(), a, b, bias, dims, 1.0, 0.0)?;
+        self.unary(act, out, pre.view())
+    }
+
+    /// [`Backend::gemm_grouped`] (alpha 1, beta 0) with one bias row per
+    /// group and an optional activation: `out[rows of g] = act(a[rows of g]
+    /// @ op(b[g]) + bias[g])`, a MoE layer's experts. The default runs
+    /// `gemm_grouped`, one [`Backend::add_broadcast`] per group and `unary`
+    /// through a scratch; a backend may fuse bias and activation into the
+    /// products (in bf16 rounding once instead of up to three times). In f32
+    /// without an activation, the default's bits.
+    /// out: [R, n]; a: [R, k]; b: as in `gemm_grouped`; bias: [G, n].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_grouped_bias(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> Result<()> {
+        let mut scratch = None;
+        let (mut pre, out) = match act {
+            None => (out, None),
+            Some(_) => (
+                scratch.insert(self.zeros(out.shape(), out.dtype())?).view_mut(),
+                Some(out),
+            ),
+        };
+        self.gemm_grouped(pre.reborrow(), a, b, group_rows, n, k, trans_b, 1.0, 0.0)?;
+        add_group_bias(self, pre.reborrow(), bias, group_rows, n)?;
+        match (act, out) {
+            (Some(act), Some(out)) => self.unary(act, out, pre.as_ref()),
+            _ => Ok(()),
+        }
     }
 
     // ---- element-wise and row ops ----

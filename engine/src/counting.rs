@@ -195,6 +195,33 @@ impl Backend for CountingBackend {
         self.inner
             .gemm_grouped(m(out)?, r(a)?, r(b)?, group_rows, n, k, trans_b, alpha, beta)
     }
+    fn gemm_act(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        act: Unary,
+    ) -> Result<()> {
+        self.inner
+            .gemm_act(m(out)?, r(a)?, r(b)?, bias.map(r).transpose()?, dims, act)
+    }
+    fn gemm_grouped_bias(
+        &self,
+        out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> Result<()> {
+        self.inner
+            .gemm_grouped_bias(m(out)?, r(a)?, r(b)?, r(bias)?, group_rows, n, k, trans_b, act)
+    }
     fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         self.inner.add_broadcast(m(out)?, r(inp)?)
     }

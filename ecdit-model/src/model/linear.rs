@@ -3,7 +3,7 @@
 //! plain NN gemm with the bias fused.
 
 use super::grads::Grads;
-use ecdit_engine::{Backend, DType, GemmDims, Init, Layout, Param, Params, Result, TensorMut, TensorRef};
+use ecdit_engine::{Backend, DType, GemmDims, Init, Layout, Param, Params, Result, TensorMut, TensorRef, Unary};
 
 /// A linear layer with bias.
 #[derive(Debug)]
@@ -109,27 +109,37 @@ impl Linear {
 
     /// out: [rows, out_dim]; inp: [rows, in_dim].
     pub fn forward(&self, backend: &dyn Backend, out: TensorMut<'_>, inp: TensorRef<'_>, rows: usize) -> Result<()> {
-        if self.chunks == 1 {
-            let dims = match self.weight.layout {
-                Layout::AsStored => GemmDims::nt(rows, self.out_dim, self.in_dim),
-                _ => GemmDims::nn(rows, self.out_dim, self.in_dim),
-            };
-            return backend.gemm(
-                out,
-                inp,
-                self.weight.tensor.view(),
-                Some(self.bias.tensor.view()),
-                dims,
-                1.0,
-                0.0,
-            );
+        let (w, b) = (self.weight.tensor.view(), Some(self.bias.tensor.view()));
+        backend.gemm(out, inp, w, b, self.dims(rows)?, 1.0, 0.0)
+    }
+
+    /// `act(forward(inp))`, fused where the backend can (an MLP's first
+    /// layer at inference, which keeps no pre-activation).
+    /// out: [rows, out_dim]; inp: [rows, in_dim].
+    pub fn forward_act(
+        &self,
+        backend: &dyn Backend,
+        out: TensorMut<'_>,
+        inp: TensorRef<'_>,
+        rows: usize,
+        act: Unary,
+    ) -> Result<()> {
+        let (w, b) = (self.weight.tensor.view(), Some(self.bias.tensor.view()));
+        backend.gemm_act(out, inp, w, b, self.dims(rows)?, act)
+    }
+
+    /// The whole layer's product on `rows` rows.
+    fn dims(&self, rows: usize) -> Result<GemmDims> {
+        match (self.chunks, self.weight.layout) {
+            (1, Layout::AsStored) => Ok(GemmDims::nt(rows, self.out_dim, self.in_dim)),
+            (1, _) => Ok(GemmDims::nn(rows, self.out_dim, self.in_dim)),
+            // A fused layer into one [rows, out_dim] buffer: part by part
+            // through a [rows, chunks, part] view would need strides.
+            _ => Err(ecdit_engine::EngineError::Other(format!(
+                "Linear::forward ({}): a fused projection runs part by part (forward_chunk)",
+                self.weight.name
+            ))),
         }
-        // A fused layer into one [rows, out_dim] buffer: part by part through a
-        // [rows, chunks, part] view would need strides; callers use `forward_chunk`.
-        Err(ecdit_engine::EngineError::Other(format!(
-            "Linear::forward ({}): a fused projection runs part by part (forward_chunk)",
-            self.weight.name
-        )))
     }
 
     /// Output part `j` of a fused layer. out: [rows, out_dim / chunks]; inp: [rows, in_dim].

@@ -69,16 +69,23 @@ impl Mlp {
         let (d, h, rows) = (self.fc1.in_dim, self.hidden(), batch * tokens);
         let chunk = chunk_rows(batch, tokens).max(1);
         let held = if keep { rows } else { chunk.min(rows) };
-        acts.pre.ensure(backend, &[held, h], dtype)?;
+        if keep {
+            acts.pre.ensure(backend, &[held, h], dtype)?;
+        }
         acts.act.ensure(backend, &[held, h], dtype)?;
         let x = x.reshape(&[rows, d])?;
         for r0 in (0..rows).step_by(chunk) {
             let m = chunk.min(rows - r0);
             let at = if keep { r0 } else { 0 };
-            let pre = acts.pre.view_mut()?.rows(at, m)?;
-            self.fc1.forward(backend, pre, x.rows(r0, m)?, m)?;
-            let pre = acts.pre.view()?.rows(at, m)?;
-            backend.unary(Unary::GeluTanh, acts.act.view_mut()?.rows(at, m)?, pre)?;
+            let act = acts.act.view_mut()?.rows(at, m)?;
+            if keep {
+                // The backward needs the pre-activation.
+                let pre = acts.pre.view_mut()?.rows(at, m)?;
+                self.fc1.forward(backend, pre, x.rows(r0, m)?, m)?;
+                backend.unary(Unary::GeluTanh, act, acts.pre.view()?.rows(at, m)?)?;
+            } else {
+                self.fc1.forward_act(backend, act, x.rows(r0, m)?, m, Unary::GeluTanh)?;
+            }
             let o = out.reborrow().reshape(&[rows, d])?.rows(r0, m)?;
             self.fc2.forward(backend, o, acts.act.view()?.rows(at, m)?, m)?;
         }

@@ -12,6 +12,7 @@ use crate::slices::{
     bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output,
     output_opt,
 };
+use ecdit_engine::backend::{add_group_bias, check_grouped};
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::{
@@ -109,7 +110,7 @@ impl CpuBackend {
         if dims.m <= ops::gemm_few_rows::FEW_ROWS && !dims.trans_a && !dims.trans_b {
             return "few rows".into();
         }
-        match self.onednn_key(dims, 1, dtype, dtype, DType::F32, false, 1.0, 0.0) {
+        match self.onednn_key(dims, 1, dtype, dtype, DType::F32, false, 1.0, 0.0, None) {
             Some((lib, spec)) => lib.implementation(spec, self.threads).unwrap_or_else(|e| e),
             None => "gemm crate".into(),
         }
@@ -141,6 +142,7 @@ impl CpuBackend {
         bias: bool,
         alpha: f32,
         beta: f32,
+        act: Option<Unary>,
     ) -> Option<(&'static OneDnn, Spec)> {
         let lib = self.onednn_for(dims, a, b, out)?;
         let bf16_inputs = a == DType::BF16 && b == DType::BF16;
@@ -160,6 +162,10 @@ impl CpuBackend {
             bias,
             alpha,
             beta,
+            act: act.map(|a| match a {
+                Unary::GeluTanh => onednn::ELTWISE_GELU_TANH,
+                Unary::Silu => onednn::ELTWISE_SWISH,
+            }),
         };
         lib.ready(spec, self.threads).ok().map(|()| (lib, spec))
     }
@@ -240,6 +246,34 @@ impl CpuBackend {
             }
         }
         Ok(())
+    }
+
+    /// oneDNN for a bf16 product with its bias and activation fused as
+    /// post-ops (alpha 1, beta 0); `None` for f32 products, whose fused ops
+    /// keep the bits of the separate ones by running them separately.
+    fn fused_onednn(
+        &self,
+        dims: GemmDims,
+        a: DType,
+        b: DType,
+        out: DType,
+        bias: bool,
+        act: Option<Unary>,
+    ) -> Option<(&'static OneDnn, Spec)> {
+        if a != DType::BF16 || b != DType::BF16 {
+            return None;
+        }
+        self.onednn_key(dims, 1, a, b, out, bias, 1.0, 0.0, act)
+    }
+
+    /// `out = act(out)` element-wise, in place.
+    fn activate_in_place(&self, act: Unary, out: TensorMut<'_>) -> Result<()> {
+        self.pool.install(|| {
+            elementwise("activation", out, true, [], |o, []| {
+                ops::activation::unary_in_place(act, o);
+                Ok(())
+            })
+        })
     }
 
     /// Runs `f` on this backend's pool, so rayon work inside it (a model's own
@@ -396,7 +430,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "gemm";
         let (dt_a, dt_b, dt_out) = (a.dtype(), b.dtype(), out.dtype());
-        if let Some(lib) = self.onednn_key(dims, 1, dt_a, dt_b, dt_out, bias.is_some(), alpha, beta) {
+        if let Some(lib) = self.onednn_key(dims, 1, dt_a, dt_b, dt_out, bias.is_some(), alpha, beta, None) {
             return self.gemm_onednn(lib, OP, out, a, b, bias);
         }
         self.pool.install(|| {
@@ -420,7 +454,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "gemm_batched";
         let (dt_a, dt_b, dt_out) = (a.dtype(), b.dtype(), out.dtype());
-        if let Some(lib) = self.onednn_key(dims, batch, dt_a, dt_b, dt_out, false, alpha, beta) {
+        if let Some(lib) = self.onednn_key(dims, batch, dt_a, dt_b, dt_out, false, alpha, beta, None) {
             return self.gemm_onednn(lib, OP, out, a, b, None);
         }
         self.pool.install(|| {
@@ -473,6 +507,85 @@ impl Backend for CpuBackend {
             o.finish();
             Ok(())
         })
+    }
+
+    fn gemm_act(
+        &self,
+        mut out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        dims: GemmDims,
+        act: Unary,
+    ) -> Result<()> {
+        // bf16 on oneDNN: the activation as its post-op, on the f32 sum
+        // before the one rounding. Otherwise the default's bits, in place.
+        if let Some(lib) = self.fused_onednn(dims, a.dtype(), b.dtype(), out.dtype(), bias.is_some(), Some(act)) {
+            return self.gemm_onednn(lib, "gemm_act", out, a, b, bias);
+        }
+        self.gemm(out.reborrow(), a, b, bias, dims, 1.0, 0.0)?;
+        self.activate_in_place(act, out)
+    }
+
+    fn gemm_grouped_bias(
+        &self,
+        mut out: TensorMut<'_>,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> Result<()> {
+        const OP: &str = "gemm_grouped_bias";
+        let tallest = group_rows.iter().copied().max().unwrap_or(0);
+        let (dt_a, dt_b, dt_out) = (a.dtype(), b.dtype(), out.dtype());
+        let dims = |m| {
+            if trans_b {
+                GemmDims::nt(m, n, k)
+            } else {
+                GemmDims::nn(m, n, k)
+            }
+        };
+        let fused = |m| self.fused_onednn(dims(m), dt_a, dt_b, dt_out, true, act);
+        if fused(tallest.max(ops::gemm_few_rows::FEW_ROWS + 1)).is_none() {
+            // f32, or no oneDNN: the default's steps (and so, in f32, its
+            // bits), the activation in place.
+            self.gemm_grouped(out.reborrow(), a, b, group_rows, n, k, trans_b, 1.0, 0.0)?;
+            add_group_bias(self, out.reborrow(), bias, group_rows, n)?;
+            return act.map_or(Ok(()), |act| self.activate_in_place(act, out));
+        }
+        // bf16 on oneDNN: one product per group with its bias and the
+        // activation fused, each rounded once (groups of a few rows, which
+        // keep their own kernel, take the steps above).
+        check_grouped(OP, out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
+        bias.expect_len(OP, "bias", group_rows.len() * n)?;
+        let (a, b, bias) = (
+            a.flat(0, a.numel())?,
+            b.flat(0, b.numel())?,
+            bias.flat(0, bias.numel())?,
+        );
+        let mut r0 = 0;
+        for (g, &m) in group_rows.iter().enumerate() {
+            if m == 0 {
+                continue;
+            }
+            let mut o = out.reborrow().flat(r0 * n, m * n)?;
+            let (a_g, b_g, bias_g) = (a.flat(r0 * k, m * k)?, b.flat(g * n * k, n * k)?, bias.flat(g * n, n)?);
+            match fused(m) {
+                Some(lib) => self.gemm_onednn(lib, OP, o, a_g, b_g, Some(bias_g))?,
+                None => {
+                    self.gemm(o.reborrow(), a_g, b_g, Some(bias_g), dims(m), 1.0, 0.0)?;
+                    if let Some(act) = act {
+                        self.activate_in_place(act, o)?;
+                    }
+                }
+            }
+            r0 += m;
+        }
+        Ok(())
     }
 
     // ---- element-wise and row ops ----

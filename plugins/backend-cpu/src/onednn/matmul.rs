@@ -45,6 +45,8 @@ pub(crate) struct Key {
     /// `alpha.to_bits()`, `beta.to_bits()`.
     pub alpha: u32,
     pub beta: u32,
+    /// An activation applied last (`dnnl_alg_kind_t`, see [`Spec::act`]).
+    pub act: Option<c_int>,
     /// OpenMP threads the primitive is built for.
     pub threads: usize,
 }
@@ -67,6 +69,9 @@ pub(crate) struct Spec {
     pub bias: bool,
     pub alpha: f32,
     pub beta: f32,
+    /// An activation of the result (after bias and beta), fused as oneDNN's
+    /// eltwise post-op: `ELTWISE_GELU_TANH` or `ELTWISE_SWISH` (alpha 1).
+    pub act: Option<c_int>,
 }
 
 impl Spec {
@@ -81,9 +86,11 @@ impl Spec {
     }
 
     /// The primitive key of the chunk starting at `k0`: the first chunk
-    /// carries beta and the bias, the later ones add onto the output.
+    /// carries beta and the bias, the later ones add onto the output, and
+    /// the last one applies the activation.
     fn key(&self, (k0, kc): (usize, usize), threads: usize) -> Key {
         let first = k0 == 0;
+        let last = k0 + kc == self.dims.k;
         Key {
             batch: self.batch,
             m: self.dims.m,
@@ -97,6 +104,7 @@ impl Spec {
             bias: self.bias && first,
             alpha: self.alpha.to_bits(),
             beta: if first { self.beta.to_bits() } else { 1.0f32.to_bits() },
+            act: if last { self.act } else { None },
             threads,
         }
     }
@@ -405,7 +413,8 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
         },
         "dnnl_matmul_desc_init",
     )?;
-    // Attributes: alpha as the output scale, beta as a `sum` post-op.
+    // Attributes: alpha as the output scale, beta as a `sum` post-op, then
+    // the activation as an `eltwise` post-op.
     let mut attr: Handle = std::ptr::null_mut();
     // SAFETY: out-pointers to handles destroyed below.
     unsafe {
@@ -419,11 +428,20 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
                 )?;
             }
             let beta = f32::from_bits(key.beta);
-            if beta != 0.0 {
+            if beta != 0.0 || key.act.is_some() {
                 let mut ops: Handle = std::ptr::null_mut();
                 check((api.post_ops_create)(&mut ops), "dnnl_post_ops_create")?;
-                let r = check((v2.post_ops_append_sum)(ops, beta), "dnnl_post_ops_append_sum")
-                    .and_then(|()| check((api.primitive_attr_set_post_ops)(attr, ops), "set post-ops"));
+                let mut r = Ok(());
+                if beta != 0.0 {
+                    r = check((v2.post_ops_append_sum)(ops, beta), "dnnl_post_ops_append_sum");
+                }
+                if let (Ok(()), Some(alg)) = (&r, key.act) {
+                    r = check(
+                        (v2.post_ops_append_eltwise)(ops, 1.0, alg, 1.0, 0.0),
+                        "dnnl_post_ops_append_eltwise",
+                    );
+                }
+                let r = r.and_then(|()| check((api.primitive_attr_set_post_ops)(attr, ops), "set post-ops"));
                 (api.post_ops_destroy)(ops);
                 r?;
             }

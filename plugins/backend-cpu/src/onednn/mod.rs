@@ -113,6 +113,10 @@ pub(crate) const ARG_SRC: c_int = 1;
 pub(crate) const ARG_DST: c_int = 17;
 pub(crate) const ARG_WEIGHTS: c_int = 33;
 pub(crate) const ARG_BIAS: c_int = 41;
+/// `dnnl_alg_kind_t` of the activations fused as eltwise post-ops.
+pub(crate) const ELTWISE_GELU_TANH: c_int = 0xcf;
+/// `x * sigmoid(alpha * x)`: SiLU at alpha 1.
+pub(crate) const ELTWISE_SWISH: c_int = 0xdf;
 /// `DNNL_RUNTIME_*` values of `dnnl_version_t::cpu_runtime`.
 const RUNTIME_SEQ: c_uint = 1;
 const RUNTIME_OMP: c_uint = 2;
@@ -153,6 +157,8 @@ pub(crate) struct ApiV2 {
     pub primitive_desc_create: unsafe extern "C" fn(*mut Handle, *const c_void, Handle, Handle, Handle) -> Status,
     pub primitive_attr_set_output_scales: unsafe extern "C" fn(Handle, i64, c_int, *const f32) -> Status,
     pub post_ops_append_sum: unsafe extern "C" fn(Handle, f32) -> Status,
+    /// `(post_ops, scale, alg_kind, alpha, beta)`; 3.x dropped `scale`.
+    pub post_ops_append_eltwise: unsafe extern "C" fn(Handle, f32, c_int, f32, f32) -> Status,
 }
 
 /// The API generation of the loaded library.
@@ -353,6 +359,7 @@ fn load() -> Result<OneDnn, String> {
         primitive_desc_create: sym!("dnnl_primitive_desc_create"),
         primitive_attr_set_output_scales: sym!("dnnl_primitive_attr_set_output_scales"),
         post_ops_append_sum: sym!("dnnl_post_ops_append_sum"),
+        post_ops_append_eltwise: sym!("dnnl_post_ops_append_eltwise"),
     });
     let mut engine: Handle = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; engine index 0 of the CPU kind.
@@ -389,6 +396,7 @@ fn load() -> Result<OneDnn, String> {
             bias: false,
             alpha: 1.0,
             beta: 0.0,
+            act: None,
         };
         match lib.implementation(spec, 1) {
             Ok(name) => name,

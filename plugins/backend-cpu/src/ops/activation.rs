@@ -111,6 +111,20 @@ pub fn unary(op: Unary, out: &mut [f32], inp: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// [`unary`] in place: `x[i] = op(x[i])`, the same bits. x: [n].
+pub fn unary_in_place(op: Unary, x: &mut [f32]) {
+    /// Elements copied aside at a time (the kernel reads one slice and writes another).
+    const BLOCK: usize = 1024;
+    x.par_chunks_mut(TASK_ELEMS).for_each(|chunk| {
+        let mut copy = [0.0f32; BLOCK];
+        for block in chunk.chunks_mut(BLOCK) {
+            let c = &mut copy[..block.len()];
+            c.copy_from_slice(block);
+            map(block, c, &[], op, false);
+        }
+    });
+}
+
 /// Backward of [`unary`]: `dinp = dout * op'(inp)`. dinp, dout, inp: [n].
 pub fn unary_backward(op: Unary, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()> {
     check_len("unary_backward", "dinp", dinp.len(), inp.len())?;

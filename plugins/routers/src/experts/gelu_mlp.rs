@@ -2,8 +2,8 @@
 //! for all E experts of a layer at once.
 
 use super::{
-    add_group_bias, check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows,
-    experts_with_rows, forward_slices, hidden_width, stacked_shapes, Hidden,
+    check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, experts_with_rows,
+    forward_slices, hidden_width, stacked_shapes, Hidden,
 };
 use ecdit_engine::{
     Backend, BackendExt, Expert, ExpertCache, GemmDims, ParamShape, Result, TensorMut, TensorRef, Unary,
@@ -105,17 +105,20 @@ impl Expert for GeluMlp {
             let (Some(mut pre), Some(mut act)) = (views.next(), views.next()) else {
                 unreachable!("two hidden regions")
             };
-            // pre = x @ fc1.weight[e] + fc1.bias[e]   ([m_e, d] @ [d, h] per expert)
-            let w1_s = w1.rows(e0, experts_s)?;
-            backend.gemm_grouped(pre.reborrow(), x.rows(r0, m)?, w1_s, &groups, h, d, false, 1.0, 0.0)?;
-            add_group_bias(backend, pre.reborrow(), b1.rows(e0, experts_s)?, &groups, h)?;
-            // act = gelu(pre)
-            backend.unary(Unary::GeluTanh, act.reborrow(), pre.as_ref())?;
+            // act = gelu(x @ fc1.weight[e] + fc1.bias[e])   ([m_e, d] @ [d, h] per expert)
+            let (x_s, w1_s, b1_s) = (x.rows(r0, m)?, w1.rows(e0, experts_s)?, b1.rows(e0, experts_s)?);
+            if keep {
+                // The backward needs the pre-activation.
+                backend.gemm_grouped_bias(pre.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, None)?;
+                backend.unary(Unary::GeluTanh, act.reborrow(), pre.as_ref())?;
+            } else {
+                let gelu = Some(Unary::GeluTanh);
+                backend.gemm_grouped_bias(act.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, gelu)?;
+            }
             // out = act @ fc2.weight[e] + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
-            let mut out_s = out.reborrow().rows(r0, m)?;
-            let w2_s = w2.rows(e0, experts_s)?;
-            backend.gemm_grouped(out_s.reborrow(), act.as_ref(), w2_s, &groups, d, h, false, 1.0, 0.0)?;
-            add_group_bias(backend, out_s, b2.rows(e0, experts_s)?, &groups, d)?;
+            let out_s = out.reborrow().rows(r0, m)?;
+            let (w2_s, b2_s) = (w2.rows(e0, experts_s)?, b2.rows(e0, experts_s)?);
+            backend.gemm_grouped_bias(out_s, act.as_ref(), w2_s, b2_s, &groups, d, h, false, None)?;
         }
         Ok(())
     }

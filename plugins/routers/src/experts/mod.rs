@@ -316,25 +316,6 @@ fn forward_slices(offsets: &[usize]) -> impl Iterator<Item = (usize, usize, usiz
         .map(move |(e0, e1, r0, r1)| (e0, e1, r0, r1, expert_rows(&offsets[e0..=e1])))
 }
 
-/// `out[rows of group g] += bias[g]`, group by group (groups consecutive).
-/// out: [sum(group_rows), cols]; bias: [G, cols].
-fn add_group_bias(
-    backend: &dyn Backend,
-    mut out: TensorMut<'_>,
-    bias: TensorRef<'_>,
-    group_rows: &[usize],
-    cols: usize,
-) -> Result<()> {
-    let mut r0 = 0;
-    for (g, &m) in group_rows.iter().enumerate() {
-        if m > 0 {
-            backend.add_broadcast(out.reborrow().rows(r0, m)?, bias.rows(g, 1)?.reshape(&[cols])?)?;
-        }
-        r0 += m;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
