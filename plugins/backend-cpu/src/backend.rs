@@ -7,9 +7,11 @@
 use crate::onednn::matmul::{Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
 use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
+use crate::ops::gemm::SharedMut;
+use crate::ops::numel;
 use crate::pool::BufferPool;
 use crate::slices::{
-    bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output,
+    bytes, bytes_mut, elementwise, f32_input, sample_rows, f32_output, indices, indices_mut, input, input_opt, mask, output,
     output_opt,
 };
 use ecdit_engine::backend::{add_group_bias, check_grouped};
@@ -282,6 +284,17 @@ impl CpuBackend {
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
+}
+
+/// The sample of a [`sample_rows`] block starting at row `row0` with `len`
+/// elements, and the block's dims as one sample of its own.
+fn sample_block(dims: RowDims, row0: usize, len: usize) -> (usize, RowDims) {
+    let one = RowDims {
+        batch: 1,
+        tokens: len / dims.d.max(1),
+        d: dims.d,
+    };
+    (row0 / dims.tokens.max(1), one)
 }
 
 /// An input of a oneDNN product: bf16 as stored, or f32 (borrowed or widened).
@@ -780,6 +793,29 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "layer_norm_modulate";
+        if ln.is_none() && dims.d > 0 {
+            // Inference: sample by sample in blocks of rows, bf16 widened
+            // block by block; the row statistics through disjoint blocks.
+            return self.pool.install(|| {
+                let (mut mu, mut rs) = (output(OP, "mean", mean, false)?, output(OP, "rstd", rstd, false)?);
+                let md = input(OP, "modulation", modulation)?;
+                let row = which.chunks * dims.d;
+                check_len(OP, "modulation", md.len(), numel(OP, &[dims.batch, which.chunks, dims.d])?)?;
+                check_len(OP, "mean", mu.len(), dims.batch * dims.tokens)?;
+                check_len(OP, "rstd", rs.len(), dims.batch * dims.tokens)?;
+                let (mu_shared, rs_shared) = (SharedMut::new(&mut mu), SharedMut::new(&mut rs));
+                sample_rows(OP, out, false, [("inp", inp)], dims, |row0, o, [x]| {
+                    let (b, one) = sample_block(dims, row0, o.len());
+                    // SAFETY: blocks cover disjoint rows, and the statistics
+                    // outlive `sample_rows`.
+                    let (m, s) = unsafe { (mu_shared.block(row0, one.tokens)?, rs_shared.block(row0, one.tokens)?) };
+                    ops::adaln::layer_norm_modulate(o, None, m, s, x, &md[b * row..][..row], which, one, eps)
+                })?;
+                mu.finish();
+                rs.finish();
+                Ok(())
+            });
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, false)?;
             let mut l = output_opt(OP, "ln", ln, false)?;
@@ -829,11 +865,14 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "gated_residual";
         self.pool.install(|| {
-            let mut xo = output(OP, "x", x, true)?;
-            let (y, m) = (input(OP, "y", y)?, input(OP, "modulation", modulation)?);
-            ops::adaln::gated_residual(&mut xo, &y, &m, which, dims)?;
-            xo.finish();
-            Ok(())
+            let m = input(OP, "modulation", modulation)?;
+            let row = which.chunks * dims.d;
+            check_len(OP, "modulation", m.len(), numel(OP, &[dims.batch, which.chunks, dims.d])?)?;
+            // Sample by sample, in blocks of rows (bf16 widened block by block).
+            sample_rows(OP, x, true, [("y", y)], dims, |row0, x, [y]| {
+                let (b, one) = sample_block(dims, row0, x.len());
+                ops::adaln::gated_residual(x, y, &m[b * row..][..row], which, one)
+            })
         })
     }
 

@@ -6,7 +6,8 @@
 //! is the simple, correct bf16 path; arithmetic always happens in f32.
 
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
-use ecdit_engine::{DType, EngineError, Result, TensorMut, TensorRef};
+use ecdit_engine::error::check_len;
+use ecdit_engine::{DType, EngineError, Result, RowDims, TensorMut, TensorRef};
 use rayon::prelude::*;
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
@@ -197,21 +198,10 @@ pub(crate) fn elementwise<const N: usize>(
     for (what, v) in inputs {
         ins.push(stored(op, what, v)?);
     }
-    // One chunk: the inputs' f32 values (borrowed or widened into `bufs`).
     let run_chunk = |c: usize, o: &mut [f32]| -> Result<()> {
         let range = c * ELEMENTWISE_CHUNK..c * ELEMENTWISE_CHUNK + o.len();
         let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-        for (buf, s) in bufs.iter_mut().zip(&ins) {
-            if let Stored::Bf16(s) = s {
-                buf.resize(range.len(), 0.0);
-                bf16_to_f32(buf, &s[range.clone()]);
-            }
-        }
-        let chunk: [&[f32]; N] = std::array::from_fn(|j| match ins[j] {
-            Stored::F32(s) => &s[range.clone()],
-            Stored::Bf16(_) => &bufs[j][..],
-        });
-        kernel(o, chunk)
+        kernel(o, widened(&ins, range, &mut bufs))
     };
     match out.dtype() {
         DType::F32 => out
@@ -232,6 +222,85 @@ pub(crate) fn elementwise<const N: usize>(
                 f32_to_bf16(dst, &o);
                 Ok(())
             }),
+        other => Err(not_float(op, "out", other)),
+    }
+}
+
+/// The f32 values of `range` of each input: borrowed, or widened into `bufs`.
+fn widened<'b, const N: usize>(
+    ins: &'b [Stored<'b>],
+    range: std::ops::Range<usize>,
+    bufs: &'b mut [Vec<f32>; N],
+) -> [&'b [f32]; N] {
+    for (buf, s) in bufs.iter_mut().zip(ins) {
+        if let Stored::Bf16(s) = s {
+            buf.resize(range.len(), 0.0);
+            bf16_to_f32(buf, &s[range.clone()]);
+        }
+    }
+    let bufs = &*bufs;
+    std::array::from_fn(|j| match ins[j] {
+        Stored::F32(s) => &s[range.clone()],
+        Stored::Bf16(_) => &bufs[j][..],
+    })
+}
+
+/// Runs the row kernel `kernel(row0, out, inputs)` over blocks of whole
+/// rows of one sample of `[B, T, d]` views (`row0`: the block's first row
+/// in `[B*T]`, its sample `row0 / T`) (ops with a per-sample operand,
+/// such as the adaLN gate), in parallel. Like [`elementwise`]: all f32, the
+/// blocks as stored; any bf16, each block's inputs widened into block-sized
+/// buffers and its output narrowed back while they are in cache, so no
+/// tensor-sized scratch is made. The blocks depend on the dims alone, and
+/// the kernel sees whole rows, so row ops keep their bits.
+/// `read_out`: the kernel reads the output's old values.
+pub(crate) fn sample_rows<const N: usize>(
+    op: &str,
+    out: TensorMut<'_>,
+    read_out: bool,
+    inputs: [(&str, TensorRef<'_>); N],
+    dims: RowDims,
+    kernel: impl Fn(usize, &mut [f32], [&[f32]; N]) -> Result<()> + Sync,
+) -> Result<()> {
+    let (t, d) = (dims.tokens, dims.d);
+    if d == 0 {
+        return Ok(()); // no elements (a kernel with per-row outputs handles d = 0 itself)
+    }
+    let n = (dims.batch.checked_mul(t).and_then(|r| r.checked_mul(d)))
+        .ok_or_else(|| EngineError::shape(op, "dims whose product fits in memory", format!("{dims:?}")))?;
+    check_len(op, "out", out.numel(), n)?;
+    let mut ins = Vec::with_capacity(N);
+    for (what, v) in inputs {
+        check_len(op, what, v.numel(), n)?;
+        ins.push(stored(op, what, v)?);
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let block = (ELEMENTWISE_CHUNK / d).clamp(1, t) * d;
+    // Block `j` of sample `b`: its inputs from the element where it starts.
+    let run_block = |b: usize, j: usize, o: &mut [f32]| -> Result<()> {
+        let start = b * t * d + j * block;
+        let mut bufs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        kernel(start / d, o, widened(&ins, start..start + o.len(), &mut bufs))
+    };
+    match out.dtype() {
+        DType::F32 => out.host_mut::<f32>()?.par_chunks_mut(t * d).enumerate().try_for_each(|(b, s)| {
+            s.par_chunks_mut(block)
+                .enumerate()
+                .try_for_each(|(j, o)| run_block(b, j, o))
+        }),
+        DType::BF16 => out.host_mut::<bf16>()?.par_chunks_mut(t * d).enumerate().try_for_each(|(b, s)| {
+            s.par_chunks_mut(block).enumerate().try_for_each(|(j, dst)| {
+                let mut o = vec![0.0f32; dst.len()];
+                if read_out {
+                    bf16_to_f32(&mut o, dst);
+                }
+                run_block(b, j, &mut o)?;
+                f32_to_bf16(dst, &o);
+                Ok(())
+            })
+        }),
         other => Err(not_float(op, "out", other)),
     }
 }

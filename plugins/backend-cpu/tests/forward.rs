@@ -3,7 +3,8 @@
 mod common;
 
 use common::*;
-use ecdit_engine::{AttnDims, Backend, GemmDims, ModChunks, PatchDims, RowDims, Unary};
+use ecdit_engine::dtype::bf16;
+use ecdit_engine::{AttnDims, Backend, BackendExt, DType, GemmDims, ModChunks, PatchDims, RowDims, Unary};
 use proptest::prelude::*;
 
 fn both() -> [&'static dyn Backend; 2] {
@@ -340,7 +341,7 @@ proptest! {
     }
 
     #[test]
-    fn modulate_and_gated_residual_match_the_models_loops(batch in 0usize..4, tokens in 0usize..40, d in 1usize..50,
+    fn modulate_and_gated_residual_match_the_models_loops(batch in 0usize..4, tokens in 0usize..300, d in 1usize..80,
                                                           chunks in 1usize..7, seed: u64) {
         let which = ModChunks { chunks, first: seed as usize % chunks, second: (seed >> 8) as usize % chunks };
         let dims = RowDims { batch, tokens, d };
@@ -365,6 +366,20 @@ proptest! {
             let mut res = x.clone();
             be.gated_residual_h(&mut res, &y, &m, which, dims).unwrap();
             prop_assert_eq!(&res, &want_res);
+            // bf16 storage (widened and narrowed block by block): the f32
+            // arithmetic on the stored values, rounded once.
+            let round = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+            let (xb, yb, mb) = (round(&x), round(&y), round(&m));
+            let want: Vec<f32> = (0..xb.len())
+                .map(|i| {
+                    let (b, c) = (i / (tokens * d), i % d);
+                    xb[i] + mb[(b * chunks + which.first) * d + c] * yb[i]
+                })
+                .collect();
+            let up = |v: &[f32]| be.upload_f32(&[v.len()], v, DType::BF16).unwrap();
+            let (mut xt, yt, mt) = (up(&xb), up(&yb), up(&mb));
+            be.gated_residual(xt.view_mut(), yt.view(), mt.view(), which, dims).unwrap();
+            prop_assert_eq!(be.read_f32(xt.view()).unwrap(), round(&want));
         }
     }
 
