@@ -11,8 +11,8 @@ use crate::ops::gemm::SharedMut;
 use crate::ops::numel;
 use crate::pool::BufferPool;
 use crate::slices::{
-    bytes, bytes_mut, elementwise, f32_input, sample_rows, f32_output, indices, indices_mut, input, input_opt, mask, output,
-    output_opt,
+    bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output,
+    output_opt, sample_rows,
 };
 use ecdit_engine::backend::{add_group_bias, check_grouped};
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
@@ -151,7 +151,7 @@ impl CpuBackend {
         let src = if bf16_inputs { onednn::DT_BF16 } else { onednn::DT_F32 };
         // oneDNN writes bf16 itself only when one primitive sums all of k:
         // k chunks would round each partial sum to bf16.
-        let dst = if bf16_inputs && out == DType::BF16 && dims.k <= MAX_K_CHUNK {
+        let dst = if bf16_inputs && out == DType::BF16 && (dims.k <= MAX_K_CHUNK || dims.trans_a) {
             onednn::DT_BF16
         } else {
             onednn::DT_F32
@@ -800,7 +800,12 @@ impl Backend for CpuBackend {
                 let (mut mu, mut rs) = (output(OP, "mean", mean, false)?, output(OP, "rstd", rstd, false)?);
                 let md = input(OP, "modulation", modulation)?;
                 let row = which.chunks * dims.d;
-                check_len(OP, "modulation", md.len(), numel(OP, &[dims.batch, which.chunks, dims.d])?)?;
+                check_len(
+                    OP,
+                    "modulation",
+                    md.len(),
+                    numel(OP, &[dims.batch, which.chunks, dims.d])?,
+                )?;
                 check_len(OP, "mean", mu.len(), dims.batch * dims.tokens)?;
                 check_len(OP, "rstd", rs.len(), dims.batch * dims.tokens)?;
                 let (mu_shared, rs_shared) = (SharedMut::new(&mut mu), SharedMut::new(&mut rs));
@@ -867,7 +872,12 @@ impl Backend for CpuBackend {
         self.pool.install(|| {
             let m = input(OP, "modulation", modulation)?;
             let row = which.chunks * dims.d;
-            check_len(OP, "modulation", m.len(), numel(OP, &[dims.batch, which.chunks, dims.d])?)?;
+            check_len(
+                OP,
+                "modulation",
+                m.len(),
+                numel(OP, &[dims.batch, which.chunks, dims.d])?,
+            )?;
             // Sample by sample, in blocks of rows (bf16 widened block by block).
             sample_rows(OP, x, true, [("y", y)], dims, |row0, x, [y]| {
                 let (b, one) = sample_block(dims, row0, x.len());

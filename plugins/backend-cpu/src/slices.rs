@@ -285,22 +285,30 @@ pub(crate) fn sample_rows<const N: usize>(
         kernel(start / d, o, widened(&ins, start..start + o.len(), &mut bufs))
     };
     match out.dtype() {
-        DType::F32 => out.host_mut::<f32>()?.par_chunks_mut(t * d).enumerate().try_for_each(|(b, s)| {
-            s.par_chunks_mut(block)
-                .enumerate()
-                .try_for_each(|(j, o)| run_block(b, j, o))
-        }),
-        DType::BF16 => out.host_mut::<bf16>()?.par_chunks_mut(t * d).enumerate().try_for_each(|(b, s)| {
-            s.par_chunks_mut(block).enumerate().try_for_each(|(j, dst)| {
-                let mut o = vec![0.0f32; dst.len()];
-                if read_out {
-                    bf16_to_f32(&mut o, dst);
-                }
-                run_block(b, j, &mut o)?;
-                f32_to_bf16(dst, &o);
-                Ok(())
-            })
-        }),
+        DType::F32 => out
+            .host_mut::<f32>()?
+            .par_chunks_mut(t * d)
+            .enumerate()
+            .try_for_each(|(b, s)| {
+                s.par_chunks_mut(block)
+                    .enumerate()
+                    .try_for_each(|(j, o)| run_block(b, j, o))
+            }),
+        DType::BF16 => out
+            .host_mut::<bf16>()?
+            .par_chunks_mut(t * d)
+            .enumerate()
+            .try_for_each(|(b, s)| {
+                s.par_chunks_mut(block).enumerate().try_for_each(|(j, dst)| {
+                    let mut o = vec![0.0f32; dst.len()];
+                    if read_out {
+                        bf16_to_f32(&mut o, dst);
+                    }
+                    run_block(b, j, &mut o)?;
+                    f32_to_bf16(dst, &o);
+                    Ok(())
+                })
+            }),
         other => Err(not_float(op, "out", other)),
     }
 }

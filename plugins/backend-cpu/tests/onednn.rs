@@ -131,6 +131,9 @@ fn plain_products_match_the_gemm_crate() {
             trans_b: true,
         },
         GemmDims::nn(300, 384, 384),
+        // A weight gradient's long k (the batch's rows): one primitive, unchunked.
+        GemmDims::tn(96, 64, 3000),
+        GemmDims::nn(40, 64, 2000),
     ];
     for threads in [1, 2] {
         let Some((on, off)) = pair(threads) else { return };

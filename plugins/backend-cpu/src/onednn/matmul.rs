@@ -10,7 +10,8 @@
 //! `sum` post-op. Operands keep our layouts (row-major, transposes as
 //! strides): pre-packing weights in oneDNN's blocked layout is not done yet.
 //! k longer than [`MAX_K_CHUNK`] runs as several primitives over chunks of k,
-//! each adding onto the output, so a row's bits never depend on the row count.
+//! each adding onto the output, so a row's bits never depend on the row count
+//! (except with `a` transposed: weight gradients, whose rows are weights).
 
 use super::{c_string, check, ExecArg, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
 use super::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, QUERY_IMPL_INFO_STR};
@@ -78,8 +79,14 @@ impl Spec {
     /// The k chunks `(k0, kc)`: `ceil(k / MAX_K_CHUNK)` of equal length
     /// rounded up to 32 (the AMX tile depth), the last one shorter. They
     /// depend on `k` alone.
+    /// Products with `a` transposed (weight gradients, `x^T @ dy`, whose k
+    /// is the batch's rows and whose rows are weights) run whole: their rows
+    /// never share a product with a varying number of others.
     pub fn chunks(&self) -> Vec<(usize, usize)> {
         let k = self.dims.k;
+        if self.dims.trans_a {
+            return vec![(0, k)];
+        }
         let count = k.div_ceil(MAX_K_CHUNK).max(1);
         let len = k.div_ceil(count).next_multiple_of(32).min(k);
         (0..k).step_by(len.max(1)).map(|k0| (k0, len.min(k - k0))).collect()
