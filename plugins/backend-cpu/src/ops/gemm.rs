@@ -155,8 +155,8 @@ pub(crate) struct SharedMut {
     len: usize,
 }
 
-// SAFETY: a `SharedMut` is only written through `gemm_shared`, whose callers
-// guarantee that concurrent views never overlap.
+// SAFETY: a `SharedMut` is only written through `gemm_shared` and `block`,
+// whose callers guarantee that concurrent views never overlap.
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
