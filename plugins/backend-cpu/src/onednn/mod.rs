@@ -244,8 +244,9 @@ pub fn library() -> Result<&'static OneDnn, &'static str> {
 
 /// Whether oneDNN's f32 kernel beats the `gemm` crate on this CPU, so `Auto`
 /// sends f32 products to it too. Measured on 2 threads, DiT-S shapes: on an
-/// AMD EPYC (Zen 4) oneDNN's `brg:avx512_core` ran at 1.5-2.1x the `gemm`
-/// crate; on an Intel Xeon with AMX at 0.85-1.1x. A fixed rule by vendor, not
+/// AMD EPYC (AVX-512) oneDNN's `brg:avx512_core` ran at 1.5-2.1x the `gemm`
+/// crate under load and 0.97-1.07x on a quiet one (family 26); on an Intel
+/// Xeon with AMX at 0.85-1.1x. A fixed rule by vendor, not
 /// a timing at start-up: a product's path, and so its bits, must be the same
 /// on every run on one machine.
 pub fn f32_faster_here() -> bool {

@@ -75,7 +75,7 @@ pub(crate) const ONEDNN_BF16_MIN_K: usize = 32;
 
 /// Smallest `k` of an f32 product oneDNN takes in `Auto` mode, on CPUs where
 /// its f32 kernel is the faster (`onednn::f32_faster_here`), with n >= 32 as
-/// for bf16. Measured on an AMD EPYC (Zen 4, 2 threads): at k = 64 (256 x 256)
+/// for bf16. Measured on an AMD EPYC (AVX-512, 2 threads): at k = 64 (256 x 256)
 /// the `gemm` crate was faster (138 against 96 GFLOP/s); from k = 256 oneDNN
 /// won at every shape (105-356 against 50-238).
 pub(crate) const ONEDNN_F32_MIN_K: usize = 128;
