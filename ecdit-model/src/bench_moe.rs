@@ -320,7 +320,14 @@ impl DenseFfn {
         let (w1, b1) = (self.fc1_weight.tensor.view(), self.fc1_bias.tensor.view());
         let (w2, b2) = (self.fc2_weight.tensor.view(), self.fc2_bias.tensor.view());
         // The fused product the experts use at inference too (a fair baseline).
-        backend.gemm_act(bufs.act.view_mut(), x, w1, Some(b1), GemmDims::nn(tokens, h, d), Unary::GeluTanh)?;
+        backend.gemm_act(
+            bufs.act.view_mut(),
+            x,
+            w1,
+            Some(b1),
+            GemmDims::nn(tokens, h, d),
+            Unary::GeluTanh,
+        )?;
         backend.gemm(out, bufs.act.view(), w2, Some(b2), GemmDims::nn(tokens, d, h), 1.0, 0.0)
     }
 }

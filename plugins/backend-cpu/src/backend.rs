@@ -4,7 +4,7 @@
 //! takes host slices of its views (`slices.rs`: bf16 widened to f32 and
 //! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
-use crate::onednn::matmul::{Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
+use crate::onednn::matmul::{whole_k, Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
 use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
 use crate::ops::gemm::SharedMut;
@@ -151,7 +151,8 @@ impl CpuBackend {
         let src = if bf16_inputs { onednn::DT_BF16 } else { onednn::DT_F32 };
         // oneDNN writes bf16 itself only when one primitive sums all of k:
         // k chunks would round each partial sum to bf16.
-        let dst = if bf16_inputs && out == DType::BF16 && (dims.k <= MAX_K_CHUNK || dims.trans_a) {
+        let one_primitive = dims.k <= MAX_K_CHUNK || whole_k(dims, src);
+        let dst = if bf16_inputs && out == DType::BF16 && one_primitive {
             onednn::DT_BF16
         } else {
             onednn::DT_F32
