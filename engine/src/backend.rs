@@ -476,8 +476,8 @@ pub trait Backend: Send + Sync {
     /// @ op(b[g]) + bias[g])`, a MoE layer's experts. The default runs
     /// `gemm_grouped`, one [`Backend::add_broadcast`] per group and `unary`
     /// through a scratch; a backend may fuse bias and activation into the
-    /// products (in bf16 rounding once instead of up to three times). In f32
-    /// without an activation, the default's bits.
+    /// products (in bf16 rounding once instead of up to three times), but in
+    /// f32 without an activation it must keep the default's bits.
     /// out: [R, n]; a: [R, k]; b: as in `gemm_grouped`; bias: [G, n].
     #[allow(clippy::too_many_arguments)]
     fn gemm_grouped_bias(
