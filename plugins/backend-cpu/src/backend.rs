@@ -287,6 +287,39 @@ impl CpuBackend {
     }
 }
 
+/// An adaLN modulation `[B, chunks * d]` as f32, its length checked, read
+/// one sample's row at a time by ops that run in [`sample_rows`] blocks.
+struct ModulationRows<'a> {
+    values: crate::slices::Input<'a>,
+    row: usize,
+}
+
+impl ModulationRows<'_> {
+    /// Sample `b`'s row: [chunks * d].
+    fn sample(&self, b: usize) -> &[f32] {
+        &self.values[b * self.row..][..self.row]
+    }
+}
+
+fn modulation_rows<'a>(
+    op: &str,
+    modulation: TensorRef<'a>,
+    which: ModChunks,
+    dims: RowDims,
+) -> Result<ModulationRows<'a>> {
+    let values = input(op, "modulation", modulation)?;
+    check_len(
+        op,
+        "modulation",
+        values.len(),
+        numel(op, &[dims.batch, which.chunks, dims.d])?,
+    )?;
+    Ok(ModulationRows {
+        values,
+        row: which.chunks * dims.d,
+    })
+}
+
 /// The sample of a [`sample_rows`] block starting at row `row0` with `len`
 /// elements, and the block's dims as one sample of its own.
 fn sample_block(dims: RowDims, row0: usize, len: usize) -> (usize, RowDims) {
@@ -799,14 +832,7 @@ impl Backend for CpuBackend {
             // block by block; the row statistics through disjoint blocks.
             return self.pool.install(|| {
                 let (mut mu, mut rs) = (output(OP, "mean", mean, false)?, output(OP, "rstd", rstd, false)?);
-                let md = input(OP, "modulation", modulation)?;
-                let row = which.chunks * dims.d;
-                check_len(
-                    OP,
-                    "modulation",
-                    md.len(),
-                    numel(OP, &[dims.batch, which.chunks, dims.d])?,
-                )?;
+                let md = modulation_rows(OP, modulation, which, dims)?;
                 check_len(OP, "mean", mu.len(), dims.batch * dims.tokens)?;
                 check_len(OP, "rstd", rs.len(), dims.batch * dims.tokens)?;
                 let (mu_shared, rs_shared) = (SharedMut::new(&mut mu), SharedMut::new(&mut rs));
@@ -815,7 +841,7 @@ impl Backend for CpuBackend {
                     // SAFETY: blocks cover disjoint rows, and the statistics
                     // outlive `sample_rows`.
                     let (m, s) = unsafe { (mu_shared.block(row0, one.tokens)?, rs_shared.block(row0, one.tokens)?) };
-                    ops::adaln::layer_norm_modulate(o, None, m, s, x, &md[b * row..][..row], which, one, eps)
+                    ops::adaln::layer_norm_modulate(o, None, m, s, x, md.sample(b), which, one, eps)
                 })?;
                 mu.finish();
                 rs.finish();
@@ -871,18 +897,11 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "gated_residual";
         self.pool.install(|| {
-            let m = input(OP, "modulation", modulation)?;
-            let row = which.chunks * dims.d;
-            check_len(
-                OP,
-                "modulation",
-                m.len(),
-                numel(OP, &[dims.batch, which.chunks, dims.d])?,
-            )?;
+            let m = modulation_rows(OP, modulation, which, dims)?;
             // Sample by sample, in blocks of rows (bf16 widened block by block).
             sample_rows(OP, x, true, [("y", y)], dims, |row0, x, [y]| {
                 let (b, one) = sample_block(dims, row0, x.len());
-                ops::adaln::gated_residual(x, y, &m[b * row..][..row], which, one)
+                ops::adaln::gated_residual(x, y, m.sample(b), which, one)
             })
         })
     }
