@@ -287,6 +287,27 @@ impl CpuBackend {
     }
 }
 
+/// One group's product in a grouped gemm: `[m, k] @ op(b[g])`.
+fn group_dims(m: usize, n: usize, k: usize, trans_b: bool) -> GemmDims {
+    GemmDims {
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b,
+    }
+}
+
+/// The row count at which a grouped product asks whether oneDNN takes its
+/// groups: the tallest group's, at least one above the few-row kernel's
+/// bound. Whether oneDNN takes a product depends on n, k and the dtypes, so
+/// the answer holds for every group alike (groups of a few rows keep their
+/// own kernel inside `gemm`).
+fn tallest_group(group_rows: &[usize]) -> usize {
+    let tallest = group_rows.iter().copied().max().unwrap_or(0);
+    tallest.max(ops::gemm_few_rows::FEW_ROWS + 1)
+}
+
 /// An adaLN modulation `[B, chunks * d]` as f32, its length checked, read
 /// one sample's row at a time by ops that run in [`sample_rows`] blocks.
 struct ModulationRows<'a> {
@@ -527,21 +548,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         const OP: &str = "gemm_grouped";
         // On oneDNN: one product per group, each on all threads (what a
-        // `gemm` per group gives, bit for bit). Whether oneDNN takes a product
-        // depends on n, k and the dtypes, so on every group alike (groups of
-        // a few rows keep their own kernel inside `gemm`).
-        let dims = GemmDims {
-            m: group_rows
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(0)
-                .max(ops::gemm_few_rows::FEW_ROWS + 1),
-            n,
-            k,
-            trans_a: false,
-            trans_b,
-        };
+        // `gemm` per group gives, bit for bit).
+        let dims = group_dims(tallest_group(group_rows), n, k, trans_b);
         if self.onednn_for(dims, a.dtype(), b.dtype(), out.dtype()).is_some() {
             return ecdit_engine::backend::gemm_grouped_by_gemm(
                 self, out, a, b, group_rows, n, k, trans_b, alpha, beta,
@@ -587,17 +595,10 @@ impl Backend for CpuBackend {
         act: Option<Unary>,
     ) -> Result<()> {
         const OP: &str = "gemm_grouped_bias";
-        let tallest = group_rows.iter().copied().max().unwrap_or(0);
         let (dt_a, dt_b, dt_out) = (a.dtype(), b.dtype(), out.dtype());
-        let dims = |m| {
-            if trans_b {
-                GemmDims::nt(m, n, k)
-            } else {
-                GemmDims::nn(m, n, k)
-            }
-        };
+        let dims = |m| group_dims(m, n, k, trans_b);
         let fused = |m| self.fused_onednn(dims(m), dt_a, dt_b, dt_out, true, act);
-        if fused(tallest.max(ops::gemm_few_rows::FEW_ROWS + 1)).is_none() {
+        if fused(tallest_group(group_rows)).is_none() {
             // f32, or no oneDNN: the default's steps (and so, in f32, its
             // bits), the activation in place.
             self.gemm_grouped(out.reborrow(), a, b, group_rows, n, k, trans_b, 1.0, 0.0)?;
