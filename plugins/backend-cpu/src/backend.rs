@@ -4,6 +4,7 @@
 //! takes host slices of its views (`slices.rs`: bf16 widened to f32 and
 //! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
+use crate::onednn::attention::Bf16Attention;
 use crate::onednn::matmul::{whole_k, Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
 use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
@@ -169,6 +170,7 @@ impl CpuBackend {
                 Unary::GeluTanh => onednn::ELTWISE_GELU_TANH,
                 Unary::Silu => onednn::ELTWISE_SWISH,
             }),
+            whole_k: false,
         };
         lib.ready(spec, self.threads).ok().map(|()| (lib, spec))
     }
@@ -279,12 +281,33 @@ impl CpuBackend {
         })
     }
 
+    /// The bf16 attention on oneDNN (`onednn/attention.rs`) when every
+    /// tensor of the call is bf16 (`bf16`), oneDNN runs bf16 products on this
+    /// CPU and the dims are non-empty; `None` keeps the f32 kernels of
+    /// `ops/attention.rs`. (Its products run one per task on one thread each,
+    /// so it is taken from inside rayon tasks too.)
+    fn bf16_attention(&self, d: AttnDims, bf16: bool) -> Option<Bf16Attention<'_>> {
+        let lib = self.onednn?;
+        let dims = [d.batch, d.q_len, d.kv_len, d.heads, d.kv_heads, d.head_dim];
+        let usable = bf16 && lib.has_bf16() && !dims.contains(&0) && d.heads.is_multiple_of(d.kv_heads);
+        usable.then_some(Bf16Attention {
+            lib,
+            pool: &self.pool,
+            d,
+        })
+    }
+
     /// Runs `f` on this backend's pool, so rayon work inside it (a model's own
     /// per-sample or per-expert loops) shares the op threads instead of
     /// nesting a second pool.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }
+}
+
+/// Whether every tensor is bf16.
+fn all_bf16(tensors: &[&TensorRef<'_>]) -> bool {
+    tensors.iter().all(|t| t.dtype() == DType::BF16)
 }
 
 /// One group's product in a grouped gemm: `[m, k] @ op(b[g])`.
@@ -975,6 +998,13 @@ impl Backend for CpuBackend {
         dims: AttnDims,
     ) -> Result<()> {
         const OP: &str = "attention";
+        let bf16s = [Some(&out), probs.as_ref()].map(|t| t.is_none_or(|t| t.dtype() == DType::BF16));
+        if let Some(att) = self.bf16_attention(dims, bf16s.iter().all(|&b| b) && all_bf16(&[&q, &k, &v])) {
+            let key_mask = key_mask.map(|m| mask(OP, "key_mask", m)).transpose()?;
+            let (q, k, v) = (q.host::<bf16>()?, k.host::<bf16>()?, v.host::<bf16>()?);
+            let probs = probs.map(|p| p.host_mut::<bf16>()).transpose()?;
+            return att.forward(out.host_mut::<bf16>()?, probs, q, k, v, key_mask);
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, false)?;
             let mut p = output_opt(OP, "probs", probs, false)?;
@@ -1005,6 +1035,13 @@ impl Backend for CpuBackend {
         dims: AttnDims,
     ) -> Result<()> {
         const OP: &str = "attention_backward";
+        let outputs_bf16 = [&dq, &dk, &dv].iter().all(|t| t.dtype() == DType::BF16);
+        if let Some(att) = self.bf16_attention(dims, outputs_bf16 && all_bf16(&[&dout, &probs, &q, &k, &v])) {
+            let (dout, probs) = (dout.host::<bf16>()?, probs.host::<bf16>()?);
+            let (q, k, v) = (q.host::<bf16>()?, k.host::<bf16>()?, v.host::<bf16>()?);
+            let (dq, dk, dv) = (dq.host_mut::<bf16>()?, dk.host_mut::<bf16>()?, dv.host_mut::<bf16>()?);
+            return att.backward(dq, dk, dv, dout, probs, q, k, v);
+        }
         self.pool.install(|| {
             let mut dqo = output(OP, "dq", dq, false)?;
             let mut dko = output(OP, "dk", dk, false)?;

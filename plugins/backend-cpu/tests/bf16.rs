@@ -5,10 +5,13 @@
 mod common;
 
 use common::*;
+use ecdit_backend_cpu::onednn::OneDnnMode;
+use ecdit_backend_cpu::CpuBackend;
 use ecdit_engine::dtype::bf16;
 use ecdit_engine::{
     AdamW, AttnDims, Backend, BackendExt, DType, GemmDims, ModChunks, PatchDims, Result, RowDims, Tensor, Unary,
 };
+use std::sync::OnceLock;
 
 fn be() -> &'static dyn Backend {
     cpu2()
@@ -343,8 +346,15 @@ fn adaln_embedding_and_gather_ops_accept_bf16() {
     });
 }
 
+/// On the f32 kernels (a backend without oneDNN): bf16 attention with oneDNN
+/// rounds its probabilities before `P V`, like PyTorch's autocast, and is
+/// tested against an f64 reference in `attention_bf16.rs`.
 #[test]
 fn attention_accepts_bf16_with_and_without_probs() {
+    static OFF: OnceLock<CpuBackend> = OnceLock::new();
+    let be = || OFF.get_or_init(|| CpuBackend::with_onednn(2, OneDnnMode::Off).expect("backend"));
+    let t = |dtype: DType, data: &[f32]| be().upload_f32(&[data.len()], data, dtype).unwrap();
+    let read = |x: &Tensor| be().read_f32(x.view()).unwrap();
     let d = AttnDims {
         batch: 2,
         heads: 4,

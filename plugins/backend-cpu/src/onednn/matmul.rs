@@ -15,11 +15,13 @@
 //! are weights; see [`Spec::chunks`]).
 
 use super::{c_string, check, ExecArg, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
-use super::{ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32, QUERY_IMPL_INFO_STR};
+use super::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
+use super::{QUERY_IMPL_INFO_STR, QUERY_SCRATCHPAD_MD, SCRATCHPAD_USER};
 use ecdit_engine::dtype::bf16;
 use ecdit_engine::GemmDims;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
+use std::sync::Arc;
 
 /// Most primitives kept; the least recently used goes first beyond it
 /// (grouped products with uneven experts see many row counts).
@@ -51,6 +53,10 @@ pub(crate) struct Key {
     pub act: Option<c_int>,
     /// OpenMP threads the primitive is built for.
     pub threads: usize,
+    /// Built for [`OneDnn::matmul_in_task`]: one thread, run outside the
+    /// lock with a scratchpad of the caller's (oneDNN's user scratchpad mode,
+    /// in which one primitive may run on several threads at once).
+    pub in_task: bool,
 }
 
 /// Most of `k` one primitive sums: longer products run in chunks of `k`
@@ -80,6 +86,10 @@ pub(crate) struct Spec {
     /// An activation of the result (after bias and beta), fused as oneDNN's
     /// eltwise post-op: `ELTWISE_GELU_TANH` or `ELTWISE_SWISH` (alpha 1).
     pub act: Option<c_int>,
+    /// All of k in one primitive, whatever its length: for products whose
+    /// rows never share a product with a varying number of others (each
+    /// head of attention is a product of its own).
+    pub whole_k: bool,
 }
 
 impl Spec {
@@ -97,7 +107,7 @@ impl Spec {
     /// same bits on 1 and 2 threads.
     pub fn chunks(&self) -> Vec<(usize, usize)> {
         let k = self.dims.k;
-        if whole_k(self.dims, self.src) {
+        if self.whole_k || whole_k(self.dims, self.src) {
             return vec![(0, k)];
         }
         let count = k.div_ceil(MAX_K_CHUNK).max(1);
@@ -108,7 +118,7 @@ impl Spec {
     /// The primitive key of the chunk starting at `k0`: the first chunk
     /// carries beta and the bias, the later ones add onto the output, and
     /// the last one applies the activation.
-    fn key(&self, (k0, kc): (usize, usize), threads: usize) -> Key {
+    fn key(&self, (k0, kc): (usize, usize), threads: usize, in_task: bool) -> Key {
         let first = k0 == 0;
         let last = k0 + kc == self.dims.k;
         Key {
@@ -126,6 +136,7 @@ impl Spec {
             beta: if first { self.beta.to_bits() } else { 1.0f32.to_bits() },
             act: if last { self.act } else { None },
             threads,
+            in_task,
         }
     }
 
@@ -143,23 +154,38 @@ impl Spec {
     }
 }
 
-/// A built primitive and its data-less memory objects.
+/// A built primitive and the memory descriptors of its arguments; never
+/// changed after it is built, so tasks share it through an `Arc`.
 struct Primitive {
     pd: Handle,
     prim: Handle,
-    src: Handle,
-    weights: Handle,
-    bias: Option<Handle>,
-    dst: Handle,
+    src: Box<MemoryDescV2>,
+    weights: Box<MemoryDescV2>,
+    bias: Option<Box<MemoryDescV2>>,
+    dst: Box<MemoryDescV2>,
+    /// The scratchpad's descriptor (owned by `pd`) and bytes, for primitives
+    /// built for the caller's scratchpad ([`Key::in_task`]).
+    scratchpad: Option<(*const c_void, usize)>,
     impl_name: String,
+}
+
+// SAFETY: a primitive is immutable once built. Those built for the lock run
+// only under it; those built `in_task` run concurrently, which oneDNN allows
+// in user scratchpad mode with one scratchpad per run.
+unsafe impl Send for Primitive {}
+unsafe impl Sync for Primitive {}
+
+/// A cache entry: the primitive (`Err`: oneDNN has no kernel for that key,
+/// remembered so it is asked once) and when it was last asked for.
+struct Entry {
+    built: Result<Arc<Primitive>, String>,
     last_used: u64,
 }
 
-/// What the lock of [`OneDnn`] guards: the stream and the primitive cache
-/// (`Err`: oneDNN has no kernel for that key, remembered so it is asked once).
+/// What the lock of [`OneDnn`] guards: the stream and the primitive cache.
 pub(crate) struct State {
     stream: Handle,
-    cache: HashMap<Key, Result<Primitive, String>>,
+    cache: HashMap<Key, Entry>,
     tick: u64,
 }
 
@@ -173,37 +199,40 @@ impl State {
     }
 
     /// The primitive for `key`, built on first use.
-    fn get(&mut self, lib: &OneDnn, key: Key) -> Result<&mut Primitive, String> {
+    fn get(&mut self, lib: &OneDnn, key: Key) -> Result<Arc<Primitive>, String> {
         self.tick += 1;
         if !self.cache.contains_key(&key) {
             if self.cache.len() >= MAX_PRIMITIVES {
                 self.evict(lib);
             }
-            let built = create(lib, key);
+            let built = create(lib, key).map(Arc::new);
             if let Err(e) = &built {
                 tracing::debug!("oneDNN matmul {key:?}: {e}");
             }
-            self.cache.insert(key, built);
+            self.cache.insert(key, Entry { built, last_used: 0 });
         }
         match self.cache.get_mut(&key) {
-            Some(Ok(p)) => {
-                p.last_used = self.tick;
-                Ok(p)
+            Some(entry) => {
+                entry.last_used = self.tick;
+                entry.built.clone()
             }
-            Some(Err(e)) => Err(e.clone()),
             None => Err("primitive cache lost an entry".into()),
         }
     }
 
-    /// Drops the least recently used primitive (failed entries first).
+    /// Drops the least recently used entry that no task is running
+    /// (failed entries first).
     fn evict(&mut self, lib: &OneDnn) {
         let oldest = self
             .cache
             .iter()
-            .min_by_key(|(_, e)| e.as_ref().map_or(0, |p| p.last_used))
+            .filter(|(_, e)| e.built.as_ref().map_or(true, |p| Arc::strong_count(p) == 1))
+            .min_by_key(|(_, e)| e.built.as_ref().map_or(0, |_| e.last_used))
             .map(|(k, _)| *k);
-        if let Some(Ok(p)) = oldest.and_then(|k| self.cache.remove(&k)) {
-            destroy(lib, p);
+        if let Some(Entry { built: Ok(p), .. }) = oldest.and_then(|k| self.cache.remove(&k)) {
+            if let Ok(p) = Arc::try_unwrap(p) {
+                destroy(lib, p);
+            }
         }
     }
 }
@@ -292,13 +321,12 @@ impl OneDnn {
         let GemmDims { m, n, .. } = spec.dims;
         let mut state = self.lock(threads);
         let stream = state.stream;
-        let api = &self.api;
         let (_, _, a_ptr) = product.a.parts();
         let (_, _, b_ptr) = product.b.parts();
         let (_, _, dst_ptr) = product.out.parts();
         let size = |d: c_int| if d == DT_BF16 { 2 } else { 4 };
         for chunk in spec.chunks() {
-            let p = match state.get(self, spec.key(chunk, threads)) {
+            let p = match state.get(self, spec.key(chunk, threads, false)) {
                 Ok(p) => p,
                 Err(e) if chunk.0 == 0 => return Ok(Outcome::Unsupported(e)),
                 Err(e) => return Err(format!("k chunk at {}: {e}", chunk.0)),
@@ -309,49 +337,115 @@ impl OneDnn {
                 if spec.dims.trans_a { chunk.0 * m } else { chunk.0 },
                 if spec.dims.trans_b { chunk.0 } else { chunk.0 * n },
             );
-            let mut args = vec![
-                ExecArg {
-                    arg: ARG_SRC,
-                    memory: p.src,
-                },
-                ExecArg {
-                    arg: ARG_WEIGHTS,
-                    memory: p.weights,
-                },
-                ExecArg {
-                    arg: ARG_DST,
-                    memory: p.dst,
-                },
-            ];
-            // SAFETY: the memory objects belong to this primitive and are
-            // used only under the lock; `check` matched the slices' lengths
-            // to the spec, the chunk's descriptors stay inside them (offset
-            // plus strides of the full k), and the slices outlive the call
-            // (we wait on the stream).
+            // SAFETY: `check` matched the slices' lengths to the spec, the
+            // chunk's descriptors stay inside them (offset plus strides of
+            // the full k), and the slices outlive the call.
             unsafe {
                 let a_chunk = (a_ptr as *mut u8).add(a_off * size(spec.src)) as *mut c_void;
                 let b_chunk = (b_ptr as *mut u8).add(b_off * size(spec.src)) as *mut c_void;
-                check((api.memory_set_data_handle)(p.src, a_chunk), "set src")?;
-                check((api.memory_set_data_handle)(p.weights, b_chunk), "set weights")?;
-                check((api.memory_set_data_handle)(p.dst, dst_ptr), "set dst")?;
-                if let (Some(mem), Some(bias)) = (p.bias, product.bias) {
-                    check(
-                        (api.memory_set_data_handle)(mem, bias.as_ptr() as *mut c_void),
-                        "set bias",
-                    )?;
-                    args.push(ExecArg {
-                        arg: ARG_BIAS,
-                        memory: mem,
-                    });
-                }
-                check(
-                    (api.primitive_execute)(p.prim, stream, args.len() as c_int, args.as_ptr()),
-                    "dnnl_primitive_execute",
-                )?;
-                check((api.stream_wait)(stream), "dnnl_stream_wait")?;
+                let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
+                self.execute(stream, &p, [a_chunk, b_chunk, dst_ptr], bias, None)?;
             }
         }
         Ok(Outcome::Done)
+    }
+
+    /// [`OneDnn::matmul`] on the calling thread alone, outside the lock, so
+    /// that rayon tasks run products side by side (each on one thread: one
+    /// level of parallelism): the primitive is found or built under the lock,
+    /// then run on a stream of this call's own and `scratchpad` (the task's,
+    /// grown as needed). All of k in one primitive; the spec must not ask
+    /// for k chunks.
+    pub(crate) fn matmul_in_task(&self, mut product: Product<'_>, scratchpad: &mut Vec<u8>) -> Result<Outcome, String> {
+        if let Err(e) = product.check() {
+            return Ok(Outcome::Unsupported(e));
+        }
+        let spec = product.spec;
+        let chunks = spec.chunks();
+        if chunks.len() != 1 {
+            return Ok(Outcome::Unsupported("a product in k chunks".into()));
+        }
+        let p = match self.lock(1).get(self, spec.key(chunks[0], 1, true)) {
+            Ok(p) => p,
+            Err(e) => return Ok(Outcome::Unsupported(e)),
+        };
+        let api = &self.api;
+        let mut stream: Handle = std::ptr::null_mut();
+        // SAFETY: an out-pointer, on the process's engine; destroyed below.
+        check(
+            unsafe { (api.stream_create)(&mut stream, self.engine, super::STREAM_DEFAULT) },
+            "dnnl_stream_create",
+        )?;
+        let bytes = p.scratchpad.map_or(0, |(_, bytes)| bytes);
+        if scratchpad.len() < bytes {
+            scratchpad.resize(bytes, 0);
+        }
+        let ptrs = [product.a.parts().2, product.b.parts().2, product.out.parts().2];
+        let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
+        // SAFETY: as in `matmul`; the stream and scratchpad are this call's.
+        let run = unsafe { self.execute(stream, &p, ptrs, bias, Some(scratchpad)) };
+        // SAFETY: made above, used by nothing else.
+        unsafe { (api.stream_destroy)(stream) };
+        run.map(|()| Outcome::Done)
+    }
+
+    /// Runs `p` on `stream` over the buffers at `[src, weights, dst]` (and
+    /// the bias), with `scratchpad` when `p` was built for the caller's, and
+    /// waits for it: memory objects are made for the call and released after.
+    ///
+    /// # Safety
+    /// The pointers must hold the elements `p`'s descriptors span, and no
+    /// other run may use `stream` or `scratchpad` meanwhile.
+    unsafe fn execute(
+        &self,
+        stream: Handle,
+        p: &Primitive,
+        [src, weights, dst]: [*mut c_void; 3],
+        bias: Option<*mut c_void>,
+        scratchpad: Option<&mut Vec<u8>>,
+    ) -> Result<(), String> {
+        let api = &self.api;
+        let mut parts: Vec<(c_int, *const c_void, *mut c_void)> = vec![
+            (ARG_SRC, &*p.src as *const MemoryDescV2 as *const c_void, src),
+            (
+                ARG_WEIGHTS,
+                &*p.weights as *const MemoryDescV2 as *const c_void,
+                weights,
+            ),
+            (ARG_DST, &*p.dst as *const MemoryDescV2 as *const c_void, dst),
+        ];
+        if let (Some(md), Some(ptr)) = (&p.bias, bias) {
+            parts.push((ARG_BIAS, &**md as *const MemoryDescV2 as *const c_void, ptr));
+        }
+        match (p.scratchpad, scratchpad) {
+            (Some((md, _)), Some(buf)) => parts.push((ARG_SCRATCHPAD, md, buf.as_mut_ptr() as *mut c_void)),
+            (None, None) => {}
+            _ => return Err("a scratchpad given to a primitive not built for one, or none to one that is".into()),
+        }
+        let mut args = Vec::with_capacity(parts.len());
+        let mut made = Ok(());
+        for &(arg, md, ptr) in &parts {
+            let mut memory: Handle = std::ptr::null_mut();
+            made = check(
+                (api.memory_create)(&mut memory, md, self.engine, ptr),
+                "dnnl_memory_create",
+            );
+            if made.is_err() {
+                break;
+            }
+            args.push(ExecArg { arg, memory });
+        }
+        let ran = made.and_then(|()| {
+            check(
+                (api.primitive_execute)(p.prim, stream, args.len() as c_int, args.as_ptr()),
+                "dnnl_primitive_execute",
+            )
+            .and_then(|()| check((api.stream_wait)(stream), "dnnl_stream_wait"))
+        });
+        for a in &args {
+            (api.memory_destroy)(a.memory);
+        }
+        ran
     }
 
     /// The implementation oneDNN picks for `spec` ("brg:avx512_core_amx_bf16",
@@ -362,7 +456,7 @@ impl OneDnn {
         let mut state = self.lock(threads);
         let mut name = String::new();
         for chunk in spec.chunks() {
-            let p = state.get(self, spec.key(chunk, threads))?;
+            let p = state.get(self, spec.key(chunk, threads, false))?;
             if name.is_empty() {
                 name = p.impl_name.clone();
             }
@@ -440,6 +534,12 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
     unsafe {
         check((api.primitive_attr_create)(&mut attr), "dnnl_primitive_attr_create")?;
         let configured = (|| {
+            if key.in_task {
+                check(
+                    (v2.primitive_attr_set_scratchpad_mode)(attr, SCRATCHPAD_USER),
+                    "dnnl_primitive_attr_set_scratchpad_mode",
+                )?;
+            }
             let alpha = f32::from_bits(key.alpha);
             if alpha != 1.0 {
                 check(
@@ -500,60 +600,36 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
             (api.primitive_desc_destroy)(pd);
             return Err(e);
         }
-        let mut p = Primitive {
+        let scratchpad = if key.in_task {
+            let md = (v2.primitive_desc_query_md)(pd, QUERY_SCRATCHPAD_MD, 0);
+            if md.is_null() {
+                (api.primitive_destroy)(prim);
+                (api.primitive_desc_destroy)(pd);
+                return Err("dnnl_primitive_desc_query_md (scratchpad) returned null".into());
+            }
+            Some((md, (v2.memory_desc_get_size)(md)))
+        } else {
+            None
+        };
+        Ok(Primitive {
             pd,
             prim,
-            src: std::ptr::null_mut(),
-            weights: std::ptr::null_mut(),
-            bias: None,
-            dst: std::ptr::null_mut(),
+            src: src_md,
+            weights: wei_md,
+            bias: bias_md,
+            dst: dst_md,
+            scratchpad,
             impl_name,
-            last_used: 0,
-        };
-        let mem = |d: &MemoryDescV2| -> Result<Handle, String> {
-            let mut h: Handle = std::ptr::null_mut();
-            // DNNL_MEMORY_NONE (null): no buffer until set_data_handle.
-            check(
-                (api.memory_create)(
-                    &mut h,
-                    d as *const MemoryDescV2 as *const c_void,
-                    lib.engine,
-                    std::ptr::null_mut(),
-                ),
-                "dnnl_memory_create",
-            )?;
-            Ok(h)
-        };
-        let made = (|| {
-            p.src = mem(&src_md)?;
-            p.weights = mem(&wei_md)?;
-            p.dst = mem(&dst_md)?;
-            if let Some(b) = &bias_md {
-                p.bias = Some(mem(b)?);
-            }
-            Ok::<(), String>(())
-        })();
-        match made {
-            Ok(()) => Ok(p),
-            Err(e) => {
-                destroy(lib, p);
-                Err(e)
-            }
-        }
+        })
     }
 }
 
-/// Releases a primitive and its memory objects (under the lock).
+/// Releases a primitive (under the lock, when no task runs it).
 fn destroy(lib: &OneDnn, p: Primitive) {
     let api = &lib.api;
     // SAFETY: each handle was made by oneDNN for this primitive and is
-    // destroyed once; null ones are skipped.
+    // destroyed once.
     unsafe {
-        for h in [p.src, p.weights, p.dst].into_iter().chain(p.bias) {
-            if !h.is_null() {
-                (api.memory_destroy)(h);
-            }
-        }
         (api.primitive_destroy)(p.prim);
         (api.primitive_desc_destroy)(p.pd);
     }

@@ -27,6 +27,7 @@
 //!   and benchmarks); unset or `1`/`auto` lets `ops/gemm.rs` decide by shape.
 //!   `ECDIT_ONEDNN_LIB` names a library file to load instead of the search.
 
+pub(crate) mod attention;
 pub(crate) mod matmul;
 
 use ecdit_engine::GemmDims;
@@ -105,7 +106,7 @@ pub(crate) const DT_F32: c_int = 3;
 /// `dnnl_cpu` of `dnnl_engine_kind_t`.
 const ENGINE_CPU: c_int = 1;
 /// `dnnl_stream_default_flags`.
-const STREAM_DEFAULT: c_uint = 1;
+pub(crate) const STREAM_DEFAULT: c_uint = 1;
 /// `dnnl_query_impl_info_str` of `dnnl_query_t`.
 pub(crate) const QUERY_IMPL_INFO_STR: c_int = 8;
 /// `DNNL_ARG_*` execution argument indices.
@@ -113,6 +114,11 @@ pub(crate) const ARG_SRC: c_int = 1;
 pub(crate) const ARG_DST: c_int = 17;
 pub(crate) const ARG_WEIGHTS: c_int = 33;
 pub(crate) const ARG_BIAS: c_int = 41;
+pub(crate) const ARG_SCRATCHPAD: c_int = 80;
+/// `dnnl_query_scratchpad_md` of `dnnl_query_t`.
+pub(crate) const QUERY_SCRATCHPAD_MD: c_int = 136;
+/// `dnnl_scratchpad_mode_user`: the caller passes each run's scratchpad.
+pub(crate) const SCRATCHPAD_USER: c_int = 1;
 /// `dnnl_alg_kind_t` of the activations fused as eltwise post-ops.
 pub(crate) const ELTWISE_GELU_TANH: c_int = 0xcf;
 /// `x * sigmoid(alpha * x)`: SiLU at alpha 1.
@@ -126,6 +132,7 @@ pub(crate) struct Api {
     pub engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status,
     pub stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> Status,
     pub stream_wait: unsafe extern "C" fn(Handle) -> Status,
+    pub stream_destroy: unsafe extern "C" fn(Handle) -> Status,
     pub primitive_create: unsafe extern "C" fn(*mut Handle, Handle) -> Status,
     pub primitive_execute: unsafe extern "C" fn(Handle, Handle, c_int, *const ExecArg) -> Status,
     pub primitive_destroy: unsafe extern "C" fn(Handle) -> Status,
@@ -139,7 +146,6 @@ pub(crate) struct Api {
     /// `dnnl_memory_create(memory, const md, engine, handle)`: the md is a
     /// struct pointer in 2.x and a handle in 3.x, the same pointer either way.
     pub memory_create: unsafe extern "C" fn(*mut Handle, *const c_void, Handle, *mut c_void) -> Status,
-    pub memory_set_data_handle: unsafe extern "C" fn(Handle, *mut c_void) -> Status,
     pub memory_destroy: unsafe extern "C" fn(Handle) -> Status,
 }
 
@@ -159,6 +165,10 @@ pub(crate) struct ApiV2 {
     pub post_ops_append_sum: unsafe extern "C" fn(Handle, f32) -> Status,
     /// `(post_ops, scale, alg_kind, alpha, beta)`; 3.x dropped `scale`.
     pub post_ops_append_eltwise: unsafe extern "C" fn(Handle, f32, c_int, f32, f32) -> Status,
+    pub primitive_attr_set_scratchpad_mode: unsafe extern "C" fn(Handle, c_int) -> Status,
+    /// Returns a descriptor owned by the primitive descriptor (3.x: a handle).
+    pub primitive_desc_query_md: unsafe extern "C" fn(Handle, c_int, c_int) -> *const c_void,
+    pub memory_desc_get_size: unsafe extern "C" fn(*const c_void) -> usize,
 }
 
 /// The API generation of the loaded library.
@@ -213,6 +223,12 @@ impl OneDnn {
     /// The library's version, "2.6.3".
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Whether this CPU runs bf16 products on oneDNN (its probe found a
+    /// kernel; oneDNN 2.x has none without AVX-512).
+    pub(crate) fn has_bf16(&self) -> bool {
+        !self.impl_bf16.starts_with("unavailable")
     }
 
     /// The lock every oneDNN call is made under, with OpenMP set to `threads`
@@ -340,6 +356,7 @@ fn load() -> Result<OneDnn, String> {
         engine_create: sym!("dnnl_engine_create"),
         stream_create: sym!("dnnl_stream_create"),
         stream_wait: sym!("dnnl_stream_wait"),
+        stream_destroy: sym!("dnnl_stream_destroy"),
         primitive_create: sym!("dnnl_primitive_create"),
         primitive_execute: sym!("dnnl_primitive_execute"),
         primitive_destroy: sym!("dnnl_primitive_destroy"),
@@ -351,7 +368,6 @@ fn load() -> Result<OneDnn, String> {
         post_ops_create: sym!("dnnl_post_ops_create"),
         post_ops_destroy: sym!("dnnl_post_ops_destroy"),
         memory_create: sym!("dnnl_memory_create"),
-        memory_set_data_handle: sym!("dnnl_memory_set_data_handle"),
         memory_destroy: sym!("dnnl_memory_destroy"),
     };
     let flavour = Flavour::V2(ApiV2 {
@@ -361,6 +377,9 @@ fn load() -> Result<OneDnn, String> {
         primitive_attr_set_output_scales: sym!("dnnl_primitive_attr_set_output_scales"),
         post_ops_append_sum: sym!("dnnl_post_ops_append_sum"),
         post_ops_append_eltwise: sym!("dnnl_post_ops_append_eltwise"),
+        primitive_attr_set_scratchpad_mode: sym!("dnnl_primitive_attr_set_scratchpad_mode"),
+        primitive_desc_query_md: sym!("dnnl_primitive_desc_query_md"),
+        memory_desc_get_size: sym!("dnnl_memory_desc_get_size"),
     });
     let mut engine: Handle = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; engine index 0 of the CPU kind.
@@ -398,6 +417,7 @@ fn load() -> Result<OneDnn, String> {
             alpha: 1.0,
             beta: 0.0,
             act: None,
+            whole_k: false,
         };
         match lib.implementation(spec, 1) {
             Ok(name) => name,

@@ -19,14 +19,14 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Checked buffer lengths of one attention call.
-struct Lens {
-    q: usize,
-    kv: usize,
-    probs: usize,
-    mask: usize,
+pub(crate) struct Lens {
+    pub q: usize,
+    pub kv: usize,
+    pub probs: usize,
+    pub mask: usize,
 }
 
-fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
+pub(crate) fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
     if d.kv_heads == 0 && d.heads > 0 || d.kv_heads > 0 && !d.heads.is_multiple_of(d.kv_heads) {
         return Err(EngineError::shape(
             op,

@@ -149,20 +149,27 @@ impl Strided {
 }
 
 /// A mutable buffer that several threads write through disjoint views.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut {
-    ptr: *mut f32,
+pub(crate) struct SharedMut<T = f32> {
+    ptr: *mut T,
     len: usize,
 }
 
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedMut<T> {}
+
 // SAFETY: a `SharedMut` is only written through `gemm_shared` and `block`,
 // whose callers guarantee that concurrent views never overlap.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> SharedMut<T> {
     /// Wraps a buffer; the borrow must outlive every use of the wrapper.
-    pub fn new(buf: &mut [f32]) -> Self {
+    pub fn new(buf: &mut [T]) -> Self {
         Self {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
@@ -174,7 +181,7 @@ impl SharedMut {
     /// # Safety
     /// Nothing else may access those elements while the slice lives, and the
     /// buffer must outlive it.
-    pub unsafe fn block<'a>(&self, offset: usize, len: usize) -> Result<&'a mut [f32]> {
+    pub unsafe fn block<'a>(&self, offset: usize, len: usize) -> Result<&'a mut [T]> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(std::slice::from_raw_parts_mut(self.ptr.add(offset), len)),
             _ => Err(EngineError::shape(
