@@ -195,9 +195,11 @@ pub fn bench_moe_with(
             experts,
         };
         let mut out = backend.zeros(&[tokens, d], dtype)?;
-        // The cache keeps the layer's buffers between runs, as the dense side keeps its own.
+        // The cache keeps the layer's buffers between runs, as the dense side
+        // keeps its own. An inference forward (nothing kept for a backward),
+        // as the dense side runs: both fuse their first layer's bias and GELU.
         let mut cache = MoeCache::default();
-        let mut run_moe = || layer.forward(backend, out.view_mut(), &mut cache, true, x.view(), shape);
+        let mut run_moe = || layer.forward(backend, out.view_mut(), &mut cache, false, x.view(), shape);
 
         let mut slots = 0;
         for _ in 0..cfg.warmup {

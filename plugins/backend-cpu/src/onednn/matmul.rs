@@ -3,10 +3,10 @@
 //! (`[batch, m, k] @ [batch, k, n]`), f32 or bf16 inputs, f32 or bf16 output.
 //!
 //! A primitive is keyed by everything its JIT kernel depends on (shape,
-//! transposes, dtypes, bias, alpha, beta, thread count); its memory objects
-//! are made once without data and pointed at the caller's slices on every
-//! call (`dnnl_memory_set_data_handle`), so a cached product costs one hash
-//! lookup and four pointer swaps. alpha is oneDNN's output scale and beta its
+//! transposes, dtypes, bias, alpha, beta, thread count, whether tasks run
+//! it); it never changes once built, so tasks share it (`Arc`), and each run
+//! wraps the caller's slices in memory objects of its own (a cached product
+//! costs one hash lookup and a few small allocations). alpha is oneDNN's output scale and beta its
 //! `sum` post-op. Operands keep our layouts (row-major, transposes as
 //! strides): pre-packing weights in oneDNN's blocked layout is not done yet.
 //! k longer than [`MAX_K_CHUNK`] runs as several primitives over chunks of k,

@@ -16,12 +16,16 @@
 //!   scales. Only 2.x is implemented: [`ApiV2`] holds the version-specific
 //!   entry points and [`Api`] the ones both share, so 3.x is one more variant
 //!   of [`Flavour`] plus its branch in `matmul::create`.
-//! - **Threads.** oneDNN 2.x packaged by distributions runs on OpenMP. Every
-//!   call goes through one process-wide lock, from the thread that called the
-//!   backend op (never from inside a rayon task: the backend checks), and sets
-//!   OpenMP's thread count to the backend's `threads` first. So exactly one
-//!   level of parallelism runs at a time: the rayon pool's threads sleep while
-//!   oneDNN's OpenMP team computes, and the other way round.
+//! - **Threads.** oneDNN 2.x packaged by distributions runs on OpenMP. A
+//!   product (`matmul::OneDnn::matmul`) goes through one process-wide lock,
+//!   from the thread that called the backend op (never from inside a rayon
+//!   task: the backend checks), and sets OpenMP's thread count to the
+//!   backend's `threads` first. So exactly one level of parallelism runs at a
+//!   time: the rayon pool's threads sleep while oneDNN's OpenMP team computes,
+//!   and the other way round. Many small products (attention's, per head) run
+//!   instead inside rayon tasks, each on its task's thread alone
+//!   (`matmul_in_task`: OpenMP at one thread, the lock held only to find the
+//!   primitive, a scratchpad per task): still one level, the pool's.
 //! - **Choice.** `ECDIT_ONEDNN=0` (or `off`) keeps the `gemm` crate;
 //!   `ECDIT_ONEDNN=always` sends every product it can take to oneDNN (tests
 //!   and benchmarks); unset or `1`/`auto` lets `ops/gemm.rs` decide by shape.
@@ -199,8 +203,10 @@ pub struct OneDnn {
     _lib: libloading::Library,
 }
 
-// SAFETY: the raw handles (engine, stream, primitives) are only used while
-// `calls` is locked, one thread at a time; oneDNN objects are not tied to the
+// SAFETY: the stream and the primitives built for the lock are only used
+// while `calls` is locked, one thread at a time; the engine and the
+// primitives built for tasks (user scratchpad mode) may be used by several
+// threads at once, which oneDNN allows; oneDNN objects are not tied to the
 // thread that created them.
 unsafe impl Send for OneDnn {}
 unsafe impl Sync for OneDnn {}
