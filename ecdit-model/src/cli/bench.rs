@@ -3,8 +3,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use ecdit_engine::DType;
+use ecdit_engine::{Backend, DType};
+use ecdit_model::bench_forward::ProfiledBackend;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// `f32` or `bf16` (also `float32`, `bfloat16`).
 pub(crate) fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -48,6 +50,10 @@ pub enum BenchWhat {
         /// Storage dtype of weights and activations (router weights stay f32): f32 or bf16.
         #[arg(long, default_value = "f32", value_parser = parse_dtype)]
         dtype: DType,
+        /// Also print the time spent in each backend op, per MoE and dense pair
+        /// (both sides' ops in one table, warm-up runs included).
+        #[arg(long)]
+        profile: bool,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -145,10 +151,18 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
             reps,
             router,
             dtype,
+            profile,
             json,
         } => {
             let registry = super::registry(plugins)?;
-            let backend = registry.backend(&serde_json::json!({"kind": "cpu", "threads": threads}))?;
+            let backend: Arc<dyn Backend> = registry
+                .backend(&serde_json::json!({"kind": "cpu", "threads": threads}))?
+                .into();
+            let profiled = profile.then(|| Arc::new(ProfiledBackend::new(backend.clone())));
+            let backend = match &profiled {
+                Some(p) => p.clone() as Arc<dyn Backend>,
+                None => backend,
+            };
             let routers = if router.is_empty() {
                 ecdit_model::bench_moe::default_routers()
             } else {
@@ -180,6 +194,11 @@ pub fn run(plugins: &[PathBuf], args: BenchArgs) -> Result<()> {
                 println!("{:<14} {:>10} {:>10} {:>8}", "router", "ms", "dense ms", "ratio");
                 for r in &records {
                     println!("{:<14} {:>10.2} {:>10.2} {:>8.3}", r.router, r.ms, r.dense_ms, r.ratio);
+                }
+                if let Some(p) = profiled {
+                    let pairs = records.len() * (reps.max(1) + cfg.warmup);
+                    let pair_ms = records.iter().map(|r| r.ms + r.dense_ms).sum::<f64>() / records.len().max(1) as f64;
+                    print_profile(&p.times(), pairs, pair_ms, "ms/pair");
                 }
             }
         }

@@ -1071,6 +1071,10 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, out: TensorMut<'_>, inp: TensorRef<'_>, idx: TensorRef<'_>, cols: usize) -> Result<()> {
         const OP: &str = "gather_rows";
+        if out.dtype() == DType::BF16 && inp.dtype() == DType::BF16 {
+            let (o, inp, idx) = (out.host_mut::<bf16>()?, inp.host::<bf16>()?, indices(OP, "idx", idx)?);
+            return self.pool.install(|| ops::gather::gather_rows(o, inp, idx, cols));
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, false)?;
             let (inp, idx) = (input(OP, "inp", inp)?, indices(OP, "idx", idx)?);
@@ -1089,6 +1093,13 @@ impl Backend for CpuBackend {
         cols: usize,
     ) -> Result<()> {
         const OP: &str = "scatter_add_rows";
+        if out.dtype() == DType::BF16 && inp.dtype() == DType::BF16 {
+            let (o, inp, idx) = (out.host_mut::<bf16>()?, inp.host::<bf16>()?, indices(OP, "idx", idx)?);
+            return self.pool.install(|| {
+                let scale = input_opt(OP, "scale", scale)?;
+                ops::gather::scatter_add_rows(o, inp, idx, scale.as_deref(), cols)
+            });
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, true)?;
             let (inp, idx) = (input(OP, "inp", inp)?, indices(OP, "idx", idx)?);

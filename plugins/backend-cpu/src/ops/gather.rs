@@ -1,6 +1,7 @@
 //! Row gather and its adjoint, the scatter-add (also the MoE combine).
 
 use super::{numel, rows_per_task};
+use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use rayon::prelude::*;
 
@@ -32,9 +33,10 @@ fn check_indices(op: &str, idx: &[u32], rows: usize) -> Result<()> {
     }
 }
 
-/// `out[i, :] = inp[idx[i], :]`.
+/// `out[i, :] = inp[idx[i], :]`, of any element type (a bf16 gather copies
+/// bf16 rows: no conversion).
 /// out: [idx.len(), cols]; inp: [rows, cols].
-pub fn gather_rows(out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Result<()> {
+pub fn gather_rows<T: Copy + Send + Sync>(out: &mut [T], inp: &[T], idx: &[u32], cols: usize) -> Result<()> {
     let op = "gather_rows";
     check_len(op, "out", out.len(), numel(op, &[idx.len(), cols])?)?;
     let rows = rows_of(op, "inp", inp.len(), cols)?;
@@ -58,8 +60,16 @@ pub fn gather_rows(out: &mut [f32], inp: &[f32], idx: &[u32], cols: usize) -> Re
 /// out: [rows, cols]; inp: [idx.len(), cols]; scale: [idx.len()].
 ///
 /// Deterministic: the sources of each destination row are added in increasing
-/// `i`, exactly as the sequential loop would, for any thread count.
-pub fn scatter_add_rows(out: &mut [f32], inp: &[f32], idx: &[u32], scale: Option<&[f32]>, cols: usize) -> Result<()> {
+/// `i`, exactly as the sequential loop would, for any thread count. In f32
+/// whatever the storage: a bf16 destination row is widened, summed into and
+/// rounded once, with the bits of the f32 op on widened tensors.
+pub fn scatter_add_rows<T: Stored>(
+    out: &mut [T],
+    inp: &[T],
+    idx: &[u32],
+    scale: Option<&[f32]>,
+    cols: usize,
+) -> Result<()> {
     let op = "scatter_add_rows";
     check_len(op, "inp", inp.len(), numel(op, &[idx.len(), cols])?)?;
     if let Some(s) = scale {
@@ -86,17 +96,56 @@ pub fn scatter_add_rows(out: &mut [f32], inp: &[f32], idx: &[u32], scale: Option
     }
     let task_rows = rows_per_task(rows, cols);
     out.par_chunks_mut(task_rows * cols).enumerate().for_each(|(t, out)| {
+        let (mut acc, mut src) = (vec![0.0f32; cols], vec![0.0f32; cols]);
         for (j, o) in out.chunks_exact_mut(cols).enumerate() {
             let r = t * task_rows + j;
-            for &i in &sources[start[r]..start[r + 1]] {
-                let s = scale.map_or(1.0, |s| s[i]);
-                o.iter_mut()
-                    .zip(&inp[i * cols..(i + 1) * cols])
-                    .for_each(|(o, x)| *o += s * x);
+            let sources = &sources[start[r]..start[r + 1]];
+            if sources.is_empty() {
+                continue;
             }
+            T::update(o, &mut acc, |o| {
+                for &i in sources {
+                    let s = scale.map_or(1.0, |s| s[i]);
+                    let x = T::read(&inp[i * cols..(i + 1) * cols], &mut src);
+                    o.iter_mut().zip(x).for_each(|(o, x)| *o += s * x);
+                }
+            });
         }
     });
     Ok(())
+}
+
+/// Float storage a row op reads and updates in place, computing in f32:
+/// f32 as it is, bf16 widened row by row (exact) and rounded once.
+pub trait Stored: Copy + Send + Sync {
+    /// `src` as f32: itself, or widened into `buf` (of `src.len()`).
+    fn read<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// Runs `f` on `dst` as f32: in place, or on a widened copy in `buf`
+    /// rounded back after.
+    fn update(dst: &mut [Self], buf: &mut [f32], f: impl FnOnce(&mut [f32]));
+}
+
+impl Stored for f32 {
+    fn read<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+
+    fn update(dst: &mut [f32], _: &mut [f32], f: impl FnOnce(&mut [f32])) {
+        f(dst)
+    }
+}
+
+impl Stored for bf16 {
+    fn read<'a>(src: &'a [bf16], buf: &'a mut [f32]) -> &'a [f32] {
+        bf16_to_f32(buf, src);
+        buf
+    }
+
+    fn update(dst: &mut [bf16], buf: &mut [f32], f: impl FnOnce(&mut [f32])) {
+        bf16_to_f32(buf, dst);
+        f(buf);
+        f32_to_bf16(dst, buf);
+    }
 }
 
 /// `out[i] = <a[idx[i], :], b[i, :]>`, summed over the columns in order (the
