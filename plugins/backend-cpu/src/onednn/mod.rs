@@ -292,6 +292,18 @@ fn cpu_vendor() -> String {
 /// What the CPU backend's matrix products run on under `mode`, in one line:
 /// "onednn 2.6.3 (...)" or "gemm crate (oneDNN ...: how to get it)".
 pub fn status(mode: OneDnnMode) -> String {
+    let products = products_status(mode);
+    match library() {
+        // bf16 attention runs on oneDNN whenever its bf16 kernels do.
+        Ok(lib) if mode != OneDnnMode::Off && lib.has_bf16() => {
+            format!("{products}; bf16 attention per head on oneDNN")
+        }
+        _ => products,
+    }
+}
+
+/// [`status`] of the plain products.
+fn products_status(mode: OneDnnMode) -> String {
     if mode == OneDnnMode::Off {
         // Not even loaded.
         return "gemm crate (oneDNN disabled: ECDIT_ONEDNN=0 or the backend's options)".into();
