@@ -1119,6 +1119,15 @@ impl Backend for CpuBackend {
         cols: usize,
     ) -> Result<()> {
         const OP: &str = "gather_dot";
+        if a.dtype() == DType::BF16 && b.dtype() == DType::BF16 {
+            let (a, idx, b) = (a.host::<bf16>()?, indices(OP, "idx", idx)?, b.host::<bf16>()?);
+            return self.pool.install(|| {
+                let mut o = output(OP, "out", out, false)?;
+                ops::gather::gather_dot(&mut o, a, idx, b, cols)?;
+                o.finish();
+                Ok(())
+            });
+        }
         self.pool.install(|| {
             let mut o = output(OP, "out", out, false)?;
             let (a, idx, b) = (input(OP, "a", a)?, indices(OP, "idx", idx)?, input(OP, "b", b)?);

@@ -445,3 +445,36 @@ proptest! {
         }
     }
 }
+
+/// A whole tensor as one row (the trainer's gradient norm): rows of 2^15
+/// columns or more are summed in fixed blocks, in parallel; within f32
+/// rounding of the f64 sum, and the same bits on 1 and 2 threads.
+#[test]
+fn gather_dot_of_long_rows_matches_reference_on_any_pool() {
+    for cols in [(1 << 15) - 1, 1 << 15, 100_003] {
+        let a = randv(5, 2 * cols, 1.0);
+        let b = randv(6, 2 * cols, 1.0);
+        let idx = [1u32, 0];
+        let mut outs = Vec::new();
+        for be in both() {
+            let mut out = vec![f32::NAN; 2];
+            be.gather_dot_h(&mut out, &a, &idx, &b, cols).unwrap();
+            for (i, &r) in idx.iter().enumerate() {
+                let (row_a, row_b) = (&a[r as usize * cols..][..cols], &b[i * cols..][..cols]);
+                let want: f64 = row_a.iter().zip(row_b).map(|(&x, &y)| x as f64 * y as f64).sum();
+                let scale: f64 = row_a
+                    .iter()
+                    .zip(row_b)
+                    .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                    .sum();
+                assert!(
+                    (out[i] as f64 - want).abs() <= 1e-5 * scale,
+                    "cols {cols} row {i}: {} vs {want}",
+                    out[i]
+                );
+            }
+            outs.push(out.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        }
+        assert_eq!(outs[0], outs[1], "cols {cols}: 1 and 2 threads differ");
+    }
+}

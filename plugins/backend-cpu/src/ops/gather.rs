@@ -1,6 +1,6 @@
 //! Row gather and its adjoint, the scatter-add (also the MoE combine).
 
-use super::{numel, rows_per_task};
+use super::{numel, rows_per_task, LANES};
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use rayon::prelude::*;
@@ -148,10 +148,48 @@ impl Stored for bf16 {
     }
 }
 
-/// `out[i] = <a[idx[i], :], b[i, :]>`, summed over the columns in order (the
-/// MoE gate gradient: the combine's output gradient against each expert row).
+/// Rows at least this long (a whole tensor as one row: the trainer's
+/// gradient norm) are summed in [`LONG_ROW_BLOCK`]s side by side.
+const LONG_ROW: usize = 1 << 15;
+/// Columns per block of a long row: a fixed split (never the thread count),
+/// so the sum is the same bits on any pool.
+const LONG_ROW_BLOCK: usize = 1 << 13;
+
+/// `<a, b>` of a long row: each block summed in `LANES` independent
+/// accumulators (a single running sum is a chain of dependent additions,
+/// scalar and one thread), blocks in parallel, their sums added in order.
+fn long_dot<T: Stored>(a: &[T], b: &[T]) -> f32 {
+    let blocks: Vec<f32> = a
+        .par_chunks(LONG_ROW_BLOCK)
+        .zip(b.par_chunks(LONG_ROW_BLOCK))
+        .map(|(a, b)| {
+            let (mut wide_a, mut wide_b) = (vec![0.0f32; a.len()], vec![0.0f32; b.len()]);
+            let (a, b) = (T::read(a, &mut wide_a), T::read(b, &mut wide_b));
+            let mut lanes = [0.0f32; LANES];
+            let (pairs_a, pairs_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+            let tail: f32 = pairs_a
+                .remainder()
+                .iter()
+                .zip(pairs_b.remainder())
+                .map(|(x, y)| x * y)
+                .sum();
+            for (ca, cb) in pairs_a.zip(pairs_b) {
+                for ((l, x), y) in lanes.iter_mut().zip(ca).zip(cb) {
+                    *l += x * y;
+                }
+            }
+            lanes.into_iter().sum::<f32>() + tail
+        })
+        .collect();
+    blocks.into_iter().sum()
+}
+
+/// `out[i] = <a[idx[i], :], b[i, :]>` (the MoE gate gradient: the combine's
+/// output gradient against each expert row), summed over the columns in
+/// order; rows of [`LONG_ROW`] columns or more in fixed blocks (`long_dot`).
+/// bf16 rows are widened one at a time (exact): the f32 op's bits.
 /// out: [n]; a: [rows, cols]; idx: [n]; b: [n, cols].
-pub fn gather_dot(out: &mut [f32], a: &[f32], idx: &[u32], b: &[f32], cols: usize) -> Result<()> {
+pub fn gather_dot<T: Stored>(out: &mut [f32], a: &[T], idx: &[u32], b: &[T], cols: usize) -> Result<()> {
     let op = "gather_dot";
     check_len(op, "idx", idx.len(), out.len())?;
     check_len(op, "b", b.len(), numel(op, &[idx.len(), cols])?)?;
@@ -161,13 +199,21 @@ pub fn gather_dot(out: &mut [f32], a: &[f32], idx: &[u32], b: &[f32], cols: usiz
         return Ok(());
     }
     check_indices(op, idx, rows)?;
+    if cols >= LONG_ROW {
+        for ((o, &i), b) in out.iter_mut().zip(idx).zip(b.chunks_exact(cols)) {
+            *o = long_dot(&a[i as usize * cols..][..cols], b);
+        }
+        return Ok(());
+    }
     let task_rows = rows_per_task(idx.len(), cols);
     out.par_chunks_mut(task_rows)
         .zip(idx.par_chunks(task_rows))
         .zip(b.par_chunks(task_rows * cols))
         .for_each(|((out, idx), b)| {
+            let (mut wide_a, mut wide_b) = (vec![0.0f32; cols], vec![0.0f32; cols]);
             for ((o, &i), b) in out.iter_mut().zip(idx).zip(b.chunks_exact(cols)) {
-                let a = &a[i as usize * cols..][..cols];
+                let a = T::read(&a[i as usize * cols..][..cols], &mut wide_a);
+                let b = T::read(b, &mut wide_b);
                 *o = a.iter().zip(b).map(|(x, y)| x * y).sum();
             }
         });

@@ -46,7 +46,7 @@ pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
 }
 
 /// Lanes of [`lane_wise`]: one AVX-512 register, two AVX2 ones.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Folds `row` with `f` in `LANES` independent accumulators, then folds those
 /// and the tail in order. A single running max or sum is a chain of dependent
