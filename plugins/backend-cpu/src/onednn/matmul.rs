@@ -6,8 +6,8 @@
 //! transposes, dtypes, bias, alpha, beta, thread count, whether tasks run
 //! it); it never changes once built, so tasks share it (`Arc`), and each run
 //! wraps the caller's slices in memory objects of its own (a cached product
-//! costs one hash lookup and a few small allocations). alpha is oneDNN's output scale and beta its
-//! `sum` post-op. Operands keep our layouts (row-major, transposes as
+//! costs one hash lookup and a few small allocations). alpha is oneDNN's
+//! output scale and beta its `sum` post-op. Operands keep our layouts (row-major, transposes as
 //! strides): pre-packing weights in oneDNN's blocked layout is not done yet.
 //! k longer than [`MAX_K_CHUNK`] runs as several primitives over chunks of k,
 //! each adding onto the output, so a row's bits never depend on the row count
@@ -365,6 +365,8 @@ impl OneDnn {
         if chunks.len() != 1 {
             return Ok(Outcome::Unsupported("a product in k chunks".into()));
         }
+        // `lock(1)` also sets this thread's OpenMP count to one, so the run
+        // below stays on it.
         let p = match self.lock(1).get(self, spec.key(chunks[0], 1, true)) {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Unsupported(e)),
