@@ -16,8 +16,8 @@
 
 mod common;
 
-use common::randv;
-use ecdit_backend_cpu::onednn::{self, OneDnnMode};
+use common::{onednn_present, randv};
+use ecdit_backend_cpu::onednn::OneDnnMode;
 use ecdit_backend_cpu::CpuBackend;
 use ecdit_engine::dtype::bf16;
 use ecdit_engine::{AttnDims, Backend, BackendExt, DType, GemmDims, Tensor};
@@ -29,12 +29,7 @@ use std::sync::OnceLock;
 fn backends() -> Option<&'static [CpuBackend; 2]> {
     static B: OnceLock<Option<[CpuBackend; 2]>> = OnceLock::new();
     B.get_or_init(|| {
-        if let Err(reason) = onednn::library() {
-            assert!(
-                std::env::var("ECDIT_REQUIRE_ONEDNN").map_or(true, |v| v != "1"),
-                "ECDIT_REQUIRE_ONEDNN=1 but {reason}"
-            );
-            eprintln!("skipped, oneDNN missing: {reason}");
+        if !onednn_present() {
             return None;
         }
         let make = |threads| CpuBackend::with_onednn(threads, OneDnnMode::Auto).expect("backend");

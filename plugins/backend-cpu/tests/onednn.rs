@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::randv;
+use common::{onednn_present, randv};
 use ecdit_backend_cpu::onednn::{self, OneDnnMode};
 use ecdit_backend_cpu::CpuBackend;
 use ecdit_engine::{Backend, BackendExt, DType, GemmDims, Tensor};
@@ -17,12 +17,7 @@ use ecdit_engine::{Backend, BackendExt, DType, GemmDims, Tensor};
 /// Backends on `threads` threads: oneDNN for every product it takes, and the
 /// `gemm` crate alone. `None` (after saying why) without the library.
 fn pair(threads: usize) -> Option<(CpuBackend, CpuBackend)> {
-    if let Err(reason) = onednn::library() {
-        assert!(
-            std::env::var("ECDIT_REQUIRE_ONEDNN").map_or(true, |v| v != "1"),
-            "ECDIT_REQUIRE_ONEDNN=1 but {reason}"
-        );
-        eprintln!("skipped, oneDNN missing: {reason}");
+    if !onednn_present() {
         return None;
     }
     Some((

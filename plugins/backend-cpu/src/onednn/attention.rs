@@ -21,11 +21,11 @@
 
 use super::matmul::{Data, DataMut, Outcome, Product, Spec};
 use super::{OneDnn, DT_BF16, DT_F32};
-use crate::ops::attention::lens;
+use crate::ops::attention::{check_backward, check_forward};
 use crate::ops::gemm::SharedMut;
 use crate::ops::softmax::{softmax_row_backward_inplace, softmax_row_masked};
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
-use ecdit_engine::error::{check_len, EngineError, Result};
+use ecdit_engine::error::{EngineError, Result};
 use ecdit_engine::{AttnDims, GemmDims};
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -193,18 +193,9 @@ impl Bf16Attention<'_> {
         v: &[bf16],
         key_mask: Option<&[u8]>,
     ) -> Result<()> {
-        let (op, d) = ("attention", self.d);
-        let n = lens(op, &d)?;
-        check_len(op, "out", out.len(), n.q)?;
-        if let Some(p) = probs.as_deref() {
-            check_len(op, "probs", p.len(), n.probs)?;
-        }
-        check_len(op, "q", q.len(), n.q)?;
-        check_len(op, "k", k.len(), n.kv)?;
-        check_len(op, "v", v.len(), n.kv)?;
-        if let Some(mask) = key_mask {
-            check_len(op, "key_mask", mask.len(), n.mask)?;
-        }
+        let d = self.d;
+        let (kept, inputs) = (probs.as_deref().map(<[bf16]>::len), [q.len(), k.len(), v.len()]);
+        check_forward("attention", &d, out.len(), kept, inputs, key_mask.map(<[u8]>::len))?;
         let (tq, tk, dh, group) = (d.q_len, d.kv_len, d.head_dim, self.group());
         let block = tq * tk;
         let out = SharedMut::new(out);
@@ -258,16 +249,18 @@ impl Bf16Attention<'_> {
         k: &[bf16],
         v: &[bf16],
     ) -> Result<()> {
-        let (op, d) = ("attention_backward", self.d);
-        let n = lens(op, &d)?;
-        check_len(op, "dq", dq.len(), n.q)?;
-        check_len(op, "dk", dk.len(), n.kv)?;
-        check_len(op, "dv", dv.len(), n.kv)?;
-        check_len(op, "dout", dout.len(), n.q)?;
-        check_len(op, "probs", probs.len(), n.probs)?;
-        check_len(op, "q", q.len(), n.q)?;
-        check_len(op, "k", k.len(), n.kv)?;
-        check_len(op, "v", v.len(), n.kv)?;
+        let d = self.d;
+        let lengths = [
+            dq.len(),
+            dk.len(),
+            dv.len(),
+            dout.len(),
+            probs.len(),
+            q.len(),
+            k.len(),
+            v.len(),
+        ];
+        check_backward("attention_backward", &d, lengths)?;
         let (tq, tk, dh, group) = (d.q_len, d.kv_len, d.head_dim, self.group());
         let block = tq * tk;
         let (dq, dk, dv) = (SharedMut::new(dq), SharedMut::new(dk), SharedMut::new(dv));

@@ -20,13 +20,13 @@ use rayon::prelude::*;
 
 /// Checked buffer lengths of one attention call.
 pub(crate) struct Lens {
-    pub q: usize,
-    pub kv: usize,
-    pub probs: usize,
-    pub mask: usize,
+    q: usize,
+    kv: usize,
+    probs: usize,
+    mask: usize,
 }
 
-pub(crate) fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
+fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
     if d.kv_heads == 0 && d.heads > 0 || d.kv_heads > 0 && !d.heads.is_multiple_of(d.kv_heads) {
         return Err(EngineError::shape(
             op,
@@ -40,6 +40,41 @@ pub(crate) fn lens(op: &str, d: &AttnDims) -> Result<Lens> {
         probs: numel(op, &[d.batch, d.heads, d.q_len, d.kv_len])?,
         mask: numel(op, &[d.batch, d.kv_len])?,
     })
+}
+
+/// Checks a forward's buffers: out, the probabilities when kept, q, k, v and
+/// the key mask; the lengths of [`lens`].
+pub(crate) fn check_forward(
+    op: &str,
+    d: &AttnDims,
+    out: usize,
+    probs: Option<usize>,
+    [q, k, v]: [usize; 3],
+    mask: Option<usize>,
+) -> Result<Lens> {
+    let n = lens(op, d)?;
+    check_len(op, "out", out, n.q)?;
+    if let Some(p) = probs {
+        check_len(op, "probs", p, n.probs)?;
+    }
+    check_len(op, "q", q, n.q)?;
+    check_len(op, "k", k, n.kv)?;
+    check_len(op, "v", v, n.kv)?;
+    if let Some(m) = mask {
+        check_len(op, "key_mask", m, n.mask)?;
+    }
+    Ok(n)
+}
+
+/// Checks a backward's buffers: `[dq, dk, dv, dout, probs, q, k, v]`.
+pub(crate) fn check_backward(op: &str, d: &AttnDims, lengths: [usize; 8]) -> Result<Lens> {
+    let n = lens(op, d)?;
+    let names = ["dq", "dk", "dv", "dout", "probs", "q", "k", "v"];
+    let want = [n.q, n.kv, n.kv, n.q, n.probs, n.q, n.kv, n.kv];
+    for ((name, len), want) in names.into_iter().zip(lengths).zip(want) {
+        check_len(op, name, len, want)?;
+    }
+    Ok(n)
 }
 
 /// The `[Tq, Dh]` view of query head `h` of sample `b` (also out, dout, dq).
@@ -95,15 +130,8 @@ pub fn attention(
     threads: usize,
 ) -> Result<()> {
     let op = "attention";
-    let n = lens(op, &d)?;
-    check_len(op, "out", out.len(), n.q)?;
-    check_len(op, "probs", probs.len(), n.probs)?;
-    check_len(op, "q", q.len(), n.q)?;
-    check_len(op, "k", k.len(), n.kv)?;
-    check_len(op, "v", v.len(), n.kv)?;
-    if let Some(mask) = key_mask {
-        check_len(op, "key_mask", mask.len(), n.mask)?;
-    }
+    let inputs = [q.len(), k.len(), v.len()];
+    let n = check_forward(op, &d, out.len(), Some(probs.len()), inputs, key_mask.map(<[u8]>::len))?;
     if n.probs == 0 {
         // No queries or no keys: nothing to attend to.
         out.fill(0.0);
@@ -165,14 +193,8 @@ pub fn attention_inference(
     threads: usize,
 ) -> Result<()> {
     let op = "attention";
-    let n = lens(op, &d)?;
-    check_len(op, "out", out.len(), n.q)?;
-    check_len(op, "q", q.len(), n.q)?;
-    check_len(op, "k", k.len(), n.kv)?;
-    check_len(op, "v", v.len(), n.kv)?;
-    if let Some(mask) = key_mask {
-        check_len(op, "key_mask", mask.len(), n.mask)?;
-    }
+    let inputs = [q.len(), k.len(), v.len()];
+    let n = check_forward(op, &d, out.len(), None, inputs, key_mask.map(<[u8]>::len))?;
     if n.probs == 0 {
         out.fill(0.0);
         return Ok(());
@@ -230,15 +252,17 @@ pub fn attention_backward(
     threads: usize,
 ) -> Result<()> {
     let op = "attention_backward";
-    let n = lens(op, &d)?;
-    check_len(op, "dq", dq.len(), n.q)?;
-    check_len(op, "dk", dk.len(), n.kv)?;
-    check_len(op, "dv", dv.len(), n.kv)?;
-    check_len(op, "dout", dout.len(), n.q)?;
-    check_len(op, "probs", probs.len(), n.probs)?;
-    check_len(op, "q", q.len(), n.q)?;
-    check_len(op, "k", k.len(), n.kv)?;
-    check_len(op, "v", v.len(), n.kv)?;
+    let lengths = [
+        dq.len(),
+        dk.len(),
+        dv.len(),
+        dout.len(),
+        probs.len(),
+        q.len(),
+        k.len(),
+        v.len(),
+    ];
+    let n = check_backward(op, &d, lengths)?;
     if n.probs == 0 {
         dq.fill(0.0);
         dk.fill(0.0);

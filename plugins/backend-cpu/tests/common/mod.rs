@@ -23,6 +23,23 @@ pub fn cpu2() -> &'static CpuBackend {
     B.get_or_init(|| CpuBackend::new(2).expect("2-thread pool"))
 }
 
+/// Whether oneDNN loaded here; when not, says why and returns false, unless
+/// `ECDIT_REQUIRE_ONEDNN=1` (set where the library is installed, as in CI),
+/// which makes a missing library fail the test.
+pub fn onednn_present() -> bool {
+    match ecdit_backend_cpu::onednn::library() {
+        Ok(_) => true,
+        Err(reason) => {
+            assert!(
+                std::env::var("ECDIT_REQUIRE_ONEDNN").map_or(true, |v| v != "1"),
+                "ECDIT_REQUIRE_ONEDNN=1 but {reason}"
+            );
+            eprintln!("skipped, oneDNN missing: {reason}");
+            false
+        }
+    }
+}
+
 /// `n` uniform values in `[-scale, scale)` from `seed`.
 pub fn randv(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
