@@ -74,6 +74,16 @@ struct Head {
 }
 
 impl Head {
+    /// Head `h` of sample `b` in a `[B, tokens, heads, dh]` tensor.
+    fn of(b: usize, h: usize, tokens: usize, heads: usize, dh: usize) -> Self {
+        Self {
+            first: (b * tokens * heads + h) * dh,
+            tokens,
+            stride: heads * dh,
+            dh,
+        }
+    }
+
     /// Copies the head's rows into `dst` `[T, Dh]`.
     fn pack(&self, dst: &mut Vec<bf16>, src: &[bf16]) {
         dst.resize(self.tokens * self.dh, bf16::ZERO);
@@ -106,24 +116,12 @@ impl Bf16Attention<'_> {
 
     /// Query head `h` of sample `b` in q-shaped tensors (q, out, dout, dq).
     fn q_head(&self, b: usize, h: usize) -> Head {
-        let d = &self.d;
-        Head {
-            first: (b * d.q_len * d.heads + h) * d.head_dim,
-            tokens: d.q_len,
-            stride: d.heads * d.head_dim,
-            dh: d.head_dim,
-        }
+        Head::of(b, h, self.d.q_len, self.d.heads, self.d.head_dim)
     }
 
     /// Kv head `hk` of sample `b` in k-shaped tensors (k, v, dk, dv).
     fn kv_head(&self, b: usize, hk: usize) -> Head {
-        let d = &self.d;
-        Head {
-            first: (b * d.kv_len * d.kv_heads + hk) * d.head_dim,
-            tokens: d.kv_len,
-            stride: d.kv_heads * d.head_dim,
-            dh: d.head_dim,
-        }
+        Head::of(b, hk, self.d.kv_len, self.d.kv_heads, self.d.head_dim)
     }
 
     /// `out = alpha * op(a) @ op(b) + beta * out` on this thread, all dense:

@@ -162,24 +162,27 @@ fn long_dot<T: Stored>(a: &[T], b: &[T]) -> f32 {
     let blocks: Vec<f32> = a
         .par_chunks(LONG_ROW_BLOCK)
         .zip(b.par_chunks(LONG_ROW_BLOCK))
-        .map(|(a, b)| {
-            let (mut wide_a, mut wide_b) = (vec![0.0f32; a.len()], vec![0.0f32; b.len()]);
-            let (a, b) = (T::read(a, &mut wide_a), T::read(b, &mut wide_b));
-            let mut lanes = [0.0f32; LANES];
-            let (pairs_a, pairs_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-            let tail: f32 = pairs_a
-                .remainder()
-                .iter()
-                .zip(pairs_b.remainder())
-                .map(|(x, y)| x * y)
-                .sum();
-            for (ca, cb) in pairs_a.zip(pairs_b) {
-                for ((l, x), y) in lanes.iter_mut().zip(ca).zip(cb) {
-                    *l += x * y;
+        .map_init(
+            // Widening buffers, one pair per task split (f32 rows never use them).
+            || (vec![0.0f32; LONG_ROW_BLOCK], vec![0.0f32; LONG_ROW_BLOCK]),
+            |(wide_a, wide_b), (a, b)| {
+                let (a, b) = (T::read(a, &mut wide_a[..a.len()]), T::read(b, &mut wide_b[..b.len()]));
+                let mut lanes = [0.0f32; LANES];
+                let (pairs_a, pairs_b) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+                let tail: f32 = pairs_a
+                    .remainder()
+                    .iter()
+                    .zip(pairs_b.remainder())
+                    .map(|(x, y)| x * y)
+                    .sum();
+                for (ca, cb) in pairs_a.zip(pairs_b) {
+                    for ((l, x), y) in lanes.iter_mut().zip(ca).zip(cb) {
+                        *l += x * y;
+                    }
                 }
-            }
-            lanes.into_iter().sum::<f32>() + tail
-        })
+                lanes.into_iter().sum::<f32>() + tail
+            },
+        )
         .collect();
     blocks.into_iter().sum()
 }
