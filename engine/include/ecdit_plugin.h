@@ -338,6 +338,11 @@ typedef struct ecdit_backend_vtable {
                             size_t experts, size_t k, ecdit_err *err);
     int32_t (*adamw_step)(void *h, ecdit_t param, ecdit_t grad, ecdit_t m, ecdit_t v, ecdit_adamw hp,
                           uint64_t step, ecdit_err *err);
+    /* Optional: the host is about to write the buffer's memory through its
+     * host pointer (a zero-copy view), not through an op; a backend keeping
+     * data derived from the contents (pre-packed weights) forgets it.
+     * Default: nothing. */
+    void (*buffer_written)(void *buffer);
 } ecdit_backend_vtable;
 
 /* ---- experts: compute through the backend the host lends for each call ---- */

@@ -10,6 +10,7 @@ use crate::error::{EngineError, Result};
 use std::alloc::Layout;
 use std::any::Any;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Alignment of host buffers: a cache line, and what AVX-512 loads like.
 pub const HOST_ALIGN: usize = 64;
@@ -25,14 +26,28 @@ pub trait BufferStorage: Send + Sync + Any {
 
     /// For the owning backend to recover its concrete storage type.
     fn as_any(&self) -> &dyn Any;
+
+    /// Host code is about to write this memory through a mutable view
+    /// ([`crate::TensorMut::host_mut`]). A storage standing for another
+    /// side's buffer (a plugin's) passes the news on, so that side's
+    /// [`Buffer::writes`] count moves too. Default: nothing to tell.
+    fn written(&self) {}
 }
 
 /// A buffer: a backend's storage plus the name of the backend that made it
-/// (for errors when a tensor reaches the wrong backend).
+/// (for errors when a tensor reaches the wrong backend), an id no other
+/// buffer of the process shares, and a count of mutable host views taken of
+/// it. The id and the count let a backend keep data derived from a buffer's
+/// contents (oneDNN's pre-packed weights) and know when it is stale.
 pub struct Buffer {
     storage: Box<dyn BufferStorage>,
     backend: &'static str,
+    id: u64,
+    writes: AtomicU64,
 }
+
+/// The next [`Buffer::id`].
+static NEXT_BUFFER_ID: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for Buffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,7 +62,31 @@ impl std::fmt::Debug for Buffer {
 impl Buffer {
     /// Wraps a backend's storage.
     pub fn new(storage: Box<dyn BufferStorage>, backend: &'static str) -> Self {
-        Self { storage, backend }
+        Self {
+            storage,
+            backend,
+            id: NEXT_BUFFER_ID.fetch_add(1, Ordering::Relaxed),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    /// This buffer's id: never reused within the process, even when a
+    /// backend recycles the memory behind it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How many times the contents may have changed: every mutable host view
+    /// ([`crate::TensorMut::host_mut`], which every write of a host backend
+    /// goes through) counts one. Equal counts mean equal contents.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Acquire)
+    }
+
+    /// Counts a write (see [`Buffer::writes`]) and tells the storage.
+    pub fn note_write(&self) {
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        self.storage.written();
     }
 
     /// The storage, for the backend that owns it.

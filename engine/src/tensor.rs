@@ -360,6 +360,7 @@ impl<'a> TensorMut<'a> {
     /// buffer is not host memory or `T` is not the view's dtype.
     pub fn host_mut<T: Element>(self) -> Result<&'a mut [T]> {
         let ptr = host_base::<T>(self.buffer, self.dtype, self.offset, "TensorMut::host_mut")?;
+        self.buffer.note_write();
         // SAFETY: as in `TensorRef::host`, and the view is exclusive.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr, self.numel()) })
     }

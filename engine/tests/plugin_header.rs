@@ -64,7 +64,7 @@ fn v2() -> Layout {
             add_broadcast, axpby, sum_rows, softmax_rows, softmax_rows_backward, layer_norm, layer_norm_backward,
             unary, unary_backward, modulate, modulate_backward, gated_residual, gated_residual_backward, patchify,
             unpatchify, timestep_features, attention, attention_backward, gather_rows, scatter_add_rows, gather_dot,
-            top_k_rows, router_softmax, top_k_tokens, adamw_step
+            top_k_rows, router_softmax, top_k_tokens, adamw_step, buffer_written
         },
         "ecdit_backend_ref" => BackendRef { vtable, handle },
         "ecdit_tensor_sink" => TensorSink { ctx, push },

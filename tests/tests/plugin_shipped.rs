@@ -363,3 +363,43 @@ fn the_cuda_plugin_loads_and_declines_cleanly_without_a_driver() {
         }
     }
 }
+
+/// A weight the host rewrites through its zero-copy view of the plugin
+/// backend's buffer is read afresh by the plugin's next product: the write
+/// reaches the plugin through `buffer_written`, and its oneDNN path, which
+/// keeps weights pre-packed while their buffer is unwritten, packs again.
+/// (Without oneDNN, or for bf16 without bf16 kernels, products read the
+/// buffer directly and this holds trivially.)
+#[test]
+fn host_writes_through_a_plugin_buffer_reach_the_plugin() {
+    let r = registries();
+    let spec = json!({"kind": "cpu", "threads": 2});
+    let (dynamic, stat) = (r.dynamic.backend(&spec).unwrap(), r.stat.backend(&spec).unwrap());
+    let (m, n, k) = (64, 384, 384);
+    let dims = GemmDims::nn(m, n, k);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut values = |len: usize| (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<f32>>();
+    let (xs, w0, w1) = (values(m * k), values(k * n), values(k * n));
+    for dtype in [DType::F32, DType::BF16] {
+        // The plugin's product before and after the host's write, and the
+        // static build's product of the new weights.
+        let x = dynamic.upload_f32(&[m, k], &xs, dtype).unwrap();
+        let mut w = dynamic.upload_f32(&[k, n], &w0, dtype).unwrap();
+        let product = |be: &dyn Backend, x: &Tensor, w: &Tensor| {
+            let mut out = be.zeros(&[m, n], DType::F32).unwrap();
+            be.gemm(out.view_mut(), x.view(), w.view(), None, dims, 1.0, 0.0).unwrap();
+            be.read_f32(out.view()).unwrap()
+        };
+        let before = product(dynamic.as_ref(), &x, &w);
+        assert!(w.buffer().is_host(), "the CPU plugin lends host memory");
+        match dtype {
+            DType::BF16 => dtype::f32_to_bf16(w.view_mut().host_mut::<dtype::bf16>().unwrap(), &w1),
+            _ => w.view_mut().host_mut::<f32>().unwrap().copy_from_slice(&w1),
+        }
+        let after = product(dynamic.as_ref(), &x, &w);
+        let (sx, sw) = (stat.upload_f32(&[m, k], &xs, dtype).unwrap(), stat.upload_f32(&[k, n], &w1, dtype).unwrap());
+        assert!(before != after, "{dtype:?}: the plugin read its old weights");
+        let want = product(stat.as_ref(), &sx, &sw);
+        assert!(bits(&after) == bits(&want), "{dtype:?}: not the static build's product of the new weights");
+    }
+}

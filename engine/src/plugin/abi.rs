@@ -729,6 +729,11 @@ pub struct BackendVtable {
     /// `Backend::adamw_step`.
     pub adamw_step:
         Option<unsafe extern "C" fn(h: H, param: T, grad: T, m: T, v: T, hp: AdamWC, step: u64, err: E) -> i32>,
+    /// Optional. The host is about to write the buffer's memory through its
+    /// host pointer (a zero-copy view), not through an op: a backend keeping
+    /// data derived from the contents (pre-packed weights) forgets it.
+    /// Default: nothing.
+    pub buffer_written: Option<unsafe extern "C" fn(buffer: *mut c_void)>,
 }
 
 /// A backend instance seen through its table: what the host lends an expert

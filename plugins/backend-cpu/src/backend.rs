@@ -6,6 +6,7 @@
 
 use crate::onednn::attention::Bf16Attention;
 use crate::onednn::matmul::{whole_k, Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
+use crate::onednn::packed::WeightId;
 use crate::onednn::{self, OneDnn, OneDnnMode};
 use crate::ops;
 use crate::ops::gemm::SharedMut;
@@ -205,6 +206,13 @@ impl CpuBackend {
                 })
             }
         };
+        // Where the weights live, so their packed copy is kept (read before
+        // any write of this op: none writes `b`).
+        let b_id = WeightId {
+            buffer: b.buffer().id(),
+            offset: b.byte_offset(),
+            writes: b.buffer().writes(),
+        };
         let run = |out: DataMut<'_>, a: Data<'_>, b: Data<'_>| -> Result<()> {
             let product = Product {
                 out,
@@ -212,6 +220,7 @@ impl CpuBackend {
                 b,
                 bias: bias.as_deref(),
                 spec,
+                b_id: Some(b_id),
             };
             match lib.matmul(self.threads, product) {
                 Ok(Outcome::Done) => Ok(()),

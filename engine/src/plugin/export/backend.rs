@@ -413,6 +413,11 @@ fn ops(ctx: *const c_void) -> BackendVtable {
                 .map_or(std::ptr::null_mut(), |p| p.as_ptr() as *mut c_void)
         })
     }
+    unsafe extern "C" fn buffer_written(buffer: *mut c_void) {
+        if !buffer.is_null() {
+            quiet((), || (*(buffer as *const Buffer)).note_write());
+        }
+    }
     unsafe extern "C" fn upload(h: Hd, dst: Td, src: *const c_void, len: usize, err: Er) -> i32 {
         guard(err, || {
             let src = if len == 0 {
@@ -923,5 +928,6 @@ fn ops(ctx: *const c_void) -> BackendVtable {
         router_softmax: Some(router_softmax),
         top_k_tokens: Some(top_k_tokens),
         adamw_step: Some(adamw_step),
+        buffer_written: Some(buffer_written),
     }
 }

@@ -31,6 +31,8 @@ pub(crate) struct TableStorage {
     len: usize,
     host: Option<NonNull<u8>>,
     free: Option<unsafe extern "C" fn(*mut c_void)>,
+    /// The table's `buffer_written`, told of host writes through `host`.
+    written: Option<unsafe extern "C" fn(*mut c_void)>,
     owned: AtomicBool,
     /// Which handle space the handle belongs to (see [`TableBackend::id`]).
     table: (usize, usize),
@@ -58,6 +60,12 @@ impl BufferStorage for TableStorage {
     }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+    fn written(&self) {
+        if let Some(f) = self.written {
+            // SAFETY: an optional slot over a live handle of its table.
+            unsafe { f(self.handle) }
+        }
     }
 }
 
@@ -273,6 +281,7 @@ impl TableBackend {
                 len,
                 host: self.host_ptr(d.buffer),
                 free: None,
+                written: self.vt.buffer_written,
                 owned: AtomicBool::new(false),
                 table: self.id(),
             }),
@@ -389,6 +398,7 @@ impl Backend for TableBackend {
                 len: bytes,
                 host: self.host_ptr(handle),
                 free: self.vt.buffer_free,
+                written: self.vt.buffer_written,
                 owned: AtomicBool::new(true),
                 table: self.id(),
             }),

@@ -159,6 +159,7 @@ impl Bf16Attention<'_> {
             b: Data::Bf16(b),
             bias: None,
             spec,
+            b_id: None,
         };
         match self.lib.matmul_in_task(product, scratchpad) {
             Ok(Outcome::Done) => Ok(()),

@@ -8,7 +8,9 @@
 //! wraps the caller's slices in memory objects of its own (a cached product
 //! costs one hash lookup and a few small allocations). alpha is oneDNN's
 //! output scale and beta its `sum` post-op. Operands keep our layouts (row-major, transposes as
-//! strides): pre-packing weights in oneDNN's blocked layout is not done yet.
+//! strides), except the weights of plain products (`b`, batch 1, `a` not
+//! transposed): those are read pre-packed in oneDNN's blocked layout,
+//! packed once per weight and kept ([`super::packed`]).
 //! k longer than [`MAX_K_CHUNK`] runs as several primitives over chunks of k,
 //! each adding onto the output, so a row's bits never depend on the row count
 //! (except bf16 products with `a` transposed: weight gradients, whose rows
@@ -16,7 +18,8 @@
 
 use super::{c_string, check, ExecArg, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
 use super::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
-use super::{QUERY_IMPL_INFO_STR, QUERY_SCRATCHPAD_MD, SCRATCHPAD_USER};
+use super::packed::{Packing, WeightId};
+use super::{FORMAT_TAG_ANY, QUERY_IMPL_INFO_STR, QUERY_SCRATCHPAD_MD, SCRATCHPAD_USER};
 use ecdit_engine::dtype::bf16;
 use ecdit_engine::GemmDims;
 use std::collections::HashMap;
@@ -57,6 +60,10 @@ pub(crate) struct Key {
     /// lock with a scratchpad of the caller's (oneDNN's user scratchpad mode,
     /// in which one primitive may run on several threads at once).
     pub in_task: bool,
+    /// Weights read in the layout oneDNN picks ([`super::packed`]): plain
+    /// products (batch 1, `a` not transposed, not in a task), whose `b` is
+    /// a weight in every model product.
+    pub packed_b: bool,
 }
 
 /// Most of `k` one primitive sums: longer products run in chunks of `k`
@@ -137,6 +144,7 @@ impl Spec {
             act: if last { self.act } else { None },
             threads,
             in_task,
+            packed_b: self.batch == 1 && !self.dims.trans_a && !in_task,
         }
     }
 
@@ -156,11 +164,14 @@ impl Spec {
 
 /// A built primitive and the memory descriptors of its arguments; never
 /// changed after it is built, so tasks share it through an `Arc`.
-struct Primitive {
+pub(crate) struct Primitive {
     pd: Handle,
     prim: Handle,
     src: Box<MemoryDescV2>,
-    weights: Box<MemoryDescV2>,
+    /// The weights as the caller stores them (row-major, strided).
+    pub(crate) weights: Box<MemoryDescV2>,
+    /// The packed layout the primitive reads instead ([`Key::packed_b`]).
+    pub(crate) packing: Option<Packing>,
     bias: Option<Box<MemoryDescV2>>,
     dst: Box<MemoryDescV2>,
     /// The scratchpad's descriptor (owned by `pd`) and bytes, for primitives
@@ -187,6 +198,7 @@ pub(crate) struct State {
     stream: Handle,
     cache: HashMap<Key, Entry>,
     tick: u64,
+    packs: super::packed::Store,
 }
 
 impl State {
@@ -195,6 +207,7 @@ impl State {
             stream,
             cache: HashMap::new(),
             tick: 0,
+            packs: Default::default(),
         }
     }
 
@@ -275,6 +288,9 @@ pub(crate) struct Product<'a> {
     pub b: Data<'a>,
     pub bias: Option<&'a [f32]>,
     pub spec: Spec,
+    /// Where `b` lives, for keeping its packed copy; `None` packs it for
+    /// this product alone.
+    pub b_id: Option<WeightId>,
 }
 
 impl Product<'_> {
@@ -326,7 +342,8 @@ impl OneDnn {
         let (_, _, dst_ptr) = product.out.parts();
         let size = |d: c_int| if d == DT_BF16 { 2 } else { 4 };
         for chunk in spec.chunks() {
-            let p = match state.get(self, spec.key(chunk, threads, false)) {
+            let key = spec.key(chunk, threads, false);
+            let p = match state.get(self, key) {
                 Ok(p) => p,
                 Err(e) if chunk.0 == 0 => return Ok(Outcome::Unsupported(e)),
                 Err(e) => return Err(format!("k chunk at {}: {e}", chunk.0)),
@@ -344,7 +361,12 @@ impl OneDnn {
                 let a_chunk = (a_ptr as *mut u8).add(a_off * size(spec.src)) as *mut c_void;
                 let b_chunk = (b_ptr as *mut u8).add(b_off * size(spec.src)) as *mut c_void;
                 let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
-                self.execute(stream, &p, [a_chunk, b_chunk, dst_ptr], bias, None)?;
+                let mut packed = match p.packing {
+                    Some(_) => Some(state.packs.weights(self, stream, (&p, key, chunk.0), product.b_id, b_chunk)?),
+                    None => None,
+                };
+                let weights = packed.as_mut().map_or(b_chunk, |w| w.ptr());
+                self.execute(stream, &p, [a_chunk, weights, dst_ptr], bias, None)?;
             }
         }
         Ok(Outcome::Done)
@@ -411,7 +433,9 @@ impl OneDnn {
             (ARG_SRC, &*p.src as *const MemoryDescV2 as *const c_void, src),
             (
                 ARG_WEIGHTS,
-                &*p.weights as *const MemoryDescV2 as *const c_void,
+                p.packing
+                    .as_ref()
+                    .map_or(&*p.weights as *const MemoryDescV2 as *const c_void, |k| k.md),
                 weights,
             ),
             (ARG_DST, &*p.dst as *const MemoryDescV2 as *const c_void, dst),
@@ -466,6 +490,13 @@ impl OneDnn {
         Ok(name)
     }
 
+    /// How many times weights were packed into oneDNN's layout in this
+    /// process ([`super::packed`]): once per weight and write, kept copies
+    /// and one-product ones alike.
+    pub fn weights_packed(&self) -> u64 {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).packs.packed
+    }
+
     /// Builds (or finds) the primitives for `spec`; an error when oneDNN has
     /// no kernel for it (remembered: asked once per key).
     pub(crate) fn ready(&self, spec: Spec, threads: usize) -> Result<(), String> {
@@ -513,6 +544,19 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
     };
     let (src_md, wei_md, dst_md) = (md(&src, key.src)?, md(&wei, key.src)?, md(&dst, key.dst)?);
     let bias_md = if key.bias { Some(md(&bias, DT_F32)?) } else { None };
+    // Packed weights: oneDNN picks the layout (`any`), `Packing` reorders into it.
+    let any_md = if key.packed_b {
+        let mut d = Box::new(MemoryDescV2([0; 1024]));
+        let dims = [k, n];
+        // SAFETY: dims holds 2 values; `d` is large enough.
+        check(
+            unsafe { (v2.memory_desc_init_by_tag)(&mut *d, 2, dims.as_ptr(), key.src, FORMAT_TAG_ANY) },
+            "dnnl_memory_desc_init_by_tag",
+        )?;
+        Some(d)
+    } else {
+        None
+    };
     let mut desc = Box::new(MatmulDescV2([0; 4096]));
     // SAFETY: every descriptor was initialised above; a null bias disables it.
     check(
@@ -520,7 +564,7 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
             (v2.matmul_desc_init)(
                 &mut *desc,
                 &*src_md,
-                &*wei_md,
+                any_md.as_deref().unwrap_or(&*wei_md),
                 bias_md
                     .as_deref()
                     .map_or(std::ptr::null(), |b| b as *const MemoryDescV2),
@@ -602,6 +646,17 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
             (api.primitive_desc_destroy)(pd);
             return Err(e);
         }
+        let packing = match key.packed_b {
+            true => match Packing::new(lib, pd, &wei_md) {
+                Ok(packing) => Some(packing),
+                Err(e) => {
+                    (api.primitive_destroy)(prim);
+                    (api.primitive_desc_destroy)(pd);
+                    return Err(e);
+                }
+            },
+            false => None,
+        };
         let scratchpad = if key.in_task {
             let md = (v2.primitive_desc_query_md)(pd, QUERY_SCRATCHPAD_MD, 0);
             if md.is_null() {
@@ -618,6 +673,7 @@ fn create(lib: &OneDnn, key: Key) -> Result<Primitive, String> {
             prim,
             src: src_md,
             weights: wei_md,
+            packing,
             bias: bias_md,
             dst: dst_md,
             scratchpad,
@@ -632,6 +688,9 @@ fn destroy(lib: &OneDnn, p: Primitive) {
     // SAFETY: each handle was made by oneDNN for this primitive and is
     // destroyed once.
     unsafe {
+        if let Some(packing) = &p.packing {
+            packing.destroy(lib);
+        }
         (api.primitive_destroy)(p.prim);
         (api.primitive_desc_destroy)(p.pd);
     }

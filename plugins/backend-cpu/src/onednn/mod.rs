@@ -33,6 +33,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod matmul;
+pub(crate) mod packed;
 
 use ecdit_engine::GemmDims;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
@@ -119,8 +120,14 @@ pub(crate) const ARG_DST: c_int = 17;
 pub(crate) const ARG_WEIGHTS: c_int = 33;
 pub(crate) const ARG_BIAS: c_int = 41;
 pub(crate) const ARG_SCRATCHPAD: c_int = 80;
-/// `dnnl_query_scratchpad_md` of `dnnl_query_t`.
+/// `dnnl_query_weights_md` and `dnnl_query_scratchpad_md` of `dnnl_query_t`.
+pub(crate) const QUERY_WEIGHTS_MD: c_int = 131;
 pub(crate) const QUERY_SCRATCHPAD_MD: c_int = 136;
+/// `dnnl_format_tag_any`: the primitive picks the layout.
+pub(crate) const FORMAT_TAG_ANY: c_int = 1;
+/// `DNNL_ARG_FROM`, `DNNL_ARG_TO` of a reorder.
+pub(crate) const ARG_FROM: c_int = 1;
+pub(crate) const ARG_TO: c_int = 17;
 /// `dnnl_scratchpad_mode_user`: the caller passes each run's scratchpad.
 pub(crate) const SCRATCHPAD_USER: c_int = 1;
 /// `dnnl_alg_kind_t` of the activations fused as eltwise post-ops.
@@ -173,6 +180,13 @@ pub(crate) struct ApiV2 {
     /// Returns a descriptor owned by the primitive descriptor (3.x: a handle).
     pub primitive_desc_query_md: unsafe extern "C" fn(Handle, c_int, c_int) -> *const c_void,
     pub memory_desc_get_size: unsafe extern "C" fn(*const c_void) -> usize,
+    /// `(md, ndims, dims, data_type, format_tag)`: for `FORMAT_TAG_ANY`.
+    pub memory_desc_init_by_tag: unsafe extern "C" fn(*mut MemoryDescV2, c_int, *const i64, c_int, c_int) -> Status,
+    /// `(pd, src_md, src_engine, dst_md, dst_engine, attr)`.
+    pub reorder_primitive_desc_create:
+        unsafe extern "C" fn(*mut Handle, *const c_void, Handle, *const c_void, Handle, Handle) -> Status,
+    /// 1 when two descriptors describe the same layout.
+    pub memory_desc_equal: unsafe extern "C" fn(*const c_void, *const c_void) -> c_int,
 }
 
 /// The API generation of the loaded library.
@@ -398,6 +412,9 @@ fn load() -> Result<OneDnn, String> {
         primitive_attr_set_scratchpad_mode: sym!("dnnl_primitive_attr_set_scratchpad_mode"),
         primitive_desc_query_md: sym!("dnnl_primitive_desc_query_md"),
         memory_desc_get_size: sym!("dnnl_memory_desc_get_size"),
+        memory_desc_init_by_tag: sym!("dnnl_memory_desc_init_by_tag"),
+        reorder_primitive_desc_create: sym!("dnnl_reorder_primitive_desc_create"),
+        memory_desc_equal: sym!("dnnl_memory_desc_equal"),
     });
     let mut engine: Handle = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; engine index 0 of the CPU kind.
