@@ -11,6 +11,7 @@ use std::alloc::Layout;
 use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 /// Alignment of host buffers: a cache line, and what AVX-512 loads like.
 pub const HOST_ALIGN: usize = 64;
@@ -43,7 +44,8 @@ pub struct Buffer {
     storage: Box<dyn BufferStorage>,
     backend: &'static str,
     id: u64,
-    writes: AtomicU64,
+    /// Shared with [`BufferWatch`]es, which see the buffer go when it drops.
+    writes: Arc<AtomicU64>,
 }
 
 /// The next [`Buffer::id`].
@@ -66,7 +68,7 @@ impl Buffer {
             storage,
             backend,
             id: NEXT_BUFFER_ID.fetch_add(1, Ordering::Relaxed),
-            writes: AtomicU64::new(0),
+            writes: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -81,6 +83,14 @@ impl Buffer {
     /// goes through) counts one. Equal counts mean equal contents.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Acquire)
+    }
+
+    /// A watch on this buffer's write count that does not keep it alive.
+    pub fn watch(&self) -> BufferWatch {
+        BufferWatch {
+            id: self.id,
+            writes: Arc::downgrade(&self.writes),
+        }
     }
 
     /// Counts a write (see [`Buffer::writes`]) and tells the storage.
@@ -118,6 +128,27 @@ impl Buffer {
                 backend: backend.into(),
                 reason: format!("{op}: a tensor lives in a buffer of backend '{}'", self.backend),
             })
+    }
+}
+
+/// A buffer's id and write count seen from outside it, for data derived from
+/// its contents: that data is current while the count is the one it was
+/// derived at, and can go once the buffer is gone.
+#[derive(Clone, Debug)]
+pub struct BufferWatch {
+    id: u64,
+    writes: Weak<AtomicU64>,
+}
+
+impl BufferWatch {
+    /// [`Buffer::id`] of the watched buffer.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// [`Buffer::writes`] of the watched buffer; `None` once it is dropped.
+    pub fn writes(&self) -> Option<u64> {
+        self.writes.upgrade().map(|w| w.load(Ordering::Acquire))
     }
 }
 

@@ -33,7 +33,7 @@ pub mod tensor;
 pub mod transfer;
 
 pub use backend::{AdamW, AttnDims, Backend, GemmDims, ModChunks, PatchDims, RmsProp, RowDims, Unary};
-pub use buffer::{Buffer, BufferStorage, HostStorage};
+pub use buffer::{Buffer, BufferStorage, BufferWatch, HostStorage};
 pub use dtype::{bf16, DType, Element};
 pub use error::{EngineError, Result};
 pub use expert::{Expert, ExpertCache, ParamShape};

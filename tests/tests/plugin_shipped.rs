@@ -387,7 +387,8 @@ fn host_writes_through_a_plugin_buffer_reach_the_plugin() {
         let mut w = dynamic.upload_f32(&[k, n], &w0, dtype).unwrap();
         let product = |be: &dyn Backend, x: &Tensor, w: &Tensor| {
             let mut out = be.zeros(&[m, n], DType::F32).unwrap();
-            be.gemm(out.view_mut(), x.view(), w.view(), None, dims, 1.0, 0.0).unwrap();
+            be.gemm(out.view_mut(), x.view(), w.view(), None, dims, 1.0, 0.0)
+                .unwrap();
             be.read_f32(out.view()).unwrap()
         };
         let before = product(dynamic.as_ref(), &x, &w);
@@ -397,9 +398,15 @@ fn host_writes_through_a_plugin_buffer_reach_the_plugin() {
             _ => w.view_mut().host_mut::<f32>().unwrap().copy_from_slice(&w1),
         }
         let after = product(dynamic.as_ref(), &x, &w);
-        let (sx, sw) = (stat.upload_f32(&[m, k], &xs, dtype).unwrap(), stat.upload_f32(&[k, n], &w1, dtype).unwrap());
+        let (sx, sw) = (
+            stat.upload_f32(&[m, k], &xs, dtype).unwrap(),
+            stat.upload_f32(&[k, n], &w1, dtype).unwrap(),
+        );
         assert!(before != after, "{dtype:?}: the plugin read its old weights");
         let want = product(stat.as_ref(), &sx, &sw);
-        assert!(bits(&after) == bits(&want), "{dtype:?}: not the static build's product of the new weights");
+        assert!(
+            bits(&after) == bits(&want),
+            "{dtype:?}: not the static build's product of the new weights"
+        );
     }
 }

@@ -209,7 +209,7 @@ impl CpuBackend {
         // Where the weights live, so their packed copy is kept (read before
         // any write of this op: none writes `b`).
         let b_id = WeightId {
-            buffer: b.buffer().id(),
+            buffer: b.buffer().watch(),
             offset: b.byte_offset(),
             writes: b.buffer().writes(),
         };
@@ -220,7 +220,7 @@ impl CpuBackend {
                 b,
                 bias: bias.as_deref(),
                 spec,
-                b_id: Some(b_id),
+                b_id: Some(b_id.clone()),
             };
             match lib.matmul(self.threads, product) {
                 Ok(Outcome::Done) => Ok(()),

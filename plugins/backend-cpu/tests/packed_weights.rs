@@ -100,13 +100,39 @@ fn weights_are_packed_once_and_every_write_is_seen() {
             assert_eq!(lib.weights_packed() - before, 4 * packed, "{what}: once per write");
         }
 
+        // A dropped weight's copy goes when the next weight is packed.
+        let (n, k) = (384, 384);
+        let dims = GemmDims::nn(m, n, k);
+        let x = be.upload_f32(&[m, k], &randv(7, m * k, 1.0), dtype).expect("x");
+        // (Packing a first weight sweeps the earlier cases' dropped ones.)
+        let first = be.upload_f32(&[k, n], &randv(10, n * k, 1.0), dtype).expect("w");
+        product_checked(&be, &x, &first, dims, "a first weight");
+        let kept = lib.packed_bytes();
+        let w = be.upload_f32(&[k, n], &randv(8, n * k, 1.0), dtype).expect("w");
+        product_checked(&be, &x, &w, dims, "a weight to drop");
+        let one = lib.packed_bytes() - kept;
+        assert!(
+            one >= n * k * dtype.size(),
+            "{dtype:?}: {one} bytes packed for a {k}x{n} weight"
+        );
+        drop(w);
+        let w = be.upload_f32(&[k, n], &randv(9, n * k, 1.0), dtype).expect("w");
+        product_checked(&be, &x, &w, dims, "the next weight");
+        assert_eq!(
+            lib.packed_bytes(),
+            kept + one,
+            "{dtype:?}: the dropped weight's copy stayed"
+        );
+
         // Stacked experts: writing one expert's weights is seen by its
         // group's product (the whole buffer counts as written).
         let (groups, n, k) = (3, 384, 384);
         let rows = [16, 0, 32];
         let total: usize = rows.iter().sum();
         let x = be.upload_f32(&[total, k], &randv(5, total * k, 1.0), dtype).expect("x");
-        let mut w = be.upload_f32(&[groups, k, n], &randv(6, groups * k * n, 1.0), dtype).expect("w");
+        let mut w = be
+            .upload_f32(&[groups, k, n], &randv(6, groups * k * n, 1.0), dtype)
+            .expect("w");
         let grouped = |w: &Tensor| {
             let mut out = be.zeros(&[total, n], DType::F32).expect("zeros");
             be.gemm_grouped(out.view_mut(), x.view(), w.view(), &rows, n, k, false, 1.0, 0.0)
@@ -119,7 +145,10 @@ fn weights_are_packed_once_and_every_write_is_seen() {
         write_through_host_view(&mut w, &values);
         let second = grouped(&w);
         let split = rows[0] * n;
-        assert!(first[..split] == second[..split], "{dtype:?}: an unwritten expert changed");
+        assert!(
+            first[..split] == second[..split],
+            "{dtype:?}: an unwritten expert changed"
+        );
         let flipped: Vec<f32> = first[split..].iter().map(|v| -v).collect();
         assert!(flipped == second[split..], "{dtype:?}: the written expert's rows");
     }

@@ -16,9 +16,9 @@
 //! (except bf16 products with `a` transposed: weight gradients, whose rows
 //! are weights; see [`Spec::chunks`]).
 
+use super::packed::{Packing, WeightId};
 use super::{c_string, check, ExecArg, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
 use super::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
-use super::packed::{Packing, WeightId};
 use super::{FORMAT_TAG_ANY, QUERY_IMPL_INFO_STR, QUERY_SCRATCHPAD_MD, SCRATCHPAD_USER};
 use ecdit_engine::dtype::bf16;
 use ecdit_engine::GemmDims;
@@ -362,7 +362,13 @@ impl OneDnn {
                 let b_chunk = (b_ptr as *mut u8).add(b_off * size(spec.src)) as *mut c_void;
                 let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
                 let mut packed = match p.packing {
-                    Some(_) => Some(state.packs.weights(self, stream, (&p, key, chunk.0), product.b_id, b_chunk)?),
+                    Some(_) => {
+                        Some(
+                            state
+                                .packs
+                                .weights(self, stream, (&p, key, chunk.0), product.b_id.as_ref(), b_chunk)?,
+                        )
+                    }
                     None => None,
                 };
                 let weights = packed.as_mut().map_or(b_chunk, |w| w.ptr());
@@ -495,6 +501,11 @@ impl OneDnn {
     /// and one-product ones alike.
     pub fn weights_packed(&self) -> u64 {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).packs.packed
+    }
+
+    /// Bytes of packed weights kept now.
+    pub fn packed_bytes(&self) -> usize {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).packs.bytes()
     }
 
     /// Builds (or finds) the primitives for `spec`; an error when oneDNN has

@@ -19,6 +19,7 @@
 
 use super::matmul::{Key, Primitive};
 use super::{check, ExecArg, Handle, MemoryDescV2, OneDnn, ARG_FROM, ARG_TO, QUERY_WEIGHTS_MD};
+use ecdit_engine::BufferWatch;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::sync::Arc;
@@ -29,10 +30,10 @@ use std::sync::Arc;
 const MAX_BYTES: usize = 2 << 30;
 
 /// Where a weight operand lives, and its buffer's write count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) struct WeightId {
-    /// [`ecdit_engine::Buffer::id`].
-    pub buffer: u64,
+    /// The weight's buffer (its id; and whether it still lives).
+    pub buffer: BufferWatch,
     /// The operand's first byte in the buffer.
     pub offset: usize,
     /// [`ecdit_engine::Buffer::writes`] when the product reads it.
@@ -76,7 +77,10 @@ impl Packing {
             "dnnl_reorder_primitive_desc_create",
         )?;
         let mut reorder: Handle = std::ptr::null_mut();
-        if let Err(e) = check((api.primitive_create)(&mut reorder, reorder_pd), "dnnl_primitive_create (reorder)") {
+        if let Err(e) = check(
+            (api.primitive_create)(&mut reorder, reorder_pd),
+            "dnnl_primitive_create (reorder)",
+        ) {
             (api.primitive_desc_destroy)(reorder_pd);
             return Err(e);
         }
@@ -102,7 +106,14 @@ impl Packing {
     ///
     /// # Safety
     /// `from` holds the elements `plain` spans, `to` holds `self.bytes`.
-    unsafe fn run(&self, lib: &OneDnn, stream: Handle, plain: &MemoryDescV2, from: *mut c_void, to: *mut c_void) -> Result<(), String> {
+    unsafe fn run(
+        &self,
+        lib: &OneDnn,
+        stream: Handle,
+        plain: &MemoryDescV2,
+        from: *mut c_void,
+        to: *mut c_void,
+    ) -> Result<(), String> {
         let api = &lib.api;
         let mut args: Vec<ExecArg> = Vec::with_capacity(2);
         let parts = [
@@ -112,7 +123,10 @@ impl Packing {
         let mut made = Ok(());
         for (arg, md, ptr) in parts {
             let mut memory: Handle = std::ptr::null_mut();
-            made = check((api.memory_create)(&mut memory, md, lib.engine, ptr), "dnnl_memory_create");
+            made = check(
+                (api.memory_create)(&mut memory, md, lib.engine, ptr),
+                "dnnl_memory_create",
+            );
             if made.is_err() {
                 break;
             }
@@ -148,6 +162,11 @@ impl Aligned {
     fn ptr(&mut self) -> *mut c_void {
         self.buf[self.start..].as_mut_ptr() as *mut c_void
     }
+
+    /// The bytes asked for.
+    fn len(&self) -> usize {
+        self.buf.len() - 63
+    }
 }
 
 /// What a packed copy is the copy of: a weight's place and plain layout.
@@ -164,9 +183,11 @@ struct Slot {
 }
 
 /// One packed copy: the primitive whose layout it has (kept alive for its
-/// descriptor), the write count it was packed from, and the bytes.
+/// descriptor), its weight's buffer, the write count it was packed from,
+/// and the bytes.
 struct PackedCopy {
     layout: Arc<Primitive>,
+    buffer: BufferWatch,
     writes: u64,
     data: Aligned,
     last_used: u64,
@@ -211,7 +232,7 @@ impl Store {
         lib: &OneDnn,
         stream: Handle,
         (p, key, k0): (&Arc<Primitive>, Key, usize),
-        id: Option<WeightId>,
+        id: Option<&WeightId>,
         plain: *mut c_void,
     ) -> Result<Weights, String> {
         let packing = p.packing.as_ref().ok_or("a primitive without packed weights")?;
@@ -224,7 +245,7 @@ impl Store {
         let super::Flavour::V2(v2) = &lib.flavour;
         self.tick += 1;
         let slot = Slot {
-            buffer: id.buffer,
+            buffer: id.buffer.id(),
             offset: id.offset,
             k0,
             k: key.k,
@@ -233,15 +254,22 @@ impl Store {
             trans_b: key.trans_b,
             src: key.src,
         };
+        if !self.slots.contains_key(&slot) {
+            self.drop_dead();
+        }
         let copies = self.slots.entry(slot).or_default();
         let same_layout = |c: &PackedCopy| {
-            c.layout.packing.as_ref().is_some_and(|l| (v2.memory_desc_equal)(l.md, packing.md) == 1)
+            c.layout
+                .packing
+                .as_ref()
+                .is_some_and(|l| (v2.memory_desc_equal)(l.md, packing.md) == 1)
         };
         let i = match copies.iter().position(same_layout) {
             Some(i) => i,
             None => {
                 copies.push(PackedCopy {
                     layout: p.clone(),
+                    buffer: id.buffer.clone(),
                     writes: id.writes.wrapping_add(1),
                     data: Aligned::zeroed(packing.bytes),
                     last_used: 0,
@@ -262,6 +290,27 @@ impl Store {
         Ok(Weights::Kept(ptr))
     }
 
+    /// Bytes of the copies kept.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Drops the copies of weights whose buffers are gone (a freed model's).
+    fn drop_dead(&mut self) {
+        let mut freed = 0;
+        self.slots.retain(|_, copies| {
+            copies.retain(|c| {
+                let alive = c.buffer.writes().is_some();
+                if !alive {
+                    freed += c.data.len();
+                }
+                alive
+            });
+            !copies.is_empty()
+        });
+        self.bytes -= freed;
+    }
+
     /// Drops the least recently used copies (not `keep`, the one about to
     /// run) while more than [`MAX_BYTES`] are kept.
     fn evict(&mut self, mut keep: (Slot, usize)) {
@@ -279,7 +328,7 @@ impl Store {
                 if slot == keep.0 && keep.1 == copies.len() {
                     keep.1 = i; // swap_remove moved it into the gap
                 }
-                self.bytes -= gone.data.buf.len() - 63;
+                self.bytes -= gone.data.len();
                 if copies.is_empty() {
                     self.slots.remove(&slot);
                 }
