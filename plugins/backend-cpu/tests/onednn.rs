@@ -102,6 +102,7 @@ fn status_names_the_path() {
                 auto.matmul_library()
             );
             assert!(auto.matmul_library().contains(lib.version()));
+            assert!(auto.matmul_library().contains("weights pre-packed once"));
             assert_eq!(auto.onednn_mode(), OneDnnMode::Auto);
         }
         Err(reason) => {

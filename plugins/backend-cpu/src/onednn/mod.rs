@@ -310,8 +310,9 @@ pub fn status(mode: OneDnnMode) -> String {
     match library() {
         // bf16 attention runs on oneDNN whenever its bf16 kernels do.
         Ok(lib) if mode != OneDnnMode::Off && lib.has_bf16() => {
-            format!("{products}; bf16 attention per head on oneDNN")
+            format!("{products}; weights pre-packed once; bf16 attention per head on oneDNN")
         }
+        Ok(_) if mode != OneDnnMode::Off => format!("{products}; weights pre-packed once"),
         _ => products,
     }
 }
