@@ -6,9 +6,9 @@
 //! every run, again for each block of rows. A primitive built for packed
 //! weights ([`super::matmul::Key::packed_b`]) skips that copy, and this store
 //! keeps the packed copy of each weight. Measured on an AMD EPYC with
-//! AVX-512 BF16 (2 threads, oneDNN 2.6.3, DiT-S shapes, interleaved): bf16
-//! products 3-15% faster (38% at 64 rows), f32 ones 5-50% (the f32 kernel
-//! reads plain weights of 1536 columns at half speed).
+//! AVX-512 BF16 (2 threads, oneDNN 2.6.3, DiT-S shapes, interleaved runs of
+//! `benches/onednn/packed_weights.c`): bf16 products 7-16% faster (35% at 64
+//! rows), f32 ones 0-15%.
 //!
 //! A copy is found by where its weight lives (buffer id, byte offset, the k
 //! chunk, the plain layout) and remembers the buffer's write count
