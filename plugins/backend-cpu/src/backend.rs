@@ -115,7 +115,9 @@ impl CpuBackend {
             return "few rows".into();
         }
         match self.onednn_key(dims, 1, dtype, dtype, DType::F32, false, 1.0, 0.0, None) {
-            Some((lib, spec)) => lib.implementation(spec, self.threads).unwrap_or_else(|e| e),
+            Some((lib, spec)) => lib
+                .implementation(spec, self.onednn_threads(&spec))
+                .unwrap_or_else(|e| e),
             None => "gemm crate".into(),
         }
     }
@@ -131,6 +133,19 @@ impl CpuBackend {
             return None;
         }
         ops::gemm::onednn_takes(self.onednn_mode, dims, (a, b)).then_some(lib)
+    }
+
+    /// oneDNN's threads for `spec`: the backend's, but one for products too
+    /// small to share (a second OpenMP thread's wake-up and join cost more
+    /// than its half of the work). A product's bits are the same on one
+    /// thread and on two, except weight gradients' (see `Spec::chunks`),
+    /// whose count is still fixed by the shape.
+    fn onednn_threads(&self, spec: &Spec) -> usize {
+        if spec.batch as f64 * spec.dims.flops() < ONEDNN_SHARED_MIN_FLOPS {
+            1
+        } else {
+            self.threads
+        }
     }
 
     /// [`CpuBackend::onednn_for`] plus the primitive for `batch` such
@@ -173,7 +188,7 @@ impl CpuBackend {
             }),
             whole_k: false,
         };
-        lib.ready(spec, self.threads).ok().map(|()| (lib, spec))
+        lib.ready(spec, self.onednn_threads(&spec)).ok().map(|()| (lib, spec))
     }
 
     /// The products of `spec` on oneDNN (from [`CpuBackend::onednn_key`]): bf16 inputs stay bf16 when both are, else
@@ -222,7 +237,7 @@ impl CpuBackend {
                 spec,
                 b_id: Some(b_id.clone()),
             };
-            match lib.matmul(self.threads, product) {
+            match lib.matmul(self.onednn_threads(&spec), product) {
                 Ok(Outcome::Done) => Ok(()),
                 Ok(Outcome::Unsupported(e)) | Err(e) => Err(EngineError::Backend {
                     backend: "cpu".into(),
@@ -415,6 +430,10 @@ enum Dest<'a> {
     Bf16(&'a mut [bf16]),
     F32(crate::slices::Output<'a>),
 }
+
+/// FLOPs below which a oneDNN product runs on one thread
+/// ([`CpuBackend::onednn_threads`]).
+const ONEDNN_SHARED_MIN_FLOPS: f64 = 1.6e7;
 
 /// Elements per parallel task of the memory ops (fill, dtype conversion).
 const MEM_TASK_ELEMS: usize = 1 << 15;
