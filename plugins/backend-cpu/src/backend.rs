@@ -137,9 +137,11 @@ impl CpuBackend {
 
     /// oneDNN's threads for `spec`: the backend's, but one for products too
     /// small to share (a second OpenMP thread's wake-up and join cost more
-    /// than its half of the work). A product's bits are the same on one
-    /// thread and on two, except weight gradients' (see `Spec::chunks`),
-    /// whose count is still fixed by the shape.
+    /// than its half of the work: the per-sample text K/V projections). A
+    /// row's bits stay the same whatever the row count, and so whatever the
+    /// thread count this picks (`tests/onednn.rs` spans both); only weight
+    /// gradients' depend on the count (see `Spec::chunks`), still fixed by
+    /// their shape.
     fn onednn_threads(&self, spec: &Spec) -> usize {
         if spec.batch as f64 * spec.dims.flops() < ONEDNN_SHARED_MIN_FLOPS {
             1

@@ -288,8 +288,8 @@ pub(crate) struct Product<'a> {
     pub b: Data<'a>,
     pub bias: Option<&'a [f32]>,
     pub spec: Spec,
-    /// Where `b` lives, for keeping its packed copy; `None` packs it for
-    /// this product alone.
+    /// Where `b` lives, for keeping its packed copy: needed by plain
+    /// products ([`Key::packed_b`]); `None` for products in a task.
     pub b_id: Option<WeightId>,
 }
 
@@ -361,17 +361,11 @@ impl OneDnn {
                 let a_chunk = (a_ptr as *mut u8).add(a_off * size(spec.src)) as *mut c_void;
                 let b_chunk = (b_ptr as *mut u8).add(b_off * size(spec.src)) as *mut c_void;
                 let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
-                let mut packed = match p.packing {
-                    Some(_) => {
-                        Some(
-                            state
-                                .packs
-                                .weights(self, stream, (&p, key, chunk.0), product.b_id.as_ref(), b_chunk)?,
-                        )
-                    }
-                    None => None,
+                let weights = match (&p.packing, &product.b_id) {
+                    (None, _) => b_chunk,
+                    (Some(_), Some(id)) => state.packs.weights(self, stream, (&p, key, chunk.0), id, b_chunk)?,
+                    (Some(_), None) => return Err("packed weights without their place (`Product::b_id`)".into()),
                 };
-                let weights = packed.as_mut().map_or(b_chunk, |w| w.ptr());
                 self.execute(stream, &p, [a_chunk, weights, dst_ptr], bias, None)?;
             }
         }
@@ -497,8 +491,7 @@ impl OneDnn {
     }
 
     /// How many times weights were packed into oneDNN's layout in this
-    /// process ([`super::packed`]): once per weight and write, kept copies
-    /// and one-product ones alike.
+    /// process ([`super::packed`]): once per weight, layout and write.
     pub fn weights_packed(&self) -> u64 {
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).packs.packed
     }

@@ -183,12 +183,12 @@ struct Slot {
 }
 
 /// One packed copy: the primitive whose layout it has (kept alive for its
-/// descriptor), its weight's buffer, the write count it was packed from,
-/// and the bytes.
+/// descriptor), its weight's buffer, the write count it was packed from
+/// (`None` before it is), and the bytes.
 struct PackedCopy {
     layout: Arc<Primitive>,
     buffer: BufferWatch,
-    writes: u64,
+    writes: Option<u64>,
     data: Aligned,
     last_used: u64,
 }
@@ -199,30 +199,14 @@ pub(crate) struct Store {
     slots: HashMap<Slot, Vec<PackedCopy>>,
     bytes: usize,
     tick: u64,
-    /// Weights packed so far (kept or for one product).
+    /// Weights packed so far.
     pub(crate) packed: u64,
-}
-
-/// Packed weights for one run: a kept copy's, or packed for this run alone.
-pub(crate) enum Weights {
-    Kept(*mut c_void),
-    Once(Aligned),
-}
-
-impl Weights {
-    pub(crate) fn ptr(&mut self) -> *mut c_void {
-        match self {
-            Weights::Kept(p) => *p,
-            Weights::Once(a) => a.ptr(),
-        }
-    }
 }
 
 impl Store {
     /// The weights at `plain` (k chunk `k0` of the weight `id`) packed in the
     /// layout of `p` (built for `key`, with a [`Packing`]): the kept copy when
-    /// its buffer was not written since, else packed now (and kept when
-    /// the weight's place is known).
+    /// its buffer was not written since, else packed now.
     ///
     /// # Safety
     /// `plain` holds the chunk's elements as `p`'s plain descriptor spans
@@ -232,16 +216,10 @@ impl Store {
         lib: &OneDnn,
         stream: Handle,
         (p, key, k0): (&Arc<Primitive>, Key, usize),
-        id: Option<&WeightId>,
+        id: &WeightId,
         plain: *mut c_void,
-    ) -> Result<Weights, String> {
+    ) -> Result<*mut c_void, String> {
         let packing = p.packing.as_ref().ok_or("a primitive without packed weights")?;
-        let Some(id) = id else {
-            let mut once = Aligned::zeroed(packing.bytes);
-            packing.run(lib, stream, &p.weights, plain, once.ptr())?;
-            self.packed += 1;
-            return Ok(Weights::Once(once));
-        };
         let super::Flavour::V2(v2) = &lib.flavour;
         self.tick += 1;
         let slot = Slot {
@@ -270,7 +248,7 @@ impl Store {
                 copies.push(PackedCopy {
                     layout: p.clone(),
                     buffer: id.buffer.clone(),
-                    writes: id.writes.wrapping_add(1),
+                    writes: None,
                     data: Aligned::zeroed(packing.bytes),
                     last_used: 0,
                 });
@@ -279,15 +257,15 @@ impl Store {
             }
         };
         let copy = &mut copies[i];
-        if copy.writes != id.writes {
+        if copy.writes != Some(id.writes) {
             packing.run(lib, stream, &p.weights, plain, copy.data.ptr())?;
-            copy.writes = id.writes;
+            copy.writes = Some(id.writes);
             self.packed += 1;
         }
         copy.last_used = self.tick;
         let ptr = copy.data.ptr();
         self.evict((slot, i));
-        Ok(Weights::Kept(ptr))
+        Ok(ptr)
     }
 
     /// Bytes of the copies kept.
