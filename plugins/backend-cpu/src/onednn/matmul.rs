@@ -17,7 +17,7 @@
 //! are weights; see [`Spec::chunks`]).
 
 use super::packed::{Packing, WeightId};
-use super::{c_string, check, ExecArg, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
+use super::{c_string, check, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
 use super::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
 use super::{FORMAT_TAG_ANY, QUERY_IMPL_INFO_STR, QUERY_SCRATCHPAD_MD, SCRATCHPAD_USER};
 use ecdit_engine::dtype::bf16;
@@ -428,7 +428,6 @@ impl OneDnn {
         bias: Option<*mut c_void>,
         scratchpad: Option<&mut Vec<u8>>,
     ) -> Result<(), String> {
-        let api = &self.api;
         let mut parts: Vec<(c_int, *const c_void, *mut c_void)> = vec![
             (ARG_SRC, &*p.src as *const MemoryDescV2 as *const c_void, src),
             (
@@ -448,30 +447,7 @@ impl OneDnn {
             (None, None) => {}
             _ => return Err("a scratchpad given to a primitive not built for one, or none to one that is".into()),
         }
-        let mut args = Vec::with_capacity(parts.len());
-        let mut made = Ok(());
-        for &(arg, md, ptr) in &parts {
-            let mut memory: Handle = std::ptr::null_mut();
-            made = check(
-                (api.memory_create)(&mut memory, md, self.engine, ptr),
-                "dnnl_memory_create",
-            );
-            if made.is_err() {
-                break;
-            }
-            args.push(ExecArg { arg, memory });
-        }
-        let ran = made.and_then(|()| {
-            check(
-                (api.primitive_execute)(p.prim, stream, args.len() as c_int, args.as_ptr()),
-                "dnnl_primitive_execute",
-            )
-            .and_then(|()| check((api.stream_wait)(stream), "dnnl_stream_wait"))
-        });
-        for a in &args {
-            (api.memory_destroy)(a.memory);
-        }
-        ran
+        self.run(stream, p.prim, &parts)
     }
 
     /// The implementation oneDNN picks for `spec` ("brg:avx512_core_amx_bf16",

@@ -251,6 +251,46 @@ impl OneDnn {
         !self.impl_bf16.starts_with("unavailable")
     }
 
+    /// Runs primitive `prim` on `stream` over `(argument, descriptor,
+    /// buffer)` triples and waits for it: the memory objects are made for
+    /// the call and released after.
+    ///
+    /// # Safety
+    /// Each buffer must hold what its descriptor spans, and no other run may
+    /// use `stream` (or a scratchpad among the buffers) meanwhile.
+    pub(crate) unsafe fn run(
+        &self,
+        stream: Handle,
+        prim: Handle,
+        parts: &[(c_int, *const c_void, *mut c_void)],
+    ) -> Result<(), String> {
+        let api = &self.api;
+        let mut args = Vec::with_capacity(parts.len());
+        let mut made = Ok(());
+        for &(arg, md, ptr) in parts {
+            let mut memory: Handle = std::ptr::null_mut();
+            made = check(
+                (api.memory_create)(&mut memory, md, self.engine, ptr),
+                "dnnl_memory_create",
+            );
+            if made.is_err() {
+                break;
+            }
+            args.push(ExecArg { arg, memory });
+        }
+        let ran = made.and_then(|()| {
+            check(
+                (api.primitive_execute)(prim, stream, args.len() as c_int, args.as_ptr()),
+                "dnnl_primitive_execute",
+            )
+            .and_then(|()| check((api.stream_wait)(stream), "dnnl_stream_wait"))
+        });
+        for a in &args {
+            (api.memory_destroy)(a.memory);
+        }
+        ran
+    }
+
     /// The lock every oneDNN call is made under, with OpenMP set to `threads`
     /// threads for the calls made while it is held (OpenMP's thread count is
     /// per calling thread, and primitives are built for the count they see).

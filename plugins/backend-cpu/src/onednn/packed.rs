@@ -18,7 +18,7 @@
 //! for each layout it is read in (the forward's and the input gradient's).
 
 use super::matmul::{Key, Primitive};
-use super::{check, ExecArg, Handle, MemoryDescV2, OneDnn, ARG_FROM, ARG_TO, QUERY_WEIGHTS_MD};
+use super::{check, Handle, MemoryDescV2, OneDnn, ARG_FROM, ARG_TO, QUERY_WEIGHTS_MD};
 use ecdit_engine::BufferWatch;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
@@ -114,35 +114,8 @@ impl Packing {
         from: *mut c_void,
         to: *mut c_void,
     ) -> Result<(), String> {
-        let api = &lib.api;
-        let mut args: Vec<ExecArg> = Vec::with_capacity(2);
-        let parts = [
-            (ARG_FROM, plain as *const MemoryDescV2 as *const c_void, from),
-            (ARG_TO, self.md, to),
-        ];
-        let mut made = Ok(());
-        for (arg, md, ptr) in parts {
-            let mut memory: Handle = std::ptr::null_mut();
-            made = check(
-                (api.memory_create)(&mut memory, md, lib.engine, ptr),
-                "dnnl_memory_create",
-            );
-            if made.is_err() {
-                break;
-            }
-            args.push(ExecArg { arg, memory });
-        }
-        let ran = made.and_then(|()| {
-            check(
-                (api.primitive_execute)(self.reorder, stream, args.len() as c_int, args.as_ptr()),
-                "dnnl_primitive_execute (reorder)",
-            )
-            .and_then(|()| check((api.stream_wait)(stream), "dnnl_stream_wait"))
-        });
-        for a in &args {
-            (api.memory_destroy)(a.memory);
-        }
-        ran
+        let plain = plain as *const MemoryDescV2 as *const c_void;
+        lib.run(stream, self.reorder, &[(ARG_FROM, plain, from), (ARG_TO, self.md, to)])
     }
 }
 
