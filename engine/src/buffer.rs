@@ -22,7 +22,8 @@ pub trait BufferStorage: Send + Sync + Any {
     fn len_bytes(&self) -> usize;
 
     /// The base address when this is host memory that host code may read and
-    /// write directly; `None` for device memory.
+    /// write directly; `None` for device memory. Writes go through
+    /// [`crate::TensorMut::host_mut`], which counts them ([`Buffer::writes`]).
     fn host_ptr(&self) -> Option<NonNull<u8>>;
 
     /// For the owning backend to recover its concrete storage type.
