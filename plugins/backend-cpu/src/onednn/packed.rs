@@ -119,26 +119,28 @@ impl Packing {
     }
 }
 
-/// Bytes aligned to 64 (a cache line; what oneDNN asks of its buffers).
+/// `len` bytes aligned to 64 (a cache line; what oneDNN asks of its buffers).
 pub(crate) struct Aligned {
     buf: Vec<u8>,
     start: usize,
+    len: usize,
 }
 
 impl Aligned {
-    fn zeroed(bytes: usize) -> Self {
-        let buf = vec![0u8; bytes + 63];
-        let start = buf.as_ptr().align_offset(64);
-        Self { buf, start }
+    const ALIGN: usize = 64;
+
+    fn zeroed(len: usize) -> Self {
+        let buf = vec![0u8; len + Self::ALIGN - 1];
+        let start = buf.as_ptr().align_offset(Self::ALIGN);
+        Self { buf, start, len }
     }
 
     fn ptr(&mut self) -> *mut c_void {
         self.buf[self.start..].as_mut_ptr() as *mut c_void
     }
 
-    /// The bytes asked for.
     fn len(&self) -> usize {
-        self.buf.len() - 63
+        self.len
     }
 }
 
@@ -237,7 +239,7 @@ impl Store {
         }
         copy.last_used = self.tick;
         let ptr = copy.data.ptr();
-        self.evict((slot, i));
+        self.evict();
         Ok(ptr)
     }
 
@@ -262,24 +264,21 @@ impl Store {
         self.bytes -= freed;
     }
 
-    /// Drops the least recently used copies (not `keep`, the one about to
-    /// run) while more than [`MAX_BYTES`] are kept.
-    fn evict(&mut self, mut keep: (Slot, usize)) {
+    /// Drops the least recently used copies while more than [`MAX_BYTES`]
+    /// are kept, never the one used at this tick (about to run).
+    fn evict(&mut self) {
         while self.bytes > MAX_BYTES {
+            let tick = self.tick;
             let oldest = self
                 .slots
                 .iter()
                 .flat_map(|(s, copies)| copies.iter().enumerate().map(move |(i, c)| ((*s, i), c.last_used)))
-                .filter(|(at, _)| *at != keep)
-                .min_by_key(|(_, used)| *used)
+                .filter(|&(_, used)| used != tick)
+                .min_by_key(|&(_, used)| used)
                 .map(|(at, _)| at);
             let Some((slot, i)) = oldest else { return };
             if let Some(copies) = self.slots.get_mut(&slot) {
-                let gone = copies.swap_remove(i);
-                if slot == keep.0 && keep.1 == copies.len() {
-                    keep.1 = i; // swap_remove moved it into the gap
-                }
-                self.bytes -= gone.data.len();
+                self.bytes -= copies.swap_remove(i).data.len();
                 if copies.is_empty() {
                     self.slots.remove(&slot);
                 }
