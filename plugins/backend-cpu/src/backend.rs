@@ -5,6 +5,7 @@
 //! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
 use crate::onednn::attention::Bf16Attention;
+use crate::onednn::grouped::{Group, GroupOut};
 use crate::onednn::matmul::{whole_k, Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
 use crate::onednn::packed::WeightId;
 use crate::onednn::{self, OneDnn, OneDnnMode};
@@ -277,6 +278,89 @@ impl CpuBackend {
             }
         }
         Ok(())
+    }
+
+    /// A grouped product on oneDNN as tasks, each group on one thread
+    /// (`onednn/grouped.rs`): taken on two threads or more for two groups
+    /// or more, each above the few-row kernel's bound, with inputs oneDNN
+    /// reads as stored. `Ok(false)` when not taken (nothing written).
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_in_tasks(
+        &self,
+        op: &str,
+        out: TensorMut<'_>,
+        (a, b, bias): (TensorRef<'_>, TensorRef<'_>, Option<TensorRef<'_>>),
+        group_rows: &[usize],
+        (n, k, trans_b): (usize, usize, bool),
+        (alpha, beta): (f32, f32),
+        act: Option<Unary>,
+    ) -> Result<bool> {
+        let busy = group_rows.iter().filter(|&&m| m > 0);
+        let few = busy.clone().any(|&m| m <= ops::gemm_few_rows::FEW_ROWS);
+        if self.threads < 2 || busy.count() < 2 || few || a.dtype() != b.dtype() {
+            return Ok(false);
+        }
+        let dims = group_dims(tallest_group(group_rows), n, k, trans_b);
+        let (dt_in, dt_out) = (a.dtype(), out.dtype());
+        let key = self.onednn_key(dims, 1, dt_in, dt_in, dt_out, bias.is_some(), alpha, beta, act);
+        let Some((lib, spec)) = key else { return Ok(false) };
+        let bf16_in = dt_in == DType::BF16;
+        if (spec.src == onednn::DT_BF16) != bf16_in {
+            return Ok(false);
+        }
+        check_grouped(op, out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
+        let bias = match bias {
+            Some(t) => {
+                t.expect_len(op, "bias", group_rows.len() * n)?;
+                Some(input(op, "bias", t)?)
+            }
+            None => None,
+        };
+        let (a_all, b_all) = if bf16_in {
+            (Data::Bf16(a.host::<bf16>()?), Data::Bf16(b.host::<bf16>()?))
+        } else {
+            (Data::F32(a.host::<f32>()?), Data::F32(b.host::<f32>()?))
+        };
+        // bf16 storage of an f32 product is rounded per group in its task.
+        let narrowed = spec.dst == onednn::DT_F32 && dt_out == DType::BF16;
+        let mut rest = match dt_out {
+            DType::BF16 => DataMut::Bf16(out.host_mut::<bf16>()?),
+            _ => DataMut::F32(out.host_mut::<f32>()?),
+        };
+        let (weights, weights_at, writes) = (b.buffer().watch(), b.byte_offset(), b.buffer().writes());
+        let mut groups = Vec::with_capacity(group_rows.len());
+        let mut r0 = 0;
+        for (g, &m) in group_rows.iter().enumerate() {
+            let (rows, tail) = rest.split(m * n);
+            rest = tail;
+            if m > 0 {
+                let out = match rows {
+                    DataMut::Bf16(rows) if narrowed => GroupOut::Narrowed(rows),
+                    rows => GroupOut::Direct(rows),
+                };
+                groups.push(Group {
+                    out,
+                    a: a_all.range(r0 * k, m * k),
+                    b: b_all.range(g * n * k, n * k),
+                    bias: bias.as_deref().map(|v| &v[g * n..][..n]),
+                    b_id: WeightId {
+                        buffer: weights.clone(),
+                        offset: weights_at + g * n * k * dt_in.size(),
+                        writes,
+                    },
+                    spec: Spec {
+                        dims: group_dims(m, n, k, trans_b),
+                        ..spec
+                    },
+                });
+            }
+            r0 += m;
+        }
+        onednn::grouped::run(lib, &self.pool, self.threads, groups).map_err(|e| EngineError::Backend {
+            backend: "cpu".into(),
+            reason: format!("{op} on oneDNN, groups in tasks: {e}"),
+        })?;
+        Ok(true)
     }
 
     /// oneDNN for a bf16 product with its bias and activation fused as
@@ -589,7 +673,7 @@ impl Backend for CpuBackend {
 
     fn gemm_grouped(
         &self,
-        out: TensorMut<'_>,
+        mut out: TensorMut<'_>,
         a: TensorRef<'_>,
         b: TensorRef<'_>,
         group_rows: &[usize],
@@ -600,10 +684,14 @@ impl Backend for CpuBackend {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "gemm_grouped";
-        // On oneDNN: one product per group, each on all threads (what a
-        // `gemm` per group gives, bit for bit).
+        // On oneDNN: the groups as tasks, or one product per group on all
+        // threads (both what a `gemm` per group gives, bit for bit).
         let dims = group_dims(tallest_group(group_rows), n, k, trans_b);
         if self.onednn_for(dims, a.dtype(), b.dtype(), out.dtype()).is_some() {
+            let (shape, scale) = ((n, k, trans_b), (alpha, beta));
+            if self.grouped_in_tasks(OP, out.reborrow(), (a, b, None), group_rows, shape, scale, None)? {
+                return Ok(());
+            }
             return ecdit_engine::backend::gemm_grouped_by_gemm(
                 self, out, a, b, group_rows, n, k, trans_b, alpha, beta,
             );
@@ -660,7 +748,12 @@ impl Backend for CpuBackend {
         }
         // bf16 on oneDNN: one product per group with its bias and the
         // activation fused, each rounded once (groups of a few rows, which
-        // keep their own kernel, take the steps above).
+        // keep their own kernel, take the steps above); as tasks where
+        // they qualify.
+        let (shape, scale) = ((n, k, trans_b), (1.0, 0.0));
+        if self.grouped_in_tasks(OP, out.reborrow(), (a, b, Some(bias)), group_rows, shape, scale, act)? {
+            return Ok(());
+        }
         check_grouped(OP, out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
         bias.expect_len(OP, "bias", group_rows.len() * n)?;
         let (a, b, bias) = (

@@ -16,7 +16,7 @@
 //! (except bf16 products with `a` transposed: weight gradients, whose rows
 //! are weights; see [`Spec::chunks`]).
 
-use super::packed::{Packing, WeightId};
+use super::packed::{Aligned, Packing, WeightId};
 use super::{c_string, check, Flavour, Handle, MatmulDescV2, MemoryDescV2, OneDnn};
 use super::{ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, DT_BF16, DT_F32};
 use super::{FORMAT_TAG_ANY, QUERY_IMPL_INFO_STR, QUERY_SCRATCHPAD_MD, SCRATCHPAD_USER};
@@ -61,8 +61,8 @@ pub(crate) struct Key {
     /// in which one primitive may run on several threads at once).
     pub in_task: bool,
     /// Weights read in the layout oneDNN picks ([`super::packed`]): plain
-    /// products (batch 1, `a` not transposed, not in a task), whose `b` is
-    /// a weight in every model product.
+    /// products ([`Spec::plain`]) whose `b` is a weight of known place
+    /// ([`Product::b_id`]).
     pub packed_b: bool,
 }
 
@@ -122,10 +122,36 @@ impl Spec {
         (0..k).step_by(len.max(1)).map(|k0| (k0, len.min(k - k0))).collect()
     }
 
+    /// A plain product: batch 1, `a` not transposed. Its `b` is a weight in
+    /// every product the model makes, read pre-packed when its place is
+    /// known ([`Key::packed_b`]).
+    pub fn plain(&self) -> bool {
+        self.batch == 1 && !self.dims.trans_a
+    }
+
+    /// The chunk's first elements in `a` and `b` (pointers to the whole
+    /// operands, elements of `src`'s size): column k0 of a (row k0 when
+    /// transposed), row k0 of b (column k0 when transposed).
+    ///
+    /// # Safety
+    /// The operands hold the elements the spec spans.
+    unsafe fn chunk_ptrs(&self, k0: usize, a: *mut c_void, b: *mut c_void) -> (*mut c_void, *mut c_void) {
+        let GemmDims {
+            m, n, trans_a, trans_b, ..
+        } = self.dims;
+        let size = if self.src == DT_BF16 { 2 } else { 4 };
+        let a_off = if trans_a { k0 * m } else { k0 };
+        let b_off = if trans_b { k0 } else { k0 * n };
+        (
+            (a as *mut u8).add(a_off * size) as *mut c_void,
+            (b as *mut u8).add(b_off * size) as *mut c_void,
+        )
+    }
+
     /// The primitive key of the chunk starting at `k0`: the first chunk
     /// carries beta and the bias, the later ones add onto the output, and
     /// the last one applies the activation.
-    fn key(&self, (k0, kc): (usize, usize), threads: usize, in_task: bool) -> Key {
+    fn key(&self, (k0, kc): (usize, usize), threads: usize, in_task: bool, packed_b: bool) -> Key {
         let first = k0 == 0;
         let last = k0 + kc == self.dims.k;
         Key {
@@ -144,7 +170,7 @@ impl Spec {
             act: if last { self.act } else { None },
             threads,
             in_task,
-            packed_b: self.batch == 1 && !self.dims.trans_a && !in_task,
+            packed_b,
         }
     }
 
@@ -257,7 +283,15 @@ pub(crate) enum Data<'a> {
     Bf16(&'a [bf16]),
 }
 
-impl Data<'_> {
+impl<'a> Data<'a> {
+    /// `len` elements from `start`.
+    pub(crate) fn range(self, start: usize, len: usize) -> Data<'a> {
+        match self {
+            Data::F32(s) => Data::F32(&s[start..][..len]),
+            Data::Bf16(s) => Data::Bf16(&s[start..][..len]),
+        }
+    }
+
     fn parts(&self) -> (c_int, usize, *mut c_void) {
         match self {
             Data::F32(s) => (DT_F32, s.len(), s.as_ptr() as *mut c_void),
@@ -272,7 +306,21 @@ pub(crate) enum DataMut<'a> {
     Bf16(&'a mut [bf16]),
 }
 
-impl DataMut<'_> {
+impl<'a> DataMut<'a> {
+    /// The first `len` elements, and the rest.
+    pub(crate) fn split(self, len: usize) -> (DataMut<'a>, DataMut<'a>) {
+        match self {
+            DataMut::F32(s) => {
+                let (a, b) = s.split_at_mut(len);
+                (DataMut::F32(a), DataMut::F32(b))
+            }
+            DataMut::Bf16(s) => {
+                let (a, b) = s.split_at_mut(len);
+                (DataMut::Bf16(a), DataMut::Bf16(b))
+            }
+        }
+    }
+
     fn parts(&mut self) -> (c_int, usize, *mut c_void) {
         match self {
             DataMut::F32(s) => (DT_F32, s.len(), s.as_mut_ptr() as *mut c_void),
@@ -288,12 +336,52 @@ pub(crate) struct Product<'a> {
     pub b: Data<'a>,
     pub bias: Option<&'a [f32]>,
     pub spec: Spec,
-    /// Where `b` lives, for keeping its packed copy: needed by plain
-    /// products ([`Key::packed_b`]); `None` for products in a task.
+    /// Where `b` lives, for keeping its packed copy ([`Key::packed_b`]):
+    /// given for weights; `None` for products of activations (attention).
     pub b_id: Option<WeightId>,
 }
 
+/// One k chunk of a product, ready to run: its primitive and operands.
+struct ChunkRun {
+    p: Arc<Primitive>,
+    a: *mut c_void,
+    weights: Weights,
+    dst: *mut c_void,
+}
+
+impl ChunkRun {
+    fn ptrs(&self) -> [*mut c_void; 3] {
+        [self.a, self.weights.ptr(), self.dst]
+    }
+}
+
+/// The weights a chunk's run reads: the caller's, or a packed copy (held
+/// for the run).
+enum Weights {
+    Plain(*mut c_void),
+    Packed(Arc<Aligned>),
+}
+
+impl Weights {
+    fn ptr(&self) -> *mut c_void {
+        match self {
+            Weights::Plain(p) => *p,
+            Weights::Packed(copy) => copy.ptr(),
+        }
+    }
+}
+
 impl Product<'_> {
+    /// Whether `b` is read pre-packed ([`Key::packed_b`]).
+    fn packs_b(&self) -> bool {
+        self.spec.plain() && self.b_id.is_some()
+    }
+
+    /// The bias, as a run passes it (used by the first chunk's primitive).
+    fn bias_ptr(&self) -> Option<*mut c_void> {
+        self.bias.map(|b| b.as_ptr() as *mut c_void)
+    }
+
     /// Errors on mixed input dtypes, dtypes other than the spec's, or wrong lengths.
     fn check(&mut self) -> Result<(), String> {
         let Spec { batch, dims, .. } = self.spec;
@@ -333,66 +421,44 @@ impl OneDnn {
         if let Err(e) = product.check() {
             return Ok(Outcome::Unsupported(e));
         }
-        let spec = product.spec;
-        let GemmDims { m, n, .. } = spec.dims;
         let mut state = self.lock(threads);
+        let runs = match self.chunk_runs(&mut state, threads, false, &mut product)? {
+            Ok(runs) => runs,
+            Err(e) => return Ok(Outcome::Unsupported(e)),
+        };
         let stream = state.stream;
-        let (_, _, a_ptr) = product.a.parts();
-        let (_, _, b_ptr) = product.b.parts();
-        let (_, _, dst_ptr) = product.out.parts();
-        let size = |d: c_int| if d == DT_BF16 { 2 } else { 4 };
-        for chunk in spec.chunks() {
-            let key = spec.key(chunk, threads, false);
-            let p = match state.get(self, key) {
-                Ok(p) => p,
-                Err(e) if chunk.0 == 0 => return Ok(Outcome::Unsupported(e)),
-                Err(e) => return Err(format!("k chunk at {}: {e}", chunk.0)),
-            };
-            // The chunk's first element: column k0 of a (row k0 when
-            // transposed), row k0 of b (column k0 when transposed).
-            let (a_off, b_off) = (
-                if spec.dims.trans_a { chunk.0 * m } else { chunk.0 },
-                if spec.dims.trans_b { chunk.0 } else { chunk.0 * n },
-            );
+        for run in &runs {
             // SAFETY: `check` matched the slices' lengths to the spec, the
             // chunk's descriptors stay inside them (offset plus strides of
             // the full k), and the slices outlive the call.
-            unsafe {
-                let a_chunk = (a_ptr as *mut u8).add(a_off * size(spec.src)) as *mut c_void;
-                let b_chunk = (b_ptr as *mut u8).add(b_off * size(spec.src)) as *mut c_void;
-                let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
-                let weights = match (&p.packing, &product.b_id) {
-                    (None, _) => b_chunk,
-                    (Some(_), Some(id)) => state.packs.weights(self, stream, (&p, key, chunk.0), id, b_chunk)?,
-                    (Some(_), None) => return Err("packed weights without their place (`Product::b_id`)".into()),
-                };
-                self.execute(stream, &p, [a_chunk, weights, dst_ptr], bias, None)?;
-            }
+            unsafe { self.execute(stream, &run.p, run.ptrs(), product.bias_ptr(), None)? };
         }
         Ok(Outcome::Done)
     }
 
     /// [`OneDnn::matmul`] on the calling thread alone, outside the lock, so
     /// that rayon tasks run products side by side (each on one thread: one
-    /// level of parallelism): the primitive is found or built under the lock,
-    /// then run on a stream of this call's own and `scratchpad` (the task's,
-    /// grown as needed). All of k in one primitive; the spec must not ask
-    /// for k chunks.
+    /// level of parallelism): the primitives and packed weights are found
+    /// (or made) under the lock, then run on a stream of this call's own and
+    /// `scratchpad` (the task's, grown as needed).
     pub(crate) fn matmul_in_task(&self, mut product: Product<'_>, scratchpad: &mut Vec<u8>) -> Result<Outcome, String> {
         if let Err(e) = product.check() {
             return Ok(Outcome::Unsupported(e));
         }
-        let spec = product.spec;
-        let chunks = spec.chunks();
-        if chunks.len() != 1 {
-            return Ok(Outcome::Unsupported("a product in k chunks".into()));
-        }
-        // `lock(1)` also sets this thread's OpenMP count to one, so the run
-        // below stays on it.
-        let p = match self.lock(1).get(self, spec.key(chunks[0], 1, true)) {
-            Ok(p) => p,
+        // `lock(1)` also sets this thread's OpenMP count to one, so the runs
+        // below stay on it.
+        let runs = match self.chunk_runs(&mut self.lock(1), 1, true, &mut product)? {
+            Ok(runs) => runs,
             Err(e) => return Ok(Outcome::Unsupported(e)),
         };
+        let bytes = runs
+            .iter()
+            .map(|r| r.p.scratchpad.map_or(0, |(_, b)| b))
+            .max()
+            .unwrap_or(0);
+        if scratchpad.len() < bytes {
+            scratchpad.resize(bytes, 0);
+        }
         let api = &self.api;
         let mut stream: Handle = std::ptr::null_mut();
         // SAFETY: an out-pointer, on the process's engine; destroyed below.
@@ -400,17 +466,61 @@ impl OneDnn {
             unsafe { (api.stream_create)(&mut stream, self.engine, super::STREAM_DEFAULT) },
             "dnnl_stream_create",
         )?;
-        let bytes = p.scratchpad.map_or(0, |(_, bytes)| bytes);
-        if scratchpad.len() < bytes {
-            scratchpad.resize(bytes, 0);
+        let mut done = Ok(());
+        for run in &runs {
+            // SAFETY: as in `matmul`; the stream and scratchpad are this call's.
+            done = unsafe { self.execute(stream, &run.p, run.ptrs(), product.bias_ptr(), Some(scratchpad)) };
+            if done.is_err() {
+                break;
+            }
         }
-        let ptrs = [product.a.parts().2, product.b.parts().2, product.out.parts().2];
-        let bias = product.bias.map(|b| b.as_ptr() as *mut c_void);
-        // SAFETY: as in `matmul`; the stream and scratchpad are this call's.
-        let run = unsafe { self.execute(stream, &p, ptrs, bias, Some(scratchpad)) };
         // SAFETY: made above, used by nothing else.
         unsafe { (api.stream_destroy)(stream) };
-        run.map(|()| Outcome::Done)
+        done.map(|()| Outcome::Done)
+    }
+
+    /// Each k chunk's primitive (built for `threads`, in a task or not) and
+    /// its `[src, weights, dst]`, the weights packed where the product
+    /// packs them; `Ok(Err)` when oneDNN has no kernel for the product.
+    fn chunk_runs(
+        &self,
+        state: &mut State,
+        threads: usize,
+        in_task: bool,
+        product: &mut Product<'_>,
+    ) -> Result<Result<Vec<ChunkRun>, String>, String> {
+        let spec = product.spec;
+        let packs_b = product.packs_b();
+        let (_, _, a_ptr) = product.a.parts();
+        let (_, _, b_ptr) = product.b.parts();
+        let (_, _, dst_ptr) = product.out.parts();
+        let mut runs = Vec::new();
+        for chunk in spec.chunks() {
+            let key = spec.key(chunk, threads, in_task, packs_b);
+            let p = match state.get(self, key) {
+                Ok(p) => p,
+                Err(e) if chunk.0 == 0 => return Ok(Err(e)),
+                Err(e) => return Err(format!("k chunk at {}: {e}", chunk.0)),
+            };
+            // SAFETY: `check` matched the slices' lengths to the spec.
+            let (a, b) = unsafe { spec.chunk_ptrs(chunk.0, a_ptr, b_ptr) };
+            let weights = match (&p.packing, &product.b_id) {
+                (None, _) => Weights::Plain(b),
+                // SAFETY: `b` holds the chunk's weights as `p` spans them;
+                // the stream is the lock's, held by the caller.
+                (Some(_), Some(id)) => {
+                    Weights::Packed(unsafe { state.packs.weights(self, state.stream, (&p, key, chunk.0), id, b)? })
+                }
+                (Some(_), None) => return Err("packed weights without their place (`Product::b_id`)".into()),
+            };
+            runs.push(ChunkRun {
+                p,
+                a,
+                weights,
+                dst: dst_ptr,
+            });
+        }
+        Ok(Ok(runs))
     }
 
     /// Runs `p` on `stream` over the buffers at `[src, weights, dst]` (and
@@ -451,14 +561,14 @@ impl OneDnn {
     }
 
     /// The implementation oneDNN picks for `spec` ("brg:avx512_core_amx_bf16",
-    /// its first k chunk), building and caching its primitives; an error when
-    /// it has none.
+    /// its first k chunk) on the lock's team, weights packed where plain,
+    /// building and caching its primitives; an error when it has none.
     pub(crate) fn implementation(&self, spec: Spec, threads: usize) -> Result<String, String> {
         spec.check()?;
         let mut state = self.lock(threads);
         let mut name = String::new();
         for chunk in spec.chunks() {
-            let p = state.get(self, spec.key(chunk, threads, false))?;
+            let p = state.get(self, spec.key(chunk, threads, false, spec.plain()))?;
             if name.is_empty() {
                 name = p.impl_name.clone();
             }

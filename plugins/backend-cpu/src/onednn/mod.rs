@@ -32,6 +32,7 @@
 //!   `ECDIT_ONEDNN_LIB` names a library file to load instead of the search.
 
 pub(crate) mod attention;
+pub(crate) mod grouped;
 pub(crate) mod matmul;
 pub(crate) mod packed;
 

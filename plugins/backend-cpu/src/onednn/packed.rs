@@ -120,23 +120,35 @@ impl Packing {
 }
 
 /// `len` bytes aligned to 64 (a cache line; what oneDNN asks of its buffers).
+/// Shared (`Arc`) between the store and the runs reading it: a copy the
+/// store lets go of stays alive until a run in a task is done with it.
 pub(crate) struct Aligned {
-    buf: Vec<u8>,
-    start: usize,
+    /// Owns the bytes; never touched after `zeroed` (reads and writes go
+    /// through `start`).
+    _buf: Vec<u8>,
+    start: *mut u8,
     len: usize,
 }
+
+// SAFETY: the bytes are written only while packing, under the lock of
+// [`OneDnn`], into a copy no run holds; runs only read them.
+unsafe impl Send for Aligned {}
+unsafe impl Sync for Aligned {}
 
 impl Aligned {
     const ALIGN: usize = 64;
 
     fn zeroed(len: usize) -> Self {
-        let buf = vec![0u8; len + Self::ALIGN - 1];
-        let start = buf.as_ptr().align_offset(Self::ALIGN);
-        Self { buf, start, len }
+        let mut buf = vec![0u8; len + Self::ALIGN - 1];
+        let offset = buf.as_ptr().align_offset(Self::ALIGN);
+        // SAFETY: `offset < ALIGN`, inside the allocation.
+        let start = unsafe { buf.as_mut_ptr().add(offset) };
+        Self { _buf: buf, start, len }
     }
 
-    fn ptr(&mut self) -> *mut c_void {
-        self.buf[self.start..].as_mut_ptr() as *mut c_void
+    /// The first byte (of `len`); written through only while packing.
+    pub(crate) fn ptr(&self) -> *mut c_void {
+        self.start as *mut c_void
     }
 
     fn len(&self) -> usize {
@@ -164,7 +176,7 @@ struct PackedCopy {
     layout: Arc<Primitive>,
     buffer: BufferWatch,
     writes: Option<u64>,
-    data: Aligned,
+    data: Arc<Aligned>,
     last_used: u64,
 }
 
@@ -181,7 +193,8 @@ pub(crate) struct Store {
 impl Store {
     /// The weights at `plain` (k chunk `k0` of the weight `id`) packed in the
     /// layout of `p` (built for `key`, with a [`Packing`]): the kept copy when
-    /// its buffer was not written since, else packed now.
+    /// its buffer was not written since, else packed now (into fresh memory
+    /// while a run in a task still reads the old copy).
     ///
     /// # Safety
     /// `plain` holds the chunk's elements as `p`'s plain descriptor spans
@@ -193,7 +206,7 @@ impl Store {
         (p, key, k0): (&Arc<Primitive>, Key, usize),
         id: &WeightId,
         plain: *mut c_void,
-    ) -> Result<*mut c_void, String> {
+    ) -> Result<Arc<Aligned>, String> {
         let packing = p.packing.as_ref().ok_or("a primitive without packed weights")?;
         let super::Flavour::V2(v2) = &lib.flavour;
         self.tick += 1;
@@ -224,7 +237,7 @@ impl Store {
                     layout: p.clone(),
                     buffer: id.buffer.clone(),
                     writes: None,
-                    data: Aligned::zeroed(packing.bytes),
+                    data: Arc::new(Aligned::zeroed(packing.bytes)),
                     last_used: 0,
                 });
                 self.bytes += packing.bytes;
@@ -233,14 +246,17 @@ impl Store {
         };
         let copy = &mut copies[i];
         if copy.writes != Some(id.writes) {
+            if Arc::strong_count(&copy.data) > 1 {
+                copy.data = Arc::new(Aligned::zeroed(packing.bytes));
+            }
             packing.run(lib, stream, &p.weights, plain, copy.data.ptr())?;
             copy.writes = Some(id.writes);
             self.packed += 1;
         }
         copy.last_used = self.tick;
-        let ptr = copy.data.ptr();
+        let data = copy.data.clone();
         self.evict();
-        Ok(ptr)
+        Ok(data)
     }
 
     /// Bytes of the copies kept.
