@@ -285,6 +285,25 @@ pub fn gemm_grouped_by_gemm<B: Backend + ?Sized>(
     Ok(())
 }
 
+/// The body of [`Backend::gemm_grouped_bias_gathered`]'s default: the rows
+/// gathered into a scratch, then [`Backend::gemm_grouped_bias`]. Public so
+/// an override can fall back to it for what it does not take.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_grouped_bias_after_gather<B: Backend + ?Sized>(
+    be: &B,
+    out: TensorMut<'_>,
+    (x, rows): (TensorRef<'_>, TensorRef<'_>),
+    b: TensorRef<'_>,
+    bias: TensorRef<'_>,
+    group_rows: &[usize],
+    (n, k, trans_b): (usize, usize, bool),
+    act: Option<Unary>,
+) -> Result<()> {
+    let mut a = be.zeros(&[rows.numel(), k], x.dtype())?;
+    be.gather_rows(a.view_mut(), x, rows, k)?;
+    be.gemm_grouped_bias(out, a.view(), b, bias, group_rows, n, k, trans_b, act)
+}
+
 /// `out[rows of g] += bias[g]`, one [`Backend::add_broadcast`] per non-empty
 /// group: the bias step of [`Backend::gemm_grouped_bias`]'s default.
 /// out: [R, n]; bias: [G, n]; `R = sum(group_rows)`, `G = group_rows.len()`.
@@ -506,6 +525,30 @@ pub trait Backend: Send + Sync {
             (Some(act), Some(out)) => self.unary(act, out, pre.as_ref()),
             _ => Ok(()),
         }
+    }
+
+    /// [`Backend::gemm_grouped_bias`] over gathered rows: row r of the
+    /// product reads `x[rows[r]]` (a MoE layer's dispatch into its experts'
+    /// first product). The default gathers into a scratch
+    /// ([`Backend::gather_rows`]) and runs `gemm_grouped_bias`; a backend
+    /// may gather where the product runs instead, with the default's bits.
+    /// out: [R, n]; x: [T, k]; rows: [R] (u32, each below T); b, bias:
+    /// as in `gemm_grouped_bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_grouped_bias_gathered(
+        &self,
+        out: TensorMut<'_>,
+        x: TensorRef<'_>,
+        rows: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> Result<()> {
+        gemm_grouped_bias_after_gather(self, out, (x, rows), b, bias, group_rows, (n, k, trans_b), act)
     }
 
     // ---- element-wise and row ops ----

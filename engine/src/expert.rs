@@ -66,6 +66,28 @@ pub trait Expert: Send + Sync {
         d: usize,
     ) -> Result<()>;
 
+    /// [`Expert::forward`] at inference (nothing kept) over the gathered
+    /// rows `x[rows[i]]`, reading them where its first product runs
+    /// ([`Backend::gemm_grouped_bias_gathered`]). Returns `false`, having
+    /// done nothing, for experts that read only gathered inputs (the
+    /// default): the caller then gathers and calls `forward`.
+    /// out: [N, d]; x: [T, d]; rows: [N] (u32); the rest as in `forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_gathered(
+        &self,
+        backend: &dyn Backend,
+        out: TensorMut<'_>,
+        cache: &mut ExpertCache,
+        x: TensorRef<'_>,
+        rows: TensorRef<'_>,
+        params: &[TensorRef<'_>],
+        offsets: &[usize],
+        d: usize,
+    ) -> Result<bool> {
+        let _ = (backend, out, cache, x, rows, params, offsets, d);
+        Ok(false)
+    }
+
     /// Backward: overwrites `dx` [N, d] and accumulates parameter gradients
     /// into `dparams` (same order and memory shapes as `params`).
     #[allow(clippy::too_many_arguments)]

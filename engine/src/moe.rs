@@ -243,21 +243,37 @@ impl MoeLayer {
         self.check_routing(&routing, t_count)?;
         let slots = routing.slots();
 
-        // xs[s] = x[token[s]]
-        let mut xs = reuse(backend, cache.xs.take(), &[slots, d], act_dtype)?;
-        backend.gather_rows(xs.view_mut(), x, routing.tokens.view(), d)?;
-        // ys = experts(xs)
+        // ys = experts(xs), xs[s] = x[token[s]]: at inference the experts
+        // may gather where their first product runs; else xs is gathered
+        // here (and kept for the backward).
         let mut ys = reuse(backend, cache.ys.take(), &[slots, d], act_dtype)?;
-        self.expert.forward(
-            backend,
-            ys.view_mut(),
-            &mut cache.expert,
-            keep,
-            xs.view(),
-            &self.param_views(),
-            &routing.offsets,
-            d,
-        )?;
+        let (params, tokens) = (self.param_views(), routing.tokens.view());
+        let fused = !keep
+            && self.expert.forward_gathered(
+                backend,
+                ys.view_mut(),
+                &mut cache.expert,
+                x,
+                tokens,
+                &params,
+                &routing.offsets,
+                d,
+            )?;
+        if !fused {
+            let mut xs = reuse(backend, cache.xs.take(), &[slots, d], act_dtype)?;
+            backend.gather_rows(xs.view_mut(), x, tokens, d)?;
+            self.expert.forward(
+                backend,
+                ys.view_mut(),
+                &mut cache.expert,
+                keep,
+                xs.view(),
+                &params,
+                &routing.offsets,
+                d,
+            )?;
+            cache.xs = Some(xs);
+        }
         // out[token[s]] += gate[s] * ys[s]
         backend.fill(out.reborrow(), 0.0)?;
         backend.scatter_add_rows(out, ys.view(), routing.tokens.view(), Some(routing.gates.view()), d)?;
@@ -268,7 +284,6 @@ impl MoeLayer {
             cache.routing = Some(routing.clone());
         }
         cache.scores = Some(scores);
-        cache.xs = Some(xs);
         cache.ys = Some(ys);
         Ok(routing)
     }

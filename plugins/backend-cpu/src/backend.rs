@@ -5,7 +5,7 @@
 //! rounded back) and runs the f32 kernels of `ops/` inside the pool.
 
 use crate::onednn::attention::Bf16Attention;
-use crate::onednn::grouped::{Group, GroupOut};
+use crate::onednn::grouped::{Group, GroupIn, GroupOut};
 use crate::onednn::matmul::{whole_k, Data, DataMut, Outcome, Product, Spec, MAX_K_CHUNK};
 use crate::onednn::packed::WeightId;
 use crate::onednn::{self, OneDnn, OneDnnMode};
@@ -17,7 +17,7 @@ use crate::slices::{
     bytes, bytes_mut, elementwise, f32_input, f32_output, indices, indices_mut, input, input_opt, mask, output,
     output_opt, sample_rows,
 };
-use ecdit_engine::backend::{add_group_bias, check_grouped};
+use ecdit_engine::backend::{add_group_bias, check_grouped, gemm_grouped_bias_after_gather};
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use ecdit_engine::error::{check_len, EngineError, Result};
 use ecdit_engine::{
@@ -289,26 +289,38 @@ impl CpuBackend {
         &self,
         op: &str,
         out: TensorMut<'_>,
-        (a, b, bias): (TensorRef<'_>, TensorRef<'_>, Option<TensorRef<'_>>),
+        (a, b, bias): (GroupedA<'_>, TensorRef<'_>, Option<TensorRef<'_>>),
         group_rows: &[usize],
         (n, k, trans_b): (usize, usize, bool),
         (alpha, beta): (f32, f32),
         act: Option<Unary>,
     ) -> Result<bool> {
+        let (x, dt_in) = match a {
+            GroupedA::Rows(a) | GroupedA::Gathered { x: a, .. } => (a, a.dtype()),
+        };
         let busy = group_rows.iter().filter(|&&m| m > 0);
         let few = busy.clone().any(|&m| m <= ops::gemm_few_rows::FEW_ROWS);
-        if self.threads < 2 || busy.count() < 2 || few || a.dtype() != b.dtype() {
+        if self.threads < 2 || busy.count() < 2 || few || dt_in != b.dtype() {
             return Ok(false);
         }
         let dims = group_dims(tallest_group(group_rows), n, k, trans_b);
-        let (dt_in, dt_out) = (a.dtype(), out.dtype());
+        let dt_out = out.dtype();
         let key = self.onednn_key(dims, 1, dt_in, dt_in, dt_out, bias.is_some(), alpha, beta, act);
         let Some((lib, spec)) = key else { return Ok(false) };
         let bf16_in = dt_in == DType::BF16;
         if (spec.src == onednn::DT_BF16) != bf16_in {
             return Ok(false);
         }
-        check_grouped(op, out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
+        let gathered = match a {
+            GroupedA::Rows(_) => None,
+            GroupedA::Gathered { rows, .. } => {
+                let rows = indices(op, "rows", rows)?;
+                check_gather_source(op, x.numel(), k, rows)?;
+                Some(rows)
+            }
+        };
+        let a_len = gathered.map_or(x.numel(), |rows| rows.len() * k);
+        check_grouped(op, out.numel(), a_len, b.numel(), group_rows, n, k)?;
         let bias = match bias {
             Some(t) => {
                 t.expect_len(op, "bias", group_rows.len() * n)?;
@@ -317,9 +329,9 @@ impl CpuBackend {
             None => None,
         };
         let (a_all, b_all) = if bf16_in {
-            (Data::Bf16(a.host::<bf16>()?), Data::Bf16(b.host::<bf16>()?))
+            (Data::Bf16(x.host::<bf16>()?), Data::Bf16(b.host::<bf16>()?))
         } else {
-            (Data::F32(a.host::<f32>()?), Data::F32(b.host::<f32>()?))
+            (Data::F32(x.host::<f32>()?), Data::F32(b.host::<f32>()?))
         };
         // bf16 storage of an f32 product is rounded per group in its task.
         let narrowed = spec.dst == onednn::DT_F32 && dt_out == DType::BF16;
@@ -338,9 +350,17 @@ impl CpuBackend {
                     DataMut::Bf16(rows) if narrowed => GroupOut::Narrowed(rows),
                     rows => GroupOut::Direct(rows),
                 };
+                let a = match gathered {
+                    None => GroupIn::Rows(a_all.range(r0 * k, m * k)),
+                    Some(rows) => GroupIn::Gathered {
+                        x: a_all,
+                        rows: &rows[r0..][..m],
+                        k,
+                    },
+                };
                 groups.push(Group {
                     out,
-                    a: a_all.range(r0 * k, m * k),
+                    a,
                     b: b_all.range(g * n * k, n * k),
                     bias: bias.as_deref().map(|v| &v[g * n..][..n]),
                     b_id: WeightId {
@@ -418,6 +438,35 @@ impl CpuBackend {
 /// Whether every tensor is bf16.
 fn all_bf16(tensors: &[&TensorRef<'_>]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::BF16)
+}
+
+/// The `a` of a grouped product: rows as stored, or gathered by index.
+#[derive(Clone, Copy)]
+enum GroupedA<'a> {
+    /// [R, k].
+    Rows(TensorRef<'a>),
+    /// Row r is `x[rows[r]]`; x: [T, k]; rows: [R] (u32).
+    Gathered { x: TensorRef<'a>, rows: TensorRef<'a> },
+}
+
+/// Errors unless `x` holds whole rows of `k` and every index is one of them.
+fn check_gather_source(op: &str, x_len: usize, k: usize, rows: &[u32]) -> Result<()> {
+    if k == 0 || !x_len.is_multiple_of(k) {
+        return Err(EngineError::shape(
+            format!("{op} (x)"),
+            format!("[T, {k}]"),
+            format!("{x_len} elements"),
+        ));
+    }
+    let count = x_len / k;
+    match rows.iter().position(|&r| r as usize >= count) {
+        None => Ok(()),
+        Some(i) => Err(EngineError::shape(
+            format!("{op} (rows[{i}])"),
+            format!("a row index below {count}"),
+            rows[i],
+        )),
+    }
 }
 
 /// One group's product in a grouped gemm: `[m, k] @ op(b[g])`.
@@ -689,7 +738,8 @@ impl Backend for CpuBackend {
         let dims = group_dims(tallest_group(group_rows), n, k, trans_b);
         if self.onednn_for(dims, a.dtype(), b.dtype(), out.dtype()).is_some() {
             let (shape, scale) = ((n, k, trans_b), (alpha, beta));
-            if self.grouped_in_tasks(OP, out.reborrow(), (a, b, None), group_rows, shape, scale, None)? {
+            let operands = (GroupedA::Rows(a), b, None);
+            if self.grouped_in_tasks(OP, out.reborrow(), operands, group_rows, shape, scale, None)? {
                 return Ok(());
             }
             return ecdit_engine::backend::gemm_grouped_by_gemm(
@@ -750,8 +800,8 @@ impl Backend for CpuBackend {
         // activation fused, each rounded once (groups of a few rows, which
         // keep their own kernel, take the steps above); as tasks where
         // they qualify.
-        let (shape, scale) = ((n, k, trans_b), (1.0, 0.0));
-        if self.grouped_in_tasks(OP, out.reborrow(), (a, b, Some(bias)), group_rows, shape, scale, act)? {
+        let (shape, scale, operands) = ((n, k, trans_b), (1.0, 0.0), (GroupedA::Rows(a), b, Some(bias)));
+        if self.grouped_in_tasks(OP, out.reborrow(), operands, group_rows, shape, scale, act)? {
             return Ok(());
         }
         check_grouped(OP, out.numel(), a.numel(), b.numel(), group_rows, n, k)?;
@@ -780,6 +830,36 @@ impl Backend for CpuBackend {
             r0 += m;
         }
         Ok(())
+    }
+
+    fn gemm_grouped_bias_gathered(
+        &self,
+        mut out: TensorMut<'_>,
+        x: TensorRef<'_>,
+        rows: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> Result<()> {
+        const OP: &str = "gemm_grouped_bias_gathered";
+        // bf16 on oneDNN with the groups as tasks: each task gathers its
+        // rows right before its product. Otherwise gather, then the product.
+        let dims = group_dims(tallest_group(group_rows), n, k, trans_b);
+        let shape = (n, k, trans_b);
+        if self
+            .fused_onednn(dims, x.dtype(), b.dtype(), out.dtype(), true, act)
+            .is_some()
+        {
+            let operands = (GroupedA::Gathered { x, rows }, b, Some(bias));
+            if self.grouped_in_tasks(OP, out.reborrow(), operands, group_rows, shape, (1.0, 0.0), act)? {
+                return Ok(());
+            }
+        }
+        gemm_grouped_bias_after_gather(self, out, (x, rows), b, bias, group_rows, shape, act)
     }
 
     // ---- element-wise and row ops ----

@@ -200,3 +200,81 @@ fn groups_in_tasks_keep_the_bits_of_one_product_per_group() {
         }
     }
 }
+
+/// `gemm_grouped_bias_gathered` (each task gathers its rows) against the
+/// gather and the product run apart, bit for bit: repeated and unordered
+/// row indices, an empty group; and an index past the tokens is an error
+/// that names it, on every path.
+#[test]
+fn gathered_rows_give_the_bits_of_gather_then_product() {
+    let (tokens, d, h, groups) = (300usize, 64usize, 96usize, [120usize, 0, 200, 80]);
+    let (rows_total, g) = (groups.iter().sum::<usize>(), groups.len());
+    let rows: Vec<u32> = (0..rows_total).map(|i| ((i * 7919 + i / 3) % tokens) as u32).collect();
+    let x = randv(1, tokens * d, 1.0);
+    let w = randv(2, g * d * h, 0.2);
+    let bias = randv(3, g * h, 1.0);
+    let mut modes = vec![(1, OneDnnMode::Off), (2, OneDnnMode::Off)];
+    if onednn_present() {
+        modes.extend([(1, OneDnnMode::Auto), (2, OneDnnMode::Auto), (2, OneDnnMode::Always)]);
+    }
+    for (threads, mode) in modes {
+        let be = CpuBackend::with_onednn(threads, mode).expect("backend");
+        for dtype in [DType::F32, DType::BF16] {
+            let what = format!("{mode:?}, {threads} threads, {dtype}");
+            let xt = upload(&be, &[tokens, d], &x, dtype);
+            let wt = upload(&be, &[g, d, h], &w, dtype);
+            let bt = upload(&be, &[g, h], &bias, dtype);
+            let idx = be.upload_u32(&[rows_total], &rows).expect("rows");
+            let act = Some(Unary::GeluTanh);
+            let mut fused = be.zeros(&[rows_total, h], dtype).expect("zeros");
+            be.gemm_grouped_bias_gathered(
+                fused.view_mut(),
+                xt.view(),
+                idx.view(),
+                wt.view(),
+                bt.view(),
+                &groups,
+                h,
+                d,
+                false,
+                act,
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut xs = be.zeros(&[rows_total, d], dtype).expect("zeros");
+            be.gather_rows(xs.view_mut(), xt.view(), idx.view(), d).expect("gather");
+            let mut apart = be.zeros(&[rows_total, h], dtype).expect("zeros");
+            be.gemm_grouped_bias(
+                apart.view_mut(),
+                xs.view(),
+                wt.view(),
+                bt.view(),
+                &groups,
+                h,
+                d,
+                false,
+                act,
+            )
+            .expect("grouped");
+            assert!(bits(&be, &fused) == bits(&be, &apart), "{what}: gathered bits differ");
+
+            let mut bad_rows = rows.clone();
+            bad_rows[150] = tokens as u32;
+            let bad = be.upload_u32(&[rows_total], &bad_rows).expect("rows");
+            let e = be
+                .gemm_grouped_bias_gathered(
+                    fused.view_mut(),
+                    xt.view(),
+                    bad.view(),
+                    wt.view(),
+                    bt.view(),
+                    &groups,
+                    h,
+                    d,
+                    false,
+                    act,
+                )
+                .expect_err("an index past the tokens");
+            assert!(e.to_string().contains(&tokens.to_string()), "{what}: {e}");
+        }
+    }
+}

@@ -560,3 +560,92 @@ fn uneven_experts_on_two_threads_match_the_reference_and_one_thread_bit_for_bit(
         assert!(dp1 == dp2, "{}: parameter gradients differ", expert.kind());
     }
 }
+
+#[test]
+fn a_forward_over_gathered_rows_equals_the_forward_of_the_gathered_rows() {
+    // f32 on one thread (the gather apart) and bf16 on two (each expert's
+    // rows gathered in its task where oneDNN runs the products).
+    let mut rng = StdRng::seed_from_u64(41);
+    let (d, tokens) = (32, 200);
+    let offsets = [0, 96, 96, 250, 330];
+    let n = offsets[4];
+    let rows: Vec<u32> = (0..n).map(|_| rng.gen_range(0..tokens as u32)).collect();
+    let x = random(&mut rng, tokens * d, 1.0);
+    let gathered: Vec<f32> = rows.iter().flat_map(|&r| x[r as usize * d..][..d].to_vec()).collect();
+    for (be, dtype) in [
+        (backend(), DType::F32),
+        (CpuBackend::new(2).expect("backend"), DType::BF16),
+    ] {
+        for expert in experts_under_test() {
+            let expert = expert.as_ref();
+            let params = random_params(expert, d, 4, &mut rng);
+            let p: Vec<Tensor> = expert
+                .param_shapes(d, 4)
+                .iter()
+                .zip(&params)
+                .map(|(s, v)| be.upload_f32(&s.shape, v, dtype).expect("param"))
+                .collect();
+            let (xt, xs) = (
+                be.upload_f32(&[tokens, d], &x, dtype).expect("x"),
+                be.upload_f32(&[n, d], &gathered, dtype).expect("xs"),
+            );
+            let idx = be.upload_u32(&[n], &rows).expect("rows");
+            let mut cache = ExpertCache::default();
+            let mut fused = be.zeros(&[n, d], dtype).expect("out");
+            let took = expert
+                .forward_gathered(
+                    &be,
+                    fused.view_mut(),
+                    &mut cache,
+                    xt.view(),
+                    idx.view(),
+                    &views(&p),
+                    &offsets,
+                    d,
+                )
+                .expect("gathered forward");
+            assert_eq!(
+                took,
+                expert.kind() == GeluMlp::KIND,
+                "{} reads gathered rows",
+                expert.kind()
+            );
+            if !took {
+                continue;
+            }
+            let mut apart = be.zeros(&[n, d], dtype).expect("out");
+            expert
+                .forward(
+                    &be,
+                    apart.view_mut(),
+                    &mut cache,
+                    false,
+                    xs.view(),
+                    &views(&p),
+                    &offsets,
+                    d,
+                )
+                .expect("forward");
+            assert!(
+                read(&be, &fused) == read(&be, &apart),
+                "{} {dtype}: bits differ",
+                expert.kind()
+            );
+            // A row index past the tokens is an error, not a panic.
+            let bad = be.upload_u32(&[n], &vec![tokens as u32; n]).expect("rows");
+            let e = expert
+                .forward_gathered(
+                    &be,
+                    fused.view_mut(),
+                    &mut cache,
+                    xt.view(),
+                    bad.view(),
+                    &views(&p),
+                    &offsets,
+                    d,
+                )
+                .expect_err("bad rows");
+            assert!(e.to_string().contains("row index"), "{e}");
+        }
+    }
+}

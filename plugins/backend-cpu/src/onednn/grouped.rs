@@ -12,6 +12,11 @@
 //!
 //! A group's bits are the same as on the team: the products' k chunks keep a
 //! row's sum independent of the threads (see [`super::matmul::MAX_K_CHUNK`]).
+//!
+//! A group may read its rows gathered from the tokens (the MoE dispatch into
+//! the experts' first product): its task copies them into a scratch of its
+//! own right before its product, in cache, instead of the whole layer's
+//! gathered rows going out to memory and back.
 
 use super::matmul::{Data, DataMut, Outcome, Product, Spec};
 use super::packed::WeightId;
@@ -31,10 +36,20 @@ pub(crate) enum GroupOut<'a> {
     Narrowed(&'a mut [bf16]),
 }
 
+/// A group's rows of `a`.
+#[derive(Clone, Copy)]
+pub(crate) enum GroupIn<'a> {
+    /// As stored: [m, k].
+    Rows(Data<'a>),
+    /// `x[rows[i]]` for each of the group's `rows` (each below x's row
+    /// count, checked by the caller); x: [T, k].
+    Gathered { x: Data<'a>, rows: &'a [u32], k: usize },
+}
+
 /// One group's product: its rows of the output and of `a`, its weights.
 pub(crate) struct Group<'a> {
     pub out: GroupOut<'a>,
-    pub a: Data<'a>,
+    pub a: GroupIn<'a>,
     pub b: Data<'a>,
     pub bias: Option<&'a [f32]>,
     /// Where the group's weights live (they are read pre-packed).
@@ -51,17 +66,37 @@ pub(crate) fn run(lib: &OneDnn, pool: &ThreadPool, threads: usize, mut groups: V
     let next = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
     pool.install(|| {
         (0..threads.max(1)).into_par_iter().try_for_each(|_| {
-            let (mut scratchpad, mut wide) = (Vec::new(), Vec::new());
+            let mut scratch = Scratch::default();
             while let Some(group) = next() {
-                run_group(lib, group, &mut scratchpad, &mut wide)?;
+                run_group(lib, group, &mut scratch)?;
             }
             Ok(())
         })
     })
 }
 
-/// One group's product on this thread; `wide` is the task's f32 scratch.
-fn run_group(lib: &OneDnn, group: Group<'_>, scratchpad: &mut Vec<u8>, wide: &mut Vec<f32>) -> Result<(), String> {
+/// A worker's scratch, kept from group to group.
+#[derive(Default)]
+struct Scratch {
+    /// oneDNN's scratchpad.
+    scratchpad: Vec<u8>,
+    /// The f32 sums of a [`GroupOut::Narrowed`] output.
+    wide: Vec<f32>,
+    /// Gathered rows ([`GroupIn::Gathered`]), of either dtype.
+    rows_bf16: Vec<bf16>,
+    rows_f32: Vec<f32>,
+}
+
+/// Copies `x[rows[i]]` (rows of `k`) into `dst`, in order.
+fn gather<T: Copy>(dst: &mut Vec<T>, x: &[T], rows: &[u32], k: usize) {
+    dst.clear();
+    for &r in rows {
+        dst.extend_from_slice(&x[r as usize * k..][..k]);
+    }
+}
+
+/// One group's product on this thread.
+fn run_group(lib: &OneDnn, group: Group<'_>, scratch: &mut Scratch) -> Result<(), String> {
     let Group {
         out,
         a,
@@ -70,6 +105,31 @@ fn run_group(lib: &OneDnn, group: Group<'_>, scratchpad: &mut Vec<u8>, wide: &mu
         b_id,
         spec,
     } = group;
+    let Scratch {
+        scratchpad,
+        wide,
+        rows_bf16,
+        rows_f32,
+    } = scratch;
+    let a = match a {
+        GroupIn::Rows(a) => a,
+        GroupIn::Gathered {
+            x: Data::Bf16(x),
+            rows,
+            k,
+        } => {
+            gather(rows_bf16, x, rows, k);
+            Data::Bf16(rows_bf16)
+        }
+        GroupIn::Gathered {
+            x: Data::F32(x),
+            rows,
+            k,
+        } => {
+            gather(rows_f32, x, rows, k);
+            Data::F32(rows_f32)
+        }
+    };
     let product = |out| Product {
         out,
         a,

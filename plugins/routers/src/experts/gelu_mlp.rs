@@ -2,8 +2,8 @@
 //! for all E experts of a layer at once.
 
 use super::{
-    check_cache, check_dispatch, check_grads, check_ratio, expert_count, expert_rows, experts_with_rows,
-    forward_slices, hidden_width, stacked_shapes, Hidden,
+    check_cache, check_dispatch, check_gathered, check_grads, check_ratio, expert_count, expert_rows,
+    experts_with_rows, forward_slices, hidden_width, stacked_shapes, Hidden, Rows,
 };
 use ecdit_engine::{
     Backend, BackendExt, Expert, ExpertCache, GemmDims, ParamShape, Result, TensorMut, TensorRef, Unary,
@@ -38,6 +38,71 @@ impl GeluMlp {
     pub fn new(mlp_ratio: f64) -> Result<Self> {
         check_ratio(Self::KIND, mlp_ratio)?;
         Ok(Self { mlp_ratio })
+    }
+
+    /// The forward over checked inputs: `n` dispatched rows (read as
+    /// `rows` says), params shaped as [`GeluMlp::shapes`].
+    #[allow(clippy::too_many_arguments)]
+    fn run_forward(
+        &self,
+        op: &str,
+        backend: &dyn Backend,
+        out: TensorMut<'_>,
+        cache: &mut ExpertCache,
+        keep: bool,
+        rows: Rows<'_>,
+        params: &[TensorRef<'_>],
+        offsets: &[usize],
+        (n, d): (usize, usize),
+    ) -> Result<()> {
+        let h = self.hidden(d);
+        out.expect_len(op, "out", n * d)?;
+        let mut out = out.reshape(&[n, d])?;
+        let &[w1, b1, w2, b2] = params else {
+            unreachable!("the caller checked the parameter count")
+        };
+        let mut hidden = Hidden::new(backend, cache, keep, 2, n, h, offsets, rows.dtype())?;
+
+        // Per slice of whole experts, run the whole MLP while the slice's
+        // hidden activations are still in cache; each projection is one
+        // grouped GEMM over the slice's experts.
+        for (e0, e1, r0, r1, groups) in forward_slices(offsets) {
+            let (m, experts_s) = (r1 - r0, e1 - e0);
+            let mut views = hidden.slice(r0, m)?.into_iter();
+            let (Some(mut pre), Some(mut act)) = (views.next(), views.next()) else {
+                unreachable!("two hidden regions")
+            };
+            // act = gelu(x @ fc1.weight[e] + fc1.bias[e])   ([m_e, d] @ [d, h] per expert)
+            let (w1_s, b1_s) = (w1.rows(e0, experts_s)?, b1.rows(e0, experts_s)?);
+            let gelu = Some(Unary::GeluTanh);
+            match rows.slice(r0, m)? {
+                // The backward needs the pre-activation.
+                Rows::Dispatched(x_s) if keep => {
+                    backend.gemm_grouped_bias(pre.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, None)?;
+                    backend.unary(Unary::GeluTanh, act.reborrow(), pre.as_ref())?;
+                }
+                Rows::Dispatched(x_s) => {
+                    backend.gemm_grouped_bias(act.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, gelu)?
+                }
+                Rows::Gathered { x, rows } => backend.gemm_grouped_bias_gathered(
+                    act.reborrow(),
+                    x,
+                    rows,
+                    w1_s,
+                    b1_s,
+                    &groups,
+                    h,
+                    d,
+                    false,
+                    gelu,
+                )?,
+            }
+            // out = act @ fc2.weight[e] + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
+            let out_s = out.reborrow().rows(r0, m)?;
+            let (w2_s, b2_s) = (w2.rows(e0, experts_s)?, b2.rows(e0, experts_s)?);
+            backend.gemm_grouped_bias(out_s, act.as_ref(), w2_s, b2_s, &groups, d, h, false, None)?;
+        }
+        Ok(())
     }
 
     fn shapes(d: usize, h: usize, experts: usize) -> Vec<Vec<usize>> {
@@ -87,40 +152,40 @@ impl Expert for GeluMlp {
     ) -> Result<()> {
         const OP: &str = "gelu-mlp forward";
         let h = self.hidden(d);
-        let experts = expert_count(offsets);
-        let (n, x, params) = check_dispatch(OP, x, params, &Self::shapes(d, h, experts), offsets, d)?;
-        out.expect_len(OP, "out", n * d)?;
-        let mut out = out.reshape(&[n, d])?;
-        let &[w1, b1, w2, b2] = params.as_slice() else {
-            unreachable!("check_dispatch checked the parameter count")
-        };
-        let mut hidden = Hidden::new(backend, cache, keep, 2, n, h, offsets, x.dtype())?;
+        let shapes = Self::shapes(d, h, expert_count(offsets));
+        let (n, x, params) = check_dispatch(OP, x, params, &shapes, offsets, d)?;
+        self.run_forward(
+            OP,
+            backend,
+            out,
+            cache,
+            keep,
+            Rows::Dispatched(x),
+            &params,
+            offsets,
+            (n, d),
+        )
+    }
 
-        // Per slice of whole experts, run the whole MLP while the slice's
-        // hidden activations are still in cache; each projection is one
-        // grouped GEMM over the slice's experts.
-        for (e0, e1, r0, r1, groups) in forward_slices(offsets) {
-            let (m, experts_s) = (r1 - r0, e1 - e0);
-            let mut views = hidden.slice(r0, m)?.into_iter();
-            let (Some(mut pre), Some(mut act)) = (views.next(), views.next()) else {
-                unreachable!("two hidden regions")
-            };
-            // act = gelu(x @ fc1.weight[e] + fc1.bias[e])   ([m_e, d] @ [d, h] per expert)
-            let (x_s, w1_s, b1_s) = (x.rows(r0, m)?, w1.rows(e0, experts_s)?, b1.rows(e0, experts_s)?);
-            if keep {
-                // The backward needs the pre-activation.
-                backend.gemm_grouped_bias(pre.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, None)?;
-                backend.unary(Unary::GeluTanh, act.reborrow(), pre.as_ref())?;
-            } else {
-                let gelu = Some(Unary::GeluTanh);
-                backend.gemm_grouped_bias(act.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, gelu)?;
-            }
-            // out = act @ fc2.weight[e] + fc2.bias[e]   ([m_e, h] @ [h, d] per expert)
-            let out_s = out.reborrow().rows(r0, m)?;
-            let (w2_s, b2_s) = (w2.rows(e0, experts_s)?, b2.rows(e0, experts_s)?);
-            backend.gemm_grouped_bias(out_s, act.as_ref(), w2_s, b2_s, &groups, d, h, false, None)?;
-        }
-        Ok(())
+    // The same at inference, its first product reading x[rows[i]].
+    fn forward_gathered(
+        &self,
+        backend: &dyn Backend,
+        out: TensorMut<'_>,
+        cache: &mut ExpertCache,
+        x: TensorRef<'_>,
+        rows: TensorRef<'_>,
+        params: &[TensorRef<'_>],
+        offsets: &[usize],
+        d: usize,
+    ) -> Result<bool> {
+        const OP: &str = "gelu-mlp forward (gathered rows)";
+        let h = self.hidden(d);
+        let shapes = Self::shapes(d, h, expert_count(offsets));
+        let (n, x, rows, params) = check_gathered(OP, (x, rows), params, &shapes, offsets, d)?;
+        let input = Rows::Gathered { x, rows };
+        self.run_forward(OP, backend, out, cache, false, input, &params, offsets, (n, d))?;
+        Ok(true)
     }
 
     // dx: [N, d]; dparams: += like params; dout: [N, d]; cache: pre, act [N, h]; x: [N, d]

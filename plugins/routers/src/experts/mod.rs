@@ -110,6 +110,44 @@ fn check_dispatch<'a>(
     offsets: &[usize],
     d: usize,
 ) -> Result<(usize, TensorRef<'a>, Vec<TensorRef<'a>>)> {
+    let (rows, params) = check_offsets_and_params(op, params, shapes, offsets)?;
+    x.expect_len(op, "x", rows * d)?;
+    Ok((rows, x.reshape(&[rows, d])?, params))
+}
+
+/// [`check_dispatch`] for a forward over gathered rows `x[rows[i]]`: returns
+/// N, x as [T, d], rows and the parameters. x: [T, d]; rows: [N] (u32;
+/// each below T, which the product checks); the rest as in `check_dispatch`.
+#[allow(clippy::type_complexity)]
+fn check_gathered<'a>(
+    op: &str,
+    (x, rows): (TensorRef<'a>, TensorRef<'a>),
+    params: &[TensorRef<'a>],
+    shapes: &[Vec<usize>],
+    offsets: &[usize],
+    d: usize,
+) -> Result<(usize, TensorRef<'a>, TensorRef<'a>, Vec<TensorRef<'a>>)> {
+    let (n, params) = check_offsets_and_params(op, params, shapes, offsets)?;
+    rows.expect_dtype(op, "rows", DType::U32)?;
+    rows.expect_len(op, "rows", n)?;
+    if d == 0 || !x.numel().is_multiple_of(d) {
+        return Err(EngineError::shape(
+            format!("{op} (x)"),
+            format!("[T, {d}]"),
+            format!("{} elements", x.numel()),
+        ));
+    }
+    Ok((n, x.reshape(&[x.numel() / d, d])?, rows, params))
+}
+
+/// The dispatch's row count N from `offsets` ([E + 1], monotone from 0) and
+/// the parameters checked against and shaped as `shapes`.
+fn check_offsets_and_params<'a>(
+    op: &str,
+    params: &[TensorRef<'a>],
+    shapes: &[Vec<usize>],
+    offsets: &[usize],
+) -> Result<(usize, Vec<TensorRef<'a>>)> {
     if offsets.len() < 2 || offsets[0] != 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
         return Err(EngineError::shape(
             format!("{op} (offsets)"),
@@ -117,8 +155,6 @@ fn check_dispatch<'a>(
             format!("{offsets:?}"),
         ));
     }
-    let rows = offsets[offsets.len() - 1];
-    x.expect_len(op, "x", rows * d)?;
     if params.len() != shapes.len() {
         return Err(EngineError::shape(
             format!("{op} (params)"),
@@ -135,7 +171,36 @@ fn check_dispatch<'a>(
             p.reshape(s)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((rows, x.reshape(&[rows, d])?, params))
+    Ok((offsets[offsets.len() - 1], params))
+}
+
+/// The input rows of an expert forward: the dispatch's rows as gathered,
+/// or the tokens `x` with the row index `rows` (gathered by the product).
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// [N, d], expert-major.
+    Dispatched(TensorRef<'a>),
+    /// x: [T, d]; rows: [N] (u32).
+    Gathered { x: TensorRef<'a>, rows: TensorRef<'a> },
+}
+
+impl<'a> Rows<'a> {
+    /// Rows `r0..r0 + m` of the dispatch.
+    fn slice(self, r0: usize, m: usize) -> Result<Self> {
+        Ok(match self {
+            Rows::Dispatched(x) => Rows::Dispatched(x.rows(r0, m)?),
+            Rows::Gathered { x, rows } => Rows::Gathered {
+                x,
+                rows: rows.flat(r0, m)?,
+            },
+        })
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Rows::Dispatched(x) | Rows::Gathered { x, .. } => x.dtype(),
+        }
+    }
 }
 
 /// Number of experts E of a dispatch whose `offsets` hold E + 1 entries.
