@@ -440,6 +440,30 @@ impl Backend for ProfiledBackend {
                 .gemm_grouped_bias(out, a, b, bias, group_rows, n, k, trans_b, act)
         })
     }
+    fn gemm_grouped_bias_gathered(
+        &self,
+        out: TensorMut<'_>,
+        x: TensorRef<'_>,
+        rows: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> EResult<()> {
+        let flops = 2.0 * group_rows.iter().sum::<usize>() as f64 * n as f64 * k as f64;
+        let op = if act.is_some() {
+            "gemm_grouped + bias + activation, rows gathered"
+        } else {
+            "gemm_grouped + bias, rows gathered"
+        };
+        self.timed(op, flops, || {
+            self.inner
+                .gemm_grouped_bias_gathered(out, x, rows, b, bias, group_rows, n, k, trans_b, act)
+        })
+    }
     fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> EResult<()> {
         self.timed("add_broadcast", 0.0, || self.inner.add_broadcast(out, inp))
     }

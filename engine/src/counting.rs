@@ -222,6 +222,23 @@ impl Backend for CountingBackend {
         self.inner
             .gemm_grouped_bias(m(out)?, r(a)?, r(b)?, r(bias)?, group_rows, n, k, trans_b, act)
     }
+    fn gemm_grouped_bias_gathered(
+        &self,
+        out: TensorMut<'_>,
+        x: TensorRef<'_>,
+        rows: TensorRef<'_>,
+        b: TensorRef<'_>,
+        bias: TensorRef<'_>,
+        group_rows: &[usize],
+        n: usize,
+        k: usize,
+        trans_b: bool,
+        act: Option<Unary>,
+    ) -> Result<()> {
+        let (x, rows, b, bias) = (r(x)?, r(rows)?, r(b)?, r(bias)?);
+        self.inner
+            .gemm_grouped_bias_gathered(m(out)?, x, rows, b, bias, group_rows, n, k, trans_b, act)
+    }
     fn add_broadcast(&self, out: TensorMut<'_>, inp: TensorRef<'_>) -> Result<()> {
         self.inner.add_broadcast(m(out)?, r(inp)?)
     }
