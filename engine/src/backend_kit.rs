@@ -163,6 +163,32 @@ fn cases() -> Vec<OpCase> {
             },
         },
         OpCase {
+            name: "gemm_grouped_bias (+ GELU, + gathered rows)",
+            tol: 1e-5,
+            run: |b, s| {
+                let rows = [3, 0, 5];
+                let (a, w, bias) = (up(b, &[8, 6], s)?, up(b, &[3, 6, 4], s + 1)?, up(b, &[3, 4], s + 2)?);
+                let mut plain = b.zeros(&[8, 4], DType::F32)?;
+                b.gemm_grouped_bias(
+                    plain.view_mut(),
+                    a.view(),
+                    w.view(),
+                    bias.view(),
+                    &rows,
+                    4,
+                    6,
+                    false,
+                    None,
+                )?;
+                let idx = b.upload_u32(&[8], &[7, 0, 7, 2, 5, 1, 1, 6])?;
+                let mut gathered = b.zeros(&[8, 4], DType::F32)?;
+                let act = Some(Unary::GeluTanh);
+                let (a, idx, w, bias) = (a.view(), idx.view(), w.view(), bias.view());
+                b.gemm_grouped_bias_gathered(gathered.view_mut(), a, idx, w, bias, &rows, 4, 6, false, act)?;
+                Ok(vec![read(b, &plain)?, read(b, &gathered)?])
+            },
+        },
+        OpCase {
             name: "add_broadcast, axpby, fill, copy",
             tol: 1e-6,
             run: |b, s| {
