@@ -103,6 +103,7 @@ fn status_names_the_path() {
             );
             assert!(auto.matmul_library().contains(lib.version()));
             assert!(auto.matmul_library().contains("weights pre-packed once"));
+            assert!(auto.matmul_library().contains("grouped (expert) products side by side"));
             assert_eq!(auto.onednn_mode(), OneDnnMode::Auto);
         }
         Err(reason) => {

@@ -344,6 +344,9 @@ fn cpu_vendor() -> String {
     String::new()
 }
 
+/// How oneDNN's products run, whatever the dtype (`packed.rs`, `grouped.rs`).
+const PACKED_AND_GROUPED: &str = "weights pre-packed once; grouped (expert) products side by side, one per thread";
+
 /// What the CPU backend's matrix products run on under `mode`, in one line:
 /// "onednn 2.6.3 (...)" or "gemm crate (oneDNN ...: how to get it)".
 pub fn status(mode: OneDnnMode) -> String {
@@ -351,9 +354,9 @@ pub fn status(mode: OneDnnMode) -> String {
     match library() {
         // bf16 attention runs on oneDNN whenever its bf16 kernels do.
         Ok(lib) if mode != OneDnnMode::Off && lib.has_bf16() => {
-            format!("{products}; weights pre-packed once; bf16 attention per head on oneDNN")
+            format!("{products}; {PACKED_AND_GROUPED}; bf16 attention per head on oneDNN")
         }
-        Ok(_) if mode != OneDnnMode::Off => format!("{products}; weights pre-packed once"),
+        Ok(_) if mode != OneDnnMode::Off => format!("{products}; {PACKED_AND_GROUPED}"),
         _ => products,
     }
 }
