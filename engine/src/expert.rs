@@ -69,8 +69,8 @@ pub trait Expert: Send + Sync {
     /// [`Expert::forward`] at inference (nothing kept) over the gathered
     /// rows `x[rows[i]]`, reading them where its first product runs
     /// ([`Backend::gemm_grouped_bias_gathered`]). Returns `false`, having
-    /// done nothing, for experts that read only gathered inputs (the
-    /// default): the caller then gathers and calls `forward`.
+    /// done nothing, for an expert that takes its rows only as gathered
+    /// (the default): the caller then gathers them and calls `forward`.
     /// out: [N, d]; x: [T, d]; rows: [N] (u32); the rest as in `forward`.
     #[allow(clippy::too_many_arguments)]
     fn forward_gathered(

@@ -54,7 +54,8 @@ pub struct MoeCache {
     pub scores: Option<Tensor>,
     /// The routing of the last forward (also returned by it).
     pub routing: Option<Arc<DeviceRouting>>,
-    /// Gathered expert inputs, expert-major: [S, d].
+    /// Gathered expert inputs, expert-major: [S, d] (not written by an
+    /// inference forward whose experts gather inside their first product).
     pub xs: Option<Tensor>,
     /// Expert outputs before gating: [S, d].
     pub ys: Option<Tensor>,

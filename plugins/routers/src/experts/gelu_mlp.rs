@@ -84,6 +84,7 @@ impl GeluMlp {
                 Rows::Dispatched(x_s) => {
                     backend.gemm_grouped_bias(act.reborrow(), x_s, w1_s, b1_s, &groups, h, d, false, gelu)?
                 }
+                // Only at inference (`forward_gathered`: nothing kept).
                 Rows::Gathered { x, rows } => backend.gemm_grouped_bias_gathered(
                     act.reborrow(),
                     x,
