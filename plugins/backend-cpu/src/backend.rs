@@ -458,15 +458,7 @@ fn check_gather_source(op: &str, x_len: usize, k: usize, rows: &[u32]) -> Result
             format!("{x_len} elements"),
         ));
     }
-    let count = x_len / k;
-    match rows.iter().position(|&r| r as usize >= count) {
-        None => Ok(()),
-        Some(i) => Err(EngineError::shape(
-            format!("{op} (rows[{i}])"),
-            format!("a row index below {count}"),
-            rows[i],
-        )),
-    }
+    ops::gather::check_indices(op, rows, x_len / k)
 }
 
 /// One group's product in a grouped gemm: `[m, k] @ op(b[g])`.

@@ -22,7 +22,7 @@ fn rows_of(op: &str, what: &str, len: usize, cols: usize) -> Result<usize> {
 }
 
 /// Errors on the first index that is not a row of a `rows`-row buffer.
-fn check_indices(op: &str, idx: &[u32], rows: usize) -> Result<()> {
+pub(crate) fn check_indices(op: &str, idx: &[u32], rows: usize) -> Result<()> {
     match idx.iter().position(|&i| i as usize >= rows) {
         None => Ok(()),
         Some(p) => Err(EngineError::shape(
