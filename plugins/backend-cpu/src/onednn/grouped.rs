@@ -26,6 +26,7 @@ use super::OneDnn;
 use ecdit_engine::dtype::{bf16, bf16_to_f32, f32_to_bf16};
 use rayon::prelude::*;
 use rayon::ThreadPool;
+use std::cell::RefCell;
 use std::sync::Mutex;
 
 /// Where a group's rows of the output go.
@@ -68,13 +69,20 @@ pub(crate) fn run(lib: &OneDnn, pool: &ThreadPool, threads: usize, mut groups: V
     let next = || queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
     pool.install(|| {
         (0..threads.max(1)).into_par_iter().try_for_each(|_| {
-            let mut scratch = Scratch::default();
-            while let Some(group) = next() {
-                run_group(lib, group, &mut scratch)?;
-            }
-            Ok(())
+            SCRATCH.with_borrow_mut(|scratch| {
+                while let Some(group) = next() {
+                    run_group(lib, group, scratch)?;
+                }
+                Ok(())
+            })
         })
     })
+}
+
+thread_local! {
+    /// Each pool thread's scratch, kept from call to call (a layer's groups
+    /// need the same sizes every time).
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 /// A worker's scratch, kept from group to group.
