@@ -331,6 +331,17 @@ impl ProfiledBackend {
     }
 }
 
+/// The profile's row name of a `gemm_grouped_bias` (`gathered`: its
+/// gathered-rows form).
+fn grouped_bias_label(act: Option<Unary>, gathered: bool) -> &'static str {
+    match (act.is_some(), gathered) {
+        (false, false) => "gemm_grouped + bias",
+        (true, false) => "gemm_grouped + bias + activation",
+        (false, true) => "gemm_grouped + bias, rows gathered",
+        (true, true) => "gemm_grouped + bias + activation, rows gathered",
+    }
+}
+
 impl Backend for ProfiledBackend {
     fn name(&self) -> &str {
         self.inner.name()
@@ -430,11 +441,7 @@ impl Backend for ProfiledBackend {
         act: Option<Unary>,
     ) -> EResult<()> {
         let flops = 2.0 * group_rows.iter().sum::<usize>() as f64 * n as f64 * k as f64;
-        let op = if act.is_some() {
-            "gemm_grouped + bias + activation"
-        } else {
-            "gemm_grouped + bias"
-        };
+        let op = grouped_bias_label(act, false);
         self.timed(op, flops, || {
             self.inner
                 .gemm_grouped_bias(out, a, b, bias, group_rows, n, k, trans_b, act)
@@ -454,11 +461,7 @@ impl Backend for ProfiledBackend {
         act: Option<Unary>,
     ) -> EResult<()> {
         let flops = 2.0 * group_rows.iter().sum::<usize>() as f64 * n as f64 * k as f64;
-        let op = if act.is_some() {
-            "gemm_grouped + bias + activation, rows gathered"
-        } else {
-            "gemm_grouped + bias, rows gathered"
-        };
+        let op = grouped_bias_label(act, true);
         self.timed(op, flops, || {
             self.inner
                 .gemm_grouped_bias_gathered(out, x, rows, b, bias, group_rows, n, k, trans_b, act)

@@ -209,28 +209,8 @@ impl CpuBackend {
     ) -> Result<()> {
         let Spec { batch, dims, beta, .. } = spec;
         ops::gemm::check_blocks(op, out.numel(), a.numel(), b.numel(), batch, dims)?;
-        let bias: Option<Cow<'_, [f32]>> = match bias {
-            None => None,
-            Some(t) => {
-                t.expect_len(op, "bias", dims.n)?;
-                Some(match t.dtype() {
-                    DType::BF16 => {
-                        let s = t.host::<bf16>()?;
-                        let mut v = vec![0.0f32; s.len()];
-                        bf16_to_f32(&mut v, s);
-                        Cow::Owned(v)
-                    }
-                    _ => Cow::Borrowed(f32_input(op, "bias", t)?),
-                })
-            }
-        };
-        // Where the weights live, so their packed copy is kept (read before
-        // any write of this op: none writes `b`).
-        let b_id = WeightId {
-            buffer: b.buffer().watch(),
-            offset: b.byte_offset(),
-            writes: b.buffer().writes(),
-        };
+        let bias = bias.map(|t| bias_f32(op, t, dims.n)).transpose()?;
+        let b_id = weight_id(b, 0);
         let run = |out: DataMut<'_>, a: Data<'_>, b: Data<'_>| -> Result<()> {
             let product = Product {
                 out,
@@ -321,13 +301,7 @@ impl CpuBackend {
         };
         let a_len = gathered.map_or(x.numel(), |rows| rows.len() * k);
         check_grouped(op, out.numel(), a_len, b.numel(), group_rows, n, k)?;
-        let bias = match bias {
-            Some(t) => {
-                t.expect_len(op, "bias", group_rows.len() * n)?;
-                Some(input(op, "bias", t)?)
-            }
-            None => None,
-        };
+        let bias = bias.map(|t| bias_f32(op, t, group_rows.len() * n)).transpose()?;
         let (a_all, b_all) = if bf16_in {
             (Data::Bf16(x.host::<bf16>()?), Data::Bf16(b.host::<bf16>()?))
         } else {
@@ -339,7 +313,6 @@ impl CpuBackend {
             DType::BF16 => DataMut::Bf16(out.host_mut::<bf16>()?),
             _ => DataMut::F32(out.host_mut::<f32>()?),
         };
-        let (weights, weights_at, writes) = (b.buffer().watch(), b.byte_offset(), b.buffer().writes());
         let mut groups = Vec::with_capacity(group_rows.len());
         let mut r0 = 0;
         for (g, &m) in group_rows.iter().enumerate() {
@@ -363,11 +336,7 @@ impl CpuBackend {
                     a,
                     b: b_all.range(g * n * k, n * k),
                     bias: bias.as_deref().map(|v| &v[g * n..][..n]),
-                    b_id: WeightId {
-                        buffer: weights.clone(),
-                        offset: weights_at + g * n * k * dt_in.size(),
-                        writes,
-                    },
+                    b_id: weight_id(b, g * n * k * dt_in.size()),
                     spec: Spec {
                         dims: group_dims(m, n, k, trans_b),
                         ..spec
@@ -438,6 +407,31 @@ impl CpuBackend {
 /// Whether every tensor is bf16.
 fn all_bf16(tensors: &[&TensorRef<'_>]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::BF16)
+}
+
+/// A product's f32 bias of `len` values: f32 as stored, bf16 widened (on
+/// the calling thread: a bias is short).
+fn bias_f32<'a>(op: &str, t: TensorRef<'a>, len: usize) -> Result<Cow<'a, [f32]>> {
+    t.expect_len(op, "bias", len)?;
+    Ok(match t.dtype() {
+        DType::BF16 => {
+            let s = t.host::<bf16>()?;
+            let mut v = vec![0.0f32; s.len()];
+            bf16_to_f32(&mut v, s);
+            Cow::Owned(v)
+        }
+        _ => Cow::Borrowed(f32_input(op, "bias", t)?),
+    })
+}
+
+/// Where the weight operand `b` lives, `bytes` past its view's start, for
+/// its packed copy (read before any write of the op: none writes `b`).
+fn weight_id(b: TensorRef<'_>, bytes: usize) -> WeightId {
+    WeightId {
+        buffer: b.buffer().watch(),
+        offset: b.byte_offset() + bytes,
+        writes: b.buffer().writes(),
+    }
 }
 
 /// The `a` of a grouped product: rows as stored, or gathered by index.
